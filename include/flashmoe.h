@@ -1,0 +1,80 @@
+/* flashmoe — public C API.
+ *
+ * Runs Mixture-of-Experts language models from a packed model directory (see docs/FORMAT.md):
+ * dense weights are resident, routed experts are read per token from per-layer expert files.
+ *
+ * Conventions: functions return fm_status (FM_OK = 0, failures negative) or NULL; after a failure
+ * fm_last_error() holds one line naming the file / tensor / field at fault (thread-local).
+ * A model is read-only after open and may be shared by sessions; a session is used by one thread
+ * at a time. */
+#ifndef FLASHMOE_H
+#define FLASHMOE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum fm_status {
+    FM_OK = 0,
+    FM_ERR_IO = -1,          /* a file could not be opened, read or written */
+    FM_ERR_FORMAT = -2,      /* a file or field is malformed or inconsistent */
+    FM_ERR_UNSUPPORTED = -3, /* well-formed but not something this build can run */
+    FM_ERR_NOMEM = -4,       /* an allocation failed */
+    FM_ERR_ARG = -5,         /* a caller-supplied argument is out of range */
+} fm_status;
+
+/* The calling thread's last error message ("" if none yet). Valid until the next failing call. */
+const char *fm_last_error(void);
+
+/* A short name for a status ("malformed input", ...). */
+const char *fm_status_name(fm_status s);
+
+typedef struct fm_model fm_model;
+typedef struct fm_session fm_session;
+
+typedef struct fm_model_params {
+    int n_threads;      /* worker threads for compute; 0 = number of online CPUs */
+    int n_experts_used; /* routed experts per token; 0 = the model's own top-k (fewer lowers quality) */
+} fm_model_params;
+
+/* Default parameters (all zero: auto threads, the model's own top-k). */
+fm_model_params fm_model_default_params(void);
+
+/* Opens a packed model directory (model.json + dense.bin + experts/). `params` may be NULL.
+ * On success *out owns the model; free it with fm_model_free. */
+fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model **out);
+
+/* Frees a model (NULL is fine). All its sessions must be freed first. */
+void fm_model_free(fm_model *model);
+
+/* Vocabulary size = number of logits per token. */
+int64_t fm_model_n_vocab(const fm_model *model);
+
+/* Creates a session (KV cache, DeltaNet conv and recurrent state) for up to n_ctx tokens. */
+fm_status fm_session_init(fm_model *model, int64_t n_ctx, fm_session **out);
+
+/* Frees a session (NULL is fine). */
+void fm_session_free(fm_session *session);
+
+/* Forgets every token: the next eval starts at position 0. */
+void fm_session_reset(fm_session *session);
+
+/* Number of tokens already evaluated in this session. */
+int64_t fm_session_n_past(const fm_session *session);
+
+/* Evaluates n_tokens ids appended to the session's context as one batch (n_tokens = 1 is a decode
+ * step). logits, if not NULL, receives float32 logits: [n_tokens, n_vocab] when all_logits, else
+ * [n_vocab] for the last token only. Ids outside [0, n_vocab) and contexts longer than n_ctx are
+ * rejected (FM_ERR_ARG) before any state changes. */
+fm_status fm_session_eval(fm_session *session, const int32_t *ids, int64_t n_tokens, float *logits,
+                          bool all_logits);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

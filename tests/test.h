@@ -1,0 +1,78 @@
+/* A small test harness. Each test file defines tests with FM_TEST(name) { ... }; they register
+ * themselves at start-up and tests/main.c runs them (all, or those whose name contains argv[1])
+ * and closes with the line "N passed, N failed" that CI recognises.
+ *
+ * Checks: CHECK(cond) / CHECK_MSG(cond, fmt, ...) record a failure and continue;
+ * REQUIRE(cond) records it and leaves the test. CHECK_OK(status_expr) requires FM_OK and prints
+ * fm_last_error() otherwise. SKIP(fmt, ...) ends the test as skipped with a reason. */
+#ifndef FM_TEST_H
+#define FM_TEST_H
+
+#include <stdio.h>
+#include <stdbool.h>
+
+#include "flashmoe.h"
+
+typedef struct fm_test_ctx {
+    int failures;
+    bool skipped;
+} fm_test_ctx;
+
+typedef void (*fm_test_fn)(fm_test_ctx *t);
+void fm_test_register(const char *name, fm_test_fn fn);
+
+#define FM_TEST(name)                                                                              \
+    static void test_##name(fm_test_ctx *t);                                                       \
+    __attribute__((constructor)) static void register_##name(void) {                               \
+        fm_test_register(#name, test_##name);                                                      \
+    }                                                                                              \
+    static void test_##name(fm_test_ctx *t)
+
+#define CHECK_MSG(cond, ...)                                                                       \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            t->failures++;                                                                         \
+            fprintf(stderr, "  %s:%d: check failed: %s: ", __FILE__, __LINE__, #cond);             \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+        }                                                                                          \
+    } while (0)
+#define CHECK(cond) CHECK_MSG(cond, "%s", "")
+#define REQUIRE(cond)                                                                              \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            t->failures++;                                                                         \
+            fprintf(stderr, "  %s:%d: requirement failed: %s\n", __FILE__, __LINE__, #cond);       \
+            return;                                                                                \
+        }                                                                                          \
+    } while (0)
+#define CHECK_OK(expr)                                                                             \
+    do {                                                                                           \
+        fm_status st_ = (expr);                                                                    \
+        if (st_ != FM_OK) {                                                                        \
+            t->failures++;                                                                         \
+            fprintf(stderr, "  %s:%d: %s -> %d: %s\n", __FILE__, __LINE__, #expr, (int)st_,       \
+                    fm_last_error());                                                              \
+            return;                                                                                \
+        }                                                                                          \
+    } while (0)
+#define SKIP(...)                                                                                  \
+    do {                                                                                           \
+        t->skipped = true;                                                                         \
+        fprintf(stderr, "  skipped: ");                                                            \
+        fprintf(stderr, __VA_ARGS__);                                                              \
+        fputc('\n', stderr);                                                                       \
+        return;                                                                                    \
+    } while (0)
+
+/* Runs a shell command line, captures its combined stdout+stderr into out (NUL-terminated,
+ * truncated to cap) and returns its exit status (or -1 if it could not run / was killed). */
+int fm_test_run_cmd(const char *cmdline, char *out, size_t cap);
+
+/* A fresh empty directory under the test scratch root (FM_TEST_TMP, default build/test-tmp), path written to buf. */
+const char *fm_test_tmpdir(const char *name, char *buf, size_t cap);
+
+/* Path of the flashmoe binary under test (set by tests/main.c from FLASHMOE_BIN or default). */
+const char *fm_test_bin(void);
+
+#endif

@@ -11,7 +11,7 @@ BUILD   ?= $(if $(filter 1,$(SAN)),build-san,build)
 
 CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -MMD -MP
 CFLAGS   ?= -O2 -g
-CFLAGS   += -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -pthread -fno-math-errno
+CFLAGS   += -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-format-truncation -pthread -fno-math-errno
 LDLIBS   += -l:libjansson.a -lm -pthread
 
 ifeq ($(SAN),1)

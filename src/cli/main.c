@@ -1,2 +1,41 @@
+/* flashmoe: the command-line entry point; dispatches to one file per subcommand. */
 #include <stdio.h>
-int main(void) { puts("flashmoe"); return 0; }
+#include <string.h>
+
+#include "cli/cli.h"
+
+static const struct {
+    const char *name;
+    int (*fn)(int, char **);
+    const char *summary;
+} commands[] = {
+    {"convert", fm_cli_convert, "convert a Hugging Face checkpoint into a packed model"},
+    {"info", fm_cli_info, "print a packed model's architecture, shapes and sizes"},
+    {"run", fm_cli_run, "generate tokens from a prompt"},
+    {"logits", fm_cli_logits, "write the logits of a token sequence to a .npy file"},
+};
+
+static void usage(FILE *f) {
+    fprintf(f, "flashmoe — run Mixture-of-Experts language models larger than memory, streaming experts from disk\n\n"
+               "usage: flashmoe COMMAND [options]   (flashmoe COMMAND --help for its options)\n\ncommands:\n");
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
+        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\nexample:\n"
+               "  flashmoe convert ~/models/Qwen3.5-35B-A3B ~/models/q35-packed\n"
+               "  flashmoe run -m ~/models/q35-packed --prompt-ids 1,2,3 -n 16 --print-ids\n");
+}
+
+int main(int argc, char **argv) {
+    if (argc < 2) {
+        usage(stderr);
+        return FM_EXIT_USAGE;
+    }
+    if (!strcmp(argv[1], "--help") || !strcmp(argv[1], "-h") || !strcmp(argv[1], "help")) {
+        usage(stdout);
+        return FM_EXIT_OK;
+    }
+    for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
+        if (!strcmp(argv[1], commands[i].name)) return commands[i].fn(argc - 1, argv + 1);
+    fprintf(stderr, "flashmoe: unknown command \"%s\" (see flashmoe --help)\n", argv[1]);
+    return FM_EXIT_USAGE;
+}

@@ -41,4 +41,28 @@ static inline float fm_f16_to_f32(uint16_t h) {
     return f;
 }
 
+/* f32 -> f16, round to nearest even; overflow gives inf, NaN stays NaN. */
+static inline uint16_t fm_f32_to_f16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    uint32_t sign = (u >> 16) & 0x8000u;
+    uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return (uint16_t)(sign | 0x7e00u);
+    if (a >= 0x477ff000u) return (uint16_t)(sign | 0x7c00u); /* rounds to >= 65520: inf */
+    if (a < 0x38800000u) {                                  /* below the smallest normal: subnormal */
+        float af;
+        memcpy(&af, &a, 4);
+        float scaled = af * 16777216.0f; /* 2^24: one f16 subnormal step becomes 1 */
+        uint32_t q = (uint32_t)scaled;
+        float rem = scaled - (float)q;
+        if (rem > 0.5f || (rem == 0.5f && (q & 1u))) q++;
+        return (uint16_t)(sign | q);
+    }
+    uint32_t mant = a & 0x7fffffu, exp = (a >> 23) - 127 + 15;
+    uint32_t h = (exp << 10) | (mant >> 13);
+    uint32_t rest = mant & 0x1fffu;
+    if (rest > 0x1000u || (rest == 0x1000u && (h & 1u))) h++;
+    return (uint16_t)(sign | h);
+}
+
 #endif

@@ -1,0 +1,474 @@
+#include "formats/packed.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "util/error.h"
+
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        fm_status st_ = (expr);                                                                    \
+        if (st_ != FM_OK) return st_;                                                              \
+    } while (0)
+
+static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+/* Checked element count x dtype size; 0 with *ok = false on overflow or bad shape. */
+static uint64_t tensor_bytes(fm_dtype dt, int n_dims, const int64_t *shape, bool *ok) {
+    uint64_t n = fm_dtype_size(dt);
+    *ok = n > 0;
+    for (int i = 0; i < n_dims && *ok; i++) {
+        if (shape[i] < 0 || (shape[i] > 0 && n > UINT64_MAX / (uint64_t)shape[i])) *ok = false;
+        else n *= (uint64_t)shape[i];
+    }
+    return *ok ? n : 0;
+}
+
+static void part_shape(const fm_config *c, fm_expert_part_id p, int64_t shape[2]) {
+    if (p == FM_PART_DOWN) {
+        shape[0] = c->n_embd;
+        shape[1] = c->n_ff_expert;
+    } else {
+        shape[0] = c->n_ff_expert;
+        shape[1] = c->n_embd;
+    }
+}
+
+static const char *part_names[FM_PART_COUNT] = {"gate", "up", "down"};
+
+/* ======================================================================= writer */
+
+struct fm_packed_writer {
+    char *dir;
+    fm_config cfg;
+    int dense_fd;
+    uint64_t dense_size;
+    json_t *dense_tensors; /* name -> entry */
+    fm_dtype expert_dtype;
+    uint64_t part_offset[FM_PART_COUNT], part_bytes[FM_PART_COUNT], stride;
+    int *expert_fds;          /* [n_layers], -1 until opened */
+    int64_t *experts_written; /* [n_layers] */
+    unsigned char *block;     /* one expert block, zero padded */
+};
+
+static fm_status write_all(int fd, const void *buf, size_t n, uint64_t off, const char *path) {
+    const char *p = buf;
+    while (n > 0) {
+        ssize_t r = pwrite(fd, p, n, (off_t)off);
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return fm_error_set(FM_ERR_IO, "%s: write failed: %s", path, strerror(errno));
+        }
+        p += r;
+        n -= (size_t)r;
+        off += (uint64_t)r;
+    }
+    return FM_OK;
+}
+
+fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, fm_packed_writer **out) {
+    *out = NULL;
+    fm_packed_writer *w = calloc(1, sizeof *w);
+    char path[4096];
+    if (!w) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    w->dense_fd = -1;
+    w->cfg = *cfg;
+    w->dir = strdup(dir);
+    w->dense_tensors = json_object();
+    w->expert_fds = malloc(sizeof(int) * (size_t)cfg->n_layers);
+    w->experts_written = calloc((size_t)cfg->n_layers, sizeof(int64_t));
+    if (!w->dir || !w->dense_tensors || !w->expert_fds || !w->experts_written) {
+        fm_packed_writer_free(w);
+        return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    }
+    for (int l = 0; l < cfg->n_layers; l++) w->expert_fds[l] = -1;
+    if (mkdir(dir, 0755) != 0) {
+        fm_status st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
+        fm_packed_writer_free(w);
+        return st;
+    }
+    snprintf(path, sizeof path, "%s/experts", dir);
+    if (mkdir(path, 0755) != 0) {
+        fm_status st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", path, strerror(errno));
+        fm_packed_writer_free(w);
+        return st;
+    }
+    snprintf(path, sizeof path, "%s/dense.bin", dir);
+    w->dense_fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (w->dense_fd < 0) {
+        fm_status st = fm_error_set(FM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+        fm_packed_writer_free(w);
+        return st;
+    }
+    *out = w;
+    return FM_OK;
+}
+
+static json_t *tensor_entry(fm_dtype dtype, int n_dims, const int64_t *shape, uint64_t offset, uint64_t n_bytes) {
+    json_t *sh = json_array();
+    for (int i = 0; i < n_dims; i++) json_array_append_new(sh, json_integer(shape[i]));
+    return json_pack("{s:s, s:o, s:I, s:I}", "dtype", fm_dtype_name(dtype), "shape", sh, "offset",
+                     (json_int_t)offset, "size", (json_int_t)n_bytes);
+}
+
+fm_status fm_packed_writer_add_dense(fm_packed_writer *w, const char *name, fm_dtype dtype, int n_dims,
+                                     const int64_t *shape, const void *data, uint64_t n_bytes) {
+    bool ok;
+    if (n_dims < 1 || n_dims > FM_PACKED_MAX_DIMS || tensor_bytes(dtype, n_dims, shape, &ok) != n_bytes || !ok)
+        return fm_error_set(FM_ERR_ARG, "packed writer: tensor %s: size does not match shape", name);
+    if (json_object_get(w->dense_tensors, name))
+        return fm_error_set(FM_ERR_ARG, "packed writer: tensor %s written twice", name);
+    uint64_t off = align_up(w->dense_size, FM_PACKED_DENSE_ALIGN);
+    char path[4096];
+    snprintf(path, sizeof path, "%s/dense.bin", w->dir);
+    TRY(write_all(w->dense_fd, data, n_bytes, off, path));
+    w->dense_size = off + n_bytes;
+    json_object_set_new(w->dense_tensors, name, tensor_entry(dtype, n_dims, shape, off, n_bytes));
+    return FM_OK;
+}
+
+fm_status fm_packed_writer_set_expert_dtype(fm_packed_writer *w, fm_dtype dtype) {
+    uint64_t off = 0;
+    for (int p = 0; p < FM_PART_COUNT; p++) {
+        int64_t shape[2];
+        bool ok;
+        part_shape(&w->cfg, (fm_expert_part_id)p, shape);
+        w->part_offset[p] = off;
+        w->part_bytes[p] = tensor_bytes(dtype, 2, shape, &ok);
+        if (!ok) return fm_error_set(FM_ERR_ARG, "packed writer: bad expert dtype %s", fm_dtype_name(dtype));
+        off = align_up(off + w->part_bytes[p], FM_PACKED_DENSE_ALIGN);
+    }
+    w->expert_dtype = dtype;
+    w->stride = align_up(off, FM_PACKED_EXPERT_ALIGN);
+    free(w->block);
+    w->block = calloc(1, w->stride);
+    if (!w->block) return fm_error_set(FM_ERR_NOMEM, "out of memory for an expert block");
+    return FM_OK;
+}
+
+uint64_t fm_packed_writer_part_bytes(const fm_packed_writer *w, fm_expert_part_id part) {
+    return w->part_bytes[part];
+}
+
+static void expert_file_name(char *buf, size_t cap, int layer) { snprintf(buf, cap, "experts/L%03d.bin", layer); }
+
+fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert, const void *const parts[FM_PART_COUNT]) {
+    if (!w->block) return fm_error_set(FM_ERR_ARG, "packed writer: expert dtype not set");
+    if (layer < 0 || layer >= w->cfg.n_layers || expert < 0 || expert >= w->cfg.n_experts)
+        return fm_error_set(FM_ERR_ARG, "packed writer: expert %d of layer %d out of range", expert, layer);
+    char rel[64], path[4096];
+    expert_file_name(rel, sizeof rel, layer);
+    snprintf(path, sizeof path, "%s/%s", w->dir, rel);
+    if (w->expert_fds[layer] < 0) {
+        w->expert_fds[layer] = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+        if (w->expert_fds[layer] < 0) return fm_error_set(FM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+    }
+    memset(w->block, 0, w->stride);
+    for (int p = 0; p < FM_PART_COUNT; p++) memcpy(w->block + w->part_offset[p], parts[p], w->part_bytes[p]);
+    TRY(write_all(w->expert_fds[layer], w->block, w->stride, (uint64_t)expert * w->stride, path));
+    w->experts_written[layer]++;
+    return FM_OK;
+}
+
+fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
+    char path[4096], rel[64];
+    fm_status st = FM_OK;
+    json_t *files = json_array(), *parts = json_object();
+    for (int l = 0; l < w->cfg.n_layers; l++) {
+        if (w->experts_written[l] != w->cfg.n_experts) {
+            st = fm_error_set(FM_ERR_ARG, "packed writer: layer %d has %lld of %d experts", l,
+                              (long long)w->experts_written[l], w->cfg.n_experts);
+            goto done;
+        }
+        expert_file_name(rel, sizeof rel, l);
+        json_array_append_new(files, json_string(rel));
+        if (fsync(w->expert_fds[l]) != 0 || close(w->expert_fds[l]) != 0) {
+            w->expert_fds[l] = -1;
+            st = fm_error_set(FM_ERR_IO, "%s/%s: flush failed: %s", w->dir, rel, strerror(errno));
+            goto done;
+        }
+        w->expert_fds[l] = -1;
+    }
+    for (int p = 0; p < FM_PART_COUNT; p++) {
+        int64_t shape[2];
+        part_shape(&w->cfg, (fm_expert_part_id)p, shape);
+        json_object_set_new(parts, part_names[p],
+                            tensor_entry(w->expert_dtype, 2, shape, w->part_offset[p], w->part_bytes[p]));
+    }
+    snprintf(path, sizeof path, "%s/dense.bin", w->dir);
+    if (fsync(w->dense_fd) != 0 || close(w->dense_fd) != 0) {
+        w->dense_fd = -1;
+        st = fm_error_set(FM_ERR_IO, "%s: flush failed: %s", path, strerror(errno));
+        goto done;
+    }
+    w->dense_fd = -1;
+    json_t *manifest = json_pack(
+        "{s:s, s:i, s:o, s:{s:s, s:I, s:O}, s:{s:i, s:I, s:O, s:O}, s:o}", "format", FM_PACKED_FORMAT_NAME,
+        "version", FM_PACKED_VERSION, "config", fm_config_to_json(&w->cfg), "dense", "file", "dense.bin", "size",
+        (json_int_t)w->dense_size, "tensors", w->dense_tensors, "experts", "count", w->cfg.n_experts, "stride",
+        (json_int_t)w->stride, "parts", parts, "files", files, "source", source ? source : json_object());
+    source = NULL;
+    if (!manifest) {
+        st = fm_error_set(FM_ERR_NOMEM, "cannot build model.json");
+        goto done;
+    }
+    snprintf(path, sizeof path, "%s/model.json", w->dir);
+    if (json_dump_file(manifest, path, JSON_INDENT(1)) != 0) st = fm_error_set(FM_ERR_IO, "%s: cannot write", path);
+    json_decref(manifest);
+    if (st == FM_OK) {
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0 || fsync(fd) != 0) st = fm_error_set(FM_ERR_IO, "%s: flush failed", path);
+        if (fd >= 0) close(fd);
+    }
+done:
+    json_decref(source);
+    json_decref(files);
+    json_decref(parts);
+    return st;
+}
+
+void fm_packed_writer_free(fm_packed_writer *w) {
+    if (!w) return;
+    if (w->dense_fd >= 0) close(w->dense_fd);
+    if (w->expert_fds)
+        for (int l = 0; l < w->cfg.n_layers; l++)
+            if (w->expert_fds[l] >= 0) close(w->expert_fds[l]);
+    json_decref(w->dense_tensors);
+    free(w->expert_fds);
+    free(w->experts_written);
+    free(w->block);
+    free(w->dir);
+    free(w);
+}
+
+/* ======================================================================= reader */
+
+static fm_status parse_tensor(json_t *e, const char *what, const char *name, fm_packed_tensor *t) {
+    if (!json_is_object(e)) return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: entry is not an object", what, name);
+    const char *dts = json_string_value(json_object_get(e, "dtype"));
+    json_t *shape = json_object_get(e, "shape"), *off = json_object_get(e, "offset"), *sz = json_object_get(e, "size");
+    if (!dts || !json_is_array(shape) || !json_is_integer(off) || !json_is_integer(sz))
+        return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: needs dtype, shape, offset and size", what, name);
+    t->name = name;
+    t->dtype = fm_dtype_from_name(dts);
+    if (t->dtype != FM_DTYPE_F32 && t->dtype != FM_DTYPE_BF16 && t->dtype != FM_DTYPE_F16)
+        return fm_error_set(FM_ERR_UNSUPPORTED, "%s: tensor %s: dtype %s is not supported", what, name, dts);
+    t->n_dims = (int)json_array_size(shape);
+    if (t->n_dims < 1 || t->n_dims > FM_PACKED_MAX_DIMS)
+        return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: %d dimensions", what, name, t->n_dims);
+    for (int i = 0; i < t->n_dims; i++) {
+        json_t *d = json_array_get(shape, (size_t)i);
+        if (!json_is_integer(d) || json_integer_value(d) < 0)
+            return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: bad shape", what, name);
+        t->shape[i] = (int64_t)json_integer_value(d);
+    }
+    if (json_integer_value(off) < 0 || json_integer_value(sz) < 0)
+        return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: negative offset or size", what, name);
+    t->offset = (uint64_t)json_integer_value(off);
+    t->n_bytes = (uint64_t)json_integer_value(sz);
+    bool ok;
+    uint64_t want = tensor_bytes(t->dtype, t->n_dims, t->shape, &ok);
+    if (!ok || want != t->n_bytes)
+        return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: size %llu does not match its shape and dtype (%llu)",
+                            what, name, (unsigned long long)t->n_bytes, (unsigned long long)want);
+    return FM_OK;
+}
+
+static int cmp_tensor_name(const void *a, const void *b) {
+    return strcmp(((const fm_packed_tensor *)a)->name, ((const fm_packed_tensor *)b)->name);
+}
+static int cmp_tensor_offset(const void *a, const void *b) {
+    const fm_packed_tensor *x = *(fm_packed_tensor *const *)a, *y = *(fm_packed_tensor *const *)b;
+    return x->offset < y->offset ? -1 : x->offset > y->offset;
+}
+
+static fm_status open_dense(fm_packed_model *m, json_t *dense, const char *what) {
+    char path[4096];
+    const char *file = json_string_value(json_object_get(dense, "file"));
+    json_t *tensors = json_object_get(dense, "tensors");
+    if (!file || !json_is_object(tensors) || strchr(file, '/'))
+        return fm_error_set(FM_ERR_FORMAT, "%s: \"dense\" needs a plain file name and a tensors object", what);
+    snprintf(path, sizeof path, "%s/%s", m->dir, file);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return fm_error_set(FM_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        close(fd);
+        return fm_error_set(FM_ERR_IO, "%s: cannot stat: %s", path, strerror(errno));
+    }
+    m->dense_size = (uint64_t)sb.st_size;
+    if (m->dense_size > 0) {
+        m->dense_map = mmap(NULL, m->dense_size, PROT_READ, MAP_PRIVATE, fd, 0);
+        if (m->dense_map == MAP_FAILED) {
+            m->dense_map = NULL;
+            close(fd);
+            return fm_error_set(FM_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
+        }
+    }
+    close(fd);
+    size_t n = json_object_size(tensors);
+    m->tensors = calloc(n ? n : 1, sizeof *m->tensors);
+    fm_packed_tensor **by_off = calloc(n ? n : 1, sizeof *by_off);
+    if (!m->tensors || !by_off) {
+        free(by_off);
+        return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    }
+    const char *name;
+    json_t *e;
+    fm_status st = FM_OK;
+    json_object_foreach(tensors, name, e) {
+        fm_packed_tensor *t = &m->tensors[m->n_tensors];
+        st = parse_tensor(e, path, name, t);
+        if (st != FM_OK) break;
+        if (t->offset > m->dense_size || t->n_bytes > m->dense_size - t->offset) {
+            st = fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: bytes [%llu, +%llu) lie past the end of the file (%llu bytes)",
+                              path, name, (unsigned long long)t->offset, (unsigned long long)t->n_bytes,
+                              (unsigned long long)m->dense_size);
+            break;
+        }
+        if (t->offset % FM_PACKED_DENSE_ALIGN) {
+            st = fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: offset %llu is not %d-byte aligned", path, name,
+                              (unsigned long long)t->offset, FM_PACKED_DENSE_ALIGN);
+            break;
+        }
+        t->data = (const char *)m->dense_map + t->offset;
+        by_off[m->n_tensors++] = t;
+    }
+    if (st == FM_OK) {
+        qsort(by_off, m->n_tensors, sizeof *by_off, cmp_tensor_offset);
+        for (size_t i = 1; i < m->n_tensors; i++)
+            if (by_off[i - 1]->offset + by_off[i - 1]->n_bytes > by_off[i]->offset) {
+                st = fm_error_set(FM_ERR_FORMAT, "%s: tensors %s and %s overlap", path, by_off[i - 1]->name,
+                                  by_off[i]->name);
+                break;
+            }
+    }
+    free(by_off);
+    if (st == FM_OK) qsort(m->tensors, m->n_tensors, sizeof *m->tensors, cmp_tensor_name);
+    return st;
+}
+
+static fm_status open_experts(fm_packed_model *m, json_t *ex, const char *what) {
+    const fm_config *c = &m->config;
+    if (!json_is_object(ex)) return fm_error_set(FM_ERR_FORMAT, "%s: missing \"experts\" object", what);
+    json_t *count = json_object_get(ex, "count"), *stride = json_object_get(ex, "stride");
+    json_t *parts = json_object_get(ex, "parts"), *files = json_object_get(ex, "files");
+    if (!json_is_integer(count) || !json_is_integer(stride) || !json_is_object(parts) || !json_is_array(files))
+        return fm_error_set(FM_ERR_FORMAT, "%s: \"experts\" needs count, stride, parts and files", what);
+    if (json_integer_value(count) != c->n_experts)
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.count %lld differs from num_experts %d", what,
+                            (long long)json_integer_value(count), c->n_experts);
+    if (json_integer_value(stride) <= 0 || json_integer_value(stride) % FM_PACKED_EXPERT_ALIGN)
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.stride must be a positive multiple of %d", what,
+                            FM_PACKED_EXPERT_ALIGN);
+    m->expert_stride = (uint64_t)json_integer_value(stride);
+    for (int p = 0; p < FM_PART_COUNT; p++) {
+        fm_packed_tensor *t = &m->expert_parts[p];
+        json_t *e = json_object_get(parts, part_names[p]);
+        if (!e) return fm_error_set(FM_ERR_FORMAT, "%s: experts.parts lacks \"%s\"", what, part_names[p]);
+        TRY(parse_tensor(e, what, part_names[p], t));
+        int64_t want[2];
+        part_shape(c, (fm_expert_part_id)p, want);
+        if (t->n_dims != 2 || t->shape[0] != want[0] || t->shape[1] != want[1])
+            return fm_error_set(FM_ERR_FORMAT, "%s: expert part %s has the wrong shape for the config", what,
+                                part_names[p]);
+        if (t->offset > m->expert_stride || t->n_bytes > m->expert_stride - t->offset)
+            return fm_error_set(FM_ERR_FORMAT, "%s: expert part %s lies outside the expert block", what,
+                                part_names[p]);
+    }
+    if ((int)json_array_size(files) != c->n_layers)
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.files has %zu entries for %d layers", what,
+                            json_array_size(files), c->n_layers);
+    m->expert_files = calloc((size_t)c->n_layers, sizeof(char *));
+    if (!m->expert_files) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    for (int l = 0; l < c->n_layers; l++) {
+        const char *rel = json_string_value(json_array_get(files, (size_t)l));
+        if (!rel || strstr(rel, "..") || rel[0] == '/')
+            return fm_error_set(FM_ERR_FORMAT, "%s: experts.files[%d] is not a relative file name", what, l);
+        size_t len = strlen(m->dir) + strlen(rel) + 2;
+        m->expert_files[l] = malloc(len);
+        if (!m->expert_files[l]) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+        snprintf(m->expert_files[l], len, "%s/%s", m->dir, rel);
+        struct stat sb;
+        if (stat(m->expert_files[l], &sb) != 0)
+            return fm_error_set(FM_ERR_IO, "%s: expert file of layer %d: %s", m->expert_files[l], l, strerror(errno));
+        uint64_t want = m->expert_stride * (uint64_t)c->n_experts;
+        if ((uint64_t)sb.st_size != want)
+            return fm_error_set(FM_ERR_FORMAT, "%s: expert file of layer %d is %llu bytes, expected %llu (%d experts x %llu)",
+                                m->expert_files[l], l, (unsigned long long)sb.st_size, (unsigned long long)want,
+                                c->n_experts, (unsigned long long)m->expert_stride);
+    }
+    return FM_OK;
+}
+
+fm_status fm_packed_open(const char *dir, fm_packed_model **out) {
+    *out = NULL;
+    char path[4096];
+    fm_status st;
+    fm_packed_model *m = calloc(1, sizeof *m);
+    if (!m) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    m->dir = strdup(dir);
+    if (!m->dir) {
+        st = fm_error_set(FM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    snprintf(path, sizeof path, "%s/model.json", dir);
+    json_error_t jerr;
+    m->manifest = json_load_file(path, JSON_REJECT_DUPLICATES, &jerr);
+    if (!m->manifest) {
+        struct stat sb;
+        if (stat(path, &sb) != 0)
+            st = fm_error_set(FM_ERR_IO, "%s: cannot open: %s (is %s a packed model? make one with flashmoe convert)",
+                              path, strerror(errno), dir);
+        else
+            st = fm_error_set(FM_ERR_FORMAT, "%s: invalid JSON at line %d column %d: %s", path, jerr.line,
+                              jerr.column, jerr.text);
+        goto fail;
+    }
+    const char *fmt = json_string_value(json_object_get(m->manifest, "format"));
+    json_t *ver = json_object_get(m->manifest, "version");
+    if (!fmt || strcmp(fmt, FM_PACKED_FORMAT_NAME) != 0) {
+        st = fm_error_set(FM_ERR_FORMAT, "%s: not a flashmoe packed model (\"format\" is not \"%s\")", path,
+                          FM_PACKED_FORMAT_NAME);
+        goto fail;
+    }
+    if (!json_is_integer(ver) || json_integer_value(ver) != FM_PACKED_VERSION) {
+        st = fm_error_set(FM_ERR_UNSUPPORTED, "%s: format version %lld is not supported (this build reads %d)", path,
+                          (long long)json_integer_value(ver), FM_PACKED_VERSION);
+        goto fail;
+    }
+    st = fm_config_parse(json_object_get(m->manifest, "config"), path, &m->config);
+    if (st != FM_OK) goto fail;
+    st = open_dense(m, json_object_get(m->manifest, "dense"), path);
+    if (st != FM_OK) goto fail;
+    st = open_experts(m, json_object_get(m->manifest, "experts"), path);
+    if (st != FM_OK) goto fail;
+    *out = m;
+    return FM_OK;
+fail:
+    fm_packed_close(m);
+    return st;
+}
+
+void fm_packed_close(fm_packed_model *m) {
+    if (!m) return;
+    if (m->dense_map) munmap(m->dense_map, m->dense_size);
+    if (m->expert_files)
+        for (int l = 0; l < m->config.n_layers; l++) free(m->expert_files[l]);
+    free(m->expert_files);
+    free(m->tensors);
+    json_decref(m->manifest);
+    free(m->dir);
+    free(m);
+}
+
+const fm_packed_tensor *fm_packed_find(const fm_packed_model *m, const char *name) {
+    fm_packed_tensor key = {.name = name};
+    return bsearch(&key, m->tensors, m->n_tensors, sizeof *m->tensors, cmp_tensor_name);
+}

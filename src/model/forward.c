@@ -1,0 +1,511 @@
+/* The forward pass of the Qwen3.5-MoE / Qwen3-Next family on the CPU, and the session that holds
+ * its state. docs/MODEL.md states the math; the comments here say which line is which.
+ *
+ * One eval processes its tokens in chunks of at most FM_MAX_CHUNK. Per layer it computes the mixer
+ * for the whole chunk (matmuls over all tokens; the DeltaNet recurrence runs token by token per
+ * value head, which is exactly the recurrent form HF's chunked kernel equals), then routes every
+ * token, groups tokens by expert and fetches each needed expert once per chunk. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend/cpu/ops.h"
+#include "model/model.h"
+#include "util/error.h"
+
+#define FM_MAX_CHUNK 256
+
+struct fm_session {
+    fm_model *m;
+    int64_t n_ctx, n_past;
+    float **k_cache, **v_cache; /* [n_layers]; full-attention layers: (n_ctx, n_head_kv, head_dim) */
+    float **conv_state;         /* [n_layers]; linear layers: (K-1, conv_dim), oldest input first */
+    float **ssm_state;          /* [n_layers]; linear layers: (n_v_heads, k_dim, v_dim) */
+
+    /* scratch for one chunk of up to `cap` tokens */
+    int64_t cap;
+    float *x;      /* (cap, H) residual stream */
+    float *xn;     /* (cap, H) normed input of the current block */
+    float *mix;    /* (cap, H) output of the current block */
+    float *buf_a;  /* (cap, max(conv_dim, 2*n_head*head_dim, n_ff_shared, n_ff_expert, H)) */
+    float *buf_b;  /* (cap, same) */
+    float *buf_c;  /* (cap, same) */
+    float *buf_d;  /* (cap, same) */
+    float *small;  /* (cap, max(2*n_v_heads, n_experts)) */
+    int32_t *topk_ids; /* (cap, n_experts_used) */
+    float *topk_w;     /* (cap, n_experts_used) */
+    int32_t *tok_list; /* (cap * n_experts_used) tokens grouped by expert */
+    float *tok_w;      /* (cap * n_experts_used) their routing weights */
+    int64_t *expert_start; /* (n_experts + 1) */
+    float *logit_row;  /* (H) */
+};
+
+/* ------------------------------------------------------------------------ session lifetime */
+
+static int64_t max_i64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+static fm_status reserve(fm_session *s, int64_t T) {
+    if (T <= s->cap) return FM_OK;
+    const fm_config *c = &s->m->cfg;
+    int64_t H = c->n_embd, k = s->m->n_experts_used;
+    int64_t wide = max_i64(max_i64(fm_config_conv_dim(c), 2LL * c->n_head * c->head_dim),
+                           max_i64(max_i64(c->n_ff_shared, c->n_ff_expert), H));
+    wide = max_i64(wide, fm_config_value_dim(c));
+    int64_t narrow = max_i64(2LL * c->lin_n_v_heads, c->n_experts);
+#define GROW(p, n)                                                                                 \
+    do {                                                                                           \
+        void *np_ = realloc(p, (size_t)(n) * sizeof(*(p)));                                        \
+        if (!np_) return fm_error_set(FM_ERR_NOMEM, "out of memory for a batch of %lld tokens", (long long)T); \
+        p = np_;                                                                                   \
+    } while (0)
+    GROW(s->x, T * H);
+    GROW(s->xn, T * H);
+    GROW(s->mix, T * H);
+    GROW(s->buf_a, T * wide);
+    GROW(s->buf_b, T * wide);
+    GROW(s->buf_c, T * wide);
+    GROW(s->buf_d, T * wide);
+    GROW(s->small, T * narrow);
+    GROW(s->topk_ids, T * k);
+    GROW(s->topk_w, T * k);
+    GROW(s->tok_list, T * k);
+    GROW(s->tok_w, T * k);
+#undef GROW
+    s->cap = T;
+    return FM_OK;
+}
+
+fm_status fm_session_init(fm_model *m, int64_t n_ctx, fm_session **out) {
+    *out = NULL;
+    const fm_config *c = &m->cfg;
+    if (n_ctx < 1) return fm_error_set(FM_ERR_ARG, "context size must be at least 1 (got %lld)", (long long)n_ctx);
+    fm_session *s = calloc(1, sizeof *s);
+    if (!s) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    s->m = m;
+    s->n_ctx = n_ctx;
+    size_t L = (size_t)c->n_layers;
+    s->k_cache = calloc(L, sizeof(float *));
+    s->v_cache = calloc(L, sizeof(float *));
+    s->conv_state = calloc(L, sizeof(float *));
+    s->ssm_state = calloc(L, sizeof(float *));
+    s->expert_start = calloc((size_t)c->n_experts + 1, sizeof(int64_t));
+    s->logit_row = calloc((size_t)c->n_embd, sizeof(float));
+    if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->logit_row)
+        goto nomem;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layer_kind[l] == FM_LAYER_FULL) {
+            size_t n = (size_t)n_ctx * (size_t)c->n_head_kv * (size_t)c->head_dim;
+            s->k_cache[l] = malloc(n * sizeof(float));
+            s->v_cache[l] = malloc(n * sizeof(float));
+            if (!s->k_cache[l] || !s->v_cache[l]) goto nomem;
+        } else {
+            s->conv_state[l] = calloc((size_t)(c->conv_kernel - 1) * (size_t)fm_config_conv_dim(c) + 1, sizeof(float));
+            s->ssm_state[l] = calloc((size_t)c->lin_n_v_heads * (size_t)c->lin_k_dim * (size_t)c->lin_v_dim, sizeof(float));
+            if (!s->conv_state[l] || !s->ssm_state[l]) goto nomem;
+        }
+    }
+    *out = s;
+    return FM_OK;
+nomem:
+    fm_session_free(s);
+    return fm_error_set(FM_ERR_NOMEM, "out of memory for a session of %lld tokens", (long long)n_ctx);
+}
+
+void fm_session_free(fm_session *s) {
+    if (!s) return;
+    for (int l = 0; s->k_cache && l < s->m->cfg.n_layers; l++) {
+        free(s->k_cache[l]);
+        free(s->v_cache[l]);
+        free(s->conv_state[l]);
+        free(s->ssm_state[l]);
+    }
+    free(s->k_cache);
+    free(s->v_cache);
+    free(s->conv_state);
+    free(s->ssm_state);
+    free(s->x);
+    free(s->xn);
+    free(s->mix);
+    free(s->buf_a);
+    free(s->buf_b);
+    free(s->buf_c);
+    free(s->buf_d);
+    free(s->small);
+    free(s->topk_ids);
+    free(s->topk_w);
+    free(s->tok_list);
+    free(s->tok_w);
+    free(s->expert_start);
+    free(s->logit_row);
+    free(s);
+}
+
+void fm_session_reset(fm_session *s) {
+    const fm_config *c = &s->m->cfg;
+    s->n_past = 0;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layer_kind[l] != FM_LAYER_LINEAR) continue;
+        memset(s->conv_state[l], 0, sizeof(float) * (size_t)(c->conv_kernel - 1) * (size_t)fm_config_conv_dim(c));
+        memset(s->ssm_state[l], 0, sizeof(float) * (size_t)c->lin_n_v_heads * (size_t)c->lin_k_dim * (size_t)c->lin_v_dim);
+    }
+}
+
+int64_t fm_session_n_past(const fm_session *s) { return s->n_past; }
+
+/* ------------------------------------------------------------------------ Gated DeltaNet */
+
+typedef struct delta_job {
+    fm_session *s;
+    const fm_layer_weights *w;
+    int layer;
+    int64_t T;
+    const float *conv_out; /* (T, conv_dim): silu(conv(qkv)) */
+    const float *z;        /* (T, value_dim) */
+    const float *ba;       /* (T, 2*nv): b then a */
+    float *core;           /* (T, value_dim) output, gated-normed */
+} delta_job;
+
+/* The delta rule for value heads [h0, h1), all T tokens in order:
+ *   q, k = l2norm(q), l2norm(k) (eps 1e-6 inside the rsqrt of the sum); q *= dk^-1/2
+ *   g = -exp(A_log) * softplus(a + dt_bias); beta = sigmoid(b)
+ *   S = exp(g) S;  d = beta (v - S^T k);  S += k d^T;  o = S^T q
+ *   o = rmsnorm(o) * w_norm * silu(z)                                     (per head, over dv) */
+static void delta_heads(void *arg, int64_t h0, int64_t h1) {
+    const delta_job *j = arg;
+    const fm_config *c = &j->s->m->cfg;
+    int64_t dk = c->lin_k_dim, dv = c->lin_v_dim, nv = c->lin_n_v_heads, r = nv / c->lin_n_k_heads;
+    int64_t kd = fm_config_key_dim(c), vd = fm_config_value_dim(c), cd = fm_config_conv_dim(c);
+    float qn[1024], kn[1024], kv[1024]; /* dk, dv <= 1024 checked at open */
+    float q_scale = 1.0f / sqrtf((float)dk);
+    for (int64_t h = h0; h < h1; h++) {
+        float *S = j->s->ssm_state[j->layer] + h * dk * dv; /* (dk, dv) */
+        int64_t g = h / r;
+        float A = -expf(j->w->A_log[h]);
+        for (int64_t t = 0; t < j->T; t++) {
+            const float *row = j->conv_out + t * cd;
+            const float *q = row + g * dk, *k = row + kd + g * dk, *v = row + 2 * kd + h * dv;
+            float sq = 0, sk = 0;
+            for (int64_t i = 0; i < dk; i++) {
+                sq += q[i] * q[i];
+                sk += k[i] * k[i];
+            }
+            float iq = 1.0f / sqrtf(sq + 1e-6f), ik = 1.0f / sqrtf(sk + 1e-6f);
+            for (int64_t i = 0; i < dk; i++) {
+                qn[i] = q[i] * iq * q_scale;
+                kn[i] = k[i] * ik;
+            }
+            float b = j->ba[t * 2 * nv + h], a = j->ba[t * 2 * nv + nv + h];
+            float decay = expf(A * fm_softplus(a + j->w->dt_bias[h]));
+            float beta = fm_sigmoid(b);
+            for (int64_t jj = 0; jj < dv; jj++) kv[jj] = 0;
+            for (int64_t i = 0; i < dk; i++) {
+                float *Si = S + i * dv;
+                for (int64_t jj = 0; jj < dv; jj++) {
+                    Si[jj] *= decay;
+                    kv[jj] += Si[jj] * kn[i];
+                }
+            }
+            for (int64_t jj = 0; jj < dv; jj++) kv[jj] = beta * (v[jj] - kv[jj]); /* now d */
+            float *o = j->core + t * vd + h * dv;
+            for (int64_t jj = 0; jj < dv; jj++) o[jj] = 0;
+            for (int64_t i = 0; i < dk; i++) {
+                float *Si = S + i * dv;
+                for (int64_t jj = 0; jj < dv; jj++) {
+                    Si[jj] += kn[i] * kv[jj];
+                    o[jj] += Si[jj] * qn[i];
+                }
+            }
+            fm_cpu_rmsnorm(o, o, j->w->ssm_norm, dv, c->norm_eps);
+            const float *z = j->z + t * vd + h * dv;
+            for (int64_t jj = 0; jj < dv; jj++) o[jj] *= fm_silu(z[jj]);
+        }
+    }
+}
+
+/* out (T, H) = GatedDeltaNet(xn (T, H)); updates the layer's conv and recurrent state. */
+static fm_status linear_attention(fm_session *s, int l, int64_t T, const float *xn, float *out) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w = &s->m->layers[l];
+    fm_pool *pool = s->m->pool;
+    int64_t cd = fm_config_conv_dim(c), vd = fm_config_value_dim(c), nv = c->lin_n_v_heads, K = c->conv_kernel;
+    float *qkv = s->buf_a, *conv_out = s->buf_b, *z = s->buf_c, *core = s->buf_d, *ba = s->small;
+    fm_cpu_matmul(pool, qkv, xn, T, &w->in_qkv);
+    fm_cpu_matmul(pool, z, xn, T, &w->in_z);
+    /* b and a side by side per token: (T, 2*nv) */
+    float *b_tmp = core, *a_tmp = core + T * nv; /* core is free until the recurrence */
+    fm_cpu_matmul(pool, b_tmp, xn, T, &w->in_b);
+    fm_cpu_matmul(pool, a_tmp, xn, T, &w->in_a);
+    for (int64_t t = 0; t < T; t++) {
+        memcpy(ba + t * 2 * nv, b_tmp + t * nv, sizeof(float) * (size_t)nv);
+        memcpy(ba + t * 2 * nv + nv, a_tmp + t * nv, sizeof(float) * (size_t)nv);
+    }
+    /* causal depthwise conv over [state (K-1 rows) ; qkv (T rows)], then SiLU:
+     * y[t, ch] = sum_{j<K} W[ch, j] * seq[t + j, ch] */
+    float *state = s->conv_state[l];
+    for (int64_t t = 0; t < T; t++) {
+        for (int64_t ch = 0; ch < cd; ch++) {
+            const float *wc = w->conv + ch * K;
+            float acc = 0;
+            for (int64_t jj = 0; jj < K; jj++) {
+                int64_t idx = t + jj - (K - 1); /* index into qkv; negative = state row K-1+idx */
+                float v = idx >= 0 ? qkv[idx * cd + ch] : state[(K - 1 + idx) * cd + ch];
+                acc += wc[jj] * v;
+            }
+            conv_out[t * cd + ch] = fm_silu(acc);
+        }
+    }
+    /* keep the last K-1 raw inputs (reads run ahead of writes, so in-place is safe) */
+    for (int64_t i = 0; i < K - 1; i++) {
+        int64_t src = T + i; /* index into [state ; qkv] */
+        if (src < K - 1) memcpy(state + i * cd, state + src * cd, sizeof(float) * (size_t)cd);
+        else memcpy(state + i * cd, qkv + (src - (K - 1)) * cd, sizeof(float) * (size_t)cd);
+    }
+    delta_job j = {s, w, l, T, conv_out, z, ba, core};
+    fm_pool_run(pool, delta_heads, &j, nv, 1);
+    fm_cpu_matmul(pool, out, core, T, &w->out_proj);
+    (void)vd;
+    return FM_OK;
+}
+
+/* ------------------------------------------------------------------------ gated attention */
+
+typedef struct attn_job {
+    fm_session *s;
+    int layer;
+    int64_t T, pos0;
+    const float *q;    /* (T, n_head, d) normed, rotated */
+    const float *gate; /* (T, n_head, d) */
+    float *att;        /* (T, n_head, d) */
+} attn_job;
+
+/* Causal softmax attention for heads [h0, h1) with a one-pass (online) softmax:
+ * att = sum_p softmax_p(q.k_p / sqrt(d)) v_p  over p <= pos, then att *= sigmoid(gate). */
+static void attn_heads(void *arg, int64_t h0, int64_t h1) {
+    const attn_job *j = arg;
+    const fm_config *c = &j->s->m->cfg;
+    int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv, group = nh / nkv;
+    const float *kc = j->s->k_cache[j->layer], *vc = j->s->v_cache[j->layer];
+    float scale = 1.0f / sqrtf((float)d);
+    for (int64_t h = h0; h < h1; h++) {
+        int64_t kvh = h / group;
+        for (int64_t t = 0; t < j->T; t++) {
+            const float *q = j->q + (t * nh + h) * d;
+            float *o = j->att + (t * nh + h) * d;
+            float m = -INFINITY, sum = 0;
+            for (int64_t i = 0; i < d; i++) o[i] = 0;
+            for (int64_t p = 0; p <= j->pos0 + t; p++) {
+                const float *k = kc + (p * nkv + kvh) * d, *v = vc + (p * nkv + kvh) * d;
+                float sc = 0;
+                for (int64_t i = 0; i < d; i++) sc += q[i] * k[i];
+                sc *= scale;
+                if (sc > m) {
+                    float rescale = expf(m - sc);
+                    sum *= rescale;
+                    for (int64_t i = 0; i < d; i++) o[i] *= rescale;
+                    m = sc;
+                }
+                float e = expf(sc - m);
+                sum += e;
+                for (int64_t i = 0; i < d; i++) o[i] += e * v[i];
+            }
+            const float *g = j->gate + (t * nh + h) * d;
+            for (int64_t i = 0; i < d; i++) o[i] = o[i] / sum * fm_sigmoid(g[i]);
+        }
+    }
+}
+
+static fm_status full_attention(fm_session *s, int l, int64_t T, const float *xn, float *out) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w = &s->m->layers[l];
+    fm_pool *pool = s->m->pool;
+    int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv, pos0 = s->n_past;
+    float *qg = s->buf_a, *kv = s->buf_b, *q = s->buf_c, *gate = s->buf_d;
+    fm_cpu_matmul(pool, qg, xn, T, &w->q_proj);
+    /* q_proj rows per head: [query (d) | gate (d)] */
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < nh; h++) {
+            const float *src = qg + (t * nh + h) * 2 * d;
+            float *qd = q + (t * nh + h) * d;
+            memcpy(gate + (t * nh + h) * d, src + d, sizeof(float) * (size_t)d);
+            fm_cpu_rmsnorm(qd, src, w->q_norm, d, c->norm_eps);
+            fm_cpu_rope_neox(qd, c->rot_dim, pos0 + t, c->rope_theta);
+        }
+    float *kc = s->k_cache[l], *vc = s->v_cache[l];
+    fm_cpu_matmul(pool, kv, xn, T, &w->k_proj);
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t h = 0; h < nkv; h++) {
+            float *dst = kc + ((pos0 + t) * nkv + h) * d;
+            fm_cpu_rmsnorm(dst, kv + (t * nkv + h) * d, w->k_norm, d, c->norm_eps);
+            fm_cpu_rope_neox(dst, c->rot_dim, pos0 + t, c->rope_theta);
+        }
+    fm_cpu_matmul(pool, kv, xn, T, &w->v_proj);
+    memcpy(vc + pos0 * nkv * d, kv, sizeof(float) * (size_t)(T * nkv * d));
+    float *att = s->buf_a; /* q_proj output no longer needed */
+    attn_job j = {s, l, T, pos0, q, gate, att};
+    fm_pool_run(pool, attn_heads, &j, nh, 1);
+    fm_cpu_matmul(pool, out, att, T, &w->o_proj);
+    return FM_OK;
+}
+
+/* ------------------------------------------------------------------------ MoE */
+
+/* out (T, H) = sum over each token's top-k experts of w * SwiGLU_e(xn) + sigmoid(xn . g_s) SwiGLU_shared(xn). */
+static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *out) {
+    fm_model *m = s->m;
+    const fm_config *c = &m->cfg;
+    const fm_layer_weights *w = &m->layers[l];
+    fm_pool *pool = m->pool;
+    int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used, I = c->n_ff_expert;
+
+    /* router: softmax over all experts in f32, top-k, renormalise */
+    float *probs = s->small;
+    fm_cpu_matmul(pool, probs, xn, T, &w->router);
+    for (int64_t t = 0; t < T; t++) {
+        float *p = probs + t * E, mx = -INFINITY, sum = 0;
+        for (int64_t e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+        for (int64_t e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
+        for (int64_t e = 0; e < E; e++) p[e] /= sum;
+        int32_t *ids = s->topk_ids + t * k;
+        float *tw = s->topk_w + t * k, tsum = 0;
+        for (int64_t i = 0; i < k; i++) { /* k passes of max-selection: ties go to the lower id */
+            int32_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                bool taken = false;
+                for (int64_t q = 0; q < i; q++) taken |= ids[q] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = (int32_t)e;
+            }
+            ids[i] = best;
+            tw[i] = p[best];
+            tsum += p[best];
+        }
+        if (c->norm_topk_prob)
+            for (int64_t i = 0; i < k; i++) tw[i] /= tsum;
+    }
+
+    /* shared expert */
+    if (c->n_ff_shared > 0) {
+        int64_t Is = c->n_ff_shared;
+        float *g = s->buf_a, *u = s->buf_b, *y = s->buf_c;
+        fm_cpu_matmul(pool, g, xn, T, &w->sh_gate);
+        fm_cpu_matmul(pool, u, xn, T, &w->sh_up);
+        for (int64_t i = 0; i < T * Is; i++) g[i] = fm_silu(g[i]) * u[i];
+        fm_cpu_matmul(pool, y, g, T, &w->sh_down);
+        fm_cpu_matmul(pool, u, xn, T, &w->sh_router); /* (T, 1) */
+        for (int64_t t = 0; t < T; t++) {
+            float sg = fm_sigmoid(u[t]);
+            for (int64_t i = 0; i < H; i++) out[t * H + i] = sg * y[t * H + i];
+        }
+    } else {
+        memset(out, 0, sizeof(float) * (size_t)(T * H));
+    }
+
+    /* group (token, weight) pairs by expert: counting sort */
+    int64_t *start = s->expert_start;
+    memset(start, 0, sizeof(int64_t) * (size_t)(E + 1));
+    for (int64_t i = 0; i < T * k; i++) start[s->topk_ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    int64_t *fill = calloc((size_t)E, sizeof(int64_t));
+    int32_t *uniq = malloc(sizeof(int32_t) * (size_t)E);
+    if (!fill || !uniq) {
+        free(fill);
+        free(uniq);
+        return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    }
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < k; i++) {
+            int32_t e = s->topk_ids[t * k + i];
+            int64_t at = start[e] + fill[e]++;
+            s->tok_list[at] = (int32_t)t;
+            s->tok_w[at] = s->topk_w[t * k + i];
+        }
+    int n_uniq = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) uniq[n_uniq++] = (int32_t)e;
+    free(fill);
+
+    /* each needed expert is fetched once for the whole chunk, in groups the store can hold */
+    const fm_packed_model *pm = m->packed;
+    int cap = fm_store_capacity(m->store);
+    const uint8_t *blocks[1024];
+    if (cap > 1024) cap = 1024;
+    float *X = s->buf_a, *G = s->buf_b, *U = s->buf_c, *Y = s->buf_d;
+    fm_status st = FM_OK;
+    for (int g0 = 0; g0 < n_uniq && st == FM_OK; g0 += cap) {
+        int n = n_uniq - g0 < cap ? n_uniq - g0 : cap;
+        st = fm_store_fetch(m->store, l, uniq + g0, n, blocks);
+        for (int i = 0; i < n && st == FM_OK; i++) {
+            int32_t e = uniq[g0 + i];
+            int64_t n_tok = start[e + 1] - start[e];
+            fm_weight wg, wu, wd;
+            const fm_packed_tensor *pg = &pm->expert_parts[FM_PART_GATE], *pu = &pm->expert_parts[FM_PART_UP],
+                                   *pd = &pm->expert_parts[FM_PART_DOWN];
+            wg = (fm_weight){pg->dtype, I, H, blocks[i] + pg->offset};
+            wu = (fm_weight){pu->dtype, I, H, blocks[i] + pu->offset};
+            wd = (fm_weight){pd->dtype, H, I, blocks[i] + pd->offset};
+            for (int64_t r = 0; r < n_tok; r++)
+                memcpy(X + r * H, xn + (int64_t)s->tok_list[start[e] + r] * H, sizeof(float) * (size_t)H);
+            fm_cpu_matmul(pool, G, X, n_tok, &wg);
+            fm_cpu_matmul(pool, U, X, n_tok, &wu);
+            for (int64_t q = 0; q < n_tok * I; q++) G[q] = fm_silu(G[q]) * U[q];
+            fm_cpu_matmul(pool, Y, G, n_tok, &wd);
+            for (int64_t r = 0; r < n_tok; r++) {
+                float wt = s->tok_w[start[e] + r];
+                float *o = out + (int64_t)s->tok_list[start[e] + r] * H;
+                for (int64_t q = 0; q < H; q++) o[q] += wt * Y[r * H + q];
+            }
+        }
+    }
+    free(uniq);
+    return st;
+}
+
+/* ------------------------------------------------------------------------ eval */
+
+static fm_status eval_chunk(fm_session *s, const int32_t *ids, int64_t T, float *logits, bool all_logits) {
+    fm_model *m = s->m;
+    const fm_config *c = &m->cfg;
+    int64_t H = c->n_embd;
+    fm_status st = reserve(s, T);
+    if (st != FM_OK) return st;
+    for (int64_t t = 0; t < T; t++) fm_cpu_get_row(s->x + t * H, &m->embed, ids[t]);
+    for (int l = 0; l < c->n_layers; l++) {
+        const fm_layer_weights *w = &m->layers[l];
+        for (int64_t t = 0; t < T; t++) fm_cpu_rmsnorm(s->xn + t * H, s->x + t * H, w->input_norm, H, c->norm_eps);
+        st = c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention(s, l, T, s->xn, s->mix)
+                                                  : full_attention(s, l, T, s->xn, s->mix);
+        if (st != FM_OK) return st;
+        for (int64_t i = 0; i < T * H; i++) s->x[i] += s->mix[i];
+        for (int64_t t = 0; t < T; t++) fm_cpu_rmsnorm(s->xn + t * H, s->x + t * H, w->post_attn_norm, H, c->norm_eps);
+        st = moe(s, l, T, s->xn, s->mix);
+        if (st != FM_OK) return st;
+        for (int64_t i = 0; i < T * H; i++) s->x[i] += s->mix[i];
+    }
+    s->n_past += T;
+    if (!logits) return FM_OK;
+    int64_t first = all_logits ? 0 : T - 1;
+    for (int64_t t = first; t < T; t++) fm_cpu_rmsnorm(s->xn + t * H, s->x + t * H, m->out_norm, H, c->norm_eps);
+    fm_cpu_matmul(m->pool, logits, s->xn + first * H, T - first, &m->lm_head);
+    return FM_OK;
+}
+
+fm_status fm_session_eval(fm_session *s, const int32_t *ids, int64_t n, float *logits, bool all_logits) {
+    const fm_config *c = &s->m->cfg;
+    if (n < 1) return fm_error_set(FM_ERR_ARG, "nothing to evaluate (0 tokens)");
+    for (int64_t i = 0; i < n; i++)
+        if (ids[i] < 0 || ids[i] >= c->n_vocab)
+            return fm_error_set(FM_ERR_ARG, "token id %d at position %lld is out of range [0, %lld)", ids[i],
+                                (long long)i, (long long)c->n_vocab);
+    if (s->n_past + n > s->n_ctx)
+        return fm_error_set(FM_ERR_ARG, "context overflow: %lld + %lld tokens exceed the context size %lld",
+                            (long long)s->n_past, (long long)n, (long long)s->n_ctx);
+    for (int64_t i = 0; i < n; i += FM_MAX_CHUNK) {
+        int64_t T = n - i < FM_MAX_CHUNK ? n - i : FM_MAX_CHUNK;
+        bool last = i + T == n;
+        float *out = NULL;
+        if (logits && all_logits) out = logits + i * c->n_vocab;
+        else if (logits && last) out = logits;
+        fm_status st = eval_chunk(s, ids + i, T, out, all_logits);
+        if (st != FM_OK) return st;
+    }
+    return FM_OK;
+}

@@ -34,10 +34,9 @@ static void draw(fm_progress *p, bool final) {
         fprintf(stderr, "\r%s [%s] %5.1f%%  %.1f/%.1f MB  %.0f MB/s  ETA %.0fs   ", p->label, bar, frac * 100,
                 (double)p->done / 1e6, (double)p->total / 1e6, rate / 1e6, final ? 0.0 : eta);
         if (final) fputc('\n', stderr);
-    } else {
+    } else if (el >= 2.0 || (final && p->pct_printed >= 0)) { /* logs: quiet for short work */
         int pct = (int)(frac * 10) * 10;
-        if (pct > p->pct_printed || final) {
-            if (pct == p->pct_printed && final) return;
+        if (pct > p->pct_printed) {
             fprintf(stderr, "%s: %d%% (%.1f MB, %.1f s)\n", p->label, pct, (double)p->done / 1e6, el);
             p->pct_printed = pct;
         }

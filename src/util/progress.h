@@ -1,5 +1,6 @@
 /* A progress line on stderr for long work: on a terminal a bar redrawn at most every 100 ms with
- * bytes, rate and ETA; otherwise one plain line at every 10 %. Not thread-safe. */
+ * bytes, rate and ETA; otherwise (logs) one plain line at every 10 % once the work has run 2 s.
+ * Not thread-safe. */
 #ifndef FM_UTIL_PROGRESS_H
 #define FM_UTIL_PROGRESS_H
 

@@ -1,0 +1,202 @@
+/* End-to-end correctness against Hugging Face transformers: each fixture in tests/fixtures/ (made by
+ * tools/make_fixtures.py) is converted, run in batch and incremental mode, and compared with the
+ * reference logits (relative error to max|logit| <= 2e-3, same argmax at every position) and the
+ * reference greedy continuation (identical ids). */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "formats/npy.h"
+#include "formats/packed.h"
+#include "formats/safetensors.h"
+#include "util/half.h"
+#include "model/convert.h"
+#include "test.h"
+
+#define REL_TOL 2e-3
+#define PREFILL_SPLIT 40 /* as in tools/make_fixtures.py */
+
+typedef struct fixture {
+    fm_npy ids, full, incr, greedy;
+    fm_model *model;
+    int64_t V;
+} fixture;
+
+static void fixture_free(fixture *f) {
+    fm_npy_free(&f->ids);
+    fm_npy_free(&f->full);
+    fm_npy_free(&f->incr);
+    fm_npy_free(&f->greedy);
+    fm_model_free(f->model);
+}
+
+/* Converts tests/fixtures/NAME/model with `quant` (F32/BF16 or UNKNOWN = source) and opens it. */
+static bool fixture_load(fm_test_ctx *t, const char *name, fm_dtype quant, int threads, fixture *f) {
+    char path[512], tmp[512], out[600];
+    memset(f, 0, sizeof *f);
+    snprintf(path, sizeof path, "tests/fixtures/%s/ids.npy", name);
+    if (fm_npy_read(path, &f->ids) != FM_OK) goto fail;
+    snprintf(path, sizeof path, "tests/fixtures/%s/logits_full.npy", name);
+    if (fm_npy_read(path, &f->full) != FM_OK) goto fail;
+    snprintf(path, sizeof path, "tests/fixtures/%s/logits_incr.npy", name);
+    if (fm_npy_read(path, &f->incr) != FM_OK) goto fail;
+    snprintf(path, sizeof path, "tests/fixtures/%s/greedy.npy", name);
+    if (fm_npy_read(path, &f->greedy) != FM_OK) goto fail;
+    snprintf(path, sizeof path, "tests/fixtures/%s/model", name);
+    snprintf(tmp, sizeof tmp, "model_%s_%s", name, quant ? fm_dtype_name(quant) : "source");
+    fm_test_tmpdir(tmp, out, sizeof out);
+    strcat(out, "/packed");
+    fm_convert_options o = {.dense_dtype = quant, .expert_dtype = quant};
+    if (fm_convert_hf(path, out, &o) != FM_OK) goto fail;
+    fm_model_params p = fm_model_default_params();
+    p.n_threads = threads;
+    if (fm_model_open(out, &p, &f->model) != FM_OK) goto fail;
+    f->V = fm_model_n_vocab(f->model);
+    return true;
+fail:
+    fprintf(stderr, "  fixture %s: %s\n", name, fm_last_error());
+    t->failures++;
+    fixture_free(f);
+    return false;
+}
+
+static int argmax(const float *x, int64_t n) {
+    int best = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[best]) best = (int)i;
+    return best;
+}
+
+/* Relative error to max|ref| and argmax agreement, row by row. */
+static void compare_logits(fm_test_ctx *t, const char *what, const float *ref, const float *got, int64_t n, int64_t V,
+                           double tol) {
+    double mx = 0, worst = 0;
+    for (int64_t i = 0; i < n * V; i++) mx = fmax(mx, fabs(ref[i]));
+    int64_t worst_row = -1, argmax_bad = 0;
+    for (int64_t r = 0; r < n; r++) {
+        for (int64_t c = 0; c < V; c++) {
+            double e = fabs((double)ref[r * V + c] - got[r * V + c]) / mx;
+            if (e > worst || isnan(got[r * V + c])) {
+                worst = isnan(got[r * V + c]) ? INFINITY : e;
+                worst_row = r;
+            }
+        }
+        argmax_bad += argmax(ref + r * V, V) != argmax(got + r * V, V);
+    }
+    fprintf(stderr, "  %s: max rel err %.2e (row %lld), argmax mismatches %lld\n", what, worst, (long long)worst_row,
+            (long long)argmax_bad);
+    CHECK_MSG(worst <= tol, "%s: relative error %.3e > %.1e", what, worst, tol);
+    CHECK_MSG(argmax_bad == 0, "%s: %lld rows with a different argmax", what, (long long)argmax_bad);
+}
+
+static void check_fixture(fm_test_ctx *t, const char *name, fm_dtype quant, double tol, int threads) {
+    fixture f;
+    if (!fixture_load(t, name, quant, threads, &f)) return;
+    int64_t n = f.ids.n_elements, V = f.V;
+    const int32_t *ids = f.ids.data;
+    float *logits = malloc(sizeof(float) * (size_t)(n * V));
+    fm_session *s = NULL;
+    REQUIRE(logits);
+    CHECK(f.full.n_dims == 2 && f.full.shape[0] == n && f.full.shape[1] == V);
+    if (fm_session_init(f.model, n + f.greedy.n_elements, &s) != FM_OK) {
+        CHECK_MSG(false, "%s", fm_last_error());
+        goto done;
+    }
+    /* batch: all ids at once */
+    if (fm_session_eval(s, ids, n, logits, true) != FM_OK) {
+        CHECK_MSG(false, "%s", fm_last_error());
+        goto done;
+    }
+    compare_logits(t, "batch", f.full.data, logits, n, V, tol);
+    /* greedy continuation from the batch's last logits */
+    {
+        const int32_t *want = f.greedy.data;
+        float *last = malloc(sizeof(float) * (size_t)V);
+        REQUIRE(last);
+        memcpy(last, logits + (n - 1) * V, sizeof(float) * (size_t)V);
+        int64_t agree = 0;
+        for (int64_t i = 0; i < f.greedy.n_elements; i++) {
+            int32_t next = argmax(last, V);
+            if (next != want[i]) break;
+            agree++;
+            if (fm_session_eval(s, &next, 1, last, false) != FM_OK) break;
+        }
+        free(last);
+        CHECK_MSG(agree == f.greedy.n_elements, "greedy continuation agrees for %lld of %lld tokens", (long long)agree,
+                  (long long)f.greedy.n_elements);
+    }
+    /* incremental: prefill of PREFILL_SPLIT ids, then one at a time */
+    fm_session_reset(s);
+    CHECK(fm_session_n_past(s) == 0);
+    if (fm_session_eval(s, ids, PREFILL_SPLIT, logits, true) != FM_OK) {
+        CHECK_MSG(false, "%s", fm_last_error());
+        goto done;
+    }
+    for (int64_t i = PREFILL_SPLIT; i < n; i++)
+        if (fm_session_eval(s, ids + i, 1, logits + i * V, true) != FM_OK) {
+            CHECK_MSG(false, "%s", fm_last_error());
+            goto done;
+        }
+    compare_logits(t, "incremental", f.incr.data, logits, n, V, tol);
+done:
+    fm_session_free(s);
+    free(logits);
+    fixture_free(&f);
+}
+
+FM_TEST(model_qwen35_f32_matches_transformers) { check_fixture(t, "qwen35_moe_f32", FM_DTYPE_UNKNOWN, REL_TOL, 2); }
+FM_TEST(model_qwen35_release_bf16_matches_transformers) {
+    check_fixture(t, "qwen35_moe_release_bf16", FM_DTYPE_UNKNOWN, REL_TOL, 2);
+}
+FM_TEST(model_qwen3_next_f32_matches_transformers) { check_fixture(t, "qwen3_next_f32", FM_DTYPE_UNKNOWN, REL_TOL, 2); }
+/* one thread must compute the same function as several */
+FM_TEST(model_qwen35_single_thread_matches) { check_fixture(t, "qwen35_moe_f32", FM_DTYPE_UNKNOWN, REL_TOL, 1); }
+/* --quant bf16 on a f32 checkpoint stores exactly the round-to-nearest-even bf16 of each weight. */
+FM_TEST(model_convert_to_bf16_rounds_each_weight) {
+    char out[600];
+    fm_test_tmpdir("convert_bf16", out, sizeof out);
+    strcat(out, "/packed");
+    fm_convert_options o = {.dense_dtype = FM_DTYPE_BF16, .expert_dtype = FM_DTYPE_BF16};
+    CHECK_OK(fm_convert_hf("tests/fixtures/qwen3_next_f32/model", out, &o));
+    fm_st_set *src;
+    fm_packed_model *pm;
+    CHECK_OK(fm_st_open("tests/fixtures/qwen3_next_f32/model", &src));
+    if (fm_packed_open(out, &pm) != FM_OK) {
+        fm_st_close(src);
+        CHECK_OK(FM_ERR_IO);
+    }
+    const fm_st_tensor *emb = fm_st_find(src, "model.embed_tokens.weight");
+    const fm_packed_tensor *pe = fm_packed_find(pm, "embed_tokens");
+    REQUIRE(emb && pe && pe->dtype == FM_DTYPE_BF16 && pe->n_bytes == (uint64_t)emb->n_elements * 2);
+    int64_t bad = 0;
+    for (int64_t i = 0; i < emb->n_elements; i++) {
+        float v;
+        uint16_t h;
+        memcpy(&v, (const char *)emb->data + 4 * i, 4);
+        memcpy(&h, (const char *)pe->data + 2 * i, 2);
+        bad += h != fm_f32_to_bf16(v);
+    }
+    CHECK_MSG(bad == 0, "%lld embedding values differ from their bf16 rounding", (long long)bad);
+    /* expert 3 of layer 1: the up part of its block */
+    const fm_st_tensor *up = fm_st_find(src, "model.layers.1.mlp.experts.3.up_proj.weight");
+    REQUIRE(up && pm->expert_parts[FM_PART_UP].dtype == FM_DTYPE_BF16);
+    FILE *fp = fopen(pm->expert_files[1], "rb");
+    REQUIRE(fp);
+    uint8_t *blk = malloc(pm->expert_stride);
+    REQUIRE(blk);
+    CHECK(fseek(fp, (long)(3 * pm->expert_stride), SEEK_SET) == 0 && fread(blk, 1, pm->expert_stride, fp) == pm->expert_stride);
+    fclose(fp);
+    bad = 0;
+    for (int64_t i = 0; i < up->n_elements; i++) {
+        float v;
+        uint16_t h;
+        memcpy(&v, (const char *)up->data + 4 * i, 4);
+        memcpy(&h, blk + pm->expert_parts[FM_PART_UP].offset + 2 * i, 2);
+        bad += h != fm_f32_to_bf16(v);
+    }
+    CHECK_MSG(bad == 0, "%lld expert values differ from their bf16 rounding", (long long)bad);
+    free(blk);
+    fm_packed_close(pm);
+    fm_st_close(src);
+}

@@ -6,6 +6,14 @@
 #include "cli/cli.h"
 #include "formats/packed.h"
 
+/* "12.3 GB" / "4.5 MB" / "800 KB" */
+static const char *human(double bytes, char *buf, size_t cap) {
+    if (bytes >= 1e9) snprintf(buf, cap, "%.2f GB", bytes / 1e9);
+    else if (bytes >= 1e6) snprintf(buf, cap, "%.2f MB", bytes / 1e6);
+    else snprintf(buf, cap, "%.1f KB", bytes / 1e3);
+    return buf;
+}
+
 static void help(void) {
     printf("usage: flashmoe info -m MODEL [--json]\n\n"
            "Prints a packed model's architecture, shapes and sizes: dense bytes (resident), bytes per\n"
@@ -39,20 +47,21 @@ int fm_cli_info(int argc, char **argv) {
     printf("layers         %d (%d Gated DeltaNet, %d gated attention)\n", cf->n_layers, cf->n_layers - n_full, n_full);
     printf("hidden         %lld, vocab %lld\n", (long long)cf->n_embd, (long long)cf->n_vocab);
     printf("attention      %d heads, %d kv heads, head dim %d, rotary dims %d, theta %g\n", cf->n_head, cf->n_head_kv,
-           cf->head_dim, cf->rot_dim, (double)cf->rope_theta);
+           cf->head_dim, cf->rot_dim, cf->rope_theta);
     printf("deltanet       %d key heads x %d, %d value heads x %d, conv kernel %d\n", cf->lin_n_k_heads, cf->lin_k_dim,
            cf->lin_n_v_heads, cf->lin_v_dim, cf->conv_kernel);
-    printf("experts        %d per layer, top-%d, intermediate %lld, shared expert %lld%s\n", cf->n_experts,
+    printf("moe            %d experts per layer, top-%d, intermediate %lld, shared expert %lld%s\n", cf->n_experts,
            cf->n_experts_used, (long long)cf->n_ff_expert, (long long)cf->n_ff_shared,
            cf->norm_topk_prob ? "" : ", top-k weights not renormalised");
     printf("expert dtype   %s\n", fm_dtype_name(pm->expert_parts[FM_PART_GATE].dtype));
-    printf("dense bytes    %llu (%.2f GB, %zu tensors, resident)\n", (unsigned long long)dense, (double)dense / 1e9,
-           pm->n_tensors);
-    printf("expert bytes   %llu per expert, %llu per layer (%.2f GB), %.2f GB in all\n",
-           (unsigned long long)pm->expert_stride, (unsigned long long)per_layer, (double)per_layer / 1e9,
-           (double)per_layer * cf->n_layers / 1e9);
-    printf("per token      %.1f MB of experts (%d layers x %d experts)\n",
-           (double)pm->expert_stride * cf->n_experts_used * cf->n_layers / 1e6, cf->n_layers, cf->n_experts_used);
+    char h1[32], h2[32], h3[32];
+    printf("dense          %s in %zu tensors (resident)\n", human((double)dense, h1, sizeof h1), pm->n_tensors);
+    printf("experts        %llu bytes per expert, %s per layer, %s in all (streamed)\n",
+           (unsigned long long)pm->expert_stride, human((double)per_layer, h2, sizeof h2),
+           human((double)per_layer * cf->n_layers, h3, sizeof h3));
+    printf("per token      %s of experts (%d layers x %d experts)\n",
+           human((double)pm->expert_stride * cf->n_experts_used * cf->n_layers, h1, sizeof h1), cf->n_layers,
+           cf->n_experts_used);
     fm_packed_close(pm);
     return FM_EXIT_OK;
 }

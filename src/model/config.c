@@ -147,7 +147,7 @@ static fm_status parse_rope(json_t *text, const char *what, fm_config *c) {
         return fm_error_set(FM_ERR_FORMAT,
                             "%s: missing field \"rope_theta\" (looked in rope_parameters and at top level)",
                             what);
-    c->rope_theta = (float)theta;
+    c->rope_theta = theta;
     double rd = c->head_dim * factor;
     c->rot_dim = (int)rd;
     if (rd != (double)c->rot_dim || c->rot_dim % 2 != 0 || c->rot_dim <= 0)
@@ -176,7 +176,7 @@ fm_status fm_config_parse(json_t *root, const char *what, fm_config *c) {
     c->n_layers = (int)v;
     double eps = 0;
     TRY(get_num(text, what, "rms_norm_eps", true, 0.0, 1.0, &eps));
-    c->norm_eps = (float)eps;
+    c->norm_eps = eps;
     TRY(get_int(text, what, "num_attention_heads", true, 1, 4096, &v));
     c->n_head = (int)v;
     TRY(get_int(text, what, "num_key_value_heads", true, 1, 4096, &v));
@@ -251,14 +251,13 @@ json_t *fm_config_to_json(const fm_config *c) {
     for (int i = 0; i < c->n_layers; i++)
         json_array_append_new(lt, json_string(c->layer_kind[i] == FM_LAYER_FULL ? "full_attention"
                                                                                  : "linear_attention"));
-    /* rope_theta through a float so that the value written is exactly the one the engine uses */
     return json_pack("{s:s, s:I, s:I, s:i, s:o, s:f, s:b, s:i, s:i, s:i, s:f, s:f, s:i, s:i, s:i, s:i, "
                      "s:i, s:i, s:i, s:I, s:I, s:b, s:I}",
                      "model_type", fm_arch_name(c->arch), "vocab_size", (json_int_t)c->n_vocab,
                      "hidden_size", (json_int_t)c->n_embd, "num_hidden_layers", c->n_layers, "layer_types",
-                     lt, "rms_norm_eps", (double)c->norm_eps, "tie_word_embeddings", c->tie_embeddings,
+                     lt, "rms_norm_eps", c->norm_eps, "tie_word_embeddings", c->tie_embeddings,
                      "num_attention_heads", c->n_head, "num_key_value_heads", c->n_head_kv, "head_dim",
-                     c->head_dim, "rope_theta", (double)c->rope_theta, "partial_rotary_factor",
+                     c->head_dim, "rope_theta", c->rope_theta, "partial_rotary_factor",
                      (double)c->rot_dim / c->head_dim, "linear_num_key_heads", c->lin_n_k_heads,
                      "linear_num_value_heads", c->lin_n_v_heads, "linear_key_head_dim", c->lin_k_dim,
                      "linear_value_head_dim", c->lin_v_dim, "linear_conv_kernel_dim", c->conv_kernel,

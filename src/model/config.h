@@ -27,13 +27,13 @@ typedef struct fm_config {
     int64_t n_embd;   /* hidden_size */
     int n_layers;
     uint8_t layer_kind[FM_MAX_LAYERS]; /* fm_layer_kind per layer */
-    float norm_eps;
+    double norm_eps;  /* rms_norm_eps as written in the config */
     bool tie_embeddings;
 
     /* gated full attention */
     int n_head, n_head_kv, head_dim;
     int rot_dim;      /* rotated dims per head = head_dim * partial_rotary_factor (even) */
-    float rope_theta;
+    double rope_theta;
 
     /* Gated DeltaNet */
     int lin_n_k_heads, lin_n_v_heads; /* v heads per k head = n_v / n_k */

@@ -82,11 +82,11 @@ void fm_cpu_rmsnorm(float *out, const float *x, const float *w, int64_t n, float
     for (int64_t i = 0; i < n; i++) out[i] = x[i] * scale * (w ? w[i] : 1.0f);
 }
 
-void fm_cpu_rope_neox(float *x, int rot_dim, int64_t pos, float theta) {
+void fm_cpu_rope_neox(float *x, int rot_dim, int64_t pos, double theta) {
     int half = rot_dim / 2;
     for (int i = 0; i < half; i++) {
         /* as transformers: inv_freq in float32, angle = pos * inv_freq in float32 */
-        float inv_freq = (float)(1.0 / pow((double)theta, (double)(2 * i) / (double)rot_dim));
+        float inv_freq = (float)(1.0 / pow(theta, (double)(2 * i) / (double)rot_dim));
         float f = (float)pos * inv_freq;
         float c = cosf(f), s = sinf(f);
         float a = x[i], b = x[i + half];

@@ -22,7 +22,7 @@ void fm_cpu_rmsnorm(float *out, const float *x, const float *w, int64_t n, float
 /* NeoX ("rotate half") RoPE on the first rot_dim values of one head:
  * for i < rot_dim/2, with f = pos * theta^(-2i/rot_dim):
  *   x'[i] = x[i] cos f - x[i + rot_dim/2] sin f;  x'[i + rot_dim/2] = x[i + rot_dim/2] cos f + x[i] sin f. */
-void fm_cpu_rope_neox(float *x, int rot_dim, int64_t pos, float theta);
+void fm_cpu_rope_neox(float *x, int rot_dim, int64_t pos, double theta);
 
 static inline float fm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 static inline float fm_silu(float x) { return x / (1.0f + expf(-x)); }

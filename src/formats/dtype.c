@@ -11,6 +11,7 @@ static const struct {
     [FM_DTYPE_I64] = {"I64", 8},      [FM_DTYPE_I32] = {"I32", 4},   [FM_DTYPE_U32] = {"U32", 4},
     [FM_DTYPE_I16] = {"I16", 2},      [FM_DTYPE_U16] = {"U16", 2},   [FM_DTYPE_I8] = {"I8", 1},
     [FM_DTYPE_U8] = {"U8", 1},        [FM_DTYPE_BOOL] = {"BOOL", 1},
+    [FM_DTYPE_Q8] = {"Q8", 0},        [FM_DTYPE_Q4] = {"Q4", 0},     [FM_DTYPE_Q2] = {"Q2", 0},
 };
 
 size_t fm_dtype_size(fm_dtype t) { return (t > 0 && t < FM_DTYPE_COUNT) ? dtype_info[t].size : 0; }

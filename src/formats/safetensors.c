@@ -131,7 +131,7 @@ static fm_status st_parse_entry(const char *path, const char *name, json_t *entr
     if (!json_is_string(jd))
         return st_entry_error(FM_ERR_FORMAT, path, name, "\"dtype\" is not a string");
     t->dtype = fm_dtype_from_name(json_string_value(jd));
-    if (t->dtype == FM_DTYPE_UNKNOWN) {
+    if (fm_dtype_size(t->dtype) == 0) { /* unknown, or one of our own quantized types */
         char shown[64];
         return st_entry_error(FM_ERR_UNSUPPORTED, path, name, "unsupported dtype \"%s\"",
                               st_show(json_string_value(jd), shown, sizeof shown));

@@ -439,9 +439,9 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
             fm_weight wg, wu, wd;
             const fm_packed_tensor *pg = &pm->expert_parts[FM_PART_GATE], *pu = &pm->expert_parts[FM_PART_UP],
                                    *pd = &pm->expert_parts[FM_PART_DOWN];
-            wg = (fm_weight){pg->dtype, I, H, blocks[i] + pg->offset};
-            wu = (fm_weight){pu->dtype, I, H, blocks[i] + pu->offset};
-            wd = (fm_weight){pd->dtype, H, I, blocks[i] + pd->offset};
+            wg = (fm_weight){.dtype = pg->dtype, .rows = I, .cols = H, .data = blocks[i] + pg->offset};
+            wu = (fm_weight){.dtype = pu->dtype, .rows = I, .cols = H, .data = blocks[i] + pu->offset};
+            wd = (fm_weight){.dtype = pd->dtype, .rows = H, .cols = I, .data = blocks[i] + pd->offset};
             for (int64_t r = 0; r < n_tok; r++)
                 memcpy(X + r * H, xn + (int64_t)s->tok_list[start[e] + r] * H, sizeof(float) * (size_t)H);
             fm_cpu_matmul(pool, G, X, n_tok, &wg);

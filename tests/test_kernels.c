@@ -37,7 +37,7 @@ static void check_matmul(fm_test_ctx *t, fm_pool *pool, fm_dtype dt, int64_t T, 
     }
     for (int64_t i = 0; i < T * K; i++) x[i] = (float)rnd();
     for (int64_t i = 0; i < T * N; i++) out[i] = NAN; /* poison: every output must be written */
-    fm_weight W = {dt, N, K, w};
+    fm_weight W = {.dtype = dt, .rows = N, .cols = K, .data = w};
     fm_cpu_matmul(pool, out, x, T, &W);
     double worst = 0;
     for (int64_t tt = 0; tt < T; tt++)

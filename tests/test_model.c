@@ -180,19 +180,20 @@ FM_TEST(model_convert_to_bf16_rounds_each_weight) {
     CHECK_MSG(bad == 0, "%lld embedding values differ from their bf16 rounding", (long long)bad);
     /* expert 3 of layer 1: the up part of its block */
     const fm_st_tensor *up = fm_st_find(src, "model.layers.1.mlp.experts.3.up_proj.weight");
-    REQUIRE(up && pm->expert_parts[FM_PART_UP].dtype == FM_DTYPE_BF16);
-    FILE *fp = fopen(pm->expert_files[1], "rb");
+    const fm_packed_expert_layer *L1 = &pm->experts[1];
+    REQUIRE(up && L1->parts[FM_PART_UP].dtype == FM_DTYPE_BF16);
+    FILE *fp = fopen(L1->file, "rb");
     REQUIRE(fp);
-    uint8_t *blk = malloc(pm->expert_stride);
+    uint8_t *blk = malloc(L1->stride);
     REQUIRE(blk);
-    CHECK(fseek(fp, (long)(3 * pm->expert_stride), SEEK_SET) == 0 && fread(blk, 1, pm->expert_stride, fp) == pm->expert_stride);
+    CHECK(fseek(fp, (long)(3 * L1->stride), SEEK_SET) == 0 && fread(blk, 1, L1->stride, fp) == L1->stride);
     fclose(fp);
     bad = 0;
     for (int64_t i = 0; i < up->n_elements; i++) {
         float v;
         uint16_t h;
         memcpy(&v, (const char *)up->data + 4 * i, 4);
-        memcpy(&h, blk + pm->expert_parts[FM_PART_UP].offset + 2 * i, 2);
+        memcpy(&h, blk + L1->parts[FM_PART_UP].offset + 2 * i, 2);
         bad += h != fm_f32_to_bf16(v);
     }
     CHECK_MSG(bad == 0, "%lld expert values differ from their bf16 rounding", (long long)bad);

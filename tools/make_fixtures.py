@@ -230,6 +230,282 @@ def make_qnext(root, seed):
                                                     cls="Qwen3NextForCausalLM"))
 
 
+# ---------------------------------------------------------------- quantized fixtures
+#
+# A model whose every matrix has a multiple of 64 columns, so group-64 quantization applies to all
+# of it; then the same weights exported the two ways quantized checkpoints arrive:
+#  - MLX affine (mlx-community layout): X.weight u32 + X.scales + X.biases, experts stacked as
+#    switch_mlp, prefix language_model.model., norms holding 1+w, conv1d [C, K, 1], config.json
+#    "quantization" with router gates at 8 bits. Formula from the MLX documentation of
+#    mlx.core.quantize: per group of 64 along a row, scale s = (max - min) / (2^bits - 1), bias
+#    b = min, q = round((w - b) / s); here s and b are rounded to bf16 first and q is computed from
+#    the rounded values, clipped to [0, 2^bits - 1]; w' = q * s + b.
+#  - FP8 (the Qwen FP8 releases' layout): weight float8_e4m3fn with weight_scale_inv per 128x128 block
+#    (w' = q * scale_inv), config.json quantization_config {"quant_method": "fp8"}.
+# Each export's reference logits come from the HF model loaded with the dequantized weights w'.
+
+def q64_config():
+    return T.Qwen3_5MoeTextConfig(
+        vocab_size=256, hidden_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32,
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, moe_intermediate_size=64, shared_expert_intermediate_size=64,
+        num_experts=8, num_experts_per_tok=3, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                         "mrope_section": [2, 1, 1], "mrope_interleaved": True})
+
+
+def bf16_round(x):
+    return x.to(torch.bfloat16).float()
+
+
+def mlx_quantize(w, bits, gs=64):
+    """w [rows, cols] float32 -> (u32 words [rows, cols*bits/32], scales bf16, biases bf16, dequantized)."""
+    rows, cols = w.shape
+    g = w.reshape(rows, cols // gs, gs)
+    mn, mx = g.min(-1).values, g.max(-1).values
+    nmax = (1 << bits) - 1
+    s = bf16_round((mx - mn) / nmax)
+    b = bf16_round(mn)
+    safe = torch.where(s == 0, torch.ones_like(s), s)
+    q = torch.round((g - b[..., None]) / safe[..., None]).clamp(0, nmax)
+    q = torch.where(s[..., None] == 0, torch.zeros_like(q), q).to(torch.int64)
+    deq = (q.float() * s[..., None] + b[..., None]).reshape(rows, cols)
+    per = 32 // bits
+    q = q.reshape(rows, cols // per, per)
+    words = torch.zeros(rows, cols // per, dtype=torch.int64)
+    for j in range(per):
+        words |= q[..., j] << (bits * j)
+    words = words.to(torch.int64).numpy().astype(np.uint32)
+    return words, s.to(torch.bfloat16), b.to(torch.bfloat16), deq
+
+
+def packed_expert_layer_sha256(parts_per_expert):
+    """parts_per_expert: for each expert, [(words u32, scales bf16, biases bf16)] x (gate, up, down).
+    The flashmoe packed expert block (docs/FORMAT.md): each part = q words, scales, biases contiguous,
+    parts at 64-byte aligned offsets, block padded with zeros to a multiple of 4096."""
+    import hashlib
+    h = hashlib.sha256()
+    for parts in parts_per_expert:
+        chunks, off = [], 0
+        for (wd, sc, bi) in parts:
+            blob = wd.tobytes() + sc.view(torch.int16).numpy().tobytes() + bi.view(torch.int16).numpy().tobytes()
+            pad = (-off) % 64
+            chunks.append(b"\0" * pad + blob)
+            off += pad + len(blob)
+        block = b"".join(chunks)
+        block += b"\0" * ((-len(block)) % 4096)
+        h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def logits_of(model, ids):
+    full = model(input_ids=ids, use_cache=False).logits[0].float()
+    out = model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    nxt = int(out.logits[0, -1].argmax())
+    greedy = [nxt]
+    for _ in range(GREEDY_N - 1):
+        out = model(input_ids=torch.tensor([[nxt]]), past_key_values=cache, use_cache=True)
+        cache = out.past_key_values
+        nxt = int(out.logits[0, -1].argmax())
+        greedy.append(nxt)
+    return full, greedy
+
+
+def save_plain_reference(outdir, model, ids, meta):
+    full, greedy = logits_of(model, ids)
+    np.save(os.path.join(outdir, "ids.npy"), ids[0].numpy().astype(np.int32))
+    np.save(os.path.join(outdir, "logits_full.npy"), full.numpy().astype(np.float32))
+    np.save(os.path.join(outdir, "greedy.npy"), np.array(greedy, dtype=np.int32))
+    meta = dict(meta, n_ids=ids.shape[1], greedy_n=GREEDY_N, max_abs_logit=float(full.abs().max()),
+                transformers=T.__version__, torch=torch.__version__)
+    with open(os.path.join(outdir, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    print(f"{outdir}: max|logit| {meta['max_abs_logit']:.3f}")
+
+
+def make_q64(root, seed):
+    """Base model: bf16 parameters (the reference computes in f32 from them), save_pretrained layout."""
+    name = os.path.join(root, "qwen35_moe_q64_bf16")
+    cfg = q64_config()
+    force_eager(cfg)
+    torch.manual_seed(seed)
+    m = T.Qwen3_5MoeForCausalLM(cfg).float().eval()
+    randomise(m, seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(bf16_round(p))
+    os.makedirs(name, exist_ok=True)
+    m.to(torch.bfloat16).save_pretrained(os.path.join(name, "model"))
+    m.float()
+    spread = save_reference(name, m, cfg.vocab_size, seed, dict(layout="save_pretrained per-expert bf16, all columns multiples of 64",
+                                                               cls="Qwen3_5MoeForCausalLM"))
+    return spread, m, cfg
+
+
+def make_mlx_export(root, base, cfg, seed):
+    name = os.path.join(root, "qwen35_moe_q64_mlx4")
+    os.makedirs(os.path.join(name, "model"), exist_ok=True)
+    m = T.Qwen3_5MoeForCausalLM(cfg).float().eval()
+    m.load_state_dict(base.state_dict())
+    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    out, quant = {}, {"group_size": 64, "bits": 4, "mode": "affine"}
+    new_sd = {}
+    plus_one = ("input_layernorm.weight", "post_attention_layernorm.weight", "q_norm.weight", "k_norm.weight")
+    expert_parts = {}
+    for k, v in sd.items():
+        mlx = "language_model." + k  # model.X -> language_model.model.X ; lm_head -> language_model.lm_head
+        if k.endswith(".mlp.experts.gate_up_proj") or k.endswith(".mlp.experts.down_proj"):
+            expert_parts[k] = v
+            continue
+        if v.ndim == 1 or "conv1d" in k or k.endswith("A_log") or k.endswith("dt_bias"):
+            if k.endswith(plus_one) or k == "model.norm.weight":
+                out[mlx] = (1.0 + v).to(torch.bfloat16)           # MLX exports hold 1+w, in bf16
+                new_sd[k] = bf16_round(1.0 + v) - 1.0               # HF's (1+w) then equals the stored value
+            elif "conv1d" in k:
+                out[mlx] = v.permute(0, 2, 1).contiguous().to(torch.bfloat16)  # [C, 1, K] -> [C, K, 1]
+                new_sd[k] = bf16_round(v)
+            else:
+                out[mlx] = v.to(torch.bfloat16) if not k.endswith("A_log") else v.float()
+                new_sd[k] = v if k.endswith("A_log") else bf16_round(v)
+            continue
+        bits = 8 if (k.endswith("mlp.gate.weight") or k.endswith("shared_expert_gate.weight")) else 4
+        wd, sc, bi, deq = mlx_quantize(v.float(), bits)
+        base_name = mlx[:-len(".weight")]
+        out[base_name + ".weight"] = torch.from_numpy(wd.view(np.int32)).view(torch.uint32) if hasattr(torch, "uint32") else torch.from_numpy(wd.view(np.int32))
+        out[base_name + ".scales"] = sc
+        out[base_name + ".biases"] = bi
+        if bits != 4:
+            quant[base_name] = {"group_size": 64, "bits": bits}
+        new_sd[k] = deq
+    hashes = {}
+    L = cfg.num_hidden_layers
+    I = cfg.moe_intermediate_size
+    for l in range(L):
+        gu = expert_parts[f"model.layers.{l}.mlp.experts.gate_up_proj"].float()   # [E, 2I, H]
+        dn = expert_parts[f"model.layers.{l}.mlp.experts.down_proj"].float()      # [E, H, I]
+        per_expert, stacks = [], {"gate_proj": [], "up_proj": [], "down_proj": []}
+        deq_gu, deq_dn = torch.empty_like(gu), torch.empty_like(dn)
+        for e in range(gu.shape[0]):
+            parts = []
+            for pname, w in (("gate_proj", gu[e, :I]), ("up_proj", gu[e, I:]), ("down_proj", dn[e])):
+                wd, sc, bi, deq = mlx_quantize(w, 4)
+                parts.append((wd, sc, bi))
+                stacks[pname].append((wd, sc, bi))
+                if pname == "gate_proj": deq_gu[e, :I] = deq
+                elif pname == "up_proj": deq_gu[e, I:] = deq
+                else: deq_dn[e] = deq
+            per_expert.append(parts)
+        for pname, lst in stacks.items():
+            base_name = f"language_model.model.layers.{l}.mlp.switch_mlp.{pname}"
+            words = np.stack([t[0] for t in lst])
+            out[base_name + ".weight"] = torch.from_numpy(words.view(np.int32)).view(torch.uint32) if hasattr(torch, "uint32") else torch.from_numpy(words.view(np.int32))
+            out[base_name + ".scales"] = torch.stack([t[1] for t in lst])
+            out[base_name + ".biases"] = torch.stack([t[2] for t in lst])
+        new_sd[f"model.layers.{l}.mlp.experts.gate_up_proj"] = deq_gu
+        new_sd[f"model.layers.{l}.mlp.experts.down_proj"] = deq_dn
+        hashes[f"L{l:03d}"] = packed_expert_layer_sha256(per_expert)
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(name, "model", "model.safetensors"),
+              metadata={"format": "mlx"})
+    text = cfg.to_dict()
+    for k in ["_attn_implementation", "_experts_implementation", "architectures", "transformers_version"]:
+        text.pop(k, None)
+    text["model_type"] = "qwen3_5_moe_text"
+    conf = {"architectures": ["Qwen3_5MoeForConditionalGeneration"], "model_type": "qwen3_5_moe",
+            "text_config": text, "tie_word_embeddings": False, "quantization": quant, "quantization_config": quant}
+    with open(os.path.join(name, "model", "config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    with open(os.path.join(name, "expert_sha256.json"), "w") as f:
+        json.dump(hashes, f, indent=1)
+    m.load_state_dict(new_sd)
+    g = torch.Generator().manual_seed(seed + 1000)
+    ids = torch.randint(0, cfg.vocab_size, (1, N_IDS), generator=g)
+    save_plain_reference(name, m, ids, dict(layout="MLX affine: language_model. prefix, switch_mlp experts, 4-bit, "
+                                                   "router gates 8-bit, norms 1+w, conv1d [C,K,1]"))
+
+
+def make_fp8_export(root, base, cfg, seed):
+    name = os.path.join(root, "qwen35_moe_q64_fp8")
+    os.makedirs(os.path.join(name, "model"), exist_ok=True)
+    m = T.Qwen3_5MoeForCausalLM(cfg).float().eval()
+    m.load_state_dict(base.state_dict())
+    sd = m.state_dict()
+    out, new_sd = {}, {}
+    BLK = 128
+
+    def fp8(w):
+        rows, cols = w.shape
+        gr, gc = (rows + BLK - 1) // BLK, (cols + BLK - 1) // BLK
+        sinv = torch.empty(gr, gc)
+        deq = torch.empty_like(w)
+        q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
+        for i in range(gr):
+            for j in range(gc):
+                blk = w[i*BLK:(i+1)*BLK, j*BLK:(j+1)*BLK]
+                s = blk.abs().max() / 448.0
+                s = s if s > 0 else torch.tensor(1.0)
+                qb = (blk / s).to(torch.float8_e4m3fn)
+                q[i*BLK:(i+1)*BLK, j*BLK:(j+1)*BLK] = qb
+                sinv[i, j] = s
+                deq[i*BLK:(i+1)*BLK, j*BLK:(j+1)*BLK] = qb.float() * s
+        return q, sinv, deq
+
+    I = cfg.moe_intermediate_size
+    for k, v in sd.items():
+        v = v.float()
+        if k.endswith(".mlp.experts.gate_up_proj") or k.endswith(".mlp.experts.down_proj"):
+            deq_all = torch.empty_like(v)
+            for e in range(v.shape[0]):
+                if k.endswith("gate_up_proj"):
+                    for pname, sl in (("gate_proj", slice(0, I)), ("up_proj", slice(I, 2 * I))):
+                        q, sinv, deq = fp8(v[e, sl])
+                        base_name = k.replace("experts.gate_up_proj", f"experts.{e}.{pname}")
+                        out[base_name + ".weight"], out[base_name + ".weight_scale_inv"] = q, sinv
+                        deq_all[e, sl] = deq
+                else:
+                    q, sinv, deq = fp8(v[e])
+                    base_name = k.replace("experts.down_proj", f"experts.{e}.down_proj")
+                    out[base_name + ".weight"], out[base_name + ".weight_scale_inv"] = q, sinv
+                    deq_all[e] = deq
+            new_sd[k] = deq_all
+            continue
+        if v.ndim == 2 and not (k.endswith("mlp.gate.weight") or k.endswith("shared_expert_gate.weight")
+                                or "embed_tokens" in k or k == "lm_head.weight"):
+            q, sinv, deq = fp8(v)
+            out[k] = q
+            out[k + "_scale_inv"] = sinv
+            new_sd[k] = deq
+        else:
+            out[k] = v.to(torch.bfloat16)
+            new_sd[k] = v  # already bf16-exact: the base model's parameters were rounded
+    save_file({k: t.contiguous() for k, t in out.items()}, os.path.join(name, "model", "model.safetensors"),
+              metadata={"format": "pt"})
+    text = cfg.to_dict()
+    for k in ["_attn_implementation", "_experts_implementation", "transformers_version"]:
+        text.pop(k, None)
+    text["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                   "weight_block_size": [BLK, BLK]}
+    with open(os.path.join(name, "model", "config.json"), "w") as f:
+        json.dump(text, f, indent=2)
+    m.load_state_dict(new_sd)
+    g = torch.Generator().manual_seed(seed + 1000)
+    ids = torch.randint(0, cfg.vocab_size, (1, N_IDS), generator=g)
+    save_plain_reference(name, m, ids, dict(layout="FP8 e4m3 with 128x128 weight_scale_inv, per-expert keys; "
+                                                   "embed, lm_head, router gates bf16"))
+
+
+def make_quantized_fixtures(root):
+    for seed in range(400, 420):
+        spread, base, cfg = make_q64(root, seed)
+        if spread <= MAX_HF_SPREAD:
+            break
+        print(f"  seed {seed}: HF's own batch and incremental disagree (routing near-tie), redrawing")
+    make_mlx_export(root, base, cfg, seed)
+    make_fp8_export(root, base, cfg, seed)
+
+
 def main():
     root = sys.argv[1] if len(sys.argv) > 1 else "tests/fixtures"
     os.makedirs(root, exist_ok=True)
@@ -237,6 +513,7 @@ def main():
     make_well_conditioned(make_q35_perexpert, root, 100)
     make_well_conditioned(make_q35_release, root, 200)
     make_well_conditioned(make_qnext, root, 300)
+    make_quantized_fixtures(root)
     for d in sorted(os.listdir(root)):
         p = os.path.join(root, d, "model")
         if os.path.isdir(p):

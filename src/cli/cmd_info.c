@@ -5,6 +5,7 @@
 
 #include "cli/cli.h"
 #include "formats/packed.h"
+#include "quant/quant.h"
 
 /* "12.3 GB" / "4.5 MB" / "800 KB" */
 static const char *human(double bytes, char *buf, size_t cap) {
@@ -41,7 +42,11 @@ int fm_cli_info(int argc, char **argv) {
     for (int l = 0; l < cf->n_layers; l++) n_full += cf->layer_kind[l] == FM_LAYER_FULL;
     uint64_t dense = 0;
     for (size_t i = 0; i < pm->n_tensors; i++) dense += pm->tensors[i].n_bytes;
-    uint64_t per_layer = pm->expert_stride * (uint64_t)cf->n_experts;
+    uint64_t all_experts = 0, token_bytes = 0;
+    for (int l = 0; l < cf->n_layers; l++) {
+        all_experts += pm->experts[l].stride * (uint64_t)cf->n_experts;
+        token_bytes += pm->experts[l].stride * (uint64_t)cf->n_experts_used;
+    }
     printf("model          %s\n", dir);
     printf("architecture   %s\n", fm_arch_name(cf->arch));
     printf("layers         %d (%d Gated DeltaNet, %d gated attention)\n", cf->n_layers, cf->n_layers - n_full, n_full);
@@ -53,15 +58,19 @@ int fm_cli_info(int argc, char **argv) {
     printf("moe            %d experts per layer, top-%d, intermediate %lld, shared expert %lld%s\n", cf->n_experts,
            cf->n_experts_used, (long long)cf->n_ff_expert, (long long)cf->n_ff_shared,
            cf->norm_topk_prob ? "" : ", top-k weights not renormalised");
-    printf("expert dtype   %s\n", fm_dtype_name(pm->expert_parts[FM_PART_GATE].dtype));
+    const fm_packed_tensor *g0 = &pm->experts[0].parts[FM_PART_GATE];
+    if (fm_dtype_is_quant(g0->dtype))
+        printf("expert dtype   %s, group %d, %s scales (layer 0)\n", fm_dtype_name(g0->dtype), g0->group_size,
+               fm_dtype_name(g0->scale_dtype));
+    else
+        printf("expert dtype   %s (layer 0)\n", fm_dtype_name(g0->dtype));
     char h1[32], h2[32], h3[32];
     printf("dense          %s in %zu tensors (resident)\n", human((double)dense, h1, sizeof h1), pm->n_tensors);
-    printf("experts        %llu bytes per expert, %s per layer, %s in all (streamed)\n",
-           (unsigned long long)pm->expert_stride, human((double)per_layer, h2, sizeof h2),
-           human((double)per_layer * cf->n_layers, h3, sizeof h3));
-    printf("per token      %s of experts (%d layers x %d experts)\n",
-           human((double)pm->expert_stride * cf->n_experts_used * cf->n_layers, h1, sizeof h1), cf->n_layers,
-           cf->n_experts_used);
+    printf("experts        %llu bytes per expert (layer 0), %s per layer, %s in all (streamed)\n",
+           (unsigned long long)pm->experts[0].stride, human((double)all_experts / cf->n_layers, h2, sizeof h2),
+           human((double)all_experts, h3, sizeof h3));
+    printf("per token      %s of experts (%d layers x %d experts)\n", human((double)token_bytes, h1, sizeof h1),
+           cf->n_layers, cf->n_experts_used);
     fm_packed_close(pm);
     return FM_EXIT_OK;
 }

@@ -13,6 +13,7 @@ static const struct {
     {"info", fm_cli_info, "print a packed model's architecture, shapes and sizes"},
     {"run", fm_cli_run, "generate tokens from a prompt"},
     {"logits", fm_cli_logits, "write the logits of a token sequence to a .npy file"},
+    {"perplexity", fm_cli_perplexity, "perplexity, and KL divergence against reference logits"},
 };
 
 static void usage(FILE *f) {

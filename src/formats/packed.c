@@ -9,6 +9,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "quant/quant.h"
 #include "util/error.h"
 
 #define TRY(expr)                                                                                  \
@@ -19,15 +20,35 @@
 
 static uint64_t align_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
-/* Checked element count x dtype size; 0 with *ok = false on overflow or bad shape. */
-static uint64_t tensor_bytes(fm_dtype dt, int n_dims, const int64_t *shape, bool *ok) {
+/* Checked element count x dtype size; 0 on overflow or a bad shape. */
+static uint64_t plain_bytes(fm_dtype dt, int n_dims, const int64_t *shape) {
     uint64_t n = fm_dtype_size(dt);
-    *ok = n > 0;
-    for (int i = 0; i < n_dims && *ok; i++) {
-        if (shape[i] < 0 || (shape[i] > 0 && n > UINT64_MAX / (uint64_t)shape[i])) *ok = false;
-        else n *= (uint64_t)shape[i];
+    for (int i = 0; i < n_dims && n; i++) {
+        if (shape[i] < 0 || (shape[i] > 0 && n > UINT64_MAX / (uint64_t)shape[i])) return 0;
+        n *= (uint64_t)shape[i];
     }
-    return *ok ? n : 0;
+    return n;
+}
+
+uint64_t fm_packed_tensor_nbytes(const fm_packed_tensor *t) {
+    if (t->n_dims < 1 || t->n_dims > FM_PACKED_MAX_DIMS) return 0;
+    if (fm_dtype_is_quant(t->dtype)) {
+        if (t->n_dims != 2) return 0;
+        return fm_quant_nbytes(t->dtype, t->shape[0], t->shape[1], t->group_size, t->scale_dtype);
+    }
+    bool empty = false;
+    for (int i = 0; i < t->n_dims; i++) empty |= t->shape[i] == 0;
+    return empty ? 0 : plain_bytes(t->dtype, t->n_dims, t->shape);
+}
+
+fm_weight fm_packed_weight(const fm_packed_tensor *t, const void *base) {
+    fm_weight w = {.dtype = t->dtype,
+                   .rows = t->shape[0],
+                   .cols = t->n_dims > 1 ? t->shape[1] : 1,
+                   .data = (const char *)base + t->offset,
+                   .group_size = t->group_size,
+                   .scale_dtype = t->scale_dtype};
+    return w;
 }
 
 static void part_shape(const fm_config *c, fm_expert_part_id p, int64_t shape[2]) {
@@ -49,12 +70,12 @@ struct fm_packed_writer {
     fm_config cfg;
     int dense_fd;
     uint64_t dense_size;
-    json_t *dense_tensors; /* name -> entry */
-    fm_dtype expert_dtype;
-    uint64_t part_offset[FM_PART_COUNT], part_bytes[FM_PART_COUNT], stride;
-    int *expert_fds;          /* [n_layers], -1 until opened */
-    int64_t *experts_written; /* [n_layers] */
-    unsigned char *block;     /* one expert block, zero padded */
+    json_t *dense_tensors;           /* name -> entry */
+    fm_packed_expert_layer *layouts; /* [n_layers]; stride 0 until declared */
+    int *expert_fds;                 /* [n_layers], -1 until opened */
+    int64_t *experts_written;        /* [n_layers] */
+    unsigned char *block;            /* one expert block, zero padded */
+    uint64_t block_cap;
 };
 
 static fm_status write_all(int fd, const void *buf, size_t n, uint64_t off, const char *path) {
@@ -74,94 +95,113 @@ static fm_status write_all(int fd, const void *buf, size_t n, uint64_t off, cons
 
 fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, fm_packed_writer **out) {
     *out = NULL;
-    fm_packed_writer *w = calloc(1, sizeof *w);
+    fm_status st;
     char path[4096];
+    fm_packed_writer *w = calloc(1, sizeof *w);
     if (!w) return fm_error_set(FM_ERR_NOMEM, "out of memory");
     w->dense_fd = -1;
     w->cfg = *cfg;
     w->dir = strdup(dir);
     w->dense_tensors = json_object();
+    w->layouts = calloc((size_t)cfg->n_layers, sizeof *w->layouts);
     w->expert_fds = malloc(sizeof(int) * (size_t)cfg->n_layers);
     w->experts_written = calloc((size_t)cfg->n_layers, sizeof(int64_t));
-    if (!w->dir || !w->dense_tensors || !w->expert_fds || !w->experts_written) {
-        fm_packed_writer_free(w);
-        return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    if (!w->dir || !w->dense_tensors || !w->layouts || !w->expert_fds || !w->experts_written) {
+        st = fm_error_set(FM_ERR_NOMEM, "out of memory");
+        goto fail;
     }
     for (int l = 0; l < cfg->n_layers; l++) w->expert_fds[l] = -1;
     if (mkdir(dir, 0755) != 0) {
-        fm_status st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
-        fm_packed_writer_free(w);
-        return st;
+        st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
+        goto fail;
     }
     snprintf(path, sizeof path, "%s/experts", dir);
     if (mkdir(path, 0755) != 0) {
-        fm_status st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", path, strerror(errno));
-        fm_packed_writer_free(w);
-        return st;
+        st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", path, strerror(errno));
+        goto fail;
     }
     snprintf(path, sizeof path, "%s/dense.bin", dir);
     w->dense_fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (w->dense_fd < 0) {
-        fm_status st = fm_error_set(FM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
-        fm_packed_writer_free(w);
-        return st;
+        st = fm_error_set(FM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
+        goto fail;
     }
     *out = w;
     return FM_OK;
+fail:
+    fm_packed_writer_free(w);
+    return st;
 }
 
-static json_t *tensor_entry(fm_dtype dtype, int n_dims, const int64_t *shape, uint64_t offset, uint64_t n_bytes) {
+static json_t *tensor_entry(const fm_packed_tensor *t) {
     json_t *sh = json_array();
-    for (int i = 0; i < n_dims; i++) json_array_append_new(sh, json_integer(shape[i]));
-    return json_pack("{s:s, s:o, s:I, s:I}", "dtype", fm_dtype_name(dtype), "shape", sh, "offset",
-                     (json_int_t)offset, "size", (json_int_t)n_bytes);
+    for (int i = 0; i < t->n_dims; i++) json_array_append_new(sh, json_integer(t->shape[i]));
+    json_t *e = json_pack("{s:s, s:o, s:I, s:I}", "dtype", fm_dtype_name(t->dtype), "shape", sh, "offset",
+                          (json_int_t)t->offset, "size", (json_int_t)t->n_bytes);
+    if (e && fm_dtype_is_quant(t->dtype)) {
+        json_object_set_new(e, "group_size", json_integer(t->group_size));
+        json_object_set_new(e, "scale_dtype", json_string(fm_dtype_name(t->scale_dtype)));
+    }
+    return e;
 }
 
-fm_status fm_packed_writer_add_dense(fm_packed_writer *w, const char *name, fm_dtype dtype, int n_dims,
-                                     const int64_t *shape, const void *data, uint64_t n_bytes) {
-    bool ok;
-    if (n_dims < 1 || n_dims > FM_PACKED_MAX_DIMS || tensor_bytes(dtype, n_dims, shape, &ok) != n_bytes || !ok)
-        return fm_error_set(FM_ERR_ARG, "packed writer: tensor %s: size does not match shape", name);
-    if (json_object_get(w->dense_tensors, name))
-        return fm_error_set(FM_ERR_ARG, "packed writer: tensor %s written twice", name);
-    uint64_t off = align_up(w->dense_size, FM_PACKED_DENSE_ALIGN);
+fm_status fm_packed_writer_add_dense(fm_packed_writer *w, const fm_packed_tensor *t) {
+    uint64_t want = fm_packed_tensor_nbytes(t);
+    if (want == 0 || want != t->n_bytes)
+        return fm_error_set(FM_ERR_ARG, "packed writer: tensor %s: %llu bytes do not match its dtype and shape", t->name,
+                            (unsigned long long)t->n_bytes);
+    if (json_object_get(w->dense_tensors, t->name))
+        return fm_error_set(FM_ERR_ARG, "packed writer: tensor %s written twice", t->name);
+    fm_packed_tensor placed = *t;
+    placed.offset = align_up(w->dense_size, FM_PACKED_DENSE_ALIGN);
     char path[4096];
     snprintf(path, sizeof path, "%s/dense.bin", w->dir);
-    TRY(write_all(w->dense_fd, data, n_bytes, off, path));
-    w->dense_size = off + n_bytes;
-    json_object_set_new(w->dense_tensors, name, tensor_entry(dtype, n_dims, shape, off, n_bytes));
+    TRY(write_all(w->dense_fd, t->data, t->n_bytes, placed.offset, path));
+    w->dense_size = placed.offset + t->n_bytes;
+    json_object_set_new(w->dense_tensors, t->name, tensor_entry(&placed));
     return FM_OK;
 }
 
-fm_status fm_packed_writer_set_expert_dtype(fm_packed_writer *w, fm_dtype dtype) {
+fm_status fm_packed_writer_set_expert_layout(fm_packed_writer *w, int layer, const fm_packed_tensor parts[FM_PART_COUNT]) {
+    if (layer < 0 || layer >= w->cfg.n_layers) return fm_error_set(FM_ERR_ARG, "packed writer: layer %d out of range", layer);
+    fm_packed_expert_layer *L = &w->layouts[layer];
+    if (L->stride) return fm_error_set(FM_ERR_ARG, "packed writer: expert layout of layer %d declared twice", layer);
     uint64_t off = 0;
     for (int p = 0; p < FM_PART_COUNT; p++) {
-        int64_t shape[2];
-        bool ok;
-        part_shape(&w->cfg, (fm_expert_part_id)p, shape);
-        w->part_offset[p] = off;
-        w->part_bytes[p] = tensor_bytes(dtype, 2, shape, &ok);
-        if (!ok) return fm_error_set(FM_ERR_ARG, "packed writer: bad expert dtype %s", fm_dtype_name(dtype));
-        off = align_up(off + w->part_bytes[p], FM_PACKED_DENSE_ALIGN);
+        fm_packed_tensor *t = &L->parts[p];
+        *t = parts[p];
+        t->name = part_names[p];
+        t->data = NULL;
+        int64_t want[2];
+        part_shape(&w->cfg, (fm_expert_part_id)p, want);
+        t->n_bytes = fm_packed_tensor_nbytes(t);
+        if (t->n_dims != 2 || t->shape[0] != want[0] || t->shape[1] != want[1] || t->n_bytes == 0)
+            return fm_error_set(FM_ERR_ARG, "packed writer: bad %s layout for layer %d", part_names[p], layer);
+        t->offset = off;
+        off = align_up(off + t->n_bytes, FM_PACKED_DENSE_ALIGN);
     }
-    w->expert_dtype = dtype;
-    w->stride = align_up(off, FM_PACKED_EXPERT_ALIGN);
-    free(w->block);
-    w->block = calloc(1, w->stride);
-    if (!w->block) return fm_error_set(FM_ERR_NOMEM, "out of memory for an expert block");
+    L->stride = align_up(off, FM_PACKED_EXPERT_ALIGN);
+    if (L->stride > w->block_cap) {
+        free(w->block);
+        w->block = malloc(L->stride);
+        w->block_cap = w->block ? L->stride : 0;
+        if (!w->block) return fm_error_set(FM_ERR_NOMEM, "out of memory for an expert block");
+    }
     return FM_OK;
 }
 
-uint64_t fm_packed_writer_part_bytes(const fm_packed_writer *w, fm_expert_part_id part) {
-    return w->part_bytes[part];
+const fm_packed_expert_layer *fm_packed_writer_expert_layout(const fm_packed_writer *w, int layer) {
+    if (layer < 0 || layer >= w->cfg.n_layers || !w->layouts[layer].stride) return NULL;
+    return &w->layouts[layer];
 }
 
 static void expert_file_name(char *buf, size_t cap, int layer) { snprintf(buf, cap, "experts/L%03d.bin", layer); }
 
 fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert, const void *const parts[FM_PART_COUNT]) {
-    if (!w->block) return fm_error_set(FM_ERR_ARG, "packed writer: expert dtype not set");
     if (layer < 0 || layer >= w->cfg.n_layers || expert < 0 || expert >= w->cfg.n_experts)
         return fm_error_set(FM_ERR_ARG, "packed writer: expert %d of layer %d out of range", expert, layer);
+    const fm_packed_expert_layer *L = &w->layouts[layer];
+    if (!L->stride) return fm_error_set(FM_ERR_ARG, "packed writer: expert layout of layer %d not declared", layer);
     char rel[64], path[4096];
     expert_file_name(rel, sizeof rel, layer);
     snprintf(path, sizeof path, "%s/%s", w->dir, rel);
@@ -169,9 +209,9 @@ fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert
         w->expert_fds[layer] = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
         if (w->expert_fds[layer] < 0) return fm_error_set(FM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
     }
-    memset(w->block, 0, w->stride);
-    for (int p = 0; p < FM_PART_COUNT; p++) memcpy(w->block + w->part_offset[p], parts[p], w->part_bytes[p]);
-    TRY(write_all(w->expert_fds[layer], w->block, w->stride, (uint64_t)expert * w->stride, path));
+    memset(w->block, 0, L->stride);
+    for (int p = 0; p < FM_PART_COUNT; p++) memcpy(w->block + L->parts[p].offset, parts[p], L->parts[p].n_bytes);
+    TRY(write_all(w->expert_fds[layer], w->block, L->stride, (uint64_t)expert * L->stride, path));
     w->experts_written[layer]++;
     return FM_OK;
 }
@@ -179,7 +219,7 @@ fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert
 fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
     char path[4096], rel[64];
     fm_status st = FM_OK;
-    json_t *files = json_array(), *parts = json_object();
+    json_t *layers = json_array();
     for (int l = 0; l < w->cfg.n_layers; l++) {
         if (w->experts_written[l] != w->cfg.n_experts) {
             st = fm_error_set(FM_ERR_ARG, "packed writer: layer %d has %lld of %d experts", l,
@@ -187,19 +227,16 @@ fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
             goto done;
         }
         expert_file_name(rel, sizeof rel, l);
-        json_array_append_new(files, json_string(rel));
         if (fsync(w->expert_fds[l]) != 0 || close(w->expert_fds[l]) != 0) {
             w->expert_fds[l] = -1;
             st = fm_error_set(FM_ERR_IO, "%s/%s: flush failed: %s", w->dir, rel, strerror(errno));
             goto done;
         }
         w->expert_fds[l] = -1;
-    }
-    for (int p = 0; p < FM_PART_COUNT; p++) {
-        int64_t shape[2];
-        part_shape(&w->cfg, (fm_expert_part_id)p, shape);
-        json_object_set_new(parts, part_names[p],
-                            tensor_entry(w->expert_dtype, 2, shape, w->part_offset[p], w->part_bytes[p]));
+        json_t *parts = json_object();
+        for (int p = 0; p < FM_PART_COUNT; p++) json_object_set_new(parts, part_names[p], tensor_entry(&w->layouts[l].parts[p]));
+        json_array_append_new(layers, json_pack("{s:s, s:I, s:o}", "file", rel, "stride", (json_int_t)w->layouts[l].stride,
+                                                "parts", parts));
     }
     snprintf(path, sizeof path, "%s/dense.bin", w->dir);
     if (fsync(w->dense_fd) != 0 || close(w->dense_fd) != 0) {
@@ -208,11 +245,10 @@ fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
         goto done;
     }
     w->dense_fd = -1;
-    json_t *manifest = json_pack(
-        "{s:s, s:i, s:o, s:{s:s, s:I, s:O}, s:{s:i, s:I, s:O, s:O}, s:o}", "format", FM_PACKED_FORMAT_NAME,
-        "version", FM_PACKED_VERSION, "config", fm_config_to_json(&w->cfg), "dense", "file", "dense.bin", "size",
-        (json_int_t)w->dense_size, "tensors", w->dense_tensors, "experts", "count", w->cfg.n_experts, "stride",
-        (json_int_t)w->stride, "parts", parts, "files", files, "source", source ? source : json_object());
+    json_t *manifest = json_pack("{s:s, s:i, s:o, s:{s:s, s:I, s:O}, s:{s:i, s:O}, s:o}", "format", FM_PACKED_FORMAT_NAME,
+                                 "version", FM_PACKED_VERSION, "config", fm_config_to_json(&w->cfg), "dense", "file",
+                                 "dense.bin", "size", (json_int_t)w->dense_size, "tensors", w->dense_tensors, "experts",
+                                 "count", w->cfg.n_experts, "layers", layers, "source", source ? source : json_object());
     source = NULL;
     if (!manifest) {
         st = fm_error_set(FM_ERR_NOMEM, "cannot build model.json");
@@ -228,8 +264,7 @@ fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
     }
 done:
     json_decref(source);
-    json_decref(files);
-    json_decref(parts);
+    json_decref(layers);
     return st;
 }
 
@@ -240,6 +275,7 @@ void fm_packed_writer_free(fm_packed_writer *w) {
         for (int l = 0; l < w->cfg.n_layers; l++)
             if (w->expert_fds[l] >= 0) close(w->expert_fds[l]);
     json_decref(w->dense_tensors);
+    free(w->layouts);
     free(w->expert_fds);
     free(w->experts_written);
     free(w->block);
@@ -250,6 +286,7 @@ void fm_packed_writer_free(fm_packed_writer *w) {
 /* ======================================================================= reader */
 
 static fm_status parse_tensor(json_t *e, const char *what, const char *name, fm_packed_tensor *t) {
+    memset(t, 0, sizeof *t);
     if (!json_is_object(e)) return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: entry is not an object", what, name);
     const char *dts = json_string_value(json_object_get(e, "dtype"));
     json_t *shape = json_object_get(e, "shape"), *off = json_object_get(e, "offset"), *sz = json_object_get(e, "size");
@@ -257,7 +294,7 @@ static fm_status parse_tensor(json_t *e, const char *what, const char *name, fm_
         return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: needs dtype, shape, offset and size", what, name);
     t->name = name;
     t->dtype = fm_dtype_from_name(dts);
-    if (t->dtype != FM_DTYPE_F32 && t->dtype != FM_DTYPE_BF16 && t->dtype != FM_DTYPE_F16)
+    if (t->dtype != FM_DTYPE_F32 && t->dtype != FM_DTYPE_BF16 && t->dtype != FM_DTYPE_F16 && !fm_dtype_is_quant(t->dtype))
         return fm_error_set(FM_ERR_UNSUPPORTED, "%s: tensor %s: dtype %s is not supported", what, name, dts);
     t->n_dims = (int)json_array_size(shape);
     if (t->n_dims < 1 || t->n_dims > FM_PACKED_MAX_DIMS)
@@ -268,15 +305,26 @@ static fm_status parse_tensor(json_t *e, const char *what, const char *name, fm_
             return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: bad shape", what, name);
         t->shape[i] = (int64_t)json_integer_value(d);
     }
+    if (fm_dtype_is_quant(t->dtype)) {
+        json_t *gs = json_object_get(e, "group_size");
+        const char *sd = json_string_value(json_object_get(e, "scale_dtype"));
+        if (!json_is_integer(gs) || !sd)
+            return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: a quantized tensor needs group_size and scale_dtype", what,
+                                name);
+        t->group_size = (int)json_integer_value(gs);
+        t->scale_dtype = fm_dtype_from_name(sd);
+        fm_status st = fm_quant_check(name, t->dtype, t->n_dims == 2 ? t->shape[1] : -1, t->group_size, t->scale_dtype);
+        if (st != FM_OK) return fm_error_wrap(st, "%s", what);
+        if (t->n_dims != 2) return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: a quantized tensor must be 2-D", what, name);
+    }
     if (json_integer_value(off) < 0 || json_integer_value(sz) < 0)
         return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: negative offset or size", what, name);
     t->offset = (uint64_t)json_integer_value(off);
     t->n_bytes = (uint64_t)json_integer_value(sz);
-    bool ok;
-    uint64_t want = tensor_bytes(t->dtype, t->n_dims, t->shape, &ok);
-    if (!ok || want != t->n_bytes)
-        return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: size %llu does not match its shape and dtype (%llu)",
-                            what, name, (unsigned long long)t->n_bytes, (unsigned long long)want);
+    uint64_t want = fm_packed_tensor_nbytes(t);
+    if (want == 0 || want != t->n_bytes)
+        return fm_error_set(FM_ERR_FORMAT, "%s: tensor %s: size %llu does not match its shape and dtype (%llu)", what, name,
+                            (unsigned long long)t->n_bytes, (unsigned long long)want);
     return FM_OK;
 }
 
@@ -290,6 +338,7 @@ static int cmp_tensor_offset(const void *a, const void *b) {
 
 static fm_status open_dense(fm_packed_model *m, json_t *dense, const char *what) {
     char path[4096];
+    if (!json_is_object(dense)) return fm_error_set(FM_ERR_FORMAT, "%s: missing \"dense\" object", what);
     const char *file = json_string_value(json_object_get(dense, "file"));
     json_t *tensors = json_object_get(dense, "tensors");
     if (!file || !json_is_object(tensors) || strchr(file, '/'))
@@ -350,60 +399,68 @@ static fm_status open_dense(fm_packed_model *m, json_t *dense, const char *what)
             }
     }
     free(by_off);
-    if (st == FM_OK) qsort(m->tensors, m->n_tensors, sizeof *m->tensors, cmp_tensor_name);
+    if (st == FM_OK && m->n_tensors > 1) qsort(m->tensors, m->n_tensors, sizeof *m->tensors, cmp_tensor_name);
     return st;
+}
+
+static fm_status open_expert_layer(fm_packed_model *m, int l, json_t *e, const char *what) {
+    const fm_config *c = &m->config;
+    fm_packed_expert_layer *L = &m->experts[l];
+    json_t *stride = json_object_get(e, "stride"), *parts = json_object_get(e, "parts");
+    const char *rel = json_string_value(json_object_get(e, "file"));
+    if (!json_is_object(e) || !json_is_integer(stride) || !json_is_object(parts) || !rel)
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.layers[%d] needs file, stride and parts", what, l);
+    if (json_integer_value(stride) <= 0 || json_integer_value(stride) % FM_PACKED_EXPERT_ALIGN)
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.layers[%d].stride must be a positive multiple of %d", what, l,
+                            FM_PACKED_EXPERT_ALIGN);
+    L->stride = (uint64_t)json_integer_value(stride);
+    if (L->stride > m->max_expert_stride) m->max_expert_stride = L->stride;
+    for (int p = 0; p < FM_PART_COUNT; p++) {
+        fm_packed_tensor *t = &L->parts[p];
+        json_t *pe = json_object_get(parts, part_names[p]);
+        if (!pe) return fm_error_set(FM_ERR_FORMAT, "%s: experts.layers[%d].parts lacks \"%s\"", what, l, part_names[p]);
+        TRY(parse_tensor(pe, what, part_names[p], t));
+        int64_t want[2];
+        part_shape(c, (fm_expert_part_id)p, want);
+        if (t->n_dims != 2 || t->shape[0] != want[0] || t->shape[1] != want[1])
+            return fm_error_set(FM_ERR_FORMAT, "%s: expert part %s of layer %d has the wrong shape for the config", what,
+                                part_names[p], l);
+        if (t->offset > L->stride || t->n_bytes > L->stride - t->offset)
+            return fm_error_set(FM_ERR_FORMAT, "%s: expert part %s of layer %d lies outside the expert block", what,
+                                part_names[p], l);
+    }
+    if (strstr(rel, "..") || rel[0] == '/')
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.layers[%d].file is not a relative file name", what, l);
+    size_t len = strlen(m->dir) + strlen(rel) + 2;
+    L->file = malloc(len);
+    if (!L->file) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    snprintf(L->file, len, "%s/%s", m->dir, rel);
+    struct stat sb;
+    if (stat(L->file, &sb) != 0)
+        return fm_error_set(FM_ERR_IO, "%s: expert file of layer %d: %s", L->file, l, strerror(errno));
+    uint64_t want = L->stride * (uint64_t)c->n_experts;
+    if ((uint64_t)sb.st_size != want)
+        return fm_error_set(FM_ERR_FORMAT, "%s: expert file of layer %d is %llu bytes, expected %llu (%d experts x %llu)",
+                            L->file, l, (unsigned long long)sb.st_size, (unsigned long long)want, c->n_experts,
+                            (unsigned long long)L->stride);
+    return FM_OK;
 }
 
 static fm_status open_experts(fm_packed_model *m, json_t *ex, const char *what) {
     const fm_config *c = &m->config;
     if (!json_is_object(ex)) return fm_error_set(FM_ERR_FORMAT, "%s: missing \"experts\" object", what);
-    json_t *count = json_object_get(ex, "count"), *stride = json_object_get(ex, "stride");
-    json_t *parts = json_object_get(ex, "parts"), *files = json_object_get(ex, "files");
-    if (!json_is_integer(count) || !json_is_integer(stride) || !json_is_object(parts) || !json_is_array(files))
-        return fm_error_set(FM_ERR_FORMAT, "%s: \"experts\" needs count, stride, parts and files", what);
+    json_t *count = json_object_get(ex, "count"), *layers = json_object_get(ex, "layers");
+    if (!json_is_integer(count) || !json_is_array(layers))
+        return fm_error_set(FM_ERR_FORMAT, "%s: \"experts\" needs count and layers", what);
     if (json_integer_value(count) != c->n_experts)
         return fm_error_set(FM_ERR_FORMAT, "%s: experts.count %lld differs from num_experts %d", what,
                             (long long)json_integer_value(count), c->n_experts);
-    if (json_integer_value(stride) <= 0 || json_integer_value(stride) % FM_PACKED_EXPERT_ALIGN)
-        return fm_error_set(FM_ERR_FORMAT, "%s: experts.stride must be a positive multiple of %d", what,
-                            FM_PACKED_EXPERT_ALIGN);
-    m->expert_stride = (uint64_t)json_integer_value(stride);
-    for (int p = 0; p < FM_PART_COUNT; p++) {
-        fm_packed_tensor *t = &m->expert_parts[p];
-        json_t *e = json_object_get(parts, part_names[p]);
-        if (!e) return fm_error_set(FM_ERR_FORMAT, "%s: experts.parts lacks \"%s\"", what, part_names[p]);
-        TRY(parse_tensor(e, what, part_names[p], t));
-        int64_t want[2];
-        part_shape(c, (fm_expert_part_id)p, want);
-        if (t->n_dims != 2 || t->shape[0] != want[0] || t->shape[1] != want[1])
-            return fm_error_set(FM_ERR_FORMAT, "%s: expert part %s has the wrong shape for the config", what,
-                                part_names[p]);
-        if (t->offset > m->expert_stride || t->n_bytes > m->expert_stride - t->offset)
-            return fm_error_set(FM_ERR_FORMAT, "%s: expert part %s lies outside the expert block", what,
-                                part_names[p]);
-    }
-    if ((int)json_array_size(files) != c->n_layers)
-        return fm_error_set(FM_ERR_FORMAT, "%s: experts.files has %zu entries for %d layers", what,
-                            json_array_size(files), c->n_layers);
-    m->expert_files = calloc((size_t)c->n_layers, sizeof(char *));
-    if (!m->expert_files) return fm_error_set(FM_ERR_NOMEM, "out of memory");
-    for (int l = 0; l < c->n_layers; l++) {
-        const char *rel = json_string_value(json_array_get(files, (size_t)l));
-        if (!rel || strstr(rel, "..") || rel[0] == '/')
-            return fm_error_set(FM_ERR_FORMAT, "%s: experts.files[%d] is not a relative file name", what, l);
-        size_t len = strlen(m->dir) + strlen(rel) + 2;
-        m->expert_files[l] = malloc(len);
-        if (!m->expert_files[l]) return fm_error_set(FM_ERR_NOMEM, "out of memory");
-        snprintf(m->expert_files[l], len, "%s/%s", m->dir, rel);
-        struct stat sb;
-        if (stat(m->expert_files[l], &sb) != 0)
-            return fm_error_set(FM_ERR_IO, "%s: expert file of layer %d: %s", m->expert_files[l], l, strerror(errno));
-        uint64_t want = m->expert_stride * (uint64_t)c->n_experts;
-        if ((uint64_t)sb.st_size != want)
-            return fm_error_set(FM_ERR_FORMAT, "%s: expert file of layer %d is %llu bytes, expected %llu (%d experts x %llu)",
-                                m->expert_files[l], l, (unsigned long long)sb.st_size, (unsigned long long)want,
-                                c->n_experts, (unsigned long long)m->expert_stride);
-    }
+    if ((int)json_array_size(layers) != c->n_layers)
+        return fm_error_set(FM_ERR_FORMAT, "%s: experts.layers has %zu entries for %d layers", what,
+                            json_array_size(layers), c->n_layers);
+    m->experts = calloc((size_t)c->n_layers, sizeof *m->experts);
+    if (!m->experts) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    for (int l = 0; l < c->n_layers; l++) TRY(open_expert_layer(m, l, json_array_get(layers, (size_t)l), what));
     return FM_OK;
 }
 
@@ -459,9 +516,9 @@ fail:
 void fm_packed_close(fm_packed_model *m) {
     if (!m) return;
     if (m->dense_map) munmap(m->dense_map, m->dense_size);
-    if (m->expert_files)
-        for (int l = 0; l < m->config.n_layers; l++) free(m->expert_files[l]);
-    free(m->expert_files);
+    if (m->experts)
+        for (int l = 0; l < m->config.n_layers; l++) free(m->experts[l].file);
+    free(m->experts);
     free(m->tensors);
     json_decref(m->manifest);
     free(m->dir);
@@ -469,6 +526,7 @@ void fm_packed_close(fm_packed_model *m) {
 }
 
 const fm_packed_tensor *fm_packed_find(const fm_packed_model *m, const char *name) {
+    if (!m->n_tensors) return NULL;
     fm_packed_tensor key = {.name = name};
     return bsearch(&key, m->tensors, m->n_tensors, sizeof *m->tensors, cmp_tensor_name);
 }

@@ -3,13 +3,15 @@
  *   dense.bin           all non-expert tensors, each 64-byte aligned; mapped read-only
  *   experts/L###.bin    one file per layer; expert e at e * stride (stride a multiple of 4096),
  *                       its parts (gate, up, down) contiguous so one read fetches one expert.
- * This module writes and reads it; it knows nothing of the math. */
+ * Each layer has its own expert layout (dtype, stride), so layers may be quantized differently.
+ * This module writes and reads the format; it knows nothing of the math. */
 #ifndef FM_FORMATS_PACKED_H
 #define FM_FORMATS_PACKED_H
 
 #include <jansson.h>
 #include <stdint.h>
 
+#include "backend/tensor.h"
 #include "flashmoe.h"
 #include "formats/dtype.h"
 #include "model/config.h"
@@ -22,16 +24,32 @@
 
 typedef enum fm_expert_part_id { FM_PART_GATE = 0, FM_PART_UP = 1, FM_PART_DOWN = 2, FM_PART_COUNT = 3 } fm_expert_part_id;
 
-/* One stored tensor: dense ones live in dense.bin, expert parts inside an expert block. */
+/* One stored tensor: a dense one in dense.bin, or an expert part inside an expert block. */
 typedef struct fm_packed_tensor {
     const char *name;
-    fm_dtype dtype;
+    fm_dtype dtype;       /* F32, BF16, F16, Q8, Q4, Q2 */
     int n_dims;
     int64_t shape[FM_PACKED_MAX_DIMS];
-    uint64_t offset;  /* in dense.bin, or within the expert block */
+    int group_size;       /* quantized types: values per scale/bias pair (else 0) */
+    fm_dtype scale_dtype; /* quantized types: BF16, F16 or F32 (else FM_DTYPE_UNKNOWN) */
+    uint64_t offset;      /* in dense.bin, or within the expert block */
     uint64_t n_bytes;
-    const void *data; /* dense only: pointer into the mapping of dense.bin (NULL for expert parts) */
+    const void *data;     /* dense: pointer into the mapping of dense.bin; writer input for add_dense */
 } fm_packed_tensor;
+
+/* Bytes a tensor of this dtype/shape occupies (quantized: packed values + scales + biases);
+ * 0 if the combination is invalid. */
+uint64_t fm_packed_tensor_nbytes(const fm_packed_tensor *t);
+
+/* A 2-D tensor as a typed weight view; data = base + t->offset (base: the dense mapping or a block). */
+fm_weight fm_packed_weight(const fm_packed_tensor *t, const void *base);
+
+/* The routed experts of one layer. */
+typedef struct fm_packed_expert_layer {
+    char *file;                                 /* full path of experts/L###.bin */
+    uint64_t stride;                            /* bytes from one expert to the next (multiple of 4096) */
+    fm_packed_tensor parts[FM_PART_COUNT];      /* gate [I,H], up [I,H], down [H,I] inside the block */
+} fm_packed_expert_layer;
 
 typedef struct fm_packed_model {
     char *dir;
@@ -43,9 +61,8 @@ typedef struct fm_packed_model {
     fm_packed_tensor *tensors; /* n_tensors, sorted by name */
     size_t n_tensors;
 
-    uint64_t expert_stride;                     /* bytes from one expert to the next in a layer file */
-    fm_packed_tensor expert_parts[FM_PART_COUNT]; /* gate [I,H], up [I,H], down [H,I] in the block */
-    char **expert_files;                        /* [n_layers] full paths */
+    fm_packed_expert_layer *experts; /* [n_layers] */
+    uint64_t max_expert_stride;      /* the largest layer stride */
 } fm_packed_model;
 
 /* Opens and validates a packed model directory: manifest fields, every tensor range against
@@ -65,18 +82,18 @@ typedef struct fm_packed_writer fm_packed_writer;
 /* Starts writing a packed model into directory `dir` (created; must not exist). */
 fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, fm_packed_writer **out);
 
-/* Appends a dense tensor (data of n_bytes = elements x dtype size) to dense.bin. */
-fm_status fm_packed_writer_add_dense(fm_packed_writer *w, const char *name, fm_dtype dtype, int n_dims,
-                                     const int64_t *shape, const void *data, uint64_t n_bytes);
+/* Appends a dense tensor: name, dtype, shape, group_size/scale_dtype (quantized), data and n_bytes
+ * (= fm_packed_tensor_nbytes) are read from *t; offset is assigned. */
+fm_status fm_packed_writer_add_dense(fm_packed_writer *w, const fm_packed_tensor *t);
 
-/* Declares the expert block: each part's dtype (shapes come from the config). Must precede
- * fm_packed_writer_put_expert. */
-fm_status fm_packed_writer_set_expert_dtype(fm_packed_writer *w, fm_dtype dtype);
+/* Declares layer `layer`'s expert block: each part's dtype, shape, group_size and scale_dtype
+ * (n_bytes and offsets are computed). Must precede fm_packed_writer_put_expert for that layer. */
+fm_status fm_packed_writer_set_expert_layout(fm_packed_writer *w, int layer, const fm_packed_tensor parts[FM_PART_COUNT]);
 
-/* Bytes of one expert part at the declared dtype. */
-uint64_t fm_packed_writer_part_bytes(const fm_packed_writer *w, fm_expert_part_id part);
+/* The layout declared for a layer (parts with n_bytes filled), or NULL if none yet. */
+const fm_packed_expert_layer *fm_packed_writer_expert_layout(const fm_packed_writer *w, int layer);
 
-/* Writes expert `expert` of `layer`: parts[p] holds fm_packed_writer_part_bytes(w, p) bytes. */
+/* Writes expert `expert` of `layer`: parts[p] holds the declared parts[p].n_bytes bytes. */
 fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert, const void *const parts[FM_PART_COUNT]);
 
 /* Writes model.json (with `source`, an object describing where the weights came from, stolen),

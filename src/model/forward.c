@@ -436,12 +436,10 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
         for (int i = 0; i < n && st == FM_OK; i++) {
             int32_t e = uniq[g0 + i];
             int64_t n_tok = start[e + 1] - start[e];
-            fm_weight wg, wu, wd;
-            const fm_packed_tensor *pg = &pm->expert_parts[FM_PART_GATE], *pu = &pm->expert_parts[FM_PART_UP],
-                                   *pd = &pm->expert_parts[FM_PART_DOWN];
-            wg = (fm_weight){.dtype = pg->dtype, .rows = I, .cols = H, .data = blocks[i] + pg->offset};
-            wu = (fm_weight){.dtype = pu->dtype, .rows = I, .cols = H, .data = blocks[i] + pu->offset};
-            wd = (fm_weight){.dtype = pd->dtype, .rows = H, .cols = I, .data = blocks[i] + pd->offset};
+            const fm_packed_expert_layer *L = &pm->experts[l];
+            fm_weight wg = fm_packed_weight(&L->parts[FM_PART_GATE], blocks[i]);
+            fm_weight wu = fm_packed_weight(&L->parts[FM_PART_UP], blocks[i]);
+            fm_weight wd = fm_packed_weight(&L->parts[FM_PART_DOWN], blocks[i]);
             for (int64_t r = 0; r < n_tok; r++)
                 memcpy(X + r * H, xn + (int64_t)s->tok_list[start[e] + r] * H, sizeof(float) * (size_t)H);
             fm_cpu_matmul(pool, G, X, n_tok, &wg);

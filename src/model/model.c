@@ -44,10 +44,7 @@ static fm_status bind_matrix(const fm_model *m, fm_weight *w, int64_t rows, int6
     va_end(ap);
     const fm_packed_tensor *t;
     TRY(lookup(m, name, 2, rows, cols, &t));
-    w->dtype = t->dtype;
-    w->rows = rows;
-    w->cols = cols;
-    w->data = t->data;
+    *w = fm_packed_weight(t, m->packed->dense_map);
     return FM_OK;
 }
 
@@ -126,13 +123,6 @@ fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model
         goto fail;
     }
     if (p.n_experts_used > 0) m->n_experts_used = p.n_experts_used;
-    for (int part = 0; part < FM_PART_COUNT; part++) {
-        fm_dtype dt = m->packed->expert_parts[part].dtype;
-        if (dt != FM_DTYPE_F32 && dt != FM_DTYPE_BF16 && dt != FM_DTYPE_F16) {
-            st = fm_error_set(FM_ERR_UNSUPPORTED, "%s: expert dtype %s is not supported", dir, fm_dtype_name(dt));
-            goto fail;
-        }
-    }
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->layers) {
         st = fm_error_set(FM_ERR_NOMEM, "out of memory");

@@ -29,7 +29,7 @@ void fm_store_free(fm_expert_store *s);
 int fm_store_capacity(const fm_expert_store *s);
 
 /* Makes experts ids[0..n) of `layer` available: blocks[i] points to expert ids[i]'s block
- * (pm->expert_stride bytes) and stays valid until the next fetch. n <= capacity. A short read, a
+ * (pm->experts[layer].stride bytes) and stays valid until the next fetch. n <= capacity. A short read, a
  * read error or an id out of range fails with a message naming the layer, the expert and the file. */
 fm_status fm_store_fetch(fm_expert_store *s, int layer, const int32_t *ids, int n, const uint8_t **blocks);
 

@@ -1,0 +1,218 @@
+/* flashmoe perplexity: how well a model predicts a token sequence, and how far its distributions are
+ * from a reference run's (KL divergence, top-1 agreement, top-5 overlap), as llama.cpp's
+ * --kl-divergence reports. The reference logits come from `flashmoe logits` on a higher-precision
+ * conversion of the same checkpoint. */
+#include <getopt.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+#include "flashmoe.h"
+#include "formats/npy.h"
+#include "model/model.h"
+
+static void help(void) {
+    printf("usage: flashmoe perplexity -m MODEL --ids-file FILE [--kl-base BASE.npy] [options]\n\n"
+           "Evaluates the token ids in FILE (comma/space separated, or a JSON array) as one sequence and prints\n"
+           "the perplexity of each next token. With --kl-base, also compares every position's distribution\n"
+           "with BASE.npy (float32 [n_tokens, vocab] from `flashmoe logits` on a reference model):\n"
+           "mean KL(base || model), top-1 agreement and top-5 overlap.\n\n"
+           "options:\n"
+           "  -m, --model DIR      packed model\n"
+           "  --ids-file FILE      token ids\n"
+           "  --kl-base FILE       reference logits (.npy)\n"
+           "  --experts K          routed experts per token (default: the model's; fewer lowers quality)\n"
+           "  -t, --threads N      worker threads (default: all CPUs)\n"
+           "  --json               one JSON object instead of text\n\n"
+           "example:\n"
+           "  flashmoe logits -m m-f32 --ids \"$(cat ids.txt)\" --out base.npy\n"
+           "  flashmoe perplexity -m m-q4 --ids-file ids.txt --kl-base base.npy\n");
+}
+
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 4096, n = 0;
+    char *b = malloc(cap);
+    size_t r;
+    while (b && (r = fread(b + n, 1, cap - n - 1, f)) > 0) {
+        n += r;
+        if (n + 1 == cap) {
+            char *nb = realloc(b, cap * 2);
+            if (!nb) {
+                free(b);
+                b = NULL;
+                break;
+            }
+            b = nb;
+            cap *= 2;
+        }
+    }
+    fclose(f);
+    if (b) b[n] = 0;
+    return b;
+}
+
+/* log-softmax of x [n] into out; returns nothing (out may alias x). */
+static void log_softmax(const float *x, int64_t n, double *out) {
+    double mx = -INFINITY, sum = 0;
+    for (int64_t i = 0; i < n; i++) mx = fmax(mx, x[i]);
+    for (int64_t i = 0; i < n; i++) sum += exp(x[i] - mx);
+    double lse = mx + log(sum);
+    for (int64_t i = 0; i < n; i++) out[i] = x[i] - lse;
+}
+
+static void top_k(const float *x, int64_t n, int k, int64_t *idx) {
+    for (int i = 0; i < k; i++) idx[i] = -1;
+    for (int64_t j = 0; j < n; j++) {
+        for (int i = 0; i < k; i++) {
+            if (idx[i] < 0 || x[j] > x[idx[i]]) {
+                for (int s = k - 1; s > i; s--) idx[s] = idx[s - 1];
+                idx[i] = j;
+                break;
+            }
+        }
+    }
+}
+
+enum { OPT_IDS_FILE = 256, OPT_KL, OPT_EXPERTS, OPT_JSON };
+
+int fm_cli_perplexity(int argc, char **argv) {
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},      {"ids-file", required_argument, 0, OPT_IDS_FILE},
+                                         {"kl-base", required_argument, 0, OPT_KL},  {"experts", required_argument, 0, OPT_EXPERTS},
+                                         {"threads", required_argument, 0, 't'},    {"json", no_argument, 0, OPT_JSON},
+                                         {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
+    const char *model_dir = NULL, *ids_path = NULL, *kl_path = NULL;
+    int threads = 0, experts = 0, c;
+    bool json = false;
+    int64_t v;
+    optind = 1;
+    while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'm': model_dir = optarg; break;
+        case OPT_IDS_FILE: ids_path = optarg; break;
+        case OPT_KL: kl_path = optarg; break;
+        case OPT_EXPERTS:
+            if (!fm_cli_parse_i64(optarg, 1, 65536, &v)) return fm_cli_usage_error("perplexity", "--experts needs a positive integer");
+            experts = (int)v;
+            break;
+        case 't':
+            if (!fm_cli_parse_i64(optarg, 1, 4096, &v)) return fm_cli_usage_error("perplexity", "--threads needs 1..4096");
+            threads = (int)v;
+            break;
+        case OPT_JSON: json = true; break;
+        case 'h': help(); return FM_EXIT_OK;
+        default: return fm_cli_usage_error("perplexity", "bad option");
+        }
+    }
+    if (!model_dir || !ids_path) return fm_cli_usage_error("perplexity", "-m and --ids-file are required");
+    if (optind != argc) return fm_cli_usage_error("perplexity", "unexpected argument \"%s\"", argv[optind]);
+    char *text = read_file(ids_path);
+    if (!text) {
+        fprintf(stderr, "flashmoe perplexity: %s: cannot read\n", ids_path);
+        return FM_EXIT_FAIL;
+    }
+    for (char *p = text; *p; p++) /* accept a JSON array too */
+        if (*p == '[' || *p == ']') *p = ' ';
+    int32_t *ids = NULL;
+    int64_t n = 0;
+    bool ok = fm_cli_parse_ids("perplexity", text, &ids, &n);
+    free(text);
+    if (!ok) return FM_EXIT_USAGE;
+    if (n < 2) {
+        free(ids);
+        fprintf(stderr, "flashmoe perplexity: need at least 2 tokens\n");
+        return FM_EXIT_USAGE;
+    }
+    fm_model *m = NULL;
+    fm_session *s = NULL;
+    float *logits = NULL;
+    double *lp = NULL, *lq = NULL;
+    fm_npy base = {0};
+    int rc = FM_EXIT_OK;
+    fm_model_params p = fm_model_default_params();
+    p.n_threads = threads;
+    p.n_experts_used = experts;
+    if (fm_model_open(model_dir, &p, &m) != FM_OK) {
+        rc = fm_cli_fail("perplexity");
+        goto done;
+    }
+    if (experts && experts != m->cfg.n_experts_used)
+        fprintf(stderr, "perplexity: using %d routed experts per token instead of the model's %d (lower quality)\n", experts,
+                m->cfg.n_experts_used);
+    int64_t V = fm_model_n_vocab(m);
+    if (kl_path) {
+        if (fm_npy_read(kl_path, &base) != FM_OK) {
+            rc = fm_cli_fail("perplexity");
+            goto done;
+        }
+        if (strcmp(base.descr, "<f4") != 0 || base.n_dims != 2 || base.shape[0] != n || base.shape[1] != V) {
+            fprintf(stderr, "flashmoe perplexity: %s: expected float32 [%lld, %lld] logits for these ids\n", kl_path,
+                    (long long)n, (long long)V);
+            rc = FM_EXIT_FAIL;
+            goto done;
+        }
+    }
+    logits = malloc(sizeof(float) * (size_t)(n * V));
+    lp = malloc(sizeof(double) * (size_t)V);
+    lq = malloc(sizeof(double) * (size_t)V);
+    if (!logits || !lp || !lq) {
+        fprintf(stderr, "flashmoe perplexity: out of memory\n");
+        rc = FM_EXIT_FAIL;
+        goto done;
+    }
+    if (fm_session_init(m, n, &s) != FM_OK || fm_session_eval(s, ids, n, logits, true) != FM_OK) {
+        rc = fm_cli_fail("perplexity");
+        goto done;
+    }
+    double nll = 0, kl = 0, top1 = 0, top5 = 0;
+    for (int64_t i = 0; i < n; i++) {
+        log_softmax(logits + i * V, V, lq);
+        if (i + 1 < n) nll -= lq[ids[i + 1]];
+        if (!kl_path) continue;
+        const float *b = (const float *)base.data + i * V;
+        log_softmax(b, V, lp);
+        double k = 0;
+        for (int64_t j = 0; j < V; j++) k += exp(lp[j]) * (lp[j] - lq[j]);
+        kl += k;
+        int64_t tb[5], tm[5];
+        int kk = V < 5 ? (int)V : 5;
+        top_k(b, V, kk, tb);
+        top_k(logits + i * V, V, kk, tm);
+        top1 += tb[0] == tm[0];
+        int common = 0;
+        for (int a = 0; a < kk; a++)
+            for (int q = 0; q < kk; q++) common += tb[a] == tm[q];
+        top5 += (double)common / kk;
+    }
+    double ppl = exp(nll / (double)(n - 1));
+    uint64_t token_bytes = 0;
+    for (int l = 0; l < m->cfg.n_layers; l++) token_bytes += m->packed->experts[l].stride * (uint64_t)m->n_experts_used;
+    if (json) {
+        printf("{\"tokens\": %lld, \"perplexity\": %.6f, \"expert_bytes_per_token\": %llu", (long long)n, ppl,
+               (unsigned long long)token_bytes);
+        if (kl_path)
+            printf(", \"kl_mean\": %.8f, \"top1_agreement\": %.6f, \"top5_overlap\": %.6f", kl / n, top1 / n, top5 / n);
+        printf("}\n");
+    } else {
+        printf("tokens              %lld\n", (long long)n);
+        printf("perplexity          %.4f\n", ppl);
+        if (kl_path) {
+            printf("KL(base || model)   %.6f (mean over positions)\n", kl / n);
+            printf("top-1 agreement     %.2f%%\n", 100 * top1 / n);
+            printf("top-5 overlap       %.2f%%\n", 100 * top5 / n);
+        }
+        printf("expert bytes/token  %llu\n", (unsigned long long)token_bytes);
+    }
+done:
+    fm_session_free(s);
+    fm_model_free(m);
+    fm_npy_free(&base);
+    free(logits);
+    free(lp);
+    free(lq);
+    free(ids);
+    return rc;
+}

@@ -3,6 +3,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "quant/quant.h"
 #include "util/half.h"
 
 void fm_cpu_get_row(float *out, const fm_weight *w, int64_t row) {
@@ -19,6 +20,9 @@ void fm_cpu_get_row(float *out, const fm_weight *w, int64_t row) {
         for (int64_t i = 0; i < n; i++) out[i] = fm_f16_to_f32(p[i]);
         break;
     }
+    case FM_DTYPE_Q8:
+    case FM_DTYPE_Q4:
+    case FM_DTYPE_Q2: fm_dequant_row(out, w, row, 0, n); break;
     default: /* the loaders reject every other dtype before a weight reaches a kernel */
         memset(out, 0, sizeof(float) * (size_t)n);
         break;
@@ -42,7 +46,7 @@ typedef struct matmul_job {
     const fm_weight *w;
 } matmul_job;
 
-#define MATMUL_SEG 2048 /* columns converted at a time into a stack buffer */
+#define MATMUL_SEG 2048 /* columns converted at a time into a stack buffer; a multiple of 128 */
 
 static void matmul_rows(void *arg, int64_t r0, int64_t r1) {
     const matmul_job *j = arg;
@@ -55,14 +59,19 @@ static void matmul_rows(void *arg, int64_t r0, int64_t r1) {
         return;
     }
     float seg[MATMUL_SEG];
+    const bool quant = fm_dtype_is_quant(j->w->dtype);
     fm_weight part = *j->w; /* a view of one row segment, converted through fm_cpu_get_row */
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t t = 0; t < j->n_tokens; t++) j->out[t * N + r] = 0;
         for (int64_t c0 = 0; c0 < K; c0 += MATMUL_SEG) {
             int64_t n = K - c0 < MATMUL_SEG ? K - c0 : MATMUL_SEG;
-            part.cols = n;
-            part.data = (const char *)j->w->data + (r * K + c0) * (int64_t)fm_dtype_size(j->w->dtype);
-            fm_cpu_get_row(seg, &part, 0);
+            if (quant) { /* c0 is a multiple of MATMUL_SEG, hence of the group size */
+                fm_dequant_row(seg, j->w, r, c0, n);
+            } else {
+                part.cols = n;
+                part.data = (const char *)j->w->data + (r * K + c0) * (int64_t)fm_dtype_size(j->w->dtype);
+                fm_cpu_get_row(seg, &part, 0);
+            }
             for (int64_t t = 0; t < j->n_tokens; t++) j->out[t * N + r] += dot_f32(seg, j->x + t * K + c0, n);
         }
     }

@@ -1,5 +1,6 @@
 /* CPU kernels, scalar reference versions: these are the oracle every faster kernel (SIMD, CUDA)
- * is tested against. All activations are float32; weights may be F32, BF16 or F16. */
+ * is tested against. All activations are float32; weights may be F32, BF16, F16 or quantized
+ * (Q8/Q4/Q2, converted through fm_dequant_row; see src/quant/quant.h). */
 #ifndef FM_BACKEND_CPU_OPS_H
 #define FM_BACKEND_CPU_OPS_H
 

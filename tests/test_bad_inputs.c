@@ -313,3 +313,50 @@ FM_TEST(cli_convert_refuses_existing_output) {
     rc = fm_test_run_cmd(cmd, out, sizeof out);
     CHECK_MSG(rc == 0 && strstr(out, "qwen3_5_moe"), "rc %d: %s", rc, out);
 }
+
+/* ---- MLX-quantized checkpoints ---- */
+
+#define MLX_MODEL "tests/fixtures/qwen35_moe_q64_mlx4/model"
+
+static const char *copy_mlx_checkpoint(const char *name, char *buf, size_t cap) {
+    char cmd[2048], out[256];
+    fm_test_tmpdir(name, buf, cap);
+    snprintf(cmd, sizeof cmd, "cp %s/config.json %s/model.safetensors '%s/'", MLX_MODEL, MLX_MODEL, buf);
+    fm_test_run_cmd(cmd, out, sizeof out);
+    return buf;
+}
+
+static void reshape_scales(json_t *h) { /* [8, 64, 2] -> [8, 32, 4]: same bytes, wrong grouping */
+    json_t *e = json_object_get(h, "language_model.model.layers.0.mlp.switch_mlp.up_proj.scales");
+    json_object_set_new(e, "shape", json_pack("[i, i, i]", 8, 32, 4));
+}
+FM_TEST(bad_mlx_scales_wrong_shape) {
+    char dir[512];
+    copy_mlx_checkpoint("bad_mlx_scales", dir, sizeof dir);
+    REQUIRE(edit_header(dir, reshape_scales));
+    expect_convert_error(t, dir, "switch_mlp.up_proj.scales has shape [8, 32, 4]");
+}
+
+static void declare_8_bits(json_t *c) { json_object_set_new(json_object_get(c, "quantization"), "bits", json_integer(8)); }
+FM_TEST(bad_mlx_bits_not_declared) {
+    char dir[512];
+    copy_mlx_checkpoint("bad_mlx_bits", dir, sizeof dir);
+    REQUIRE(edit_config(dir, declare_8_bits));
+    expect_convert_error(t, dir, "at 8 bits (as config.json's quantization declares)");
+}
+
+static void unknown_mode(json_t *c) { json_object_set_new(json_object_get(c, "quantization"), "mode", json_string("mxfp4")); }
+FM_TEST(bad_mlx_unknown_mode) {
+    char dir[512];
+    copy_mlx_checkpoint("bad_mlx_mode", dir, sizeof dir);
+    REQUIRE(edit_config(dir, unknown_mode));
+    expect_convert_error(t, dir, "quantization mode \"mxfp4\" is not supported");
+}
+
+static void drop_quantization(json_t *c) { json_object_del(c, "quantization"); }
+FM_TEST(bad_mlx_no_quantization_block) {
+    char dir[512];
+    copy_mlx_checkpoint("bad_mlx_noq", dir, sizeof dir);
+    REQUIRE(edit_config(dir, drop_quantization));
+    expect_convert_error(t, dir, "config.json has no \"quantization\" block");
+}

@@ -637,12 +637,14 @@ fm_status fm_convert_hf(const char *hf_dir, const char *out_dir, const fm_conver
                           unknown, first_unknown);
         goto done;
     }
-    if (skipped) fprintf(stderr, "convert: skipped %zu tensors the engine does not use (mtp.*, visual)\n", skipped);
-    if (x.n_copied) fprintf(stderr, "convert: %d tensors copied with the checkpoint's own quantization\n", x.n_copied);
-    if (x.n_router_floor) fprintf(stderr, "convert: %d router gates kept at Q8 (never below)\n", x.n_router_floor);
-    if (x.n_fallback)
-        fprintf(stderr, "convert: %d tensors stored as BF16: their columns are not a multiple of group size %d\n",
-                x.n_fallback, x.group_size);
+    if (opt->progress) {
+        if (skipped) fprintf(stderr, "convert: skipped %zu tensors the engine does not use (mtp.*, visual)\n", skipped);
+        if (x.n_copied) fprintf(stderr, "convert: %d tensors copied with the checkpoint's own quantization\n", x.n_copied);
+        if (x.n_router_floor) fprintf(stderr, "convert: %d router gates kept at Q8 (never below)\n", x.n_router_floor);
+        if (x.n_fallback)
+            fprintf(stderr, "convert: %d tensors stored as BF16: their columns are not a multiple of group size %d\n",
+                    x.n_fallback, x.group_size);
+    }
     json_t *source = json_pack("{s:s, s:s}", "path", hf_dir, "converter", "flashmoe convert");
     st = fm_packed_writer_finish(x.w, source);
     if (st != FM_OK) goto done;

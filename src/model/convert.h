@@ -27,7 +27,7 @@ typedef struct fm_convert_options {
     int n_overrides;
     int n_threads;          /* 0 = all CPUs */
     bool force;             /* replace an existing output directory */
-    bool progress;          /* progress line on stderr */
+    bool progress;          /* progress line, plan and summary on stderr */
 } fm_convert_options;
 
 /* Options as `flashmoe convert` defaults them: experts Q4, dense Q8, group 64, RTN, keep MLX. */

@@ -2,6 +2,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,7 +67,9 @@ static const char *part_names[FM_PART_COUNT] = {"gate", "up", "down"};
 /* ======================================================================= writer */
 
 struct fm_packed_writer {
-    char *dir;
+    char *final_dir; /* where the model appears when finished */
+    char *dir;       /* final_dir + ".partial" while writing */
+    bool force, finished;
     fm_config cfg;
     int dense_fd;
     uint64_t dense_size;
@@ -93,34 +96,63 @@ static fm_status write_all(int fd, const void *buf, size_t n, uint64_t off, cons
     return FM_OK;
 }
 
-fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, fm_packed_writer **out) {
+static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
+    (void)sb, (void)flag, (void)ftw;
+    return remove(path);
+}
+
+static int remove_tree(const char *path) { return nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
+
+/* mkdir -p of the directory that will hold `path`. */
+static void make_parent_dirs(const char *path) {
+    char buf[4096];
+    snprintf(buf, sizeof buf, "%s", path);
+    for (char *p = buf + 1; *p; p++) {
+        if (*p != '/') continue;
+        *p = 0;
+        mkdir(buf, 0755); /* existing components are fine; a real failure shows at the next mkdir */
+        *p = '/';
+    }
+}
+
+fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, bool force, fm_packed_writer **out) {
     *out = NULL;
     fm_status st;
     char path[4096];
+    struct stat sb;
+    if (stat(dir, &sb) == 0 && !force) return fm_error_set(FM_ERR_ARG, "%s already exists (remove it or pass --force)", dir);
     fm_packed_writer *w = calloc(1, sizeof *w);
     if (!w) return fm_error_set(FM_ERR_NOMEM, "out of memory");
     w->dense_fd = -1;
     w->cfg = *cfg;
-    w->dir = strdup(dir);
+    w->force = force;
+    w->final_dir = strdup(dir);
+    snprintf(path, sizeof path, "%s.partial", dir);
+    w->dir = strdup(path);
     w->dense_tensors = json_object();
     w->layouts = calloc((size_t)cfg->n_layers, sizeof *w->layouts);
     w->expert_fds = malloc(sizeof(int) * (size_t)cfg->n_layers);
     w->experts_written = calloc((size_t)cfg->n_layers, sizeof(int64_t));
-    if (!w->dir || !w->dense_tensors || !w->layouts || !w->expert_fds || !w->experts_written) {
+    if (!w->final_dir || !w->dir || !w->dense_tensors || !w->layouts || !w->expert_fds || !w->experts_written) {
         st = fm_error_set(FM_ERR_NOMEM, "out of memory");
         goto fail;
     }
     for (int l = 0; l < cfg->n_layers; l++) w->expert_fds[l] = -1;
-    if (mkdir(dir, 0755) != 0) {
-        st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", dir, strerror(errno));
+    make_parent_dirs(w->dir);
+    if (stat(w->dir, &sb) == 0 && remove_tree(w->dir) != 0) { /* left by an interrupted run */
+        st = fm_error_set(FM_ERR_IO, "%s: cannot remove a stale partial model: %s", w->dir, strerror(errno));
         goto fail;
     }
-    snprintf(path, sizeof path, "%s/experts", dir);
+    if (mkdir(w->dir, 0755) != 0) {
+        st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", w->dir, strerror(errno));
+        goto fail;
+    }
+    snprintf(path, sizeof path, "%s/experts", w->dir);
     if (mkdir(path, 0755) != 0) {
         st = fm_error_set(FM_ERR_IO, "%s: cannot create directory: %s", path, strerror(errno));
         goto fail;
     }
-    snprintf(path, sizeof path, "%s/dense.bin", dir);
+    snprintf(path, sizeof path, "%s/dense.bin", w->dir);
     w->dense_fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
     if (w->dense_fd < 0) {
         st = fm_error_set(FM_ERR_IO, "%s: cannot create: %s", path, strerror(errno));
@@ -131,6 +163,25 @@ fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, fm_packed
 fail:
     fm_packed_writer_free(w);
     return st;
+}
+
+/* Moves the finished DIR.partial to DIR (an existing DIR, with --force, is moved aside first). */
+static fm_status publish(fm_packed_writer *w) {
+    char old[4200];
+    struct stat sb;
+    if (stat(w->final_dir, &sb) == 0) {
+        snprintf(old, sizeof old, "%s.old", w->final_dir);
+        if (stat(old, &sb) == 0) remove_tree(old);
+        if (rename(w->final_dir, old) != 0)
+            return fm_error_set(FM_ERR_IO, "%s: cannot move aside: %s", w->final_dir, strerror(errno));
+        if (rename(w->dir, w->final_dir) != 0)
+            return fm_error_set(FM_ERR_IO, "%s: cannot rename to %s: %s", w->dir, w->final_dir, strerror(errno));
+        remove_tree(old);
+        return FM_OK;
+    }
+    if (rename(w->dir, w->final_dir) != 0)
+        return fm_error_set(FM_ERR_IO, "%s: cannot rename to %s: %s", w->dir, w->final_dir, strerror(errno));
+    return FM_OK;
 }
 
 static json_t *tensor_entry(const fm_packed_tensor *t) {
@@ -262,6 +313,8 @@ fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
         if (fd < 0 || fsync(fd) != 0) st = fm_error_set(FM_ERR_IO, "%s: flush failed", path);
         if (fd >= 0) close(fd);
     }
+    if (st == FM_OK) st = publish(w);
+    if (st == FM_OK) w->finished = true;
 done:
     json_decref(source);
     json_decref(layers);
@@ -274,6 +327,9 @@ void fm_packed_writer_free(fm_packed_writer *w) {
     if (w->expert_fds)
         for (int l = 0; l < w->cfg.n_layers; l++)
             if (w->expert_fds[l] >= 0) close(w->expert_fds[l]);
+    struct stat sb;
+    if (!w->finished && w->dir && stat(w->dir, &sb) == 0) remove_tree(w->dir); /* never leave half a model */
+    free(w->final_dir);
     json_decref(w->dense_tensors);
     free(w->layouts);
     free(w->expert_fds);

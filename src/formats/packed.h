@@ -9,6 +9,7 @@
 #define FM_FORMATS_PACKED_H
 
 #include <jansson.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "backend/tensor.h"
@@ -79,8 +80,11 @@ const fm_packed_tensor *fm_packed_find(const fm_packed_model *m, const char *nam
 
 typedef struct fm_packed_writer fm_packed_writer;
 
-/* Starts writing a packed model into directory `dir` (created; must not exist). */
-fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, fm_packed_writer **out);
+/* Starts writing a packed model that will appear at `dir`: everything is written into
+ * "<dir>.partial" (a stale one from an interrupted run is removed; parent directories are created)
+ * and renamed to `dir` by fm_packed_writer_finish, so a directory named `dir` is always a whole
+ * model. An existing `dir` is an error unless `force` (then it is replaced at the end). */
+fm_status fm_packed_writer_init(const char *dir, const fm_config *cfg, bool force, fm_packed_writer **out);
 
 /* Appends a dense tensor: name, dtype, shape, group_size/scale_dtype (quantized), data and n_bytes
  * (= fm_packed_tensor_nbytes) are read from *t; offset is assigned. */
@@ -97,10 +101,10 @@ const fm_packed_expert_layer *fm_packed_writer_expert_layout(const fm_packed_wri
 fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert, const void *const parts[FM_PART_COUNT]);
 
 /* Writes model.json (with `source`, an object describing where the weights came from, stolen),
- * flushes every file to disk and closes them. The directory is complete only after this. */
+ * flushes every file to disk, closes them and renames "<dir>.partial" to `dir`. */
 fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source);
 
-/* Frees the writer (closing files); does not delete what was written. */
+/* Frees the writer, closing files; an unfinished "<dir>.partial" is removed. */
 void fm_packed_writer_free(fm_packed_writer *w);
 
 #endif

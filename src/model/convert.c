@@ -4,7 +4,6 @@
 #include "model/convert.h"
 
 #include <errno.h>
-#include <ftw.h>
 #include <pthread.h>
 #include <regex.h>
 #include <stdio.h>
@@ -457,25 +456,6 @@ static fm_status convert_layer(conv_ctx *x, int l) {
 
 /* ------------------------------------------------------------------ the whole model */
 
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw) {
-    (void)sb, (void)flag, (void)ftw;
-    return remove(path);
-}
-
-static int remove_tree(const char *path) { return nftw(path, rm_entry, 16, FTW_DEPTH | FTW_PHYS); }
-
-/* mkdir -p of the directory that will hold `path`. */
-static void make_parent_dirs(const char *path) {
-    char buf[4096];
-    snprintf(buf, sizeof buf, "%s", path);
-    for (char *p = buf + 1; *p; p++) {
-        if (*p != '/') continue;
-        *p = 0;
-        mkdir(buf, 0755); /* existing components are fine; a real failure shows at the writer's mkdir */
-        *p = '/';
-    }
-}
-
 static fm_status detect_layout(conv_ctx *x) {
     static const char *prefixes[] = {"model.language_model.", "language_model.model.", "model.", ""};
     x->ss.prefix = NULL;
@@ -568,7 +548,7 @@ static void describe_plan(const fm_convert_options *o, int gs) {
 }
 
 fm_status fm_convert_hf(const char *hf_dir, const char *out_dir, const fm_convert_options *opt) {
-    char path[4096], tmp[4096], old[4096];
+    char path[4096];
     fm_config cfg;
     fm_status st;
     conv_ctx x;
@@ -585,7 +565,7 @@ fm_status fm_convert_hf(const char *hf_dir, const char *out_dir, const fm_conver
     if (stat(hf_dir, &sb) != 0 || !S_ISDIR(sb.st_mode))
         return fm_error_set(FM_ERR_IO, "%s: not a directory (expected a Hugging Face checkpoint)", hf_dir);
     TRY(fm_config_load(path, &cfg));
-    if (stat(out_dir, &sb) == 0 && !opt->force)
+    if (stat(out_dir, &sb) == 0 && !opt->force) /* checked early: before reading gigabytes */
         return fm_error_set(FM_ERR_ARG, "%s already exists (remove it or pass --force)", out_dir);
     for (int i = 0; i < opt->n_overrides; i++) {
         int rc = regcomp(&x.re[i], opt->overrides[i].pattern, REG_EXTENDED | REG_NOSUB);
@@ -611,13 +591,7 @@ fm_status fm_convert_hf(const char *hf_dir, const char *out_dir, const fm_conver
     st = detect_layout(&x);
     if (st != FM_OK) goto done;
     if (opt->progress) describe_plan(opt, x.group_size);
-    make_parent_dirs(out_dir);
-    snprintf(tmp, sizeof tmp, "%s.partial", out_dir);
-    if (stat(tmp, &sb) == 0 && remove_tree(tmp) != 0) {
-        st = fm_error_set(FM_ERR_IO, "%s: cannot remove a stale partial conversion: %s", tmp, strerror(errno));
-        goto done;
-    }
-    st = fm_packed_writer_init(tmp, &cfg, &x.w);
+    st = fm_packed_writer_init(out_dir, &cfg, opt->force, &x.w);
     if (st != FM_OK) goto done;
     st = convert_all(&x);
     if (st != FM_OK) {
@@ -647,33 +621,8 @@ fm_status fm_convert_hf(const char *hf_dir, const char *out_dir, const fm_conver
     }
     json_t *source = json_pack("{s:s, s:s}", "path", hf_dir, "converter", "flashmoe convert");
     st = fm_packed_writer_finish(x.w, source);
-    if (st != FM_OK) goto done;
-    fm_packed_writer_free(x.w);
-    x.w = NULL;
-    if (stat(out_dir, &sb) == 0) { /* --force: move the old one aside, then swap */
-        snprintf(old, sizeof old, "%s.old", out_dir);
-        if (stat(old, &sb) == 0) remove_tree(old);
-        if (rename(out_dir, old) != 0) {
-            st = fm_error_set(FM_ERR_IO, "%s: cannot move aside: %s", out_dir, strerror(errno));
-            goto done;
-        }
-        if (rename(tmp, out_dir) != 0) {
-            st = fm_error_set(FM_ERR_IO, "%s: cannot rename to %s: %s", tmp, out_dir, strerror(errno));
-            goto done;
-        }
-        remove_tree(old);
-    } else if (rename(tmp, out_dir) != 0) {
-        st = fm_error_set(FM_ERR_IO, "%s: cannot rename to %s: %s", tmp, out_dir, strerror(errno));
-        goto done;
-    }
 done:
-    if (x.w) {
-        fm_packed_writer_free(x.w);
-        remove_tree(tmp);
-    } else if (st != FM_OK && x.ss.used) {
-        snprintf(tmp, sizeof tmp, "%s.partial", out_dir);
-        if (stat(tmp, &sb) == 0) remove_tree(tmp);
-    }
+    fm_packed_writer_free(x.w); /* removes <out_dir>.partial unless finished */
     for (int k = 0; k < x.n_re; k++) regfree(&x.re[k]);
     fm_pool_free(x.pool);
     free(x.ss.used);

@@ -14,6 +14,7 @@ static const struct {
     {"run", fm_cli_run, "generate tokens from a prompt"},
     {"logits", fm_cli_logits, "write the logits of a token sequence to a .npy file"},
     {"perplexity", fm_cli_perplexity, "perplexity, and KL divergence against reference logits"},
+    {"synth", fm_cli_synth, "write a random-weight model at a real model's geometry (for benchmarks)"},
 };
 
 static void usage(FILE *f) {

@@ -18,6 +18,8 @@ int fm_cli_logits(int argc, char **argv);
 int fm_cli_run(int argc, char **argv);
 int fm_cli_perplexity(int argc, char **argv);
 int fm_cli_synth(int argc, char **argv);
+int fm_cli_tokenize(int argc, char **argv);
+int fm_cli_detokenize(int argc, char **argv);
 
 /* Prints "flashmoe CMD: <message>" to stderr and returns FM_EXIT_USAGE. */
 int fm_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

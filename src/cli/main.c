@@ -14,6 +14,8 @@ static const struct {
     {"run", fm_cli_run, "generate tokens from a prompt"},
     {"logits", fm_cli_logits, "write the logits of a token sequence to a .npy file"},
     {"perplexity", fm_cli_perplexity, "perplexity, and KL divergence against reference logits"},
+    {"tokenize", fm_cli_tokenize, "encode text to token ids with a tokenizer.json"},
+    {"detokenize", fm_cli_detokenize, "decode token ids to text"},
     {"synth", fm_cli_synth, "write a random-weight model at a real model's geometry (for benchmarks)"},
 };
 

@@ -36,9 +36,21 @@ const char *fm_status_name(fm_status s);
 typedef struct fm_model fm_model;
 typedef struct fm_session fm_session;
 
+/* How routed experts are read from their files. */
+typedef enum fm_io_engine {
+    FM_IO_PREAD = 0,  /* a pool of threads doing pread; the OS page cache caches (default) */
+    FM_IO_DIRECT = 1, /* the same with O_DIRECT: bypasses the page cache */
+    FM_IO_MMAP = 2,   /* pointers into mapped files (page faults instead of reads; for comparison) */
+} fm_io_engine;
+
 typedef struct fm_model_params {
-    int n_threads;      /* worker threads for compute; 0 = number of online CPUs */
-    int n_experts_used; /* routed experts per token; 0 = the model's own top-k (fewer lowers quality) */
+    int n_threads;         /* worker threads for compute; 0 = number of online CPUs */
+    int n_experts_used;    /* routed experts per token; 0 = the model's own top-k (fewer lowers quality) */
+    fm_io_engine io_engine;
+    int io_threads;        /* expert reader threads; 0 = 4 */
+    uint64_t cache_bytes;  /* in-process RAM cache for experts; 0 = none (the page cache still works) */
+    uint64_t mem_budget;   /* bytes the process may keep (dense weights, caches, state, buffers); 0 = no
+                            * limit. With a budget and no cache_bytes, the cache gets what is left. */
 } fm_model_params;
 
 /* Default parameters (all zero: auto threads, the model's own top-k). */

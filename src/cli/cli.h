@@ -7,6 +7,9 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <getopt.h>
+
+#include "flashmoe.h"
 
 #define FM_EXIT_OK 0
 #define FM_EXIT_FAIL 1
@@ -20,6 +23,35 @@ int fm_cli_perplexity(int argc, char **argv);
 int fm_cli_synth(int argc, char **argv);
 int fm_cli_tokenize(int argc, char **argv);
 int fm_cli_detokenize(int argc, char **argv);
+
+/* Options every command that opens a model shares (option codes 1000..1099). */
+enum {
+    FM_OPT_EXPERTS = 1000,
+    FM_OPT_IO,
+    FM_OPT_IO_THREADS,
+    FM_OPT_CACHE,
+    FM_OPT_BUDGET,
+};
+#define FM_CLI_MODEL_OPTIONS                                                                       \
+    {"threads", required_argument, 0, 't'}, {"experts", required_argument, 0, FM_OPT_EXPERTS},      \
+        {"io", required_argument, 0, FM_OPT_IO}, {"io-threads", required_argument, 0, FM_OPT_IO_THREADS}, \
+        {"cache", required_argument, 0, FM_OPT_CACHE}, {"mem-budget", required_argument, 0, FM_OPT_BUDGET}
+#define FM_CLI_MODEL_HELP                                                                          \
+    "  -t, --threads N       compute threads (default: all CPUs)\n"                               \
+    "  --experts K           routed experts per token (default: the model's; fewer lowers quality)\n" \
+    "  --io ENGINE           how experts are read: pread (default; the page cache caches), direct\n" \
+    "                        (O_DIRECT, bypasses the page cache), mmap (for comparison)\n"       \
+    "  --io-threads N        expert reader threads (default 4)\n"                                 \
+    "  --cache SIZE          in-process RAM cache for experts, e.g. 8G (default none)\n"           \
+    "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
+    "                        and buffers leave (refused up front if the dense weights do not fit)\n"
+
+/* Handles one of FM_CLI_MODEL_OPTIONS: 1 if it was one (stored in *p), 0 if `c` is not a model
+ * option, -1 if its value is bad (the message is printed). */
+int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params *p);
+
+/* Parses a size with an optional K/M/G/T suffix (powers of 1024; "1.5G" allowed). */
+bool fm_cli_parse_size(const char *s, uint64_t *out);
 
 /* Prints "flashmoe CMD: <message>" to stderr and returns FM_EXIT_USAGE. */
 int fm_cli_usage_error(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));

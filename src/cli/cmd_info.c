@@ -6,14 +6,7 @@
 #include "cli/cli.h"
 #include "formats/packed.h"
 #include "quant/quant.h"
-
-/* "12.3 GB" / "4.5 MB" / "800 KB" */
-static const char *human(double bytes, char *buf, size_t cap) {
-    if (bytes >= 1e9) snprintf(buf, cap, "%.2f GB", bytes / 1e9);
-    else if (bytes >= 1e6) snprintf(buf, cap, "%.2f MB", bytes / 1e6);
-    else snprintf(buf, cap, "%.1f KB", bytes / 1e3);
-    return buf;
-}
+#include "util/progress.h"
 
 static void help(void) {
     printf("usage: flashmoe info -m MODEL [--json]\n\n"
@@ -65,11 +58,11 @@ int fm_cli_info(int argc, char **argv) {
     else
         printf("expert dtype   %s (layer 0)\n", fm_dtype_name(g0->dtype));
     char h1[32], h2[32], h3[32];
-    printf("dense          %s in %zu tensors (resident)\n", human((double)dense, h1, sizeof h1), pm->n_tensors);
+    printf("dense          %s in %zu tensors (resident)\n", fm_human_bytes((double)dense, h1, sizeof h1), pm->n_tensors);
     printf("experts        %llu bytes per expert (layer 0), %s per layer, %s in all (streamed)\n",
-           (unsigned long long)pm->experts[0].stride, human((double)all_experts / cf->n_layers, h2, sizeof h2),
-           human((double)all_experts, h3, sizeof h3));
-    printf("per token      %s of experts (%d layers x %d experts)\n", human((double)token_bytes, h1, sizeof h1),
+           (unsigned long long)pm->experts[0].stride, fm_human_bytes((double)all_experts / cf->n_layers, h2, sizeof h2),
+           fm_human_bytes((double)all_experts, h3, sizeof h3));
+    printf("per token      %s of experts (%d layers x %d experts)\n", fm_human_bytes((double)token_bytes, h1, sizeof h1),
            cf->n_layers, cf->n_experts_used);
     fm_packed_close(pm);
     return FM_EXIT_OK;

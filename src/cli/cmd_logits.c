@@ -19,8 +19,7 @@ static void logits_help(void) {
            "  --out FILE            output .npy file\n"
            "  --incremental N       evaluate the first N ids as one batch, then the rest one at a time\n"
            "                        (checks that batched prefill and decode agree); default: one batch\n"
-           "  -t, --threads N       worker threads (default: all CPUs)\n"
-           "  --experts K           routed experts per token (default: the model's; fewer lowers quality)\n");
+           FM_CLI_MODEL_HELP);
 }
 
 static void run_help(void) {
@@ -33,61 +32,41 @@ static void run_help(void) {
            "  --temp T              sampling temperature; only 0 (greedy) is available in this version\n"
            "  --print-ids           print the generated ids as a comma-separated line (default)\n"
            "  --timing              print prefill and decode speed to stderr\n"
-           "  -c, --ctx N           context size (default: prompt + n)\n"
-           "  -t, --threads N       worker threads (default: all CPUs)\n"
-           "  --experts K           routed experts per token (default: the model's; fewer lowers quality)\n\n"
-           "example: flashmoe run -m out/model --prompt-ids 1,2,3 -n 8 --print-ids\n");
+           "  -c, --ctx N           context size (default: prompt + n)\n" FM_CLI_MODEL_HELP
+           "\nexample: flashmoe run -m out/model --prompt-ids 1,2,3 -n 8 --print-ids\n");
 }
 
-/* Options shared by both commands. */
-typedef struct common_opts {
-    const char *model;
-    int threads, experts;
-} common_opts;
-
-static int open_model(const char *cmd, const common_opts *o, fm_model **m) {
-    fm_model_params p = fm_model_default_params();
-    p.n_threads = o->threads;
-    p.n_experts_used = o->experts;
-    if (fm_model_open(o->model, &p, m) != FM_OK) return fm_cli_fail(cmd);
-    return FM_EXIT_OK;
-}
-
-enum { OPT_IDS = 256, OPT_OUT, OPT_INCR, OPT_EXPERTS, OPT_PRINT_IDS, OPT_TIMING, OPT_TEMP };
+enum { OPT_IDS = 256, OPT_OUT, OPT_INCR, OPT_PRINT_IDS, OPT_TIMING, OPT_TEMP };
 
 int fm_cli_logits(int argc, char **argv) {
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},   {"ids", required_argument, 0, OPT_IDS},
         {"out", required_argument, 0, OPT_OUT}, {"incremental", required_argument, 0, OPT_INCR},
-        {"threads", required_argument, 0, 't'}, {"experts", required_argument, 0, OPT_EXPERTS},
-        {"help", no_argument, 0, 'h'},          {0, 0, 0, 0}};
-    common_opts o = {0};
+        FM_CLI_MODEL_OPTIONS,                   {"help", no_argument, 0, 'h'},
+        {0, 0, 0, 0}};
+    fm_model_params p = fm_model_default_params();
+    const char *model = NULL;
     const char *ids_s = NULL, *out_path = NULL;
-    int64_t incr = -1, v;
+    int64_t incr = -1;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+        int mo = fm_cli_model_option("logits", c, optarg, &p);
+        if (mo < 0) return FM_EXIT_USAGE;
+        if (mo) continue;
         switch (c) {
-        case 'm': o.model = optarg; break;
+        case 'm': model = optarg; break;
         case OPT_IDS: ids_s = optarg; break;
         case OPT_OUT: out_path = optarg; break;
         case OPT_INCR:
             if (!fm_cli_parse_i64(optarg, 1, INT32_MAX, &incr))
                 return fm_cli_usage_error("logits", "--incremental needs a positive integer");
             break;
-        case 't':
-            if (!fm_cli_parse_i64(optarg, 1, 4096, &v)) return fm_cli_usage_error("logits", "--threads needs 1..4096");
-            o.threads = (int)v;
-            break;
-        case OPT_EXPERTS:
-            if (!fm_cli_parse_i64(optarg, 1, 65536, &v)) return fm_cli_usage_error("logits", "--experts needs a positive integer");
-            o.experts = (int)v;
-            break;
         case 'h': logits_help(); return FM_EXIT_OK;
         default: return fm_cli_usage_error("logits", "bad option");
         }
     }
-    if (!o.model || !ids_s || !out_path) return fm_cli_usage_error("logits", "-m, --ids and --out are required");
+    if (!model || !ids_s || !out_path) return fm_cli_usage_error("logits", "-m, --ids and --out are required");
     if (optind != argc) return fm_cli_usage_error("logits", "unexpected argument \"%s\"", argv[optind]);
     int32_t *ids;
     int64_t n;
@@ -99,9 +78,14 @@ int fm_cli_logits(int argc, char **argv) {
     fm_model *m = NULL;
     fm_session *s = NULL;
     float *logits = NULL;
-    int rc = open_model("logits", &o, &m);
-    if (rc) goto done;
-    if (o.experts) fprintf(stderr, "logits: using %d routed experts per token instead of the model's own (lower quality)\n", o.experts);
+    int rc = FM_EXIT_OK;
+    if (fm_model_open(model, &p, &m) != FM_OK) {
+        rc = fm_cli_fail("logits");
+        goto done;
+    }
+    if (p.n_experts_used)
+        fprintf(stderr, "logits: using %d routed experts per token instead of the model's own (lower quality)\n",
+                p.n_experts_used);
     int64_t V = fm_model_n_vocab(m);
     logits = malloc(sizeof(float) * (size_t)(n * V));
     if (!logits) {
@@ -144,33 +128,28 @@ int fm_cli_run(int argc, char **argv) {
     static const struct option opts[] = {
         {"model", required_argument, 0, 'm'},       {"prompt-ids", required_argument, 0, OPT_IDS},
         {"n-predict", required_argument, 0, 'n'},   {"ctx", required_argument, 0, 'c'},
-        {"threads", required_argument, 0, 't'},     {"experts", required_argument, 0, OPT_EXPERTS},
+        FM_CLI_MODEL_OPTIONS,
         {"print-ids", no_argument, 0, OPT_PRINT_IDS}, {"timing", no_argument, 0, OPT_TIMING},
         {"temp", required_argument, 0, OPT_TEMP},   {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
-    common_opts o = {0};
-    const char *ids_s = NULL;
-    int64_t n_predict = 16, n_ctx = 0, v;
+    fm_model_params p = fm_model_default_params();
+    const char *model = NULL, *ids_s = NULL;
+    int64_t n_predict = 16, n_ctx = 0;
     bool timing = false;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:n:c:t:h", opts, NULL)) != -1) {
+        int mo = fm_cli_model_option("run", c, optarg, &p);
+        if (mo < 0) return FM_EXIT_USAGE;
+        if (mo) continue;
         switch (c) {
-        case 'm': o.model = optarg; break;
+        case 'm': model = optarg; break;
         case OPT_IDS: ids_s = optarg; break;
         case 'n':
             if (!fm_cli_parse_i64(optarg, 0, INT32_MAX, &n_predict)) return fm_cli_usage_error("run", "-n needs a non-negative integer");
             break;
         case 'c':
             if (!fm_cli_parse_i64(optarg, 1, INT32_MAX, &n_ctx)) return fm_cli_usage_error("run", "--ctx needs a positive integer");
-            break;
-        case 't':
-            if (!fm_cli_parse_i64(optarg, 1, 4096, &v)) return fm_cli_usage_error("run", "--threads needs 1..4096");
-            o.threads = (int)v;
-            break;
-        case OPT_EXPERTS:
-            if (!fm_cli_parse_i64(optarg, 1, 65536, &v)) return fm_cli_usage_error("run", "--experts needs a positive integer");
-            o.experts = (int)v;
             break;
         case OPT_PRINT_IDS: break;
         case OPT_TIMING: timing = true; break;
@@ -182,7 +161,7 @@ int fm_cli_run(int argc, char **argv) {
         default: return fm_cli_usage_error("run", "bad option");
         }
     }
-    if (!o.model || !ids_s) return fm_cli_usage_error("run", "-m and --prompt-ids are required (text prompts come with the tokenizer)");
+    if (!model || !ids_s) return fm_cli_usage_error("run", "-m and --prompt-ids are required (text prompts come with the tokenizer)");
     if (optind != argc) return fm_cli_usage_error("run", "unexpected argument \"%s\"", argv[optind]);
     int32_t *ids;
     int64_t n;
@@ -191,9 +170,14 @@ int fm_cli_run(int argc, char **argv) {
     fm_model *m = NULL;
     fm_session *s = NULL;
     float *logits = NULL;
-    int rc = open_model("run", &o, &m);
-    if (rc) goto done;
-    if (o.experts) fprintf(stderr, "run: using %d routed experts per token instead of the model's own (lower quality)\n", o.experts);
+    int rc = FM_EXIT_OK;
+    if (fm_model_open(model, &p, &m) != FM_OK) {
+        rc = fm_cli_fail("run");
+        goto done;
+    }
+    if (p.n_experts_used)
+        fprintf(stderr, "run: using %d routed experts per token instead of the model's own (lower quality)\n",
+                p.n_experts_used);
     int64_t V = fm_model_n_vocab(m);
     logits = malloc(sizeof(float) * (size_t)V);
     if (!logits || fm_session_init(m, n_ctx, &s) != FM_OK) {

@@ -23,9 +23,7 @@ static void help(void) {
            "  -m, --model DIR      packed model\n"
            "  --ids-file FILE      token ids\n"
            "  --kl-base FILE       reference logits (.npy)\n"
-           "  --experts K          routed experts per token (default: the model's; fewer lowers quality)\n"
-           "  -t, --threads N      worker threads (default: all CPUs)\n"
-           "  --json               one JSON object instead of text\n\n"
+           "  --json               one JSON object instead of text\n" FM_CLI_MODEL_HELP "\n"
            "example:\n"
            "  flashmoe logits -m m-f32 --ids \"$(cat ids.txt)\" --out base.npy\n"
            "  flashmoe perplexity -m m-q4 --ids-file ids.txt --kl-base base.npy\n");
@@ -77,31 +75,26 @@ static void top_k(const float *x, int64_t n, int k, int64_t *idx) {
     }
 }
 
-enum { OPT_IDS_FILE = 256, OPT_KL, OPT_EXPERTS, OPT_JSON };
+enum { OPT_IDS_FILE = 256, OPT_KL, OPT_JSON };
 
 int fm_cli_perplexity(int argc, char **argv) {
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},      {"ids-file", required_argument, 0, OPT_IDS_FILE},
-                                         {"kl-base", required_argument, 0, OPT_KL},  {"experts", required_argument, 0, OPT_EXPERTS},
-                                         {"threads", required_argument, 0, 't'},    {"json", no_argument, 0, OPT_JSON},
+                                         {"kl-base", required_argument, 0, OPT_KL},  FM_CLI_MODEL_OPTIONS,
+                                         {"json", no_argument, 0, OPT_JSON},
                                          {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
     const char *model_dir = NULL, *ids_path = NULL, *kl_path = NULL;
-    int threads = 0, experts = 0, c;
+    int c;
     bool json = false;
-    int64_t v;
+    fm_model_params p = fm_model_default_params();
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+        int mo = fm_cli_model_option("perplexity", c, optarg, &p);
+        if (mo < 0) return FM_EXIT_USAGE;
+        if (mo) continue;
         switch (c) {
         case 'm': model_dir = optarg; break;
         case OPT_IDS_FILE: ids_path = optarg; break;
         case OPT_KL: kl_path = optarg; break;
-        case OPT_EXPERTS:
-            if (!fm_cli_parse_i64(optarg, 1, 65536, &v)) return fm_cli_usage_error("perplexity", "--experts needs a positive integer");
-            experts = (int)v;
-            break;
-        case 't':
-            if (!fm_cli_parse_i64(optarg, 1, 4096, &v)) return fm_cli_usage_error("perplexity", "--threads needs 1..4096");
-            threads = (int)v;
-            break;
         case OPT_JSON: json = true; break;
         case 'h': help(); return FM_EXIT_OK;
         default: return fm_cli_usage_error("perplexity", "bad option");
@@ -114,8 +107,8 @@ int fm_cli_perplexity(int argc, char **argv) {
         fprintf(stderr, "flashmoe perplexity: %s: cannot read\n", ids_path);
         return FM_EXIT_FAIL;
     }
-    for (char *p = text; *p; p++) /* accept a JSON array too */
-        if (*p == '[' || *p == ']') *p = ' ';
+    for (char *q = text; *q; q++) /* accept a JSON array too */
+        if (*q == '[' || *q == ']') *q = ' ';
     int32_t *ids = NULL;
     int64_t n = 0;
     bool ok = fm_cli_parse_ids("perplexity", text, &ids, &n);
@@ -132,16 +125,13 @@ int fm_cli_perplexity(int argc, char **argv) {
     double *lp = NULL, *lq = NULL;
     fm_npy base = {0};
     int rc = FM_EXIT_OK;
-    fm_model_params p = fm_model_default_params();
-    p.n_threads = threads;
-    p.n_experts_used = experts;
     if (fm_model_open(model_dir, &p, &m) != FM_OK) {
         rc = fm_cli_fail("perplexity");
         goto done;
     }
-    if (experts && experts != m->cfg.n_experts_used)
-        fprintf(stderr, "perplexity: using %d routed experts per token instead of the model's %d (lower quality)\n", experts,
-                m->cfg.n_experts_used);
+    if (p.n_experts_used && p.n_experts_used != m->cfg.n_experts_used)
+        fprintf(stderr, "perplexity: using %d routed experts per token instead of the model's %d (lower quality)\n",
+                p.n_experts_used, m->cfg.n_experts_used);
     int64_t V = fm_model_n_vocab(m);
     if (kl_path) {
         if (fm_npy_read(kl_path, &base) != FM_OK) {

@@ -82,3 +82,58 @@ bool fm_cli_parse_ids(const char *cmd, const char *s, int32_t **ids, int64_t *n)
     *n = (int64_t)len;
     return true;
 }
+
+bool fm_cli_parse_size(const char *s, uint64_t *out) {
+    if (!s || !*s) return false;
+    errno = 0;
+    char *end;
+    double v = strtod(s, &end);
+    if (errno || end == s || v < 0) return false;
+    double mul = 1;
+    switch (*end) {
+    case 'k': case 'K': mul = 1024.0; end++; break;
+    case 'm': case 'M': mul = 1024.0 * 1024; end++; break;
+    case 'g': case 'G': mul = 1024.0 * 1024 * 1024; end++; break;
+    case 't': case 'T': mul = 1024.0 * 1024 * 1024 * 1024; end++; break;
+    default: break;
+    }
+    if (*end == 'B' || *end == 'b') end++;
+    if (*end) return false;
+    *out = (uint64_t)(v * mul);
+    return true;
+}
+
+int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params *p) {
+    int64_t v;
+    uint64_t u;
+    switch (c) {
+    case 't':
+        if (!fm_cli_parse_i64(arg, 1, 4096, &v)) return fm_cli_usage_error(cmd, "--threads needs 1..4096"), -1;
+        p->n_threads = (int)v;
+        return 1;
+    case FM_OPT_EXPERTS:
+        if (!fm_cli_parse_i64(arg, 1, 65536, &v)) return fm_cli_usage_error(cmd, "--experts needs a positive integer"), -1;
+        p->n_experts_used = (int)v;
+        return 1;
+    case FM_OPT_IO:
+        if (!strcmp(arg, "pread")) p->io_engine = FM_IO_PREAD;
+        else if (!strcmp(arg, "direct")) p->io_engine = FM_IO_DIRECT;
+        else if (!strcmp(arg, "mmap")) p->io_engine = FM_IO_MMAP;
+        else return fm_cli_usage_error(cmd, "--io must be pread, direct or mmap"), -1;
+        return 1;
+    case FM_OPT_IO_THREADS:
+        if (!fm_cli_parse_i64(arg, 1, 256, &v)) return fm_cli_usage_error(cmd, "--io-threads needs 1..256"), -1;
+        p->io_threads = (int)v;
+        return 1;
+    case FM_OPT_CACHE:
+        if (!fm_cli_parse_size(arg, &u)) return fm_cli_usage_error(cmd, "--cache needs a size such as 512M or 8G"), -1;
+        p->cache_bytes = u;
+        return 1;
+    case FM_OPT_BUDGET:
+        if (!fm_cli_parse_size(arg, &u) || u == 0)
+            return fm_cli_usage_error(cmd, "--mem-budget needs a size such as 16G"), -1;
+        p->mem_budget = u;
+        return 1;
+    }
+    return 0;
+}

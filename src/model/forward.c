@@ -12,6 +12,7 @@
 #include "backend/cpu/ops.h"
 #include "model/model.h"
 #include "util/error.h"
+#include "util/progress.h"
 
 #define FM_MAX_CHUNK 256
 
@@ -37,8 +38,21 @@ struct fm_session {
     int32_t *tok_list; /* (cap * n_experts_used) tokens grouped by expert */
     float *tok_w;      /* (cap * n_experts_used) their routing weights */
     int64_t *expert_start; /* (n_experts + 1) */
+    int64_t *expert_fill;  /* (n_experts) */
+    int32_t *expert_uniq;  /* (n_experts) */
+    fm_layer_timing *timing; /* (n_layers) */
     float *logit_row;  /* (H) */
+    double head_seconds; /* final norm + lm_head */
 };
+
+const fm_layer_timing *fm_session_layer_timing(const fm_session *s, int layer) { return &s->timing[layer]; }
+
+double fm_session_head_seconds(const fm_session *s) { return s->head_seconds; }
+
+void fm_session_reset_timing(fm_session *s) {
+    memset(s->timing, 0, sizeof *s->timing * (size_t)s->m->cfg.n_layers);
+    s->head_seconds = 0;
+}
 
 /* ------------------------------------------------------------------------ session lifetime */
 
@@ -89,8 +103,12 @@ fm_status fm_session_init(fm_model *m, int64_t n_ctx, fm_session **out) {
     s->conv_state = calloc(L, sizeof(float *));
     s->ssm_state = calloc(L, sizeof(float *));
     s->expert_start = calloc((size_t)c->n_experts + 1, sizeof(int64_t));
+    s->expert_fill = calloc((size_t)c->n_experts, sizeof(int64_t));
+    s->expert_uniq = calloc((size_t)c->n_experts, sizeof(int32_t));
+    s->timing = calloc(L, sizeof *s->timing);
     s->logit_row = calloc((size_t)c->n_embd, sizeof(float));
-    if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->logit_row)
+    if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->expert_fill ||
+        !s->expert_uniq || !s->timing || !s->logit_row)
         goto nomem;
     for (int l = 0; l < c->n_layers; l++) {
         if (c->layer_kind[l] == FM_LAYER_FULL) {
@@ -136,6 +154,9 @@ void fm_session_free(fm_session *s) {
     free(s->tok_list);
     free(s->tok_w);
     free(s->expert_start);
+    free(s->expert_fill);
+    free(s->expert_uniq);
+    free(s->timing);
     free(s->logit_row);
     free(s);
 }
@@ -357,6 +378,7 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     fm_pool *pool = m->pool;
     int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used, I = c->n_ff_expert;
 
+    double t_start = fm_time_now();
     /* router: softmax over all experts in f32, top-k, renormalise */
     float *probs = s->small;
     fm_cpu_matmul(pool, probs, xn, T, &w->router);
@@ -382,7 +404,34 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
             for (int64_t i = 0; i < k; i++) tw[i] /= tsum;
     }
 
-    /* shared expert */
+    double t_routed = fm_time_now();
+    s->timing[l].route += t_routed - t_start;
+
+    /* group (token, weight) pairs by expert: counting sort */
+    int64_t *start = s->expert_start, *fill = s->expert_fill;
+    int32_t *uniq = s->expert_uniq;
+    memset(start, 0, sizeof(int64_t) * (size_t)(E + 1));
+    memset(fill, 0, sizeof(int64_t) * (size_t)E);
+    for (int64_t i = 0; i < T * k; i++) start[s->topk_ids[i] + 1]++;
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < k; i++) {
+            int32_t e = s->topk_ids[t * k + i];
+            int64_t at = start[e] + fill[e]++;
+            s->tok_list[at] = (int32_t)t;
+            s->tok_w[at] = s->topk_w[t * k + i];
+        }
+    int n_uniq = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) uniq[n_uniq++] = (int32_t)e;
+
+    /* each needed expert is fetched once for the whole chunk, in groups the store can hold; the
+     * first group's reads start now and overlap the shared expert */
+    int cap = fm_store_capacity(m->store);
+    fm_status st = n_uniq ? fm_store_request(m->store, l, uniq, n_uniq < cap ? n_uniq : cap) : FM_OK;
+    if (st != FM_OK) return st;
+
+    /* shared expert: out = sigmoid(xn . g_s) * down(silu(gate(xn)) * up(xn)) */
     if (c->n_ff_shared > 0) {
         int64_t Is = c->n_ff_shared;
         float *g = s->buf_a, *u = s->buf_b, *y = s->buf_c;
@@ -398,48 +447,27 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     } else {
         memset(out, 0, sizeof(float) * (size_t)(T * H));
     }
+    double t_shared = fm_time_now();
+    s->timing[l].shared += t_shared - t_routed;
 
-    /* group (token, weight) pairs by expert: counting sort */
-    int64_t *start = s->expert_start;
-    memset(start, 0, sizeof(int64_t) * (size_t)(E + 1));
-    for (int64_t i = 0; i < T * k; i++) start[s->topk_ids[i] + 1]++;
-    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
-    int64_t *fill = calloc((size_t)E, sizeof(int64_t));
-    int32_t *uniq = malloc(sizeof(int32_t) * (size_t)E);
-    if (!fill || !uniq) {
-        free(fill);
-        free(uniq);
-        return fm_error_set(FM_ERR_NOMEM, "out of memory");
-    }
-    for (int64_t t = 0; t < T; t++)
-        for (int64_t i = 0; i < k; i++) {
-            int32_t e = s->topk_ids[t * k + i];
-            int64_t at = start[e] + fill[e]++;
-            s->tok_list[at] = (int32_t)t;
-            s->tok_w[at] = s->topk_w[t * k + i];
-        }
-    int n_uniq = 0;
-    for (int64_t e = 0; e < E; e++)
-        if (start[e + 1] > start[e]) uniq[n_uniq++] = (int32_t)e;
-    free(fill);
-
-    /* each needed expert is fetched once for the whole chunk, in groups the store can hold */
-    const fm_packed_model *pm = m->packed;
-    int cap = fm_store_capacity(m->store);
-    const uint8_t *blocks[1024];
-    if (cap > 1024) cap = 1024;
+    /* routed experts, each computed as soon as its bytes are in */
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
     float *X = s->buf_a, *G = s->buf_b, *U = s->buf_c, *Y = s->buf_d;
-    fm_status st = FM_OK;
+    double waited = 0;
     for (int g0 = 0; g0 < n_uniq && st == FM_OK; g0 += cap) {
         int n = n_uniq - g0 < cap ? n_uniq - g0 : cap;
-        st = fm_store_fetch(m->store, l, uniq + g0, n, blocks);
+        if (g0 > 0) st = fm_store_request(m->store, l, uniq + g0, n);
         for (int i = 0; i < n && st == FM_OK; i++) {
+            const uint8_t *block;
+            double tw = fm_time_now();
+            st = fm_store_wait(m->store, i, &block);
+            waited += fm_time_now() - tw;
+            if (st != FM_OK) break;
             int32_t e = uniq[g0 + i];
             int64_t n_tok = start[e + 1] - start[e];
-            const fm_packed_expert_layer *L = &pm->experts[l];
-            fm_weight wg = fm_packed_weight(&L->parts[FM_PART_GATE], blocks[i]);
-            fm_weight wu = fm_packed_weight(&L->parts[FM_PART_UP], blocks[i]);
-            fm_weight wd = fm_packed_weight(&L->parts[FM_PART_DOWN], blocks[i]);
+            fm_weight wg = fm_packed_weight(&L->parts[FM_PART_GATE], block);
+            fm_weight wu = fm_packed_weight(&L->parts[FM_PART_UP], block);
+            fm_weight wd = fm_packed_weight(&L->parts[FM_PART_DOWN], block);
             for (int64_t r = 0; r < n_tok; r++)
                 memcpy(X + r * H, xn + (int64_t)s->tok_list[start[e] + r] * H, sizeof(float) * (size_t)H);
             fm_cpu_matmul(pool, G, X, n_tok, &wg);
@@ -453,7 +481,10 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
             }
         }
     }
-    free(uniq);
+    double t_end = fm_time_now();
+    s->timing[l].expert_wait += waited;
+    s->timing[l].expert_compute += t_end - t_shared - waited;
+    s->timing[l].experts_used += (uint64_t)n_uniq;
     return st;
 }
 
@@ -468,9 +499,11 @@ static fm_status eval_chunk(fm_session *s, const int32_t *ids, int64_t T, float 
     for (int64_t t = 0; t < T; t++) fm_cpu_get_row(s->x + t * H, &m->embed, ids[t]);
     for (int l = 0; l < c->n_layers; l++) {
         const fm_layer_weights *w = &m->layers[l];
+        double t0 = fm_time_now();
         for (int64_t t = 0; t < T; t++) fm_cpu_rmsnorm(s->xn + t * H, s->x + t * H, w->input_norm, H, c->norm_eps);
         st = c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention(s, l, T, s->xn, s->mix)
                                                   : full_attention(s, l, T, s->xn, s->mix);
+        s->timing[l].mixer += fm_time_now() - t0;
         if (st != FM_OK) return st;
         for (int64_t i = 0; i < T * H; i++) s->x[i] += s->mix[i];
         for (int64_t t = 0; t < T; t++) fm_cpu_rmsnorm(s->xn + t * H, s->x + t * H, w->post_attn_norm, H, c->norm_eps);
@@ -482,7 +515,9 @@ static fm_status eval_chunk(fm_session *s, const int32_t *ids, int64_t T, float 
     if (!logits) return FM_OK;
     int64_t first = all_logits ? 0 : T - 1;
     for (int64_t t = first; t < T; t++) fm_cpu_rmsnorm(s->xn + t * H, s->x + t * H, m->out_norm, H, c->norm_eps);
+    double t0 = fm_time_now();
     fm_cpu_matmul(m->pool, logits, s->xn + first * H, T - first, &m->lm_head);
+    s->head_seconds += fm_time_now() - t0;
     return FM_OK;
 }
 

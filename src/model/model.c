@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "util/error.h"
+#include "util/progress.h"
 
 #define TRY(expr)                                                                                  \
     do {                                                                                           \
@@ -106,6 +107,37 @@ static fm_status bind_layer(fm_model *m, int l) {
     return FM_OK;
 }
 
+/* Experts one store request may hold: a decode step's top-k, and room for prefill groups. */
+static int store_capacity(const fm_model *m) {
+    int k = m->n_experts_used, cap = k < 16 ? 32 : 2 * k;
+    return cap > m->cfg.n_experts ? m->cfg.n_experts : cap;
+}
+
+/* Checks the memory budget before anything large is touched: the dense weights (mapped, resident
+ * once used), the store's buffers, and a reserve for session state and scratch. With a budget and
+ * no explicit cache size, the cache gets what is left. */
+static fm_status plan_memory(fm_model *m, const fm_model_params *p, fm_store_options *so) {
+    uint64_t dense = 0;
+    for (size_t i = 0; i < m->packed->n_tensors; i++) dense += m->packed->tensors[i].n_bytes;
+    uint64_t stride = m->packed->max_expert_stride, buffers = (uint64_t)store_capacity(m) * stride;
+    uint64_t reserve = 64ull << 20; /* session state, scratch, the process itself: a rough floor */
+    m->dense_bytes = dense;
+    if (!p->mem_budget) return FM_OK;
+    char b1[32], b2[32], b3[32], b4[32];
+    if (dense + buffers + reserve > p->mem_budget)
+        return fm_error_set(FM_ERR_ARG,
+                            "memory budget %s is too small: the dense weights alone need %s, expert buffers %s, plus %s "
+                            "for state",
+                            fm_human_bytes((double)p->mem_budget, b1, sizeof b1), fm_human_bytes((double)dense, b2, sizeof b2),
+                            fm_human_bytes((double)buffers, b3, sizeof b3), fm_human_bytes((double)reserve, b4, sizeof b4));
+    if (!so->cache_bytes) so->cache_bytes = p->mem_budget - dense - reserve;
+    else if (dense + so->cache_bytes + reserve > p->mem_budget)
+        return fm_error_set(FM_ERR_ARG, "cache %s + dense weights %s exceed the memory budget %s",
+                            fm_human_bytes((double)so->cache_bytes, b1, sizeof b1), fm_human_bytes((double)dense, b2, sizeof b2),
+                            fm_human_bytes((double)p->mem_budget, b3, sizeof b3));
+    return FM_OK;
+}
+
 fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model **out) {
     *out = NULL;
     fm_model_params p = params ? *params : fm_model_default_params();
@@ -133,7 +165,12 @@ fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model
     if ((st = bind_vector(m, &m->out_norm, c->n_embd, "norm")) != FM_OK) goto fail;
     for (int l = 0; l < c->n_layers; l++)
         if ((st = bind_layer(m, l)) != FM_OK) goto fail;
-    st = fm_store_open(m->packed, m->n_experts_used, &m->store);
+    fm_store_options so = {.engine = p.io_engine, .io_threads = p.io_threads, .cache_bytes = p.cache_bytes};
+    const char *fail_at = getenv("FLASHMOE_FAIL_READ_AT"); /* fault injection for tests */
+    if (fail_at) so.fail_read_at = strtoll(fail_at, NULL, 10);
+    st = plan_memory(m, &p, &so);
+    if (st != FM_OK) goto fail;
+    st = fm_store_open(m->packed, store_capacity(m), &so, &m->store);
     if (st != FM_OK) goto fail;
     m->pool = fm_pool_init(p.n_threads);
     if (!m->pool) {

@@ -46,6 +46,26 @@ struct fm_model {
     fm_layer_weights *layers;
     fm_expert_store *store;
     fm_pool *pool;
+    uint64_t dense_bytes; /* resident weights */
 };
+
+/* Where one layer's time went, summed over evals (seconds). */
+typedef struct fm_layer_timing {
+    double mixer;          /* input norm + DeltaNet or attention */
+    double route;          /* post-attention norm, router, softmax, top-k */
+    double shared;         /* shared expert (runs while the first reads are in flight) */
+    double expert_wait;    /* waiting for expert bytes */
+    double expert_compute; /* routed experts' matmuls and the weighted sum */
+    uint64_t experts_used; /* distinct experts fetched */
+} fm_layer_timing;
+
+/* A session's per-layer timing counters (for flashmoe bench). */
+const fm_layer_timing *fm_session_layer_timing(const fm_session *s, int layer);
+
+/* Time in the final norm and lm_head. */
+double fm_session_head_seconds(const fm_session *s);
+
+/* Zeroes the timing counters. */
+void fm_session_reset_timing(fm_session *s);
 
 #endif

@@ -1,7 +1,9 @@
 /* The expert store: where the engine gets routed experts' weights from. The model asks for a
- * layer's experts by id and receives pointers to their packed blocks (docs/FORMAT.md); how the bytes
- * get there (plain reads today; caches, io_uring, O_DIRECT, overlap later) is this module's business.
- * Not thread-safe: one session evaluates at a time per store. */
+ * layer's experts by id as soon as routing is known (fm_store_request), computes what it can, and
+ * takes each expert's bytes as they arrive (fm_store_wait). Behind that: a read engine (a pool of
+ * pread threads, the same with O_DIRECT, or mmap for comparison), and optionally an in-process RAM
+ * cache with frequency-weighted LRU replacement. Counters per layer feed `flashmoe bench`.
+ * One request at a time; the model's thread calls it, the store's own threads read. */
 #ifndef FM_STORE_EXPERT_STORE_H
 #define FM_STORE_EXPERT_STORE_H
 
@@ -10,30 +12,56 @@
 #include "flashmoe.h"
 #include "formats/packed.h"
 
+typedef struct fm_store_options {
+    fm_io_engine engine;
+    int io_threads;       /* reader threads (0 = 4) */
+    uint64_t cache_bytes; /* in-process RAM cache (0 = none: buffers for one request only) */
+    int64_t fail_read_at; /* fault injection for tests: the N-th read (1-based) fails with EIO; 0 = never
+                           * (set from the environment variable FLASHMOE_FAIL_READ_AT by fm_model_open) */
+} fm_store_options;
+
+typedef struct fm_store_layer_stats {
+    uint64_t requested; /* experts asked for */
+    uint64_t hits;      /* served from the RAM cache */
+    uint64_t bytes_read;
+    double read_seconds; /* summed over reads (reads run in parallel: can exceed wall time) */
+    double wait_seconds; /* time the model's thread waited for bytes */
+} fm_store_layer_stats;
+
 typedef struct fm_expert_store fm_expert_store;
 
-typedef struct fm_store_stats {
-    uint64_t experts_read; /* expert blocks fetched from files */
-    uint64_t bytes_read;
-    double read_seconds;   /* wall time spent in reads */
-} fm_store_stats;
+/* Opens every layer's expert file of `pm` (which must outlive the store). `capacity` = the most
+ * experts one request may ask for. */
+fm_status fm_store_open(const fm_packed_model *pm, int capacity, const fm_store_options *opt, fm_expert_store **out);
 
-/* Opens every layer's expert file of `pm` (which must outlive the store). `capacity` = most experts
- * one fetch may ask for. */
-fm_status fm_store_open(const fm_packed_model *pm, int capacity, fm_expert_store **out);
-
-/* Closes the files and frees the buffers (NULL is fine). */
+/* Stops the reader threads, closes the files and frees the buffers (NULL is fine). */
 void fm_store_free(fm_expert_store *s);
 
-/* Most experts one fetch may ask for. */
+/* Most experts one request may ask for. */
 int fm_store_capacity(const fm_expert_store *s);
 
-/* Makes experts ids[0..n) of `layer` available: blocks[i] points to expert ids[i]'s block
- * (pm->experts[layer].stride bytes) and stays valid until the next fetch. n <= capacity. A short read, a
- * read error or an id out of range fails with a message naming the layer, the expert and the file. */
+/* Starts making experts ids[0..n) of `layer` available (ids distinct, n <= capacity) and returns
+ * at once. Blocks from the previous request become invalid. */
+fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, int n);
+
+/* Waits until the i-th expert of the current request is in memory and returns a pointer to its
+ * block (pm->experts[layer].stride bytes), valid until the next request. A short read, a read error
+ * or an id out of range fails with a message naming the layer, the expert and the file. */
+fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
+
+/* request + wait for all, in order: blocks[i] for ids[i]. */
 fm_status fm_store_fetch(fm_expert_store *s, int layer, const int32_t *ids, int n, const uint8_t **blocks);
 
-/* Counters since open. */
-fm_store_stats fm_store_get_stats(const fm_expert_store *s);
+/* Counters of one layer since open (or the last reset). */
+fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer);
+
+/* Zeroes the counters. */
+void fm_store_reset_stats(fm_expert_store *s);
+
+/* The engine's name ("pread", "direct", "mmap"). */
+const char *fm_io_engine_name(fm_io_engine e);
+
+/* Bytes the store keeps in memory (buffers and cache). */
+uint64_t fm_store_memory_bytes(const fm_expert_store *s);
 
 #endif

@@ -56,3 +56,10 @@ void fm_progress_finish(fm_progress *p) {
     p->done = p->total;
     draw(p, true);
 }
+
+const char *fm_human_bytes(double bytes, char *buf, size_t cap) {
+    if (bytes >= 1e9) snprintf(buf, cap, "%.2f GB", bytes / 1e9);
+    else if (bytes >= 1e6) snprintf(buf, cap, "%.2f MB", bytes / 1e6);
+    else snprintf(buf, cap, "%.1f KB", bytes / 1e3);
+    return buf;
+}

@@ -5,6 +5,7 @@
 #define FM_UTIL_PROGRESS_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 typedef struct fm_progress {
@@ -23,6 +24,9 @@ void fm_progress_add(fm_progress *p, uint64_t n);
 
 /* Draws the final state and ends the line. */
 void fm_progress_finish(fm_progress *p);
+
+/* "12.34 GB" / "4.50 MB" / "800.0 KB" (decimal units) into buf; returns buf. */
+const char *fm_human_bytes(double bytes, char *buf, size_t cap);
 
 /* Seconds on a monotonic clock. */
 double fm_time_now(void);

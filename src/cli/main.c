@@ -16,6 +16,7 @@ static const struct {
     {"perplexity", fm_cli_perplexity, "perplexity, and KL divergence against reference logits"},
     {"tokenize", fm_cli_tokenize, "encode text to token ids with a tokenizer.json"},
     {"detokenize", fm_cli_detokenize, "decode token ids to text"},
+    {"bench", fm_cli_bench, "decode/prefill speed, time per layer, and the disk and RAM floors"},
     {"synth", fm_cli_synth, "write a random-weight model at a real model's geometry (for benchmarks)"},
 };
 

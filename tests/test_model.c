@@ -288,3 +288,17 @@ FM_TEST(model_q8_conversion_end_to_end) {
     free(logits);
     fixture_free(&f);
 }
+
+/* The checkpoint's text files (tokenizer, chat template, generation config) travel with the model. */
+FM_TEST(model_convert_copies_text_files) {
+    char dir[600], cmd[2048], out[1024];
+    fm_test_tmpdir("convert_text_files", dir, sizeof dir);
+    snprintf(cmd, sizeof cmd,
+             "cp tests/fixtures/qwen35_moe_f32/model/* '%s/' && printf '{\"chat_template\": \"x\"}' > '%s/tokenizer_config.json' && "
+             "printf 'T' > '%s/chat_template.jinja' && %s convert --no-progress '%s' '%s/packed' && "
+             "cmp '%s/tokenizer_config.json' '%s/packed/tokenizer_config.json' && cmp '%s/chat_template.jinja' '%s/packed/chat_template.jinja' && "
+             "test -f '%s/packed/generation_config.json'",
+             dir, dir, dir, fm_test_bin(), dir, dir, dir, dir, dir, dir, dir);
+    int rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 0, "rc %d: %s", rc, out);
+}

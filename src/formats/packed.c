@@ -267,6 +267,38 @@ fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert
     return FM_OK;
 }
 
+fm_status fm_packed_writer_copy_file(fm_packed_writer *w, const char *src_path, const char *name) {
+    char dst[4200];
+    if (strchr(name, '/') || !strcmp(name, "model.json") || !strcmp(name, "dense.bin"))
+        return fm_error_set(FM_ERR_ARG, "packed writer: cannot copy a file named %s", name);
+    snprintf(dst, sizeof dst, "%s/%s", w->dir, name);
+    int in = open(src_path, O_RDONLY | O_CLOEXEC);
+    if (in < 0) return fm_error_set(FM_ERR_IO, "%s: cannot open: %s", src_path, strerror(errno));
+    int out = open(dst, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0644);
+    if (out < 0) {
+        close(in);
+        return fm_error_set(FM_ERR_IO, "%s: cannot create: %s", dst, strerror(errno));
+    }
+    char buf[1 << 16];
+    uint64_t off = 0;
+    fm_status st = FM_OK;
+    for (;;) {
+        ssize_t r = read(in, buf, sizeof buf);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) {
+            st = fm_error_set(FM_ERR_IO, "%s: read failed: %s", src_path, strerror(errno));
+            break;
+        }
+        if (r == 0) break;
+        st = write_all(out, buf, (size_t)r, off, dst);
+        if (st != FM_OK) break;
+        off += (uint64_t)r;
+    }
+    close(in);
+    if (close(out) != 0 && st == FM_OK) st = fm_error_set(FM_ERR_IO, "%s: close failed: %s", dst, strerror(errno));
+    return st;
+}
+
 fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source) {
     char path[4096], rel[64];
     fm_status st = FM_OK;

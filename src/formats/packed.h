@@ -100,6 +100,10 @@ const fm_packed_expert_layer *fm_packed_writer_expert_layout(const fm_packed_wri
 /* Writes expert `expert` of `layer`: parts[p] holds the declared parts[p].n_bytes bytes. */
 fm_status fm_packed_writer_put_expert(fm_packed_writer *w, int layer, int expert, const void *const parts[FM_PART_COUNT]);
 
+/* Copies the file at src_path into the model directory as `name` (a plain file name), e.g. the
+ * checkpoint's tokenizer.json and chat template. */
+fm_status fm_packed_writer_copy_file(fm_packed_writer *w, const char *src_path, const char *name);
+
 /* Writes model.json (with `source`, an object describing where the weights came from, stolen),
  * flushes every file to disk, closes them and renames "<dir>.partial" to `dir`. */
 fm_status fm_packed_writer_finish(fm_packed_writer *w, json_t *source);

@@ -619,6 +619,14 @@ fm_status fm_convert_hf(const char *hf_dir, const char *out_dir, const fm_conver
             fprintf(stderr, "convert: %d tensors stored as BF16: their columns are not a multiple of group size %d\n",
                     x.n_fallback, x.group_size);
     }
+    /* the text side travels with the weights */
+    static const char *text_files[] = {"tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "chat_template.json",
+                                       "generation_config.json", "special_tokens_map.json"};
+    for (size_t i = 0; i < sizeof text_files / sizeof *text_files && st == FM_OK; i++) {
+        snprintf(path, sizeof path, "%s/%s", hf_dir, text_files[i]);
+        if (stat(path, &sb) == 0) st = fm_packed_writer_copy_file(x.w, path, text_files[i]);
+    }
+    if (st != FM_OK) goto done;
     json_t *source = json_pack("{s:s, s:s}", "path", hf_dir, "converter", "flashmoe convert");
     st = fm_packed_writer_finish(x.w, source);
 done:

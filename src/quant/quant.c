@@ -14,7 +14,7 @@
 
 /* MSE search (see mse_search): STEPS shrinks of STEP * (max - min) on each side (up to half the
  * range), then up to LLOYD refit iterations. Chosen on Gaussian / Laplace / Student-t data for
- * about 90% of the gain of an exhaustive 21x21 joint grid with 4 refits, at 25x its speed. */
+ * about 90% of the gain of an exhaustive 21x21 joint grid with 4 refits, at about 20x its speed. */
 #define FM_QUANT_MSE_STEPS 20
 #define FM_QUANT_MSE_STEP 0.025f
 #define FM_QUANT_MSE_LLOYD 8

@@ -16,6 +16,7 @@ static void help(void) {
            "options:\n"
            "  --preset NAME         the geometry (required)\n"
            "  --layers N            only the first N layers (default: all)\n"
+           "  --vocab N             vocabulary size (default: the preset's; to pair a tokenizer with a small preset)\n"
            "  --quant TYPE          routed experts: f32, bf16, f16, q8, q4 (default), q2\n"
            "  --dense-quant TYPE    everything else (default q8; router gates never below q8)\n"
            "  --seed N              random seed (default 1)\n"
@@ -40,11 +41,12 @@ static bool parse_type(const char *s, fm_dtype *t) {
     return false;
 }
 
-enum { OPT_PRESET = 256, OPT_LAYERS, OPT_QUANT, OPT_DENSE, OPT_SEED, OPT_FORCE, OPT_NOPROG };
+enum { OPT_PRESET = 256, OPT_LAYERS, OPT_VOCAB, OPT_QUANT, OPT_DENSE, OPT_SEED, OPT_FORCE, OPT_NOPROG };
 
 int fm_cli_synth(int argc, char **argv) {
     static const struct option opts[] = {
         {"preset", required_argument, 0, OPT_PRESET}, {"layers", required_argument, 0, OPT_LAYERS},
+        {"vocab", required_argument, 0, OPT_VOCAB},
         {"quant", required_argument, 0, OPT_QUANT},   {"dense-quant", required_argument, 0, OPT_DENSE},
         {"seed", required_argument, 0, OPT_SEED},     {"force", no_argument, 0, OPT_FORCE},
         {"no-progress", no_argument, 0, OPT_NOPROG},  {"help", no_argument, 0, 'h'},
@@ -59,6 +61,10 @@ int fm_cli_synth(int argc, char **argv) {
         case OPT_LAYERS:
             if (!fm_cli_parse_i64(optarg, 1, 1024, &v)) return fm_cli_usage_error("synth", "--layers needs a positive integer");
             o.n_layers = (int)v;
+            break;
+        case OPT_VOCAB:
+            if (!fm_cli_parse_i64(optarg, 1, (int64_t)1 << 31, &v)) return fm_cli_usage_error("synth", "--vocab needs a positive integer");
+            o.n_vocab = v;
             break;
         case OPT_QUANT:
             if (!parse_type(optarg, &o.expert_dtype)) return fm_cli_usage_error("synth", "unknown type \"%s\"", optarg);

@@ -227,6 +227,8 @@ fm_status fm_synth_write(const char *out_dir, const fm_synth_options *o) {
     if (o->n_layers < 0 || o->n_layers > c.n_layers)
         return fm_error_set(FM_ERR_ARG, "--layers must be between 1 and %d for %s", c.n_layers, o->preset);
     if (o->n_layers) c.n_layers = o->n_layers;
+    if (o->n_vocab < 0 || o->n_vocab > ((int64_t)1 << 31)) return fm_error_set(FM_ERR_ARG, "bad vocabulary size");
+    if (o->n_vocab) c.n_vocab = o->n_vocab;
     synth_ctx x = {.rng = o->seed ? o->seed : 1};
     fm_status st = fm_packed_writer_init(out_dir, &c, o->force, &x.w);
     if (st != FM_OK) return st;

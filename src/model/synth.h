@@ -15,6 +15,7 @@
 typedef struct fm_synth_options {
     const char *preset;    /* "qwen3.5-397b-a17b", "qwen3.5-35b-a3b", "qwen3-next-80b-a3b", "tiny" */
     int n_layers;          /* 0 = the preset's all */
+    int64_t n_vocab;       /* 0 = the preset's vocabulary size */
     fm_dtype expert_dtype; /* F32/BF16/F16/Q8/Q4/Q2 */
     fm_dtype dense_dtype;
     uint64_t seed;

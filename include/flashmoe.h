@@ -72,6 +72,9 @@ fm_status fm_session_init(fm_model *model, int64_t n_ctx, fm_session **out);
 /* Frees a session (NULL is fine). */
 void fm_session_free(fm_session *session);
 
+/* The model a session runs. */
+fm_model *fm_session_model(const fm_session *session);
+
 /* Forgets every token: the next eval starts at position 0. */
 void fm_session_reset(fm_session *session);
 

@@ -10,6 +10,7 @@
 #include <getopt.h>
 
 #include "flashmoe.h"
+#include "text/sampler.h"
 
 #define FM_EXIT_OK 0
 #define FM_EXIT_FAIL 1
@@ -46,6 +47,53 @@ enum {
     "  --cache SIZE          in-process RAM cache for experts, e.g. 8G (default none)\n"           \
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
     "                        and buffers leave (refused up front if the dense weights do not fit)\n"
+
+/* Sampling options of run / chat (codes 1100..1199). */
+enum {
+    FM_OPT_TEMP = 1100,
+    FM_OPT_TOP_K,
+    FM_OPT_TOP_P,
+    FM_OPT_MIN_P,
+    FM_OPT_REPEAT,
+    FM_OPT_PRESENCE,
+    FM_OPT_FREQUENCY,
+    FM_OPT_SEED,
+    FM_OPT_STOP,
+};
+#define FM_CLI_SAMPLING_OPTIONS                                                                    \
+    {"temp", required_argument, 0, FM_OPT_TEMP}, {"top-k", required_argument, 0, FM_OPT_TOP_K},      \
+        {"top-p", required_argument, 0, FM_OPT_TOP_P}, {"min-p", required_argument, 0, FM_OPT_MIN_P}, \
+        {"repeat-penalty", required_argument, 0, FM_OPT_REPEAT},                                   \
+        {"presence-penalty", required_argument, 0, FM_OPT_PRESENCE},                               \
+        {"frequency-penalty", required_argument, 0, FM_OPT_FREQUENCY},                             \
+        {"seed", required_argument, 0, FM_OPT_SEED}, {"stop", required_argument, 0, FM_OPT_STOP}
+#define FM_CLI_SAMPLING_HELP                                                                       \
+    "sampling (defaults: the model's generation_config.json, else greedy):\n"                     \
+    "  --temp T              temperature; 0 = greedy\n"                                            \
+    "  --top-k K, --top-p P, --min-p P   keep the K most likely / the smallest set reaching P /\n"  \
+    "                        those at least P times the most likely\n"                              \
+    "  --repeat-penalty R, --presence-penalty P, --frequency-penalty F\n"                          \
+    "  --seed S              random seed (same seed, same tokens)\n"                                \
+    "  --stop TEXT           stop when TEXT appears (repeatable, up to 8)\n"
+
+#define FM_CLI_MAX_STOPS 8
+
+typedef struct fm_cli_sampling {
+    fm_sampler_params p;
+    unsigned set;           /* bit (code - FM_OPT_TEMP) when given on the command line */
+    const char *stops[FM_CLI_MAX_STOPS];
+    size_t n_stops;
+} fm_cli_sampling;
+
+/* Neutral sampling options (to be completed by fm_cli_sampling_finish). */
+void fm_cli_sampling_init(fm_cli_sampling *o);
+
+/* Handles one of FM_CLI_SAMPLING_OPTIONS (1 handled, 0 not one, -1 bad value, message printed). */
+int fm_cli_sampling_option(const char *cmd, int c, const char *arg, fm_cli_sampling *o);
+
+/* Fills the options not given on the command line from MODEL_DIR/generation_config.json (greedy
+ * when there is none), and appends its eos_token_id ids to stop_ids (room for 8; *n_stop_ids in/out). */
+void fm_cli_sampling_finish(const char *model_dir, fm_cli_sampling *o, int32_t *stop_ids, size_t *n_stop_ids);
 
 /* Handles one of FM_CLI_MODEL_OPTIONS: 1 if it was one (stored in *p), 0 if `c` is not a model
  * option, -1 if its value is bad (the message is printed). */

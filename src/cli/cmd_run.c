@@ -1,5 +1,7 @@
-/* flashmoe run: generate from a prompt (text or token ids), streaming the text as it comes. */
+/* flashmoe run: generate from a prompt (text, a chat turn, or token ids), streaming the text. */
 #include <getopt.h>
+#include <jansson.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -7,36 +9,43 @@
 
 #include "cli/cli.h"
 #include "flashmoe.h"
+#include "gen/generate.h"
 #include "model/model.h"
 #include "store/expert_store.h"
+#include "text/chat.h"
 #include "text/tokenizer.h"
-#include "util/progress.h"
 
 static void help(void) {
-    printf("usage: flashmoe run -m MODEL (-p TEXT | --prompt-ids 1,2,3) [-n N] [options]\n\n"
+    printf("usage: flashmoe run -m MODEL (-p TEXT | -f FILE | --prompt-ids 1,2,3) [options]\n\n"
            "Evaluates the prompt and generates up to N tokens, printing the text as it is generated (whole\n"
-           "UTF-8 characters only). Stops at N tokens or at an end-of-sequence token.\n\n"
+           "UTF-8 characters; nothing that could still become a stop string). Stops at N tokens, an\n"
+           "end-of-sequence token (<|im_end|>, <|endoftext|>, generation_config.json's eos_token_id) or a\n"
+           "--stop string. Ctrl-C stops the generation.\n\n"
            "options:\n"
            "  -m, --model DIR       packed model directory (from flashmoe convert); its tokenizer.json is used\n"
-           "  -p, --prompt TEXT     prompt text, tokenized as is (special tokens such as <|im_start|> included)\n"
+           "  -p, --prompt TEXT     prompt text; raw (special tokens such as <|im_start|> are recognised)\n"
+           "                        unless --chat\n"
            "  -f, --file FILE       read the prompt text from FILE\n"
            "  --prompt-ids LIST     comma-separated prompt token ids instead of text\n"
-           "  -n, --n-predict N     most tokens to generate (default 128)\n"
-           "  --temp T              sampling temperature; only 0 (greedy) is available in this version\n"
+           "  --chat                wrap the prompt as a user turn in the model's chat template; the text is\n"
+           "                        tokenized as plain text (it cannot inject control tokens)\n"
+           "  --system TEXT         system message (with --chat)\n"
+           "  --think, --no-think   thinking on / off (with --chat; default: the template's)\n"
+           "  -n, --n-predict N     most tokens to generate (default 256)\n"
            "  --print-ids           print the generated ids (comma-separated) instead of text\n"
            "  --ignore-eos          do not stop at end-of-sequence tokens\n"
-           "  --timing              print prefill/decode speed and where the time went, on stderr\n"
-           "  -c, --ctx N           context size (default: prompt + n)\n" FM_CLI_MODEL_HELP
+           "  --timing              prefill/decode speed and where the time went, on stderr\n"
+           "  -c, --ctx N           context size (default: prompt + n)\n" FM_CLI_MODEL_HELP FM_CLI_SAMPLING_HELP
            "\nexamples:\n"
            "  flashmoe run -m ~/models/q35 -p 'The capital of France is' -n 16\n"
+           "  flashmoe run -m ~/models/q35 --chat --no-think -p 'Write a haiku about SSDs' --temp 0.7 --seed 1\n"
            "  flashmoe run -m out/tiny-qwen35 --prompt-ids 1,2,3 -n 8 --print-ids\n");
 }
 
-static int32_t argmax(const float *x, int64_t n) {
-    int64_t best = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[best]) best = i;
-    return (int32_t)best;
+static volatile sig_atomic_t interrupted;
+static void on_sigint(int sig) {
+    (void)sig;
+    interrupted = 1;
 }
 
 static char *read_text_file(const char *path, size_t *len) {
@@ -49,10 +58,7 @@ static char *read_text_file(const char *path, size_t *len) {
         n += r;
         if (n == cap) {
             char *nb = realloc(b, cap *= 2);
-            if (!nb) {
-                free(b);
-                b = NULL;
-            }
+            if (!nb) free(b);
             b = nb;
         }
     }
@@ -61,18 +67,14 @@ static char *read_text_file(const char *path, size_t *len) {
     return b;
 }
 
-/* End-of-sequence ids: <|im_end|> and <|endoftext|> when the tokenizer has them. */
-static int eos_ids(const fm_tokenizer *tok, int32_t *out) {
-    int n = 0;
-    static const char *names[] = {"<|im_end|>", "<|endoftext|>"};
-    for (int i = 0; i < 2; i++) {
-        int32_t id = tok ? fm_tokenizer_find(tok, names[i]) : -1;
-        if (id >= 0) out[n++] = id;
-    }
-    return n;
+static bool print_text(void *user, const char *text, size_t len) {
+    (void)user;
+    fwrite(text, 1, len, stdout);
+    fflush(stdout);
+    return true;
 }
 
-enum { OPT_IDS = 256, OPT_PRINT_IDS, OPT_TIMING, OPT_TEMP, OPT_IGNORE_EOS };
+enum { OPT_IDS = 256, OPT_PRINT_IDS, OPT_TIMING, OPT_IGNORE_EOS, OPT_CHAT, OPT_SYSTEM, OPT_THINK, OPT_NO_THINK };
 
 int fm_cli_run(int argc, char **argv) {
     static const struct option opts[] = {
@@ -80,17 +82,23 @@ int fm_cli_run(int argc, char **argv) {
         {"file", required_argument, 0, 'f'},          {"prompt-ids", required_argument, 0, OPT_IDS},
         {"n-predict", required_argument, 0, 'n'},     {"ctx", required_argument, 0, 'c'},
         {"print-ids", no_argument, 0, OPT_PRINT_IDS}, {"timing", no_argument, 0, OPT_TIMING},
-        {"temp", required_argument, 0, OPT_TEMP},     {"ignore-eos", no_argument, 0, OPT_IGNORE_EOS},
-        FM_CLI_MODEL_OPTIONS,                         {"help", no_argument, 0, 'h'},
+        {"ignore-eos", no_argument, 0, OPT_IGNORE_EOS}, {"chat", no_argument, 0, OPT_CHAT},
+        {"system", required_argument, 0, OPT_SYSTEM}, {"think", no_argument, 0, OPT_THINK},
+        {"no-think", no_argument, 0, OPT_NO_THINK},   FM_CLI_MODEL_OPTIONS,
+        FM_CLI_SAMPLING_OPTIONS,                      {"help", no_argument, 0, 'h'},
         {0, 0, 0, 0}};
     fm_model_params p = fm_model_default_params();
-    const char *model = NULL, *ids_s = NULL, *text = NULL, *file = NULL;
-    int64_t n_predict = 128, n_ctx = 0;
-    bool timing = false, print_ids = false, ignore_eos = false;
+    fm_cli_sampling sp;
+    fm_cli_sampling_init(&sp);
+    const char *model = NULL, *ids_s = NULL, *text = NULL, *file = NULL, *system = NULL;
+    int64_t n_predict = 256, n_ctx = 0;
+    bool timing = false, print_ids = false, ignore_eos = false, chat = false;
+    fm_chat_thinking think = FM_CHAT_THINKING_UNSET;
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "m:p:f:n:c:t:h", opts, NULL)) != -1) {
         int mo = fm_cli_model_option("run", c, optarg, &p);
+        if (!mo) mo = fm_cli_sampling_option("run", c, optarg, &sp);
         if (mo < 0) return FM_EXIT_USAGE;
         if (mo) continue;
         switch (c) {
@@ -107,10 +115,10 @@ int fm_cli_run(int argc, char **argv) {
         case OPT_PRINT_IDS: print_ids = true; break;
         case OPT_TIMING: timing = true; break;
         case OPT_IGNORE_EOS: ignore_eos = true; break;
-        case OPT_TEMP:
-            if (strtod(optarg, NULL) != 0.0 || strspn(optarg, "0.") != strlen(optarg))
-                return fm_cli_usage_error("run", "only --temp 0 (greedy) is available in this version");
-            break;
+        case OPT_CHAT: chat = true; break;
+        case OPT_SYSTEM: system = optarg; break;
+        case OPT_THINK: think = FM_CHAT_THINKING_ON; break;
+        case OPT_NO_THINK: think = FM_CHAT_THINKING_OFF; break;
         case 'h': help(); return FM_EXIT_OK;
         default: return fm_cli_usage_error("run", "bad option");
         }
@@ -118,15 +126,17 @@ int fm_cli_run(int argc, char **argv) {
     if (!model) return fm_cli_usage_error("run", "-m MODEL is required");
     if (!!ids_s + !!text + !!file != 1) return fm_cli_usage_error("run", "give exactly one of -p TEXT, -f FILE, --prompt-ids");
     if (optind != argc) return fm_cli_usage_error("run", "unexpected argument \"%s\"", argv[optind]);
+    if (chat && ids_s) return fm_cli_usage_error("run", "--chat needs a text prompt");
+    if ((system || think != FM_CHAT_THINKING_UNSET) && !chat) return fm_cli_usage_error("run", "--system/--think/--no-think need --chat");
 
     int rc = FM_EXIT_OK;
     fm_model *m = NULL;
     fm_session *s = NULL;
     fm_tokenizer *tok = NULL;
-    float *logits = NULL;
     int32_t *ids = NULL;
     int64_t n = 0;
     char path[4096], *file_text = NULL;
+    fm_gen_result res = {0};
     struct stat sb;
     snprintf(path, sizeof path, "%s/tokenizer.json", model);
     bool have_tok = stat(path, &sb) == 0;
@@ -138,21 +148,37 @@ int fm_cli_run(int argc, char **argv) {
     if (have_tok && fm_tokenizer_load(path, &tok) != FM_OK) return fm_cli_fail("run");
     if (ids_s) {
         if (!fm_cli_parse_ids("run", ids_s, &ids, &n)) {
-            fm_tokenizer_free(tok);
-            return FM_EXIT_USAGE;
+            rc = FM_EXIT_USAGE;
+            goto done;
         }
     } else {
-        size_t len = 0;
-        if (file) {
-            file_text = read_text_file(file, &len);
-            if (!file_text) {
-                fprintf(stderr, "flashmoe run: %s: cannot read\n", file);
-                rc = FM_EXIT_FAIL;
+        size_t len = file ? 0 : strlen(text), nn = 0;
+        if (file && !(file_text = read_text_file(file, &len))) {
+            fprintf(stderr, "flashmoe run: %s: cannot read\n", file);
+            rc = FM_EXIT_FAIL;
+            goto done;
+        }
+        const char *prompt = file ? file_text : text;
+        if (chat) {
+            fm_chat_template kind;
+            if (fm_chat_template_detect_dir(model, &kind) != FM_OK) {
+                rc = fm_cli_fail("run");
                 goto done;
             }
-        }
-        size_t nn;
-        if (fm_tokenizer_encode(tok, file ? file_text : text, file ? len : strlen(text), true, &ids, &nn) != FM_OK) {
+            json_t *msgs = json_array();
+            if (system) json_array_append_new(msgs, json_pack("{s:s, s:s}", "role", "system", "content", system));
+            json_array_append_new(msgs, json_pack("{s:s, s:s%}", "role", "user", "content", prompt, len));
+            fm_chat_flags fl = {.add_generation_prompt = true, .enable_thinking = think};
+            fm_chat_prompt cp = {0};
+            fm_status st = fm_chat_render(kind, msgs, NULL, &fl, &cp);
+            if (st == FM_OK) st = fm_chat_tokenize(tok, &cp, &ids, &nn);
+            fm_chat_prompt_free(&cp);
+            json_decref(msgs);
+            if (st != FM_OK) {
+                rc = fm_cli_fail("run");
+                goto done;
+            }
+        } else if (fm_tokenizer_encode(tok, prompt, len, true, &ids, &nn) != FM_OK) {
             rc = fm_cli_fail("run");
             goto done;
         }
@@ -171,50 +197,40 @@ int fm_cli_run(int argc, char **argv) {
     if (p.n_experts_used)
         fprintf(stderr, "run: using %d routed experts per token instead of the model's own (lower quality)\n",
                 p.n_experts_used);
-    int64_t V = fm_model_n_vocab(m);
-    logits = malloc(sizeof(float) * (size_t)V);
-    if (!logits || fm_session_init(m, n_ctx, &s) != FM_OK) {
-        rc = logits ? fm_cli_fail("run") : FM_EXIT_FAIL;
-        goto done;
-    }
-    int32_t eos[2];
-    int n_eos = ignore_eos ? 0 : eos_ids(tok, eos);
-    fm_detok dt;
-    if (tok) fm_detok_init(&dt, tok);
-    char out[4096];
-    double t0 = fm_time_now();
-    if (fm_session_eval(s, ids, n, logits, false) != FM_OK) {
+    if (fm_session_init(m, n_ctx, &s) != FM_OK) {
         rc = fm_cli_fail("run");
         goto done;
     }
-    double t1 = fm_time_now();
-    fm_session_reset_timing(s);
-    int64_t generated = 0;
-    for (int64_t i = 0; i < n_predict; i++) {
-        int32_t next = argmax(logits, V);
-        bool stop = false;
-        for (int k = 0; k < n_eos; k++) stop |= next == eos[k];
-        if (stop) break;
-        generated++;
-        if (print_ids || !tok) {
-            printf("%s%d", i ? "," : "", next);
-        } else {
-            size_t w = fm_detok_push(&dt, next, out, sizeof out);
-            fwrite(out, 1, w, stdout);
-        }
-        fflush(stdout);
-        if (i + 1 < n_predict && fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
-            printf("\n");
-            rc = fm_cli_fail("run");
-            goto done;
-        }
+    int32_t stop_ids[8];
+    size_t n_stop = 0;
+    if (!ignore_eos) n_stop = (size_t)fm_gen_default_stop_ids(tok, stop_ids);
+    fm_cli_sampling_finish(model, &sp, stop_ids, ignore_eos ? &(size_t){0} : &n_stop);
+    fm_gen_params gp = {.max_tokens = n_predict, .sampling = sp.p, .stop_ids = stop_ids, .n_stop_ids = n_stop,
+                        .stop_strings = sp.stops, .n_stop_strings = sp.n_stops, .cancel = &interrupted};
+    struct sigaction sa = {.sa_handler = on_sigint}, old;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, &old);
+    fm_status st = n_predict > 0 ? fm_generate(s, print_ids ? NULL : tok, ids, n, &gp, print_text, NULL, &res)
+                                 : fm_session_eval(s, ids, n, NULL, false);
+    sigaction(SIGINT, &old, NULL);
+    if (st != FM_OK) {
+        printf("\n");
+        rc = fm_cli_fail("run");
+        goto done;
     }
-    if (tok && !print_ids) fwrite(out, 1, fm_detok_flush(&dt, out, sizeof out), stdout);
+    if (print_ids || !tok)
+        for (int64_t i = 0; i < res.n_generated; i++) {
+            bool is_stop = false;
+            for (size_t k = 0; k < n_stop; k++) is_stop |= res.ids[i] == stop_ids[k];
+            if (!(is_stop && i + 1 == res.n_generated && res.finish == FM_FINISH_STOP)) printf("%s%d", i ? "," : "", res.ids[i]);
+        }
     printf("\n");
-    double t2 = fm_time_now();
-    if (timing) {
-        fprintf(stderr, "prefill: %lld tokens in %.3f s (%.2f tok/s)\n", (long long)n, t1 - t0, (double)n / (t1 - t0));
-        if (generated > 1) {
+    if (res.finish == FM_FINISH_CANCELLED) fprintf(stderr, "run: interrupted\n");
+    if (timing && n_predict > 0) {
+        fprintf(stderr, "prefill: %lld tokens in %.3f s (%.2f tok/s)\n", (long long)res.n_prompt, res.prefill_seconds,
+                (double)res.n_prompt / res.prefill_seconds);
+        double steps = (double)(res.n_generated - 1);
+        if (steps > 0) {
             double mixer = 0, route = 0, shared = 0, wait = 0, comp = 0;
             uint64_t bytes = 0;
             for (int l = 0; l < m->cfg.n_layers; l++) {
@@ -222,19 +238,18 @@ int fm_cli_run(int argc, char **argv) {
                 mixer += lt->mixer, route += lt->route, shared += lt->shared, wait += lt->expert_wait, comp += lt->expert_compute;
                 bytes += fm_store_layer_stats_get(m->store, l).bytes_read;
             }
-            double steps = (double)(generated - 1), dec = t2 - t1;
-            fprintf(stderr, "decode:  %lld tokens in %.3f s (%.2f tok/s)\n", (long long)(generated - 1), dec, steps / dec);
-            fprintf(stderr, "per token: mixer %.1f ms, routing %.1f, shared expert %.1f, expert I/O wait %.1f, "
-                            "expert compute %.1f, lm_head %.1f; experts read %.1f MB in all\n",
-                    mixer * 1e3 / steps, route * 1e3 / steps, shared * 1e3 / steps, wait * 1e3 / steps, comp * 1e3 / steps,
-                    fm_session_head_seconds(s) * 1e3 / steps, (double)bytes / 1e6);
+            fprintf(stderr, "decode:  %lld tokens in %.3f s (%.2f tok/s)\n", (long long)steps, res.decode_seconds,
+                    steps / res.decode_seconds);
+            fprintf(stderr, "all evals: mixer %.2f s, routing %.2f, shared expert %.2f, expert I/O wait %.2f, expert "
+                            "compute %.2f, lm_head %.2f; %.1f MB of experts read\n",
+                    mixer, route, shared, wait, comp, fm_session_head_seconds(s), (double)bytes / 1e6);
         }
     }
 done:
+    free(res.ids);
     fm_session_free(s);
     fm_model_free(m);
     fm_tokenizer_free(tok);
-    free(logits);
     free(ids);
     free(file_text);
     return rc;

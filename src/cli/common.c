@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <jansson.h>
+
 #include "flashmoe.h"
 
 int fm_cli_usage_error(const char *cmd, const char *fmt, ...) {
@@ -136,4 +138,92 @@ int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params
         return 1;
     }
     return 0;
+}
+
+void fm_cli_sampling_init(fm_cli_sampling *o) {
+    memset(o, 0, sizeof *o);
+    o->p = fm_sampler_default_params();
+}
+
+int fm_cli_sampling_option(const char *cmd, int c, const char *arg, fm_cli_sampling *o) {
+    if (c < FM_OPT_TEMP || c > FM_OPT_STOP) return 0;
+    char *end;
+    errno = 0;
+    double d = strtod(arg, &end);
+    bool num_ok = !errno && end != arg && !*end;
+    int64_t v;
+    switch (c) {
+    case FM_OPT_TEMP:
+        if (!num_ok || d < 0) return fm_cli_usage_error(cmd, "--temp needs a number >= 0"), -1;
+        o->p.temperature = (float)d;
+        break;
+    case FM_OPT_TOP_K:
+        if (!fm_cli_parse_i64(arg, 0, INT32_MAX, &v)) return fm_cli_usage_error(cmd, "--top-k needs an integer >= 0"), -1;
+        o->p.top_k = (int32_t)v;
+        break;
+    case FM_OPT_TOP_P:
+        if (!num_ok || d <= 0 || d > 1) return fm_cli_usage_error(cmd, "--top-p needs a number in (0, 1]"), -1;
+        o->p.top_p = (float)d;
+        break;
+    case FM_OPT_MIN_P:
+        if (!num_ok || d < 0 || d > 1) return fm_cli_usage_error(cmd, "--min-p needs a number in [0, 1]"), -1;
+        o->p.min_p = (float)d;
+        break;
+    case FM_OPT_REPEAT:
+        if (!num_ok || d <= 0) return fm_cli_usage_error(cmd, "--repeat-penalty needs a number > 0"), -1;
+        o->p.repetition_penalty = (float)d;
+        break;
+    case FM_OPT_PRESENCE:
+        if (!num_ok) return fm_cli_usage_error(cmd, "--presence-penalty needs a number"), -1;
+        o->p.presence_penalty = (float)d;
+        break;
+    case FM_OPT_FREQUENCY:
+        if (!num_ok) return fm_cli_usage_error(cmd, "--frequency-penalty needs a number"), -1;
+        o->p.frequency_penalty = (float)d;
+        break;
+    case FM_OPT_SEED:
+        if (!fm_cli_parse_i64(arg, 0, INT64_MAX, &v)) return fm_cli_usage_error(cmd, "--seed needs an integer >= 0"), -1;
+        o->p.seed = (uint64_t)v;
+        break;
+    case FM_OPT_STOP:
+        if (!*arg) return fm_cli_usage_error(cmd, "--stop needs non-empty text"), -1;
+        if (o->n_stops == FM_CLI_MAX_STOPS) return fm_cli_usage_error(cmd, "at most %d --stop options", FM_CLI_MAX_STOPS), -1;
+        o->stops[o->n_stops++] = arg;
+        return 1;
+    }
+    o->set |= 1u << (c - FM_OPT_TEMP);
+    return 1;
+}
+
+void fm_cli_sampling_finish(const char *model_dir, fm_cli_sampling *o, int32_t *stop_ids, size_t *n_stop_ids) {
+    char path[4096];
+    snprintf(path, sizeof path, "%s/generation_config.json", model_dir);
+    json_t *g = json_load_file(path, 0, NULL);
+    bool sample = g && json_is_true(json_object_get(g, "do_sample"));
+    /* greedy unless the model's generation config samples; command-line values always win */
+#define FROM_CONFIG(bit, key, field, type)                                                         \
+    do {                                                                                           \
+        json_t *j_ = json_object_get(g, key);                                                      \
+        if (!(o->set & (1u << (bit))) && json_is_number(j_)) o->p.field = (type)json_number_value(j_); \
+    } while (0)
+    if (g && sample) {
+        FROM_CONFIG(FM_OPT_TEMP - FM_OPT_TEMP, "temperature", temperature, float);
+        FROM_CONFIG(FM_OPT_TOP_K - FM_OPT_TEMP, "top_k", top_k, int32_t);
+        FROM_CONFIG(FM_OPT_TOP_P - FM_OPT_TEMP, "top_p", top_p, float);
+        FROM_CONFIG(FM_OPT_MIN_P - FM_OPT_TEMP, "min_p", min_p, float);
+        FROM_CONFIG(FM_OPT_REPEAT - FM_OPT_TEMP, "repetition_penalty", repetition_penalty, float);
+    } else if (!(o->set & 1u)) {
+        o->p.temperature = 0; /* greedy */
+    }
+#undef FROM_CONFIG
+    json_t *eos = json_object_get(g, "eos_token_id");
+    for (size_t i = 0; eos && i < (json_is_array(eos) ? json_array_size(eos) : 1) && *n_stop_ids < 8; i++) {
+        json_t *e = json_is_array(eos) ? json_array_get(eos, i) : eos;
+        if (!json_is_integer(e)) continue;
+        int32_t id = (int32_t)json_integer_value(e);
+        bool dup = false;
+        for (size_t k = 0; k < *n_stop_ids; k++) dup |= stop_ids[k] == id;
+        if (!dup) stop_ids[(*n_stop_ids)++] = id;
+    }
+    json_decref(g);
 }

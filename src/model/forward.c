@@ -173,6 +173,8 @@ void fm_session_reset(fm_session *s) {
 
 int64_t fm_session_n_past(const fm_session *s) { return s->n_past; }
 
+fm_model *fm_session_model(const fm_session *s) { return s->m; }
+
 /* ------------------------------------------------------------------------ Gated DeltaNet */
 
 typedef struct delta_job {

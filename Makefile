@@ -12,7 +12,7 @@ BUILD   ?= $(if $(filter 1,$(SAN)),build-san,build)
 CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -MMD -MP
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-format-truncation -pthread -fno-math-errno
-LDLIBS   += -l:libjansson.a -l:libpcre2-8.a -l:libutf8proc.a -lm -pthread
+LDLIBS   += -l:libjansson.a -l:libpcre2-8.a -l:libutf8proc.a -l:libedit.a -l:libbsd.a -l:libmd.a -l:libtinfo.a -lm -pthread
 
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
@@ -33,6 +33,11 @@ all: $(BUILD)/flashmoe $(BUILD)/libflashmoe.a
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
+
+# SIMD kernels: only these objects get ISA flags; ops.c picks them at run time (the rest of the
+# build stays baseline x86-64, so the binary runs on CPUs without AVX2 / AVX-512).
+$(BUILD)/obj/src/backend/cpu/kernels_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
+$(BUILD)/obj/src/backend/cpu/kernels_avx2.o: CFLAGS += -mavx2 -mfma -mf16c
 
 $(BUILD)/libflashmoe.a: $(LIB_OBJ)
 	@rm -f $@

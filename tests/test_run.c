@@ -2,6 +2,7 @@
  * (flashmoe synth --vocab) and the Qwen3 tokenizer.json that scripts/fetch-tokenizers.sh fetches. */
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 
 #include "test.h"
@@ -70,4 +71,66 @@ FM_TEST(run_bad_prompts) {
     snprintf(cmd, sizeof cmd, "%s run -m '%s' -p 'x' -n 2000000 --ctx 4", fm_test_bin(), dir);
     rc = fm_test_run_cmd(cmd, out, sizeof out);
     CHECK_MSG(rc == 1 && strstr(out, "context"), "rc %d: %s", rc, out);
+}
+
+/* Polls `tmux capture-pane` until the pane shows `needle` (or ~15 s pass); out gets the pane. */
+static bool pane_shows(const char *sock, const char *needle, char *out, size_t cap) {
+    char cmd[512];
+    snprintf(cmd, sizeof cmd, "tmux -L %s capture-pane -p -t t", sock);
+    for (int i = 0; i < 150; i++) {
+        if (fm_test_run_cmd(cmd, out, cap) == 0 && strstr(out, needle)) return true;
+        usleep(100000);
+    }
+    return false;
+}
+
+/* The interactive chat in a real terminal (tmux): a question, a streamed answer, /reset, /exit. */
+FM_TEST(run_chat_in_a_terminal) {
+    char dir[512], cmd[4096], out[16384], sock[64];
+    if (!tokenizer_model(t, dir, sizeof dir)) return;
+    if (fm_test_run_cmd("command -v tmux", out, sizeof out) != 0) SKIP("tmux is not installed");
+    snprintf(cmd, sizeof cmd, "cp ../shared/reference/templates/Qwen-Qwen3-0.6B.jinja '%s/chat_template.jinja' 2>/dev/null || "
+                              "cp tests/fixtures/chat/*.jinja '%s/chat_template.jinja' 2>/dev/null", dir, dir);
+    if (fm_test_run_cmd(cmd, out, sizeof out) != 0) SKIP("no Qwen3 chat template to install (../shared/reference/templates)");
+    snprintf(sock, sizeof sock, "fmtest%d", (int)getpid());
+    snprintf(cmd, sizeof cmd, "tmux -L %s new-session -d -s t -x 160 -y 50 \"%s chat -m '%s' -n 8 --temp 0; sleep 30\"", sock,
+             fm_test_bin(), dir);
+    REQUIRE(fm_test_run_cmd(cmd, out, sizeof out) == 0);
+    bool ok = pane_shows(sock, "\n>", out, sizeof out); /* tmux trims the prompt's trailing space */
+    CHECK_MSG(ok, "no prompt: %s", out);
+    snprintf(cmd, sizeof cmd, "tmux -L %s send-keys -t t 'hello there' Enter", sock);
+    fm_test_run_cmd(cmd, out, sizeof out);
+    /* the answer streams, then a new prompt appears */
+    ok = ok && pane_shows(sock, "hello there\n", out, sizeof out);
+    char *after = ok ? strstr(out, "hello there\n") : NULL;
+    for (int i = 0; after && i < 150 && !strstr(after + 12, "\n>"); i++) {
+        usleep(100000);
+        snprintf(cmd, sizeof cmd, "tmux -L %s capture-pane -p -t t", sock);
+        fm_test_run_cmd(cmd, out, sizeof out);
+        after = strstr(out, "hello there\n");
+    }
+    CHECK_MSG(after && strstr(after + 12, "\n>") && strstr(after + 12, "\n>") > after + 12, "no streamed answer and new prompt: %s",
+              out);
+    snprintf(cmd, sizeof cmd, "tmux -L %s send-keys -t t '/reset' Enter", sock);
+    fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(pane_shows(sock, "[conversation cleared]", out, sizeof out), "no reset: %s", out);
+    snprintf(cmd, sizeof cmd, "tmux -L %s send-keys -t t '/exit' Enter", sock);
+    fm_test_run_cmd(cmd, out, sizeof out);
+    /* after /exit the shell runs `sleep`: the chat's own prompt no longer comes back */
+    usleep(500000);
+    snprintf(cmd, sizeof cmd, "tmux -L %s capture-pane -p -t t", sock);
+    fm_test_run_cmd(cmd, out, sizeof out);
+    char *last = strstr(out, "/exit");
+    CHECK_MSG(last && !strstr(last, "\n>"), "chat still running after /exit: %s", out);
+    snprintf(cmd, sizeof cmd, "tmux -L %s kill-server", sock);
+    fm_test_run_cmd(cmd, out, sizeof out);
+}
+
+FM_TEST(run_chat_bad_tools_file) {
+    char dir[512], cmd[2048], out[4096];
+    if (!tokenizer_model(t, dir, sizeof dir)) return;
+    snprintf(cmd, sizeof cmd, "printf '[{\"type\": \"function\",' > '%s/tools.json' && %s chat -m '%s' --tools '%s/tools.json' < /dev/null",
+             dir, fm_test_bin(), dir, dir);
+    int rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 1 && strstr(out, "tools.json: not valid JSON"), "rc %d: %s", rc, out);
 }

@@ -24,6 +24,7 @@ int fm_cli_perplexity(int argc, char **argv);
 int fm_cli_synth(int argc, char **argv);
 int fm_cli_bench(int argc, char **argv);
 int fm_cli_chat(int argc, char **argv);
+int fm_cli_kernelbench(int argc, char **argv);
 int fm_cli_tokenize(int argc, char **argv);
 int fm_cli_detokenize(int argc, char **argv);
 

@@ -18,6 +18,7 @@ static const struct {
     {"tokenize", fm_cli_tokenize, "encode text to token ids with a tokenizer.json"},
     {"detokenize", fm_cli_detokenize, "decode token ids to text"},
     {"bench", fm_cli_bench, "decode/prefill speed, time per layer, and the disk and RAM floors"},
+    {"kernelbench", fm_cli_kernelbench, "throughput of the matmul kernels and the RAM bandwidth"},
     {"synth", fm_cli_synth, "write a random-weight model at a real model's geometry (for benchmarks)"},
 };
 

@@ -1,8 +1,11 @@
 #include "backend/cpu/ops.h"
 
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cpu/kernels.h"
 #include "quant/quant.h"
 #include "util/half.h"
 
@@ -77,11 +80,160 @@ static void matmul_rows(void *arg, int64_t r0, int64_t r1) {
     }
 }
 
-void fm_cpu_matmul(fm_pool *pool, float *out, const float *x, int64_t n_tokens, const fm_weight *w) {
+void fm_cpu_matmul_ref(fm_pool *pool, float *out, const float *x, int64_t n_tokens, const fm_weight *w) {
     matmul_job j = {out, x, n_tokens, w};
     /* enough rows per chunk that a thread's work outweighs waking it */
     int64_t min_rows = (int64_t)(16384 / (w->cols * n_tokens + 1)) + 1;
     fm_pool_run(pool, matmul_rows, &j, w->rows, min_rows);
+}
+
+/* ---- SIMD dispatch ---- */
+
+bool fm_cpu_level_supported(fm_cpu_level level) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_cpu_init();
+    switch (level) {
+    case FM_CPU_SCALAR: return true;
+    case FM_CPU_AVX2:
+        return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    case FM_CPU_AVX512:
+        return fm_cpu_level_supported(FM_CPU_AVX2) && __builtin_cpu_supports("avx512f") &&
+               __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+               __builtin_cpu_supports("avx512dq");
+    default: return false;
+    }
+#else
+    return level == FM_CPU_SCALAR;
+#endif
+}
+
+fm_cpu_level fm_cpu_level_best(void) {
+    if (fm_cpu_level_supported(FM_CPU_AVX512)) return FM_CPU_AVX512;
+    if (fm_cpu_level_supported(FM_CPU_AVX2)) return FM_CPU_AVX2;
+    return FM_CPU_SCALAR;
+}
+
+const char *fm_cpu_level_name(fm_cpu_level level) {
+    switch (level) {
+    case FM_CPU_SCALAR: return "scalar";
+    case FM_CPU_AVX2: return "avx2";
+    case FM_CPU_AVX512: return "avx512";
+    default: return "?";
+    }
+}
+
+fm_cpu_level fm_cpu_level_choose(const char *request) {
+    fm_cpu_level best = fm_cpu_level_best();
+    if (!request || !*request || !strcmp(request, "auto")) return best;
+    for (int l = FM_CPU_SCALAR; l <= FM_CPU_AVX512; l++) {
+        if (strcmp(request, fm_cpu_level_name((fm_cpu_level)l))) continue;
+        if (fm_cpu_level_supported((fm_cpu_level)l)) return (fm_cpu_level)l;
+        fprintf(stderr, "flashmoe: FLASHMOE_CPU=%s: this CPU lacks %s; using %s\n", request,
+                l == FM_CPU_AVX512 ? "AVX-512 F/BW/VL/DQ" : "AVX2/FMA/F16C", fm_cpu_level_name(best));
+        return best;
+    }
+    fprintf(stderr, "flashmoe: FLASHMOE_CPU=%s: unknown level (scalar, avx2, avx512 or auto); using %s\n", request,
+            fm_cpu_level_name(best));
+    return best;
+}
+
+static pthread_once_t level_once = PTHREAD_ONCE_INIT;
+static fm_cpu_level level_chosen;
+static void level_init(void) { level_chosen = fm_cpu_level_choose(getenv("FLASHMOE_CPU")); }
+
+fm_cpu_level fm_cpu_matmul_level(void) {
+    pthread_once(&level_once, level_init);
+    return level_chosen;
+}
+
+typedef struct simd_job {
+    fm_kern_job k;
+    fm_cpu_level level;
+    float *xp, *xsum; /* writable views of k.xp, k.xsum for the preparation pass */
+} simd_job;
+
+static void simd_prep(void *arg, int64_t t0, int64_t t1) {
+    simd_job *s = arg;
+    if (s->level == FM_CPU_AVX512) fm_kern_avx512_prep(s->k.w, s->k.x, t0, t1, s->xp, s->k.xp_stride, s->xsum);
+    else fm_kern_avx2_prep(s->k.w, s->k.x, t0, t1, s->xp, s->k.xp_stride, s->xsum);
+}
+
+/* items are groups of SIMD_ROWS rows (the kernels' row tile), so that every thread's share
+ * starts on a tile; each row's arithmetic is the same in a tile or alone, so results do not
+ * depend on the thread count either way */
+#define SIMD_ROWS 4
+
+static void simd_rows(void *arg, int64_t g0, int64_t g1) {
+    const simd_job *s = arg;
+    const int64_t N = s->k.w->rows, r0 = g0 * SIMD_ROWS, r1 = g1 * SIMD_ROWS < N ? g1 * SIMD_ROWS : N;
+    if (s->level == FM_CPU_AVX512) fm_kern_avx512_rows(&s->k, r0, r1);
+    else fm_kern_avx2_rows(&s->k, r0, r1);
+}
+
+#define PREP_STACK_FLOATS 6144 /* T = 1 at up to ~6000 columns needs no allocation */
+
+fm_cpu_level fm_cpu_matmul_at(fm_cpu_level level, fm_pool *pool, float *out, const float *x, int64_t n_tokens,
+                              const fm_weight *w) {
+    while (level > FM_CPU_SCALAR && !fm_cpu_level_supported(level)) level = (fm_cpu_level)(level - 1);
+    bool simd_type = w->dtype == FM_DTYPE_F32 || w->dtype == FM_DTYPE_BF16 || w->dtype == FM_DTYPE_F16 ||
+                     (fm_dtype_is_quant(w->dtype) && fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype));
+    if (level == FM_CPU_SCALAR || !simd_type || w->cols <= 0 || n_tokens <= 0) {
+        fm_cpu_matmul_ref(pool, out, x, n_tokens, w);
+        return FM_CPU_SCALAR;
+    }
+    const int lanes = level == FM_CPU_AVX512 ? FM_KERN_AVX512_LANES : FM_KERN_AVX2_LANES;
+    /* group sums of x serve the one-token form only (kernels.h) */
+    const int64_t xp_stride = fm_kern_xp_floats(w, lanes), xs_stride = n_tokens == 1 ? fm_kern_xsum_floats(w) : 0;
+    const int64_t per_token = xp_stride + xs_stride;
+    float stack_buf[PREP_STACK_FLOATS];
+    float *buf = NULL;
+    if (per_token > 0) {
+        if (per_token <= PREP_STACK_FLOATS / n_tokens) buf = stack_buf;
+        else if (per_token > INT64_MAX / 4 / n_tokens ||
+                 !(buf = aligned_alloc(64, ((size_t)(per_token * n_tokens) * sizeof(float) + 63) & ~(size_t)63))) {
+            fm_cpu_matmul_ref(pool, out, x, n_tokens, w);
+            return FM_CPU_SCALAR;
+        }
+    }
+    simd_job s = {.k = {.out = out, .x = x, .n_tokens = n_tokens, .w = w, .xp = buf, .xp_stride = xp_stride,
+                        .xsum = buf && xs_stride ? buf + xp_stride * n_tokens : NULL},
+                  .level = level,
+                  .xp = buf,
+                  .xsum = buf && xs_stride ? buf + xp_stride * n_tokens : NULL};
+    if (per_token > 0) {
+        if (n_tokens >= 16) fm_pool_run(pool, simd_prep, &s, n_tokens, 4);
+        else simd_prep(&s, 0, n_tokens);
+    }
+    /* one contiguous share per thread (a long sequential stream each: dynamic hand-out of row
+     * blocks measured slower here), each at least ~256K multiply-adds (~15 us at one token):
+     * waking a pool thread costs ~15 us on the 2-core VM (docs/SPEED.md), so smaller matrices
+     * run on the caller alone */
+    const int64_t groups = (w->rows + SIMD_ROWS - 1) / SIMD_ROWS;
+    fm_pool_run(pool, simd_rows, &s, groups, 262144 / (SIMD_ROWS * w->cols * n_tokens) + 1);
+    if (buf != stack_buf) free(buf);
+    return level;
+}
+
+uint64_t fm_cpu_read_sum(fm_cpu_level level, const void *p, size_t n) {
+    while (level > FM_CPU_SCALAR && !fm_cpu_level_supported(level)) level = (fm_cpu_level)(level - 1);
+    if (level == FM_CPU_AVX512) return fm_kern_avx512_read(p, n);
+    if (level == FM_CPU_AVX2) return fm_kern_avx2_read(p, n);
+    const unsigned char *c = p;
+    uint64_t s[4] = {0};
+    size_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        for (int k = 0; k < 4; k++) {
+            uint64_t v;
+            memcpy(&v, c + i + 8 * k, 8);
+            s[k] += v;
+        }
+    uint64_t r = s[0] + s[1] + s[2] + s[3];
+    for (; i < n; i++) r += c[i];
+    return r;
+}
+
+void fm_cpu_matmul(fm_pool *pool, float *out, const float *x, int64_t n_tokens, const fm_weight *w) {
+    fm_cpu_matmul_at(fm_cpu_matmul_level(), pool, out, x, n_tokens, w);
 }
 
 void fm_cpu_rmsnorm(float *out, const float *x, const float *w, int64_t n, float eps) {

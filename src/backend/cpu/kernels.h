@@ -1,0 +1,86 @@
+/* SIMD matmul kernels behind fm_cpu_matmul (internal to src/backend/cpu; see ops.h for the
+ * dispatch). kernels_avx2.c is compiled with -mavx2 -mfma -mf16c, kernels_avx512.c with
+ * -mavx512f/bw/vl/dq: nothing here may be called unless fm_cpu_level_supported() says the CPU has
+ * that level, and this header itself holds only baseline C.
+ *
+ * The product computed is the oracle's (fm_cpu_matmul_ref):  out[t, r] = sum_c x[t, c] * W[r, c].
+ *
+ * Quantized weights, one token (decode): the FMA form. Per group g of row r with scale s, bias b:
+ *     sum_j (q_j s + b) x_j = s * sum_j q_j x_j + b * xsum[g],   xsum[g] = sum over the group of x
+ * so the inner loop is integer -> float conversion + multiply-add, the scale applied once per
+ * block. Several tokens (prefill): each row segment is dequantized once into an L1 buffer as the
+ * weights fma(q, s, b) (= the oracle's fl(fl(q s) + b) for BF16/F16 scales) and reused by every
+ * token (no xsum). To avoid shuffles the q are
+ * unpacked in the order they sit in the words, and the activations are permuted once per call to
+ * match ("prepared" activations, fm_kern_prep):
+ *
+ *   A block is L consecutive u32 words of a row (L = 16 lanes for AVX-512, 8 for AVX2), i.e.
+ *   B = L * V values where V = 32 / bits values per word. Unpacked vector e (0 <= e < V) holds, in
+ *   lane i, element e of word i, i.e. value c = B * blk + V * i + e, isolated as
+ *   (word & (mask << bits * e)) = q * 2^(bits * e) for e < V - 1 and as (word >> bits * (V - 1)) = q
+ *   for the top element (no sign bit reaches a signed int32 conversion). The prepared activations
+ *   hold x[c] * 2^-(bits * e) (resp. x[c]) at xp[B * blk + L * e + i], zero past the row end, so the
+ *   products equal q * x exactly as in the oracle (barring underflow of |x| < 2^-96).
+ *   BF16 weights use the same scheme with V = 2 and no scaling: the low half of a word shifted
+ *   left by 16 and the high half masked are the two float32 values.
+ *
+ * Summation order differs from the oracle's, so results agree to float32 rounding of the sum of
+ * |terms| (quantized: of sum_j (|q_j s| + |b|) |x_j|), not bit for bit. */
+#ifndef FM_BACKEND_CPU_KERNELS_H
+#define FM_BACKEND_CPU_KERNELS_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "backend/tensor.h"
+#include "quant/quant.h"
+
+#define FM_KERN_AVX2_LANES 8
+#define FM_KERN_AVX512_LANES 16
+
+/* One matmul call, shared read-only by the threads that split its rows. */
+typedef struct fm_kern_job {
+    float *out;           /* (n_tokens, w->rows) */
+    const float *x;       /* (n_tokens, w->cols), the caller's activations */
+    int64_t n_tokens;
+    const fm_weight *w;   /* F32, BF16, F16, Q8, Q4 or Q2 (quantized: passed fm_quant_check) */
+    const float *xp;      /* prepared activations (BF16 and quantized types): n_tokens x xp_stride */
+    int64_t xp_stride;    /* floats per token of xp */
+    const float *xsum;    /* quantized, n_tokens = 1: (cols / group_size) group sums of x */
+} fm_kern_job;
+
+/* Floats per token of prepared activations for weight w at `lanes` lanes (0: the kernel reads x
+ * as is). Quantized: whole blocks of lanes words; BF16: whole blocks of lanes word pairs. */
+static inline int64_t fm_kern_xp_floats(const fm_weight *w, int lanes) {
+    int bits = w->dtype == FM_DTYPE_BF16 ? 16 : fm_quant_bits(w->dtype);
+    if (!bits) return 0;
+    int64_t V = 32 / bits, words = w->cols / V, blocks = (words + lanes - 1) / lanes;
+    return blocks * lanes * V;
+}
+
+/* Floats per token of group sums for weight w (0 unless quantized). */
+static inline int64_t fm_kern_xsum_floats(const fm_weight *w) {
+    return fm_dtype_is_quant(w->dtype) ? w->cols / w->group_size : 0;
+}
+
+/* AVX2 + FMA + F16C (kernels_avx2.c).
+ * prep: tokens [t0, t1) of x into xp (n_tokens x xp_stride floats, xp_stride =
+ *   fm_kern_xp_floats(w, FM_KERN_AVX2_LANES); the layout above, zero past the row end) and, for
+ *   quantized weights when xsum is not NULL, their group sums into xsum (n_tokens x cols/group_size).
+ *   Called once per matmul, before the rows; nothing to do for F32/F16.
+ * rows: out[t, r] for r in [r0, r1), every t (the job's xp and xsum prepared; xsum needed only
+ *   for one token). Calls on disjoint row ranges may run concurrently. */
+void fm_kern_avx2_prep(const fm_weight *w, const float *x, int64_t t0, int64_t t1, float *xp, int64_t xp_stride,
+                       float *xsum);
+void fm_kern_avx2_rows(const fm_kern_job *j, int64_t r0, int64_t r1);
+/* Reads n bytes at p (any alignment) with 256-bit loads; returns a checksum (so the reads stay). */
+uint64_t fm_kern_avx2_read(const void *p, size_t n);
+
+/* AVX-512 F/BW/VL/DQ (kernels_avx512.c), the same contracts with 16 lanes. */
+void fm_kern_avx512_prep(const fm_weight *w, const float *x, int64_t t0, int64_t t1, float *xp, int64_t xp_stride,
+                         float *xsum);
+void fm_kern_avx512_rows(const fm_kern_job *j, int64_t r0, int64_t r1);
+uint64_t fm_kern_avx512_read(const void *p, size_t n);
+
+#endif

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cpu/membw.h"
 #include "backend/cpu/ops.h"
 #include "cli/cli.h"
 #include "quant/quant.h"
@@ -58,37 +59,6 @@ static uint64_t rnd_u64(void) {
     return rng;
 }
 static float rnd_unit(void) { return (float)((double)(rnd_u64() >> 11) / (double)(1ull << 53)); } /* [0, 1) */
-
-/* ---- RAM bandwidth ---- */
-
-typedef struct read_job {
-    const unsigned char *buf;
-    size_t bytes;
-    int parts;
-    fm_cpu_level level;
-    uint64_t sums[256];
-} read_job;
-
-static void read_range(void *arg, int64_t b, int64_t e) {
-    read_job *j = arg;
-    size_t per = j->bytes / (size_t)j->parts;
-    for (int64_t i = b; i < e; i++) {
-        size_t n = i == j->parts - 1 ? j->bytes - per * (size_t)i : per;
-        j->sums[i & 255] += fm_cpu_read_sum(j->level, j->buf + per * (size_t)i, n);
-    }
-}
-
-/* median GB/s of reading buf on the pool (NULL: the calling thread) */
-static double read_gbs(fm_pool *pool, fm_cpu_level level, const unsigned char *buf, size_t bytes, int repeats) {
-    double r[MAX_REPEATS];
-    read_job j = {.buf = buf, .bytes = bytes, .parts = fm_pool_size(pool), .level = level};
-    for (int k = 0; k < repeats; k++) {
-        double t0 = fm_time_now();
-        fm_pool_run(pool, read_range, &j, j.parts, 1);
-        r[k] = (double)bytes / (fm_time_now() - t0) / 1e9;
-    }
-    return median(r, repeats);
-}
 
 /* ---- matrices ---- */
 
@@ -303,8 +273,8 @@ int fm_cli_kernelbench(int argc, char **argv) {
         memcpy(buf + i, &v, 8);
     }
     if (!json) fprintf(stderr, "kernelbench: RAM read bandwidth (%lld MiB, %s loads)...\n", (long long)mib, level_names[best]);
-    const double ram_all = read_gbs(pool, best, buf, total, (int)repeats);
-    const double ram_one = read_gbs(NULL, best, buf, total, (int)repeats);
+    const double ram_all = fm_ram_read_gbs_buf(pool, best, buf, total, (int)repeats);
+    const double ram_one = fm_ram_read_gbs_buf(NULL, best, buf, total, (int)repeats);
     free(buf);
     buf = NULL;
 

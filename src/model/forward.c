@@ -14,7 +14,7 @@
 #include "util/error.h"
 #include "util/progress.h"
 
-#define FM_MAX_CHUNK 256
+#define FM_MAX_CHUNK 512 /* tokens per prefill chunk: each expert is read at most once per chunk */
 
 struct fm_session {
     fm_model *m;

@@ -2,12 +2,15 @@
 #   make              build/flashmoe and build/libflashmoe.a (CPU backend)
 #   make test         build and run the test suite (closes with "N passed, N failed")
 #   make test SAN=1   the same under AddressSanitizer + UndefinedBehaviorSanitizer (in build-san/)
-#   make CUDA=1       adds the CUDA backend (later)
+#   make CUDA=1       adds the CUDA backend (src/backend/cuda/*.cu, nvcc; docs/CUDA.md) in build/cuda/:
+#                     build/cuda/flashmoe, build/cuda/run_tests (with the cuda_ tests), build/cuda/cuda_bench
+#   make cuda-check   compiles the CUDA sources (sm_90) and their C users only: no GPU, no link; ~25 s
 #   make clean
 
 CC      ?= cc
 SAN     ?= 0
-BUILD   ?= $(if $(filter 1,$(SAN)),build-san,build)
+CUDA    ?= 0
+BUILD   ?= $(if $(filter 1,$(SAN)),build-san,build)$(if $(filter 1,$(CUDA)),/cuda)
 
 CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -MMD -MP
 CFLAGS   ?= -O2 -g
@@ -27,8 +30,50 @@ LIB_OBJ  := $(LIB_SRC:%.c=$(BUILD)/obj/%.o)
 CLI_OBJ  := $(CLI_SRC:%.c=$(BUILD)/obj/%.o)
 TEST_OBJ := $(TEST_SRC:%.c=$(BUILD)/obj/%.o)
 
+# ---- CUDA backend (make CUDA=1). CUDA_ARCH: the GPUs to build machine code for (Ampere, Ada,
+# Hopper) plus compute_90 PTX that newer GPUs compile at load time; e.g. CUDA_ARCH='-gencode
+# arch=compute_90,code=sm_90' builds for Hopper only. cudart (and libstdc++) are linked statically, so
+# the binary needs only the driver (libcuda) at run time and runs, skipping the cuda_ tests, without one.
+CUDA_HOME ?= /usr/local/cuda
+NVCC      ?= $(if $(shell command -v nvcc 2>/dev/null),nvcc,$(CUDA_HOME)/bin/nvcc)
+CUDA_ARCH ?= -gencode arch=compute_80,code=sm_80 -gencode arch=compute_86,code=sm_86 \
+             -gencode arch=compute_89,code=sm_89 -gencode arch=compute_90,code=sm_90 \
+             -gencode arch=compute_90,code=compute_90
+NVCCFLAGS ?= -O3 -std=c++17 -Xcompiler -Wall,-Wextra,-Wno-unused-parameter,-Wno-format-truncation -Werror all-warnings
+CUDA_SRC  := $(sort $(wildcard src/backend/cuda/*.cu))
+ifeq ($(CUDA),1)
+CPPFLAGS  += -DFM_HAVE_CUDA
+LIB_OBJ   += $(CUDA_SRC:%.cu=$(BUILD)/obj/%.o)
+# libstdc++ (static) for the C++ runtime of nvcc's host code (thread-safe statics in kernel stubs)
+LDLIBS    += -L$(CUDA_HOME)/lib64 -lcudart_static -ldl -lrt -l:libstdc++.a
+else
+TEST_OBJ  := $(filter-out $(BUILD)/obj/tests/test_cuda.o,$(TEST_OBJ))
+endif
+
 .PHONY: all test clean
 all: $(BUILD)/flashmoe $(BUILD)/libflashmoe.a
+
+# CUDA rules (the variables are above)
+ifeq ($(CUDA),1)
+all: $(BUILD)/cuda_bench
+
+$(BUILD)/obj/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(filter-out -D_GNU_SOURCE,$(CPPFLAGS)) $(NVCCFLAGS) $(CUDA_ARCH) -c $< -o $@
+
+$(BUILD)/cuda_bench: $(BUILD)/obj/tools/cuda_bench.o $(BUILD)/libflashmoe.a
+	$(CC) $(LDFLAGS) $(CFLAGS) $^ $(LDLIBS) -o $@
+endif
+
+.PHONY: cuda-check
+cuda-check:
+	@mkdir -p build/cuda-check
+	for f in $(CUDA_SRC); do \
+	  $(NVCC) -Iinclude -Isrc $(NVCCFLAGS) -gencode arch=compute_90,code=sm_90 -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
+	done
+	$(NVCC) -Iinclude -Isrc $(NVCCFLAGS) -gencode arch=compute_90,code=sm_90 -DFM_CUDA_SCALE_PREFETCH=1 \
+	  -c src/backend/cuda/matmul.cu -o build/cuda-check/matmul_prefetch.o
+	$(CC) -Iinclude -Isrc -D_GNU_SOURCE -DFM_HAVE_CUDA $(CFLAGS) -fsyntax-only tests/test_cuda.c tools/cuda_bench.c
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)

@@ -1,0 +1,132 @@
+/* The CUDA backend (docs/CUDA.md): device buffers and the hot kernels of the MoE forward pass.
+ *
+ * A plain C surface with no CUDA types in it: the library's C code includes this header, and only
+ * the .cu files of src/backend/cuda/ include the CUDA runtime. Compiled in with `make CUDA=1`, which
+ * also defines FM_HAVE_CUDA for the C code; the default build has no CUDA code at all.
+ *
+ * Contract shared by every function here:
+ *  - An fm_cuda context owns one device and one CUDA stream. Kernels and device-to-device copies
+ *    are enqueued on that stream and run asynchronously, in order; uploads and downloads are
+ *    synchronous (they return when the bytes have arrived, so host buffers may be reused at once).
+ *    fm_cuda_sync waits for everything enqueued and reports a failure that happened meanwhile.
+ *  - Functions return FM_OK or a failure with one line in fm_last_error() that names the CUDA call,
+ *    the CUDA error and the source file and line (e.g. "CUDA: cudaMalloc(&p, bytes) failed:
+ *    cudaErrorMemoryAllocation (out of memory) at src/backend/cuda/cuda_backend.cu:96").
+ *    Status mapping: FM_ERR_NOMEM for a failed allocation, FM_ERR_UNSUPPORTED when there is no
+ *    usable device / driver or for a weight type the kernels do not take, FM_ERR_ARG for bad
+ *    arguments (checked before anything is enqueued), FM_ERR_IO for every other CUDA failure.
+ *    A kernel fault (an illegal address) leaves the context unusable: every later call fails.
+ *  - A context is used by one host thread at a time. Several contexts may share a device.
+ *  - "Device pointer" means memory from fm_cuda_buf_alloc (or any cudaMalloc'ed memory).
+ *    No function here calls exit() or abort(). */
+#ifndef FM_BACKEND_CUDA_BACKEND_H
+#define FM_BACKEND_CUDA_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" { /* the C headers below have no guards of their own */
+#endif
+
+#include "backend/tensor.h"
+#include "flashmoe.h"
+
+typedef struct fm_cuda fm_cuda;
+
+/* Number of CUDA devices usable by this process, in *n. No driver, a stub driver, or no device
+ * give *n = 0 and FM_OK (the reason is left in fm_last_error(), for a SKIP message). */
+fm_status fm_cuda_device_count(int *n);
+
+/* Opens device `device` (0-based) with a fresh non-blocking stream. FM_ERR_UNSUPPORTED when the
+ * device does not exist or no driver is usable; the message says which. */
+fm_status fm_cuda_init(int device, fm_cuda **out);
+
+/* Waits for the stream, then releases the stream, timers and the context (NULL is fine). Buffers
+ * from fm_cuda_buf_alloc are not freed: free them first. */
+void fm_cuda_free(fm_cuda *ctx);
+
+/* "NVIDIA H100 80GB HBM3, sm_90, 132 SMs, 79.1 GiB" for logs. */
+const char *fm_cuda_device_desc(const fm_cuda *ctx);
+
+/* Multiprocessors and L2 bytes of the context's device (benchmarks size their data from these). */
+int fm_cuda_sm_count(const fm_cuda *ctx);
+int64_t fm_cuda_l2_bytes(const fm_cuda *ctx);
+
+/* ---- device buffers ---- */
+
+/* *dev = `bytes` of device memory, 256-byte aligned, contents undefined. bytes = 0 gives NULL. */
+fm_status fm_cuda_buf_alloc(fm_cuda *ctx, size_t bytes, void **dev);
+/* Frees a buffer (NULL is fine); waits for the context's stream first. */
+void fm_cuda_buf_free(fm_cuda *ctx, void *dev);
+/* host -> device and device -> host, synchronous: return when the copy is complete (and, for the
+ * download, after all work enqueued before it). */
+fm_status fm_cuda_buf_upload(fm_cuda *ctx, void *dev, const void *host, size_t bytes);
+fm_status fm_cuda_buf_download(fm_cuda *ctx, void *host, const void *dev, size_t bytes);
+/* device -> device, enqueued on the stream (asynchronous). */
+fm_status fm_cuda_buf_copy(fm_cuda *ctx, void *dst, const void *src, size_t bytes);
+/* Sets every byte to `byte`, enqueued (asynchronous). */
+fm_status fm_cuda_buf_fill(fm_cuda *ctx, void *dev, int byte, size_t bytes);
+
+/* Waits for everything enqueued on the context's stream; reports an asynchronous failure. */
+fm_status fm_cuda_sync(fm_cuda *ctx);
+
+/* Timing with device events on the stream: start records an event, stop records another, waits
+ * for it and gives the milliseconds between them. */
+fm_status fm_cuda_timer_start(fm_cuda *ctx);
+fm_status fm_cuda_timer_stop(fm_cuda *ctx, double *ms);
+
+/* ---- matmul: out[t, r] = sum_c x[t, c] * W[r, c] ---- */
+
+/* One product of a batch. w: the weight's bytes on the device, in the layout of fm_weight (for
+ * quantized types: packed q words, then scales, then biases; docs/QUANT.md). x: (n_tokens, cols)
+ * float32 on the device; out: (n_tokens, rows) float32 on the device, not overlapping x or w.
+ * n_tokens may be 0 (nothing is computed or written for that product). */
+typedef struct fm_cuda_mat {
+    const void *w;
+    const float *x;
+    float *out;
+    int64_t n_tokens;
+} fm_cuda_mat;
+
+/* Products per kernel launch: larger batches are split into launches of this many. */
+#define FM_CUDA_BATCH_MAX 64
+
+/* out = x W^T for one weight whose data pointer (w->data) is a device pointer. Takes F32, BF16,
+ * F16, Q8, Q4, Q2 (groups 32/64/128, scales BF16, F16 or F32). Enqueued (asynchronous).
+ * Alignment: w->data must be aligned to 4 bytes for F32 and quantized types and 2 for BF16/F16;
+ * x to 4 bytes (FM_ERR_ARG otherwise). The fast kernel (16-byte weight loads) runs when w->data
+ * and x are 16-byte aligned and a weight row is a whole number of 16-byte chunks (cols * bits a
+ * multiple of 128; always true for Q4/Q8 and for the model's shapes); any other case runs a
+ * slower, general kernel with the same results.
+ * Results agree with fm_cpu_matmul to float32 rounding of the sum of |products| (quantized: of
+ * sum_c (|q s| + |b|) |x_c|): the summation order differs, and quantized weights use the FMA form
+ * s * sum(q x) + b * sum(x) per group. Errors (nothing enqueued): FM_ERR_UNSUPPORTED for another
+ * dtype, the fm_quant_check errors, FM_ERR_ARG for NULL pointers, rows < 0, cols <= 0,
+ * n_tokens < 0 or misalignment. */
+fm_status fm_cuda_matmul(fm_cuda *ctx, float *out, const float *x, int64_t n_tokens, const fm_weight *w);
+
+/* n_mats products with one shape: shape->dtype, rows, cols, group_size and scale_dtype apply to
+ * every mats[i] (shape->data is ignored); each has its own weight, activations, output and token
+ * count. Runs as ceil(n_mats / FM_CUDA_BATCH_MAX) launches, so several experts cost one launch
+ * (the MoE case: the 10 experts of a token, gate and up together). Same checks and results as
+ * fm_cuda_matmul for each product; a launch takes the fast kernel only if all of its products
+ * qualify. */
+fm_status fm_cuda_matmul_batch(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_mat *mats, int n_mats);
+
+/* ---- elementwise ---- */
+
+/* For each of n_tokens rows of n values: out = x / sqrt(mean(x^2) + eps) * w  (w: n floats on the
+ * device, or NULL for no scale), as fm_cpu_rmsnorm. out may equal x. Enqueued. */
+fm_status fm_cuda_rmsnorm(fm_cuda *ctx, float *out, const float *x, const float *w, int64_t n_tokens, int64_t n,
+                          float eps);
+
+/* out[i] = silu(gate[i]) * up[i] for i < n, silu(g) = g / (1 + exp(-g)) (as fm_silu). out may equal
+ * gate or up. Enqueued. */
+fm_status fm_cuda_swiglu(fm_cuda *ctx, float *out, const float *gate, const float *up, int64_t n);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -27,6 +27,7 @@ int fm_cli_chat(int argc, char **argv);
 int fm_cli_kernelbench(int argc, char **argv);
 int fm_cli_tokenize(int argc, char **argv);
 int fm_cli_detokenize(int argc, char **argv);
+int fm_cli_serve(int argc, char **argv);
 
 /* Options every command that opens a model shares (option codes 1000..1099). */
 enum {

@@ -13,6 +13,7 @@ static const struct {
     {"info", fm_cli_info, "print a packed model's architecture, shapes and sizes"},
     {"run", fm_cli_run, "generate text from a prompt"},
     {"chat", fm_cli_chat, "an interactive chat (streaming, tool calls, /reset /save /load /stats)"},
+    {"serve", fm_cli_serve, "an OpenAI-compatible HTTP server (chat, completions, streaming, tools, metrics)"},
     {"logits", fm_cli_logits, "write the logits of a token sequence to a .npy file"},
     {"perplexity", fm_cli_perplexity, "perplexity, and KL divergence against reference logits"},
     {"tokenize", fm_cli_tokenize, "encode text to token ids with a tokenizer.json"},

@@ -2,6 +2,8 @@
  * "N passed, N failed[, N skipped]" as its last line. Exit status 0 iff nothing failed. */
 #include "test.h"
 
+#include <jansson.h>
+
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
@@ -64,6 +66,56 @@ const char *fm_test_tmpdir(const char *name, char *buf, size_t cap) {
 const char *fm_test_bin(void) {
     const char *b = getenv("FLASHMOE_BIN");
     return b ? b : "build/flashmoe";
+}
+
+char *fm_test_read_file(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    size_t cap = 1 << 16, len = 0, r;
+    char *b = malloc(cap + 1);
+    while (b && (r = fread(b + len, 1, cap - len, f)) > 0) {
+        len += r;
+        if (len == cap) {
+            char *nb = realloc(b, 2 * cap + 1);
+            if (!nb) {
+                free(b);
+                b = NULL;
+                break;
+            }
+            b = nb;
+            cap *= 2;
+        }
+    }
+    fclose(f);
+    if (b) b[len] = 0;
+    if (n) *n = len;
+    return b;
+}
+
+json_t *fm_test_load_jsonl(const char *path) {
+    size_t n;
+    char *text = fm_test_read_file(path, &n);
+    if (!text) return NULL;
+    json_t *arr = json_array();
+    char *line = text;
+    while (*line) {
+        char *nl = strchr(line, '\n');
+        size_t ll = nl ? (size_t)(nl - line) : strlen(line);
+        if (ll) {
+            json_error_t err;
+            json_t *v = json_loadb(line, ll, JSON_DECODE_ANY | JSON_ALLOW_NUL, &err);
+            if (!v) {
+                fprintf(stderr, "  %s: bad line: %s\n", path, err.text);
+                json_decref(arr);
+                free(text);
+                return NULL;
+            }
+            json_array_append_new(arr, v);
+        }
+        line = nl ? nl + 1 : line + ll;
+    }
+    free(text);
+    return arr;
 }
 
 static int cmp_tests(const void *a, const void *b) {

@@ -72,6 +72,15 @@ int fm_test_run_cmd(const char *cmdline, char *out, size_t cap);
 /* A fresh empty directory under the test scratch root (FM_TEST_TMP, default build/test-tmp), path written to buf. */
 const char *fm_test_tmpdir(const char *name, char *buf, size_t cap);
 
+/* The whole file at `path`, NUL-terminated, malloc'd (caller frees); *n = its length (n may be
+ * NULL). NULL if it cannot be read. */
+char *fm_test_read_file(const char *path, size_t *n);
+
+/* The JSON values of a .jsonl file, one per non-empty line, as a new array (NULL if the file is
+ * absent or a line is not JSON — said on stderr). */
+struct json_t;
+struct json_t *fm_test_load_jsonl(const char *path);
+
 /* Path of the flashmoe binary under test (set by tests/main.c from FLASHMOE_BIN or default). */
 const char *fm_test_bin(void);
 

@@ -19,54 +19,16 @@
 
 /* ================================ helpers ================================= */
 
-static char *slurp(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 16, len = 0, r;
-    char *b = malloc(cap + 1);
-    while (b && (r = fread(b + len, 1, cap - len, f)) > 0) {
-        len += r;
-        if (len == cap) {
-            char *nb = realloc(b, 2 * cap + 1);
-            if (!nb) {
-                free(b);
-                b = NULL;
-                break;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    fclose(f);
-    if (b) b[len] = 0;
-    if (n) *n = len;
-    return b;
-}
 
 /* name -> record, from a .jsonl file of {"name": ...} objects. */
 static json_t *load_records(const char *path) {
-    size_t n;
-    char *text = slurp(path, &n);
-    if (!text) return NULL;
+    json_t *arr = fm_test_load_jsonl(path);
+    if (!arr) return NULL;
     json_t *map = json_object();
-    char *line = text;
-    while (*line) {
-        char *nl = strchr(line, '\n');
-        size_t ll = nl ? (size_t)(nl - line) : strlen(line);
-        if (ll) {
-            json_error_t err;
-            json_t *v = json_loadb(line, ll, JSON_ALLOW_NUL, &err);
-            if (!v) {
-                fprintf(stderr, "  %s: bad line: %s\n", path, err.text);
-                json_decref(map);
-                free(text);
-                return NULL;
-            }
-            json_object_set_new(map, json_string_value(json_object_get(v, "name")), v);
-        }
-        line = nl ? nl + 1 : line + ll;
-    }
-    free(text);
+    size_t i;
+    json_t *v;
+    json_array_foreach(arr, i, v) json_object_set(map, json_string_value(json_object_get(v, "name")), v);
+    json_decref(arr);
     return map;
 }
 
@@ -201,7 +163,7 @@ static json_t *normalise(const json_t *msgs, const char *fix) {
 static void check_fixtures(fm_test_ctx *t, fm_chat_template kind, const char *name) {
     char path[256];
     size_t n;
-    char *cases_text = slurp(FIXDIR "/cases.json", &n);
+    char *cases_text = fm_test_read_file(FIXDIR "/cases.json", &n);
     REQUIRE(cases_text);
     json_t *cases = parse(cases_text);
     free(cases_text);
@@ -385,10 +347,10 @@ FM_TEST(chat_segments_classify_caller_text) {
 static char *read_template(const char *file) {
     char path[512];
     snprintf(path, sizeof path, TEMPLATE_DIR "/%s", file);
-    char *s = slurp(path, NULL);
+    char *s = fm_test_read_file(path, NULL);
     if (!s) {
         snprintf(path, sizeof path, ".cache/chat-templates/%s", file);
-        s = slurp(path, NULL);
+        s = fm_test_read_file(path, NULL);
     }
     return s;
 }

@@ -95,30 +95,6 @@ typedef struct srv {
     char log[512];
 } srv;
 
-static char *slurp(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *b = malloc(cap);
-    size_t r;
-    while (b && (r = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += r;
-        if (cap - n < 2) {
-            char *nb = realloc(b, cap * 2);
-            if (!nb) {
-                free(b);
-                b = NULL;
-                break;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    fclose(f);
-    if (b) b[n] = 0;
-    if (len) *len = n;
-    return b;
-}
 
 /* Starts `flashmoe serve -m dir --port 0 ARGS` (ARGS split at spaces) with the test hooks on and
  * waits for its "listening on" line. */
@@ -159,7 +135,7 @@ static bool srv_start(fm_test_ctx *t, srv *s, const char *dir, const char *args)
     s->pid = pid;
     s->port = 0;
     for (int i = 0; i < 6000; i++) { /* 60 s: the sanitizer build loads slowly */
-        char *log = slurp(s->log, NULL);
+        char *log = fm_test_read_file(s->log, NULL);
         const char *at = log ? strstr(log, "listening on http://127.0.0.1:") : NULL;
         if (at) s->port = atoi(at + strlen("listening on http://127.0.0.1:"));
         int st;
@@ -196,7 +172,7 @@ static void srv_stop(fm_test_ctx *t, srv *s) {
         kill(s->pid, SIGKILL);
         waitpid(s->pid, &st, 0);
     }
-    char *log = slurp(s->log, NULL);
+    char *log = fm_test_read_file(s->log, NULL);
     bool clean = log && !strstr(log, "AddressSanitizer") && !strstr(log, "LeakSanitizer") && !strstr(log, "runtime error") &&
                  !strstr(log, "ThreadSanitizer");
     CHECK_MSG(exited && WIFEXITED(st) && WEXITSTATUS(st) == 0 && clean,
@@ -335,7 +311,7 @@ static pid_t curl_bg(const srv *s, const char *path, const char *body, const cha
 
 /* Counts occurrences of needle in the file (0 if unreadable). */
 static int count_in_file(const char *path, const char *needle) {
-    char *b = slurp(path, NULL);
+    char *b = fm_test_read_file(path, NULL);
     int n = 0;
     for (const char *p = b; p && (p = strstr(p, needle)); p += strlen(needle)) n++;
     free(b);
@@ -569,7 +545,7 @@ FM_TEST(server_queue_full_503) {
             b_done = waitpid(b, &st, WNOHANG) == b;
             if (!b_done) usleep(10000);
         }
-        char *bo = slurp(pb, NULL);
+        char *bo = fm_test_read_file(pb, NULL);
         CHECK_MSG(b_done && WIFEXITED(st) && WEXITSTATUS(st) == 0 && bo && strstr(bo, "\"chat.completion\""), "B: %s", bo ? bo : "");
         free(bo);
         if (b_done) b = 0;

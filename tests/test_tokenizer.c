@@ -23,56 +23,7 @@
 
 /* ================================ helpers ================================= */
 
-static char *read_text_file(const char *path, size_t *n) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 16, len = 0, r;
-    char *b = malloc(cap + 1);
-    while (b && (r = fread(b + len, 1, cap - len, f)) > 0) {
-        len += r;
-        if (len == cap) {
-            char *nb = realloc(b, 2 * cap + 1);
-            if (!nb) {
-                free(b);
-                b = NULL;
-                break;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    fclose(f);
-    if (b) b[len] = 0;
-    if (n) *n = len;
-    return b;
-}
 
-/* The JSON values of a .jsonl file, one per line (NULL if the file is absent). */
-static json_t *load_jsonl(const char *path) {
-    size_t n;
-    char *text = read_text_file(path, &n);
-    if (!text) return NULL;
-    json_t *arr = json_array();
-    char *line = text;
-    while (*line) {
-        char *nl = strchr(line, '\n');
-        size_t ll = nl ? (size_t)(nl - line) : strlen(line);
-        if (ll) {
-            json_error_t err;
-            json_t *v = json_loadb(line, ll, JSON_DECODE_ANY | JSON_ALLOW_NUL, &err);
-            if (!v) {
-                fprintf(stderr, "  %s: bad line: %s\n", path, err.text);
-                json_decref(arr);
-                free(text);
-                return NULL;
-            }
-            json_array_append_new(arr, v);
-        }
-        line = nl ? nl + 1 : line + ll;
-    }
-    free(text);
-    return arr;
-}
 
 static bool write_file(const char *path, const char *data) {
     FILE *f = fopen(path, "wb");
@@ -402,7 +353,7 @@ FM_TEST(tok_rejects_malformed_and_unsupported) {
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     REQUIRE(write_tiny(path, false, "BPE", NULL));
     size_t n;
-    char *good = read_text_file(path, &n);
+    char *good = fm_test_read_file(path, &n);
     REQUIRE(good);
     /* variants made by replacing one snippet of the good file */
     static const struct {
@@ -479,7 +430,7 @@ FM_TEST(tok_damaged_files) {
     snprintf(path, sizeof path, "%s/tokenizer.json", dir);
     REQUIRE(write_tiny(path, false, "BPE", NULL));
     size_t n;
-    char *good = read_text_file(path, &n);
+    char *good = fm_test_read_file(path, &n);
     REQUIRE(good);
     snprintf(p2, sizeof p2, "%s/damaged.json", dir);
     uint64_t rng = 0xD1B54A32D192ED03ull;
@@ -570,7 +521,7 @@ static fm_tokenizer *real_tok(fm_test_ctx *t, int which) {
     return cached[which];
 }
 
-static json_t *load_strings(void) { return load_jsonl(FIXDIR "/strings.jsonl"); }
+static json_t *load_strings(void) { return fm_test_load_jsonl(FIXDIR "/strings.jsonl"); }
 
 FM_TEST(tok_qwen3_known_ids) {
     NEED_TOKENIZERS();
@@ -645,15 +596,15 @@ static void tok_test_collect(void *ctx, const char *p, size_t n) { json_array_ap
 static void compare_fixtures(fm_test_ctx *t, int which, const char *name) {
     char p[256];
     snprintf(p, sizeof p, FIXDIR "/%s.ids.jsonl", name);
-    json_t *exp_ids = load_jsonl(p);
+    json_t *exp_ids = fm_test_load_jsonl(p);
     if (!exp_ids)
         SKIP("%s is absent: run tools/make_tokenizer_fixtures.py where HF tokenizers is installed (see docs/TOKENIZER.md)", p);
     snprintf(p, sizeof p, FIXDIR "/%s.plain.jsonl", name);
-    json_t *exp_plain = load_jsonl(p);
+    json_t *exp_plain = fm_test_load_jsonl(p);
     snprintf(p, sizeof p, FIXDIR "/%s.pieces.jsonl", name);
-    json_t *exp_pieces = load_jsonl(p);
+    json_t *exp_pieces = fm_test_load_jsonl(p);
     snprintf(p, sizeof p, FIXDIR "/%s.decode.jsonl", name);
-    json_t *exp_decode = load_jsonl(p);
+    json_t *exp_decode = fm_test_load_jsonl(p);
     snprintf(p, sizeof p, FIXDIR "/%s.meta.json", name);
     json_t *meta = json_load_file(p, 0, NULL);
     json_t *strings = load_strings();
@@ -910,7 +861,7 @@ FM_TEST(tok_threads_share_tokenizer) {
     fm_tokenizer *tok = real_tok(t, 0);
     REQUIRE(tok);
     size_t len;
-    char *text = read_text_file(FIXDIR "/strings.jsonl", &len);
+    char *text = fm_test_read_file(FIXDIR "/strings.jsonl", &len);
     REQUIRE(text);
     int32_t *ref;
     size_t n_ref;

@@ -355,12 +355,6 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
     return FM_OK;
 }
 
-fm_status fm_store_fetch(fm_expert_store *s, int layer, const int32_t *ids, int n, const uint8_t **blocks) {
-    fm_status st = fm_store_request(s, layer, ids, n);
-    for (int i = 0; i < n && st == FM_OK; i++) st = fm_store_wait(s, i, &blocks[i]);
-    return st;
-}
-
 fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer) { return s->stats[layer]; }
 
 void fm_store_reset_stats(fm_expert_store *s) { memset(s->stats, 0, sizeof *s->stats * (size_t)s->n_layers); }

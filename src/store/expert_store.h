@@ -49,9 +49,6 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
  * or an id out of range fails with a message naming the layer, the expert and the file. */
 fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
 
-/* request + wait for all, in order: blocks[i] for ids[i]. */
-fm_status fm_store_fetch(fm_expert_store *s, int layer, const int32_t *ids, int n, const uint8_t **blocks);
-
 /* Counters of one layer since open (or the last reset). */
 fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer);
 

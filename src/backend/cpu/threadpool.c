@@ -4,12 +4,20 @@
 #include <stdlib.h>
 #include <unistd.h>
 
+#define SPIN_POLLS 20000 /* ~50-100 us of pause instructions before a worker sleeps */
+
+static inline void cpu_relax(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
 struct fm_pool {
     int n_threads;
     pthread_t *threads;
     pthread_mutex_t mu;
     pthread_cond_t start, done;
-    uint64_t generation; /* bumped for each job */
+    uint64_t generation; /* bumped for each job; read and written atomically (workers spin on it) */
     int pending;         /* workers still busy with the current job */
     int stop;
     fm_pool_fn fn;
@@ -35,13 +43,19 @@ static void *worker(void *varg) {
     free(wa);
     uint64_t seen = 0;
     for (;;) {
+        /* jobs come in bursts (a layer is dozens of matmuls): poll a little before sleeping, since
+         * a futex wake-up costs more than a small matmul */
+        for (int i = 0; i < SPIN_POLLS && __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE) == seen &&
+                        !__atomic_load_n(&p->stop, __ATOMIC_RELAXED);
+             i++)
+            cpu_relax();
         pthread_mutex_lock(&p->mu);
-        while (!p->stop && p->generation == seen) pthread_cond_wait(&p->start, &p->mu);
+        while (!p->stop && __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE) == seen) pthread_cond_wait(&p->start, &p->mu);
         if (p->stop) {
             pthread_mutex_unlock(&p->mu);
             return NULL;
         }
-        seen = p->generation;
+        seen = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE);
         pthread_mutex_unlock(&p->mu);
         run_share(p, idx);
         pthread_mutex_lock(&p->mu);
@@ -85,7 +99,7 @@ fm_pool *fm_pool_init(int n_threads) {
 void fm_pool_free(fm_pool *p) {
     if (!p) return;
     pthread_mutex_lock(&p->mu);
-    p->stop = 1;
+    __atomic_store_n(&p->stop, 1, __ATOMIC_RELAXED);
     pthread_cond_broadcast(&p->start);
     pthread_mutex_unlock(&p->mu);
     for (int i = 1; i < p->n_threads; i++) pthread_join(p->threads[i], NULL);
@@ -113,7 +127,7 @@ void fm_pool_run(fm_pool *p, fm_pool_fn fn, void *arg, int64_t n_items, int64_t 
     p->chunk = (n_items + p->n_threads - 1) / p->n_threads;
     if (p->chunk < min_chunk) p->chunk = min_chunk;
     p->pending = p->n_threads - 1;
-    p->generation++;
+    __atomic_store_n(&p->generation, __atomic_load_n(&p->generation, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE); /* publishes the job above */
     pthread_cond_broadcast(&p->start);
     pthread_mutex_unlock(&p->mu);
     run_share(p, 0);

@@ -47,6 +47,18 @@ static uint64_t storage_read_bytes(void) {
     return v;
 }
 
+/* Peak resident set of this process (/proc/self/status VmHWM), bytes; 0 if unknown. */
+static uint64_t peak_rss(void) {
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return 0;
+    char line[256];
+    uint64_t kb = 0;
+    while (fgets(line, sizeof line, f))
+        if (!strncmp(line, "VmHWM:", 6)) kb = strtoull(line + 6, NULL, 10);
+    fclose(f);
+    return kb * 1024;
+}
+
 static void drop_expert_pages(const fm_packed_model *pm) {
     for (int l = 0; l < pm->config.n_layers; l++) {
         int fd = open(pm->experts[l].file, O_RDONLY | O_CLOEXEC);
@@ -188,7 +200,6 @@ int fm_cli_bench(int argc, char **argv) {
     if (!json) fprintf(stderr, "bench: measuring the floors (disk: %d random expert reads; RAM: 1 GiB)...\n", n_probe);
     double disk_gbs = disk_rate(pm, io_threads, 1, n_probe, 12345);
     if (disk_gbs == 0) disk_gbs = disk_rate(pm, io_threads, 0, n_probe, 12345); /* no O_DIRECT here */
-    double ram_gbs = fm_ram_read_gbs(m->pool, (size_t)1 << 30, 3);
 
     int64_t V = cf->n_vocab;
     logits = malloc(sizeof(float) * (size_t)V);
@@ -230,6 +241,8 @@ int fm_cli_bench(int argc, char **argv) {
     }
     double decode_s = fm_time_now() - t0;
     uint64_t disk_bytes = storage_read_bytes() - disk0;
+    uint64_t rss = peak_rss(); /* before the RAM probe's 1 GiB buffer */
+    double ram_gbs = fm_ram_read_gbs(m->pool, (size_t)1 << 30, 3);
 
     /* where the time went, per layer and token */
     double mixer = 0, route = 0, shared = 0, wait = 0, compute = 0;
@@ -266,13 +279,15 @@ int fm_cli_bench(int argc, char **argv) {
                "\"floor_ratio\": %.4f, \"floor_disk_ms\": %.4f, \"floor_ram_ms\": %.4f, \"disk_gbs\": %.3f, "
                "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, "
                "\"mixer_ms\": %.4f, \"route_ms\": %.4f, \"shared_ms\": %.4f, \"wait_ms\": %.4f, \"expert_ms\": %.4f, "
-               "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu}\n",
+               "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
+               "\"mem_budget\": %llu}\n",
                model, cf->n_layers, fm_io_engine_name(p.io_engine), fm_pool_size(m->pool), (long long)n_prompt,
                (long long)n_gen, decode_tok_s, prefill_tok_s, layer_ms, floor_ms, layer_ms / floor_ms, floor_disk_ms,
                floor_ram_ms, disk_gbs, ram_gbs, (unsigned long long)store_bytes, (unsigned long long)disk_bytes, hit_rate,
                mixer * per, route * per, shared * per, wait * per, compute * per,
                fm_session_head_seconds(s) * 1e3 / (double)n_gen, (unsigned long long)prefill_reads,
-               (unsigned long long)prefill_max_layer_reads);
+               (unsigned long long)prefill_max_layer_reads, (unsigned long long)rss,
+               (unsigned long long)p.mem_budget);
     } else {
         char b1[32], b2[32], b3[32];
         printf("model        %s (%d layers, %d experts per token)\n", model, cf->n_layers, m->n_experts_used);
@@ -292,6 +307,8 @@ int fm_cli_bench(int argc, char **argv) {
                100 * hit_rate, fm_human_bytes((double)(layer_dense + expert_bytes_token), b3, sizeof b3));
         printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", floor_ms, floor_disk_ms,
                floor_ram_ms, layer_ms / floor_ms);
+        printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)rss, b1, sizeof b1),
+               p.mem_budget ? " within a budget of " : "", p.mem_budget ? fm_human_bytes((double)p.mem_budget, b2, sizeof b2) : "");
     }
 done:
     fm_session_free(s);

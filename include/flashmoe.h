@@ -51,6 +51,8 @@ typedef struct fm_model_params {
     uint64_t cache_bytes;  /* in-process RAM cache for experts; 0 = none (the page cache still works) */
     uint64_t mem_budget;   /* bytes the process may keep (dense weights, caches, state, buffers); 0 = no
                             * limit. With a budget and no cache_bytes, the cache gets what is left. */
+    bool prefetch;         /* decode: guess layer l+1's experts with its router applied to layer l's
+                            * input and ask the kernel to start reading them (pread engine only) */
 } fm_model_params;
 
 /* Default parameters (all zero: auto threads, the model's own top-k). */

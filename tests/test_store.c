@@ -56,12 +56,15 @@ FM_TEST(store_engines_and_cache_agree) {
     static const struct {
         fm_io_engine e;
         uint64_t cache;
+        bool prefetch;
         const char *name;
-    } cases[] = {{FM_IO_PREAD, 1 << 20, "pread+cache"}, {FM_IO_DIRECT, 0, "direct"}, {FM_IO_DIRECT, 1 << 20, "direct+cache"},
-                 {FM_IO_MMAP, 0, "mmap"}, {FM_IO_PREAD, 20 * 16384, "pread+small cache"}};
+    } cases[] = {{FM_IO_PREAD, 1 << 20, false, "pread+cache"},   {FM_IO_DIRECT, 0, false, "direct"},
+                 {FM_IO_DIRECT, 1 << 20, false, "direct+cache"}, {FM_IO_MMAP, 0, false, "mmap"},
+                 {FM_IO_PREAD, 20 * 16384, false, "pread+small cache"}, {FM_IO_PREAD, 0, true, "pread+prefetch"}};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         p.io_engine = cases[i].e;
         p.cache_bytes = cases[i].cache;
+        p.prefetch = cases[i].prefetch;
         p.io_threads = 1 + (int)i % 3;
         fm_status st = run_model(dir, &p, got, NULL);
         if (st != FM_OK && cases[i].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) {

@@ -36,11 +36,13 @@ enum {
     FM_OPT_IO_THREADS,
     FM_OPT_CACHE,
     FM_OPT_BUDGET,
+    FM_OPT_PREFETCH,
 };
 #define FM_CLI_MODEL_OPTIONS                                                                       \
     {"threads", required_argument, 0, 't'}, {"experts", required_argument, 0, FM_OPT_EXPERTS},      \
         {"io", required_argument, 0, FM_OPT_IO}, {"io-threads", required_argument, 0, FM_OPT_IO_THREADS}, \
-        {"cache", required_argument, 0, FM_OPT_CACHE}, {"mem-budget", required_argument, 0, FM_OPT_BUDGET}
+        {"cache", required_argument, 0, FM_OPT_CACHE}, {"mem-budget", required_argument, 0, FM_OPT_BUDGET}, \
+        {"prefetch", no_argument, 0, FM_OPT_PREFETCH}
 #define FM_CLI_MODEL_HELP                                                                          \
     "  -t, --threads N       compute threads (default: all CPUs)\n"                               \
     "  --experts K           routed experts per token (default: the model's; fewer lowers quality)\n" \
@@ -49,7 +51,9 @@ enum {
     "  --io-threads N        expert reader threads (default 4)\n"                                 \
     "  --cache SIZE          in-process RAM cache for experts, e.g. 8G (default none)\n"           \
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
-    "                        and buffers leave (refused up front if the dense weights do not fit)\n"
+    "                        and buffers leave (refused up front if the dense weights do not fit)\n" \
+    "  --prefetch            decode: guess the next layer's experts and start reading them early\n"  \
+    "                        (pread engine; bench prints how often the guess was right)\n"
 
 /* Sampling options of run / chat (codes 1100..1199). */
 enum {

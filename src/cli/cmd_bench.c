@@ -246,7 +246,7 @@ int fm_cli_bench(int argc, char **argv) {
 
     /* where the time went, per layer and token */
     double mixer = 0, route = 0, shared = 0, wait = 0, compute = 0;
-    uint64_t store_bytes = 0, requested = 0, hits = 0;
+    uint64_t store_bytes = 0, requested = 0, hits = 0, guessed = 0, guessed_right = 0;
     for (int l = 0; l < cf->n_layers; l++) {
         const fm_layer_timing *lt = fm_session_layer_timing(s, l);
         mixer += lt->mixer;
@@ -254,6 +254,8 @@ int fm_cli_bench(int argc, char **argv) {
         shared += lt->shared;
         wait += lt->expert_wait;
         compute += lt->expert_compute;
+        guessed += lt->guessed;
+        guessed_right += lt->guessed_right;
         fm_store_layer_stats st = fm_store_layer_stats_get(m->store, l);
         store_bytes += st.bytes_read;
         requested += st.requested;
@@ -280,14 +282,14 @@ int fm_cli_bench(int argc, char **argv) {
                "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, "
                "\"mixer_ms\": %.4f, \"route_ms\": %.4f, \"shared_ms\": %.4f, \"wait_ms\": %.4f, \"expert_ms\": %.4f, "
                "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
-               "\"mem_budget\": %llu}\n",
+               "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f}\n",
                model, cf->n_layers, fm_io_engine_name(p.io_engine), fm_pool_size(m->pool), (long long)n_prompt,
                (long long)n_gen, decode_tok_s, prefill_tok_s, layer_ms, floor_ms, layer_ms / floor_ms, floor_disk_ms,
                floor_ram_ms, disk_gbs, ram_gbs, (unsigned long long)store_bytes, (unsigned long long)disk_bytes, hit_rate,
                mixer * per, route * per, shared * per, wait * per, compute * per,
                fm_session_head_seconds(s) * 1e3 / (double)n_gen, (unsigned long long)prefill_reads,
                (unsigned long long)prefill_max_layer_reads, (unsigned long long)rss,
-               (unsigned long long)p.mem_budget);
+               (unsigned long long)p.mem_budget, guessed ? (double)guessed_right / (double)guessed : 0.0);
     } else {
         char b1[32], b2[32], b3[32];
         printf("model        %s (%d layers, %d experts per token)\n", model, cf->n_layers, m->n_experts_used);
@@ -307,6 +309,9 @@ int fm_cli_bench(int argc, char **argv) {
                100 * hit_rate, fm_human_bytes((double)(layer_dense + expert_bytes_token), b3, sizeof b3));
         printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", floor_ms, floor_disk_ms,
                floor_ram_ms, layer_ms / floor_ms);
+        if (guessed)
+            printf("prefetch     %.1f%% of the guessed next-layer experts were used\n",
+                   100.0 * (double)guessed_right / (double)guessed);
         printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)rss, b1, sizeof b1),
                p.mem_budget ? " within a budget of " : "", p.mem_budget ? fm_human_bytes((double)p.mem_budget, b2, sizeof b2) : "");
     }

@@ -131,6 +131,9 @@ int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params
         if (!fm_cli_parse_size(arg, &u)) return fm_cli_usage_error(cmd, "--cache needs a size such as 512M or 8G"), -1;
         p->cache_bytes = u;
         return 1;
+    case FM_OPT_PREFETCH:
+        p->prefetch = true;
+        return 1;
     case FM_OPT_BUDGET:
         if (!fm_cli_parse_size(arg, &u) || u == 0)
             return fm_cli_usage_error(cmd, "--mem-budget needs a size such as 16G"), -1;

@@ -41,6 +41,10 @@ struct fm_session {
     int64_t *expert_fill;  /* (n_experts) */
     int32_t *expert_uniq;  /* (n_experts) */
     fm_layer_timing *timing; /* (n_layers) */
+    float *guess_logits;     /* (n_experts) prefetch: the next layer's router on this layer's input */
+    int32_t *guess;          /* (n_experts_used) the guessed experts */
+    int64_t n_guess;
+    int guess_layer;         /* the layer guessed for, -1 if none */
     float *logit_row;  /* (H) */
     double head_seconds; /* final norm + lm_head */
 };
@@ -106,9 +110,12 @@ fm_status fm_session_init(fm_model *m, int64_t n_ctx, fm_session **out) {
     s->expert_fill = calloc((size_t)c->n_experts, sizeof(int64_t));
     s->expert_uniq = calloc((size_t)c->n_experts, sizeof(int32_t));
     s->timing = calloc(L, sizeof *s->timing);
+    s->guess_logits = calloc((size_t)c->n_experts, sizeof(float));
+    s->guess = calloc((size_t)c->n_experts, sizeof(int32_t));
+    s->guess_layer = -1;
     s->logit_row = calloc((size_t)c->n_embd, sizeof(float));
     if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->expert_fill ||
-        !s->expert_uniq || !s->timing || !s->logit_row)
+        !s->expert_uniq || !s->timing || !s->guess_logits || !s->guess || !s->logit_row)
         goto nomem;
     for (int l = 0; l < c->n_layers; l++) {
         if (c->layer_kind[l] == FM_LAYER_FULL) {
@@ -157,6 +164,8 @@ void fm_session_free(fm_session *s) {
     free(s->expert_fill);
     free(s->expert_uniq);
     free(s->timing);
+    free(s->guess_logits);
+    free(s->guess);
     free(s->logit_row);
     free(s);
 }
@@ -164,6 +173,7 @@ void fm_session_free(fm_session *s) {
 void fm_session_reset(fm_session *s) {
     const fm_config *c = &s->m->cfg;
     s->n_past = 0;
+    s->guess_layer = -1;
     for (int l = 0; l < c->n_layers; l++) {
         if (c->layer_kind[l] != FM_LAYER_LINEAR) continue;
         memset(s->conv_state[l], 0, sizeof(float) * (size_t)(c->conv_kernel - 1) * (size_t)fm_config_conv_dim(c));
@@ -406,6 +416,30 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
             for (int64_t i = 0; i < k; i++) tw[i] /= tsum;
     }
 
+    /* how good the previous layer's guess for this one was */
+    if (T == 1 && s->guess_layer == l) {
+        for (int64_t i = 0; i < k; i++)
+            for (int64_t q = 0; q < s->n_guess; q++) s->timing[l].guessed_right += s->guess[q] == s->topk_ids[i];
+        s->timing[l].guessed += (uint64_t)s->n_guess;
+    }
+    s->guess_layer = -1;
+    /* decode: guess layer l+1's experts from its router on this layer's input, start their reads */
+    if (T == 1 && m->prefetch && l + 1 < c->n_layers) {
+        float *g = s->guess_logits;
+        fm_cpu_matmul(pool, g, xn, 1, &m->layers[l + 1].router);
+        for (int64_t i = 0; i < k; i++) { /* top-k of the logits = top-k of the softmax */
+            int32_t best = -1;
+            for (int64_t e = 0; e < E; e++) {
+                bool taken = false;
+                for (int64_t q = 0; q < i; q++) taken |= s->guess[q] == e;
+                if (!taken && (best < 0 || g[e] > g[best])) best = (int32_t)e;
+            }
+            s->guess[i] = best;
+        }
+        s->n_guess = k;
+        s->guess_layer = l + 1;
+        fm_store_hint(m->store, l + 1, s->guess, (int)k);
+    }
     double t_routed = fm_time_now();
     s->timing[l].route += t_routed - t_start;
 

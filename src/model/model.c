@@ -155,6 +155,7 @@ fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model
         goto fail;
     }
     if (p.n_experts_used > 0) m->n_experts_used = p.n_experts_used;
+    m->prefetch = p.prefetch;
     m->layers = calloc((size_t)c->n_layers, sizeof *m->layers);
     if (!m->layers) {
         st = fm_error_set(FM_ERR_NOMEM, "out of memory");

@@ -47,6 +47,7 @@ struct fm_model {
     fm_expert_store *store;
     fm_pool *pool;
     uint64_t dense_bytes; /* resident weights */
+    bool prefetch;        /* fm_model_params.prefetch */
 };
 
 /* Where one layer's time went, summed over evals (seconds). */
@@ -57,6 +58,7 @@ typedef struct fm_layer_timing {
     double expert_wait;    /* waiting for expert bytes */
     double expert_compute; /* routed experts' matmuls and the weighted sum */
     uint64_t experts_used; /* distinct experts fetched */
+    uint64_t guessed, guessed_right; /* prefetch: experts guessed for this layer, and how many it used */
 } fm_layer_timing;
 
 /* A session's per-layer timing counters (for flashmoe bench). */

@@ -355,6 +355,16 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
     return FM_OK;
 }
 
+void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n) {
+    if (s->opt.engine != FM_IO_PREAD || layer < 0 || layer >= s->n_layers) return;
+    uint64_t stride = s->pm->experts[layer].stride;
+    for (int i = 0; i < n; i++) {
+        if (ids[i] < 0 || ids[i] >= s->pm->config.n_experts) continue;
+        if (s->cache && s->index[(size_t)layer * (size_t)s->pm->config.n_experts + (size_t)ids[i]] >= 0) continue;
+        posix_fadvise(s->fds[layer], (off_t)((uint64_t)ids[i] * stride), (off_t)stride, POSIX_FADV_WILLNEED);
+    }
+}
+
 fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer) { return s->stats[layer]; }
 
 void fm_store_reset_stats(fm_expert_store *s) { memset(s->stats, 0, sizeof *s->stats * (size_t)s->n_layers); }

@@ -49,6 +49,10 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
  * or an id out of range fails with a message naming the layer, the expert and the file. */
 fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
 
+/* A hint that experts ids[0..n) of `layer` will be requested soon: the pread engine asks the kernel
+ * to start reading them into the page cache (posix_fadvise WILLNEED); other engines ignore it. */
+void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n);
+
 /* Counters of one layer since open (or the last reset). */
 fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer);
 

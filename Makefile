@@ -71,8 +71,10 @@ cuda-check:
 	for f in $(CUDA_SRC); do \
 	  $(NVCC) -Iinclude -Isrc $(NVCCFLAGS) -gencode arch=compute_90,code=sm_90 -c $$f -o build/cuda-check/$$(basename $$f).o || exit 1; \
 	done
-	$(NVCC) -Iinclude -Isrc $(NVCCFLAGS) -gencode arch=compute_90,code=sm_90 -DFM_CUDA_SCALE_PREFETCH=1 \
-	  -c src/backend/cuda/matmul.cu -o build/cuda-check/matmul_prefetch.o
+	$(NVCC) -Iinclude -Isrc $(NVCCFLAGS) -gencode arch=compute_90,code=sm_90 -DFM_CUDA_SCALE_PREFETCH=0 \
+	  -c src/backend/cuda/matmul.cu -o build/cuda-check/matmul_noprefetch.o
+	$(NVCC) -Iinclude -Isrc $(NVCCFLAGS) -gencode arch=compute_90,code=sm_90 -DFM_CUDA_Q4_MMA=1 \
+	  -c src/backend/cuda/matmul.cu -o build/cuda-check/matmul_q4mma.o
 	$(CC) -Iinclude -Isrc -D_GNU_SOURCE -DFM_HAVE_CUDA $(CFLAGS) -fsyntax-only tests/test_cuda.c tools/cuda_bench.c
 
 $(BUILD)/obj/%.o: %.c

@@ -21,7 +21,8 @@
  *
  * Tokens are processed TT at a time (1, 2, 4 or 8; Q2 at most 4) from registers; more tokens loop,
  * re-reading the weights. The general kernel (mm_generic: a warp per row, 4-byte loads, x from
- * global memory) takes any shape and alignment. */
+ * global memory) takes any shape and alignment. mm_q4_mma (FM_CUDA_Q4_MMA=1, off by default) is an
+ * experimental tensor-core kernel for one-token Q4. */
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
@@ -191,14 +192,15 @@ __device__ __forceinline__ void stage(float4 *xs, float *xsum, const float *x, l
 /* The weight words and the scales / biases of chunk k of rows row0 .. row0 + R - 1 (zeros past the
  * last row).
  *
- * FM_CUDA_SCALE_PREFETCH (a tuning switch, docs/CUDA.md "Next steps"): 0 loads each scale and bias
- * and converts it to float at once, inside a branch on the scale type, so a warp waits for every
- * one of those loads in turn (up to 8 memory latencies per chunk); 1 loads the raw 16- or 32-bit
- * values back to back in one branch and converts them when the chunk is used, a step later, so
- * they are in flight together with the weight words. 0 is what docs/CUDA.md measured; 1 is the
- * candidate fix, built as a variant by tools/cuda_device.sh. */
+ * FM_CUDA_SCALE_PREFETCH (a switch, docs/CUDA.md "Measurements"): 1 (the default) loads the raw 16-
+ * or 32-bit scale and bias values back to back in one branch and converts them when the chunk is
+ * used, a step later, so they are in flight together with the weight words; 0 (the previous
+ * default, kept for comparison) loads each scale and bias and converts it to float at once, inside
+ * a branch on the scale type, so a warp waits for every one of those loads in turn (up to 8 memory
+ * latencies per chunk). On an H200, 1 moved Q4 g64 one-token streaming from 1141 to 1792 GB/s and
+ * Q8 from 1955 to 3020 GB/s. */
 #ifndef FM_CUDA_SCALE_PREFETCH
-#define FM_CUDA_SCALE_PREFETCH 0
+#define FM_CUDA_SCALE_PREFETCH 1
 #endif
 
 template <int KIND> struct ChunkRegs {
@@ -360,6 +362,210 @@ __global__ void __launch_bounds__(THREADS, TT <= 2 ? FM_CUDA_MIN_BLOCKS : 1) mm_
     }
 }
 
+/* FM_CUDA_Q4_MMA (an experimental switch, off by default; docs/CUDA.md "Measurements": it passes the
+ * tests but was not faster): Q4 with groups of 64 or more, one token, on tensor cores. The idea:
+ * the FP32 kernel above needs at least 3 instructions per weight (LOP3, FADD, FFMA); dequantizing
+ * to bf16 pairs needs a shift, a LOP3 and a bf16x2 FMA per 2 weights, then mma.sync. (As compiled,
+ * the address arithmetic and a second LOP3 per pair, see docs/CUDA.md, ate the saving.) Exactly:
+ *
+ * - q is exact in bf16: the nibbles at bits sh and sh + 16 of a word, OR 0x4300 each, are the bf16
+ *   pair (128 + q0, 128 + q1); one fma.rn.bf16x2 by (1, 1) and (-128, -128) leaves (q0, q1).
+ * - x is split into three bf16 parts, x = x0 + x1 + x2 up to 2^-24 |x| (each part is the rounding
+ *   of what the previous ones left; the subtractions are exact), so q * x_p is exact in the FP32
+ *   accumulation of mma.m16n8k16 (bf16 inputs, f32 accumulators).
+ *
+ * A warp owns 16 rows (the mma's M), walks along them in spans of 128 columns (one 16-byte chunk
+ * per lane and row: lane (g = lane / 4, c = lane % 4) holds chunk c of the span of rows g and g + 8,
+ * which are exactly the A fragments of 8 mmas, once the k order inside a chunk is permuted the same
+ * way for A and B). The 8 columns of the mma's N are (half h of the span, part p): column 4h + p
+ * holds x_p on the chunks of half h and zeros elsewhere (p = 3 unused), so the result separates
+ * the two 64-column halves, whose groups (and scales) differ for g64. Per span and lane:
+ * acc += s * (C[., 2c] + C[., 2c + 1]) + b * sum(x over chunk c). MMA_KS warps split the spans of
+ * a 16-row tile and add up through shared memory at the end; a block has WARPS / MMA_KS tiles. The
+ * staged x (three parts, permuted into the B fragment order) is shared by the block's tiles. The
+ * q words and raw scale / bias bits of the next two spans are in flight while one is used. */
+#ifndef FM_CUDA_Q4_MMA
+#define FM_CUDA_Q4_MMA 0
+#endif
+#ifndef FM_CUDA_MMA_KSPLIT
+#define FM_CUDA_MMA_KSPLIT 4 /* warps sharing a 16-row tile */
+#endif
+#ifndef FM_CUDA_MMA_MIN_BLOCKS
+#define FM_CUDA_MMA_MIN_BLOCKS 3 /* blocks per SM the kernel must fit (a register cap) */
+#endif
+
+#if FM_CUDA_Q4_MMA
+constexpr int MMA_KS = FM_CUDA_MMA_KSPLIT, MMA_TILES = WARPS / MMA_KS;
+constexpr int MMA_PAD = 8; /* u32 words between the staged parts (bank spread) */
+static_assert(WARPS % MMA_KS == 0, "FM_CUDA_MMA_KSPLIT must divide the warps of a block");
+
+/* Nibbles at bits sh .. sh + 3 and sh + 16 .. sh + 19 of w as a bf16 pair of integers (exact). */
+__device__ __forceinline__ uint32_t q4_pair_bf16(uint32_t w, int sh) {
+    const uint32_t t = ((w >> sh) & 0x000F000Fu) | 0x43004300u; /* (128 + q0, 128 + q1) */
+    uint32_t r;
+    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(t), "r"(0x3F803F80u), "r"(0xC300C300u));
+    return r;
+}
+
+/* (lo, hi) rounded to bf16 and packed, lo in the low half. */
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+    uint32_t r;
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+    return r;
+}
+
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+/* A float from raw scale bits (0 BF16, 1 F16, 2 F32). */
+__device__ __forceinline__ float raw_scale(uint32_t raw, int kind) {
+    return kind == 0 ? __uint_as_float(raw << 16)
+                     : kind == 1 ? __half2float(__ushort_as_half((unsigned short)raw)) : __uint_as_float(raw);
+}
+
+struct MSpan {
+    uint4 qa, qb;               /* chunk c of the span, rows g and g + 8 */
+    uint32_t sa, ba, sb, bb;    /* raw scale / bias bits of the chunk's group, rows g and g + 8 */
+};
+
+/* Span s: pa / pb point at chunk c of span 0 of rows g / g + 8 (NULL past the last row), sa / sb at
+ * the rows' scales (bytes); biases lie boff bytes after the scales; ss2: log2 of the scale size. */
+__device__ __forceinline__ void load_span(MSpan &m, const uint4 *pa, const uint4 *pb, const unsigned char *sa,
+                                          const unsigned char *sb, long long boff, int ss2, int gs_log2, int c,
+                                          long long s) {
+    m.qa = pa ? ld_stream(pa + 4 * s) : make_uint4(0, 0, 0, 0);
+    m.qb = pb ? ld_stream(pb + 4 * s) : make_uint4(0, 0, 0, 0);
+    const long long go = ((s * 128 + 64 * (c >> 1)) >> gs_log2) << ss2;
+    if (ss2 == 2) {
+        m.sa = pa ? __ldg((const unsigned int *)(sa + go)) : 0u;
+        m.ba = pa ? __ldg((const unsigned int *)(sa + boff + go)) : 0u;
+        m.sb = pb ? __ldg((const unsigned int *)(sb + go)) : 0u;
+        m.bb = pb ? __ldg((const unsigned int *)(sb + boff + go)) : 0u;
+    } else {
+        m.sa = pa ? (uint32_t)__ldg((const unsigned short *)(sa + go)) : 0u;
+        m.ba = pa ? (uint32_t)__ldg((const unsigned short *)(sa + boff + go)) : 0u;
+        m.sb = pb ? (uint32_t)__ldg((const unsigned short *)(sb + go)) : 0u;
+        m.bb = pb ? (uint32_t)__ldg((const unsigned short *)(sb + boff + go)) : 0u;
+    }
+}
+
+/* Shared memory of the kernel for a segment of segsp spans, bytes. */
+__host__ __device__ constexpr long long mma_smem_bytes(long long segsp) {
+    return (3 * (segsp * 64 + MMA_PAD) + segsp * 4) * 4;
+}
+
+__global__ void __launch_bounds__(THREADS, FM_CUDA_MMA_MIN_BLOCKS) mm_q4_mma(const __grid_constant__ Params p) {
+    extern __shared__ float4 smem[];
+    __shared__ float red[WARPS][16];
+    const Desc &d = p.m[blockIdx.y];
+    if (d.n_tokens <= 0) return; /* the whole block; otherwise exactly 1 token */
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
+    const int tile = warp / MMA_KS, kw = warp % MMA_KS;
+    const long long rows = p.rows, cols = p.cols, chunks = cols / 32, spans = cols / 128;
+    const long long groups = cols >> p.gs_log2;
+    const long long ra = ((long long)blockIdx.x * MMA_TILES + tile) * 16 + g;
+    const int segsp = p.seg_chunks; /* spans per staged segment */
+    const int ps = segsp * 64 + MMA_PAD;  /* u32 words per staged part */
+    uint32_t *xb = (uint32_t *)smem;
+    float *xsum = (float *)(xb + 3 * ps);
+    const int ss2 = p.scale_kind == 2 ? 2 : 1;
+    const long long boff = p.bias_off - p.scale_off;
+    const uint4 *pa = ra < rows ? (const uint4 *)d.w + ra * chunks + c : nullptr;
+    const uint4 *pb = ra + 8 < rows ? (const uint4 *)d.w + (ra + 8) * chunks + c : nullptr;
+    const unsigned char *sa = (const unsigned char *)d.w + p.scale_off + ((ra * groups) << ss2);
+    const unsigned char *sb = sa + ((8 * groups) << ss2);
+    /* the B fragments this lane supplies: part bp of its chunk c, where column g = 4h + bp has h = c / 2 */
+    const int bp = g & 3;
+    const bool bact = bp < 3 && (g >> 2) == (c >> 1);
+    float acc_a = 0.f, acc_b = 0.f;
+
+    for (long long s0 = 0; s0 < spans; s0 += segsp) {
+        const int segn = (int)min((long long)segsp, spans - s0);
+        const long long end = s0 + segn;
+        long long s = s0 + kw;
+        MSpan n0, n1;
+        if (s < end) load_span(n0, pa, pb, sa, sb, boff, ss2, p.gs_log2, c, s);
+        if (s + MMA_KS < end) load_span(n1, pa, pb, sa, sb, boff, ss2, p.gs_log2, c, s + MMA_KS);
+        __syncthreads(); /* the previous segment's readers are done */
+        {
+            /* item j: chunk j / 16 of the segment, B word q = j % 16 (mma i = q / 2, register q % 2): the
+             * x pair at chunk columns (col, col + 4), col = 8 (i / 2) + 2 (i % 2) + q % 2; 16 items per
+             * chunk, so a chunk's sum is a 16-lane butterfly (all lanes run it: total and THREADS are
+             * multiples of 32) */
+            const float *x = d.x + s0 * 128;
+            const int total = segn * 64;
+            for (int base = 0; base < total; base += THREADS) {
+                const int j = base + (int)threadIdx.x, kl = j >> 4, q = j & 15, i = q >> 1;
+                const int col = kl * 32 + 8 * (i >> 1) + 2 * (i & 1) + (q & 1);
+                const bool ok = j < total;
+                const float lo = ok ? __ldg(x + col) : 0.f, hi = ok ? __ldg(x + col + 4) : 0.f;
+                float sum = lo + hi;
+#pragma unroll
+                for (int o = 1; o < 16; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+                if (ok) {
+                    const uint32_t p0 = pack_bf16(lo, hi);
+                    const float rl = lo - __uint_as_float(p0 << 16), rh = hi - __uint_as_float(p0 & 0xFFFF0000u);
+                    const uint32_t p1 = pack_bf16(rl, rh);
+                    const uint32_t p2 = pack_bf16(rl - __uint_as_float(p1 << 16), rh - __uint_as_float(p1 & 0xFFFF0000u));
+                    xb[kl * 16 + q] = p0;
+                    xb[ps + kl * 16 + q] = p1;
+                    xb[2 * ps + kl * 16 + q] = p2;
+                    if (q == 0) xsum[kl] = sum;
+                }
+            }
+        }
+        __syncthreads();
+#pragma unroll 1
+        for (; s < end; s += MMA_KS) {
+            const MSpan cur = n0;
+            n0 = n1;
+            if (s + 2 * MMA_KS < end) load_span(n1, pa, pb, sa, sb, boff, ss2, p.gs_log2, c, s + 2 * MMA_KS);
+            const int kl = (int)(s - s0) * 4 + c; /* the lane's chunk in the segment */
+            uint4 bw[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
+            if (bact) {
+                const uint4 *src = (const uint4 *)(xb + bp * ps + kl * 16);
+#pragma unroll
+                for (int v = 0; v < 4; v++) bw[v] = src[v];
+            }
+            float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const uint32_t wa = word_of(cur.qa, i >> 1), wb = word_of(cur.qb, i >> 1);
+                const int sh = 8 * (i & 1);
+                const uint4 &b = bw[i >> 1];
+                mma_bf16(acc4, q4_pair_bf16(wa, sh), q4_pair_bf16(wb, sh), q4_pair_bf16(wa, sh + 4),
+                         q4_pair_bf16(wb, sh + 4), (i & 1) ? b.z : b.x, (i & 1) ? b.w : b.y);
+            }
+            const float xs = xsum[kl];
+            acc_a = fmaf(raw_scale(cur.sa, p.scale_kind), acc4[0] + acc4[1], fmaf(raw_scale(cur.ba, p.scale_kind), xs, acc_a));
+            acc_b = fmaf(raw_scale(cur.sb, p.scale_kind), acc4[2] + acc4[3], fmaf(raw_scale(cur.bb, p.scale_kind), xs, acc_b));
+        }
+    }
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
+    acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
+    acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
+    if (c == 0) {
+        red[warp][g] = acc_a;
+        red[warp][g + 8] = acc_b;
+    }
+    __syncthreads();
+    if (threadIdx.x < MMA_TILES * 16) {
+        const int t = threadIdx.x >> 4, r = threadIdx.x & 15;
+        float v = 0.f;
+#pragma unroll
+        for (int k = 0; k < MMA_KS; k++) v += red[t * MMA_KS + k][r];
+        const long long row = ((long long)blockIdx.x * MMA_TILES + t) * 16 + r;
+        if (row < rows) d.out[row] = v;
+    }
+}
+#endif
+
 /* Any shape and alignment (4-byte words for quantized and F32 weights, 2-byte for F16/BF16): a warp
  * per row, lanes over the row's words (quantized) or elements, x read from global memory. */
 template <int KIND> __global__ void __launch_bounds__(THREADS) mm_generic(const __grid_constant__ Params p) {
@@ -510,6 +716,18 @@ fm_status check_mat(const fm_cuda_mat *m, int i, int kind, long long cols, bool 
 /* Launches up to FM_CUDA_BATCH_MAX products (p.m[0..n)) with token tile tt. */
 fm_status launch(fm_cuda *ctx, Params &p, int kind, bool fast, int tt) {
     if (p.n_mats == 0 || p.rows == 0) return FM_OK;
+#if FM_CUDA_Q4_MMA
+    if (fast && kind == K_Q4 && tt == 1 && p.gs_log2 >= 6 && p.cols % 128 == 0) {
+        const long long spans = p.cols / 128;
+        long long segsp = 1;
+        while (segsp < spans && mma_smem_bytes(segsp + 1) <= SMEM_CAP) segsp++;
+        p.seg_chunks = (int)segsp;
+        const dim3 mgrid((unsigned)((p.rows + MMA_TILES * 16 - 1) / (MMA_TILES * 16)), (unsigned)p.n_mats);
+        mm_q4_mma<<<mgrid, THREADS, (size_t)mma_smem_bytes(segsp), ctx->stream>>>(p);
+        FM_CUDA_CHECK_LAUNCH("the CUDA Q4 tensor-core matmul kernel");
+        return FM_OK;
+    }
+#endif
     kernel_fn fn = kernel_for(kind, fast, tt);
     dim3 grid;
     size_t smem = 0;

@@ -44,17 +44,19 @@ struct fm_expert_store {
 
     /* the current request */
     int req_layer, req_n;
-    int *req_slot;          /* [capacity] */
-    const uint8_t **req_ptr;/* [capacity] */
-    unsigned char *done;    /* [capacity] 0 pending, 1 ready, 2 failed */
-    char (*err)[256];       /* [capacity] */
+    int max_request;        /* capacity, or n_experts when streaming (no cache: slots form a ring) */
+    int released;           /* streaming: the consumer is done with requests [0, released) */
+    int *req_slot;          /* [max_request] */
+    const uint8_t **req_ptr;/* [max_request] */
+    unsigned char *done;    /* [max_request] 0 pending, 1 ready, 2 failed */
+    char (*err)[256];       /* [max_request] */
 
     /* reader threads */
     pthread_t *threads;
     int n_threads;
     pthread_mutex_t mu;
     pthread_cond_t work, ready;
-    job *queue;             /* [capacity] */
+    job *queue;             /* [max_request] */
     int q_head, q_tail;
     int in_flight;          /* jobs taken by a reader and not finished */
     int64_t reads;          /* reads started (for fault injection) */
@@ -101,7 +103,11 @@ static void *reader(void *arg) {
     fm_expert_store *s = arg;
     pthread_mutex_lock(&s->mu);
     for (;;) {
-        while (!s->stop && s->q_head == s->q_tail) pthread_cond_wait(&s->work, &s->mu);
+        /* a streaming job reuses the ring slot of the job `capacity` places before it: it may start
+         * once the consumer has released that one */
+        while (!s->stop && (s->q_head == s->q_tail ||
+                            (s->max_request > s->capacity && s->queue[s->q_head].idx >= s->released + s->capacity)))
+            pthread_cond_wait(&s->work, &s->mu);
         if (s->stop) break;
         job j = s->queue[s->q_head++];
         s->in_flight++;
@@ -158,11 +164,14 @@ fm_status fm_store_open(const fm_packed_model *pm, int capacity, const fm_store_
     s->stats = calloc((size_t)s->n_layers, sizeof *s->stats);
     s->slots = calloc((size_t)s->n_slots, sizeof *s->slots);
     s->index = malloc(sizeof(int) * (size_t)s->n_layers * (size_t)c->n_experts);
-    s->req_slot = calloc((size_t)capacity, sizeof(int));
-    s->req_ptr = calloc((size_t)capacity, sizeof(uint8_t *));
-    s->done = calloc((size_t)capacity, 1);
-    s->err = calloc((size_t)capacity, sizeof *s->err);
-    s->queue = calloc((size_t)capacity, sizeof *s->queue);
+    s->max_request = s->cache || s->opt.engine == FM_IO_MMAP ? capacity : c->n_experts;
+    if (s->max_request < capacity) s->max_request = capacity;
+    size_t mr = (size_t)s->max_request;
+    s->req_slot = calloc(mr, sizeof(int));
+    s->req_ptr = calloc(mr, sizeof(uint8_t *));
+    s->done = calloc(mr, 1);
+    s->err = calloc(mr, sizeof *s->err);
+    s->queue = calloc(mr, sizeof *s->queue);
     if (!s->fds || !s->maps || !s->stats || !s->slots || !s->index || !s->req_slot || !s->req_ptr || !s->done || !s->err ||
         !s->queue) {
         free(s->fds);
@@ -253,7 +262,7 @@ void fm_store_free(fm_expert_store *s) {
     free(s);
 }
 
-int fm_store_capacity(const fm_expert_store *s) { return s->capacity; }
+int fm_store_capacity(const fm_expert_store *s) { return s->max_request; }
 
 uint64_t fm_store_memory_bytes(const fm_expert_store *s) {
     return s->slots_mem ? (uint64_t)s->n_slots * s->pm->max_expert_stride : 0;
@@ -280,9 +289,9 @@ static int pick_victim(fm_expert_store *s) {
 
 fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, int n) {
     const fm_config *c = &s->pm->config;
-    if (layer < 0 || layer >= s->n_layers || n < 0 || n > s->capacity)
-        return fm_error_set(FM_ERR_ARG, "expert store: bad request (layer %d, %d experts, capacity %d)", layer, n,
-                            s->capacity);
+    if (layer < 0 || layer >= s->n_layers || n < 0 || n > s->max_request)
+        return fm_error_set(FM_ERR_ARG, "expert store: bad request (layer %d, %d experts, at most %d)", layer, n,
+                            s->max_request);
     for (int i = 0; i < n; i++)
         if (ids[i] < 0 || ids[i] >= c->n_experts)
             return fm_error_set(FM_ERR_ARG, "expert store: expert %d of layer %d out of range", ids[i], layer);
@@ -309,7 +318,7 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
             s->done[i] = 1;
             s->stats[layer].hits++;
         } else {
-            sl = s->cache ? pick_victim(s) : i;
+            sl = s->cache ? pick_victim(s) : i % s->capacity; /* no cache: a ring of staging slots */
             if (sl < 0) return fm_error_set(FM_ERR_ARG, "expert store: no free buffer (capacity %d)", s->capacity);
             slot *old = &s->slots[sl];
             if (s->cache && old->layer >= 0) s->index[(size_t)old->layer * (size_t)c->n_experts + (size_t)old->expert] = -1;
@@ -326,6 +335,7 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
         s->req_ptr[i] = slot_mem(s, sl);
     }
     pthread_mutex_lock(&s->mu);
+    s->released = 0;
     s->q_head = 0;
     s->q_tail = n_jobs;
     pthread_cond_broadcast(&s->work);
@@ -336,6 +346,10 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
 fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
     if (i < 0 || i >= s->req_n) return fm_error_set(FM_ERR_ARG, "expert store: wait for %d of %d", i, s->req_n);
     pthread_mutex_lock(&s->mu);
+    if (i > s->released) { /* waiting for i: the consumer is done with every earlier one */
+        s->released = i;
+        pthread_cond_broadcast(&s->work);
+    }
     unsigned char state = s->done[i];
     if (state == 0) {
         double t0 = fm_time_now();

@@ -37,11 +37,14 @@ fm_status fm_store_open(const fm_packed_model *pm, int capacity, const fm_store_
 /* Stops the reader threads, closes the files and frees the buffers (NULL is fine). */
 void fm_store_free(fm_expert_store *s);
 
-/* Most experts one request may ask for. */
+/* Most experts one request may ask for: `capacity` with a RAM cache or mmap; every expert of a
+ * layer otherwise, streamed through a ring of `capacity` buffers (a buffer is reused once the
+ * consumer waits for a later expert, so experts must be waited for in order). */
 int fm_store_capacity(const fm_expert_store *s);
 
-/* Starts making experts ids[0..n) of `layer` available (ids distinct, n <= capacity) and returns
- * at once. Blocks from the previous request become invalid. */
+/* Starts making experts ids[0..n) of `layer` available (ids distinct, n <= fm_store_capacity) and
+ * returns at once. Blocks from the previous request become invalid; when streaming, waiting for
+ * expert i also ends the validity of the blocks of experts before i. */
 fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, int n);
 
 /* Waits until the i-th expert of the current request is in memory and returns a pointer to its

@@ -7,6 +7,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <getopt.h>
 
 #include "flashmoe.h"
@@ -105,6 +106,13 @@ void fm_cli_sampling_finish(const char *model_dir, fm_cli_sampling *o, int32_t *
 /* Handles one of FM_CLI_MODEL_OPTIONS: 1 if it was one (stored in *p), 0 if `c` is not a model
  * option, -1 if its value is bad (the message is printed). */
 int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params *p);
+
+/* Reads a stream to its end: a malloc'd, NUL-terminated buffer (caller frees) and its length in *n
+ * (n may be NULL); NULL on a read error or out of memory. */
+char *fm_cli_read_stream(FILE *f, size_t *n);
+
+/* fm_cli_read_stream of the file at `path`; NULL if it cannot be opened or read. */
+char *fm_cli_read_file(const char *path, size_t *n);
 
 /* Parses a size with an optional K/M/G/T suffix (powers of 1024; "1.5G" allowed). */
 bool fm_cli_parse_size(const char *s, uint64_t *out);

@@ -29,29 +29,6 @@ static void help(void) {
            "  flashmoe perplexity -m m-q4 --ids-file ids.txt --kl-base base.npy\n");
 }
 
-static char *read_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 4096, n = 0;
-    char *b = malloc(cap);
-    size_t r;
-    while (b && (r = fread(b + n, 1, cap - n - 1, f)) > 0) {
-        n += r;
-        if (n + 1 == cap) {
-            char *nb = realloc(b, cap * 2);
-            if (!nb) {
-                free(b);
-                b = NULL;
-                break;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    fclose(f);
-    if (b) b[n] = 0;
-    return b;
-}
 
 /* log-softmax of x [n] into out; returns nothing (out may alias x). */
 static void log_softmax(const float *x, int64_t n, double *out) {
@@ -102,7 +79,7 @@ int fm_cli_perplexity(int argc, char **argv) {
     }
     if (!model_dir || !ids_path) return fm_cli_usage_error("perplexity", "-m and --ids-file are required");
     if (optind != argc) return fm_cli_usage_error("perplexity", "unexpected argument \"%s\"", argv[optind]);
-    char *text = read_file(ids_path);
+    char *text = fm_cli_read_file(ids_path, NULL);
     if (!text) {
         fprintf(stderr, "flashmoe perplexity: %s: cannot read\n", ids_path);
         return FM_EXIT_FAIL;

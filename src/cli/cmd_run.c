@@ -48,24 +48,6 @@ static void on_sigint(int sig) {
     interrupted = 1;
 }
 
-static char *read_text_file(const char *path, size_t *len) {
-    FILE *f = fopen(path, "rb");
-    if (!f) return NULL;
-    size_t cap = 1 << 16, n = 0;
-    char *b = malloc(cap);
-    size_t r;
-    while (b && (r = fread(b + n, 1, cap - n, f)) > 0) {
-        n += r;
-        if (n == cap) {
-            char *nb = realloc(b, cap *= 2);
-            if (!nb) free(b);
-            b = nb;
-        }
-    }
-    fclose(f);
-    *len = n;
-    return b;
-}
 
 static bool print_text(void *user, const char *text, size_t len) {
     (void)user;
@@ -153,7 +135,7 @@ int fm_cli_run(int argc, char **argv) {
         }
     } else {
         size_t len = file ? 0 : strlen(text), nn = 0;
-        if (file && !(file_text = read_text_file(file, &len))) {
+        if (file && !(file_text = fm_cli_read_file(file, &len))) {
             fprintf(stderr, "flashmoe run: %s: cannot read\n", file);
             rc = FM_EXIT_FAIL;
             goto done;

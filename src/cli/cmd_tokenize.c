@@ -5,9 +5,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 #include "cli/cli.h"
+#include "util/progress.h"
 #include "text/tokenizer.h"
 
 int fm_cli_tokenize(int argc, char **argv);
@@ -41,37 +41,7 @@ static void detokenize_help(void) {
            "  flashmoe detokenize -m ~/models/Qwen3.5-35B-A3B --ids 9707,11,1879\n");
 }
 
-static double now_s(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
-/* Reads a stream to its end into a malloc'd buffer. */
-static char *read_all(FILE *f, size_t *n) {
-    size_t cap = 1 << 16, len = 0;
-    char *b = malloc(cap);
-    if (!b) return NULL;
-    size_t r;
-    while ((r = fread(b + len, 1, cap - len, f)) > 0) {
-        len += r;
-        if (len == cap) {
-            char *nb = realloc(b, cap * 2);
-            if (!nb) {
-                free(b);
-                return NULL;
-            }
-            b = nb;
-            cap *= 2;
-        }
-    }
-    if (ferror(f)) {
-        free(b);
-        return NULL;
-    }
-    *n = len;
-    return b;
-}
 
 /* Resolves --tokenizer / -m into a path (buf holds MODEL_DIR/tokenizer.json). Returns an exit code
  * or -1 to go on. */
@@ -94,7 +64,7 @@ static int run_bench(const char *path, const char *text_file) {
         return FM_EXIT_FAIL;
     }
     size_t n;
-    char *text = read_all(f, &n);
+    char *text = fm_cli_read_stream(f, &n);
     fclose(f);
     if (!text) {
         fprintf(stderr, "flashmoe tokenize: cannot read %s\n", text_file);
@@ -103,12 +73,12 @@ static int run_bench(const char *path, const char *text_file) {
     fm_tokenizer *tok = NULL;
     double load_first = 0, load_best = 1e9;
     for (int i = 0; i < 5; i++) {
-        double t0 = now_s();
+        double t0 = fm_time_now();
         if (fm_tokenizer_load(path, &tok) != FM_OK) {
             free(text);
             return fm_cli_fail("tokenize");
         }
-        double dt = now_s() - t0;
+        double dt = fm_time_now() - t0;
         if (i == 0) load_first = dt;
         if (dt < load_best) load_best = dt;
         if (i < 4) fm_tokenizer_free(tok);
@@ -118,13 +88,13 @@ static int run_bench(const char *path, const char *text_file) {
     int reps = 0;
     while (reps < 3 || total < 2.0) {
         int32_t *ids;
-        double t0 = now_s();
+        double t0 = fm_time_now();
         if (fm_tokenizer_encode(tok, text, n, true, &ids, &n_ids) != FM_OK) {
             free(text);
             fm_tokenizer_free(tok);
             return fm_cli_fail("tokenize");
         }
-        double dt = now_s() - t0;
+        double dt = fm_time_now() - t0;
         free(ids);
         total += dt;
         if (dt < best) best = dt;
@@ -134,7 +104,7 @@ static int run_bench(const char *path, const char *text_file) {
     double line_best = 1e9;
     size_t n_lines = 0;
     for (int r = 0; r < 3; r++) {
-        double t0 = now_s();
+        double t0 = fm_time_now();
         n_lines = 0;
         for (size_t a = 0; a < n;) {
             const char *nl = memchr(text + a, '\n', n - a);
@@ -150,7 +120,7 @@ static int run_bench(const char *path, const char *text_file) {
             n_lines++;
             a = b;
         }
-        double dt = now_s() - t0;
+        double dt = fm_time_now() - t0;
         if (dt < line_best) line_best = dt;
     }
     printf("tokenizer  %s (%lld ids)\n", path, (long long)fm_tokenizer_n_vocab(tok));
@@ -204,7 +174,7 @@ int fm_cli_tokenize(int argc, char **argv) {
     size_t n;
     if (text) n = strlen(text);
     else {
-        owned = read_all(stdin, &n);
+        owned = fm_cli_read_stream(stdin, &n);
         if (!owned) {
             fprintf(stderr, "flashmoe tokenize: cannot read standard input\n");
             return FM_EXIT_FAIL;

@@ -230,3 +230,35 @@ void fm_cli_sampling_finish(const char *model_dir, fm_cli_sampling *o, int32_t *
     }
     json_decref(g);
 }
+
+char *fm_cli_read_stream(FILE *f, size_t *n) {
+    size_t cap = 1 << 16, len = 0, r;
+    char *b = malloc(cap + 1);
+    while (b && (r = fread(b + len, 1, cap - len, f)) > 0) {
+        len += r;
+        if (len == cap) {
+            char *nb = realloc(b, 2 * cap + 1);
+            if (!nb) {
+                free(b);
+                return NULL;
+            }
+            b = nb;
+            cap *= 2;
+        }
+    }
+    if (b && ferror(f)) {
+        free(b);
+        return NULL;
+    }
+    if (b) b[len] = 0;
+    if (b && n) *n = len;
+    return b;
+}
+
+char *fm_cli_read_file(const char *path, size_t *n) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return NULL;
+    char *b = fm_cli_read_stream(f, n);
+    fclose(f);
+    return b;
+}

@@ -326,10 +326,11 @@ FM_TEST(quant_nearest_at_midpoints) {
                 for (int i = 2; i < gs; i++) {
                     int k = (int)(rnd_u64() % (uint64_t)maxq);
                     float m = (float)((double)b + (k + 0.5) * s);
-                    int32_t u;
-                    memcpy(&u, &m, 4);
-                    u += (int32_t)(rnd_u64() % 7) - 3; /* a few ulps either side */
-                    memcpy(&w[i], &u, 4);
+                    int steps = (int)(rnd_u64() % 7) - 3; /* a few ulps either side */
+                    /* by nextafterf, not by adding to the bit pattern: that turns -0.0 or 0.0 into NaN */
+                    for (; steps > 0; steps--) m = nextafterf(m, INFINITY);
+                    for (; steps < 0; steps++) m = nextafterf(m, -INFINITY);
+                    w[i] = m;
                 }
                 ref_layout L = ref_layout_of(bits, 1, gs, gs, sd);
                 unsigned char data[64 + 8];

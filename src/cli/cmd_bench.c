@@ -225,6 +225,13 @@ int fm_cli_bench(int argc, char **argv) {
         if (r > prefill_max_layer_reads) prefill_max_layer_reads = r;
     }
 
+    /* where the prefill's time went, summed over its layers (seconds) */
+    double pf[5] = {0};
+    for (int l = 0; l < cf->n_layers; l++) {
+        const fm_layer_timing *lt = fm_session_layer_timing(s, l);
+        pf[0] += lt->mixer, pf[1] += lt->route, pf[2] += lt->shared, pf[3] += lt->expert_wait, pf[4] += lt->expert_compute;
+    }
+
     /* decode */
     if (cold) drop_expert_pages(pm);
     fm_store_reset_stats(m->store);
@@ -282,14 +289,15 @@ int fm_cli_bench(int argc, char **argv) {
                "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, "
                "\"mixer_ms\": %.4f, \"route_ms\": %.4f, \"shared_ms\": %.4f, \"wait_ms\": %.4f, \"expert_ms\": %.4f, "
                "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
-               "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f}\n",
+               "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
+               "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f}\n",
                model, cf->n_layers, fm_io_engine_name(p.io_engine), fm_pool_size(m->pool), (long long)n_prompt,
                (long long)n_gen, decode_tok_s, prefill_tok_s, layer_ms, floor_ms, layer_ms / floor_ms, floor_disk_ms,
                floor_ram_ms, disk_gbs, ram_gbs, (unsigned long long)store_bytes, (unsigned long long)disk_bytes, hit_rate,
                mixer * per, route * per, shared * per, wait * per, compute * per,
                fm_session_head_seconds(s) * 1e3 / (double)n_gen, (unsigned long long)prefill_reads,
                (unsigned long long)prefill_max_layer_reads, (unsigned long long)rss,
-               (unsigned long long)p.mem_budget, guessed ? (double)guessed_right / (double)guessed : 0.0);
+               (unsigned long long)p.mem_budget, guessed ? (double)guessed_right / (double)guessed : 0.0, pf[0], pf[1], pf[2], pf[3], pf[4]);
     } else {
         char b1[32], b2[32], b3[32];
         printf("model        %s (%d layers, %d experts per token)\n", model, cf->n_layers, m->n_experts_used);
@@ -299,6 +307,9 @@ int fm_cli_bench(int argc, char **argv) {
         printf("prefill      %lld tokens in %.2f s: %.2f tok/s; %llu expert reads over %d layers (at most %llu in one layer)\n",
                (long long)n_prompt, prefill_s, prefill_tok_s, (unsigned long long)prefill_reads, cf->n_layers,
                (unsigned long long)prefill_max_layer_reads);
+        printf("prefill time %.2f s = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f"
+               " (+ %.2f embedding and lm_head)\n", pf[0] + pf[1] + pf[2] + pf[3] + pf[4], pf[0], pf[1], pf[2], pf[3], pf[4],
+               prefill_s - (pf[0] + pf[1] + pf[2] + pf[3] + pf[4]));
         printf("decode       %lld tokens in %.2f s: %.3f tok/s%s\n", (long long)n_gen, decode_s, decode_tok_s,
                cold ? " (expert pages dropped first)" : "");
         printf("per layer    %.2f ms = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f\n",

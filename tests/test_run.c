@@ -134,3 +134,20 @@ FM_TEST(run_chat_bad_tools_file) {
     int rc = fm_test_run_cmd(cmd, out, sizeof out);
     CHECK_MSG(rc == 1 && strstr(out, "tools.json: not valid JSON"), "rc %d: %s", rc, out);
 }
+
+/* perplexity -f TEXT tokenizes with the model's tokenizer.json: the same result as the ids of
+ * `flashmoe tokenize` given with --ids-file. */
+FM_TEST(perplexity_text_file_equals_its_ids) {
+    char dir[512], cmd[2048], a[4096], b[4096];
+    if (!tokenizer_model(t, dir, sizeof dir)) return;
+    snprintf(cmd, sizeof cmd,
+             "printf 'The expert store reads each expert once per chunk.\\n' > '%1$s/text.txt' && "
+             "%2$s tokenize -m '%1$s' --text \"$(cat '%1$s/text.txt')\n\" > '%1$s/ids.txt'",
+             dir, fm_test_bin());
+    REQUIRE(fm_test_run_cmd(cmd, a, sizeof a) == 0);
+    snprintf(cmd, sizeof cmd, "%s perplexity -m '%s' -f '%s/text.txt' --json 2>/dev/null", fm_test_bin(), dir, dir);
+    CHECK(fm_test_run_cmd(cmd, a, sizeof a) == 0);
+    snprintf(cmd, sizeof cmd, "%s perplexity -m '%s' --ids-file '%s/ids.txt' --json 2>/dev/null", fm_test_bin(), dir, dir);
+    CHECK(fm_test_run_cmd(cmd, b, sizeof b) == 0);
+    CHECK_MSG(strstr(a, "\"perplexity\"") && strcmp(a, b) == 0, "-f gave %s, --ids-file gave %s", a, b);
+}

@@ -1,99 +1,114 @@
 #!/usr/bin/env bash
 # Generates docs/QUALITY.md: what each weight format and expert count costs in quality and in
 # expert bytes per token, measured with `flashmoe perplexity --kl-base` against the f32 conversion
-# of the same checkpoint (KL divergence, top-1 agreement, top-5 overlap over every position).
+# of the same checkpoint (KL divergence, top-1 agreement, top-5 overlap over every position, and
+# the perplexity of the fixture's text).
 #
-#   tools/quality_table.sh [FIXTURE] > docs/QUALITY.md        (FIXTURE default: qwen35_moe_q64_bf16)
+#   tools/quality_table.sh > docs/QUALITY.md
+#
+# Two fixtures: qwen35_moe_trained_bf16 (trained on text: the margins of a real model, so these
+# are the quality figures) and qwen35_moe_q64_bf16 (random weights: chaotic, ranks formats only).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-fx=${1:-qwen35_moe_q64_bf16}
-src=tests/fixtures/$fx/model
 bin=build/flashmoe
 [ -x "$bin" ] || make -s >/dev/null
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
-ids=$(python3 - "$src/../ids.npy" <<'PY' 2>/dev/null || true
-import struct, sys, ast
+
+# tables FIXTURE: every table for one fixture
+tables() {
+    local fx=$1 src=tests/fixtures/$1/model ids topk
+    ids=$(python3 - "$src/../ids.npy" <<'PY' 2>/dev/null || true
+import struct, sys
 b = open(sys.argv[1], 'rb').read()
 n = struct.unpack('<H', b[8:10])[0]
 print(','.join(str(x) for x in struct.unpack('<%di' % ((len(b) - 10 - n) // 4), b[10 + n:])))
 PY
 )
-if [ -z "$ids" ]; then echo "quality_table: cannot read $src/../ids.npy (needs python3)" >&2; exit 1; fi
-echo "$ids" > "$work/ids.txt"
-"$bin" convert --no-progress --quant f32 "$src" "$work/f32" 2>/dev/null
-"$bin" logits -m "$work/f32" --ids "$ids" --out "$work/base.npy"
-topk=$(python3 -c "import json;c=json.load(open('$src/config.json'));c=c.get('text_config',c);print(c['num_experts_per_tok'])")
+    if [ -z "$ids" ]; then echo "quality_table: cannot read $src/../ids.npy (needs python3)" >&2; exit 1; fi
+    echo "$ids" > "$work/ids.txt"
+    rm -rf "$work/f32"
+    "$bin" convert --no-progress --quant f32 "$src" "$work/f32" 2>/dev/null
+    "$bin" logits -m "$work/f32" --ids "$ids" --out "$work/base.npy"
+    topk=$(python3 -c "import json;c=json.load(open('$src/config.json'));c=c.get('text_config',c);print(c['num_experts_per_tok'])")
 
-row() { # label, convert options, run options
-    local label=$1 copt=$2 ropt=${3:-} dir="$work/m"
-    rm -rf "$dir"
-    # shellcheck disable=SC2086
-    "$bin" convert --no-progress $copt "$src" "$dir" 2>/dev/null
-    # shellcheck disable=SC2086
-    local j; j=$("$bin" perplexity -m "$dir" --ids-file "$work/ids.txt" --kl-base "$work/base.npy" --json $ropt 2>/dev/null)
-    python3 - "$label" "$j" <<'PY'
+    row() { # label, convert options, run options
+        local label=$1 copt=$2 ropt=${3:-} dir="$work/m" j
+        rm -rf "$dir"
+        # shellcheck disable=SC2086
+        "$bin" convert --no-progress $copt "$src" "$dir" 2>/dev/null
+        # shellcheck disable=SC2086
+        j=$("$bin" perplexity -m "$dir" --ids-file "$work/ids.txt" --kl-base "$work/base.npy" --json $ropt 2>/dev/null)
+        python3 - "$label" "$j" <<'PY'
 import json, sys
 j = json.loads(sys.argv[2])
-print(f"| {sys.argv[1]} | {j['kl_mean']:.5f} | {100*j['top1_agreement']:.1f}% | {100*j['top5_overlap']:.1f}% | {j['expert_bytes_per_token']:,} |")
+print(f"| {sys.argv[1]} | {j['kl_mean']:.5f} | {100*j['top1_agreement']:.1f}% | {100*j['top5_overlap']:.1f}% "
+      f"| {j['perplexity']:.3f} | {j['expert_bytes_per_token']:,} |")
 PY
+    }
+    header() { printf '\n| %s | KL | top-1 | top-5 | perplexity | expert bytes / token |\n|---|---|---|---|---|---|\n' "$1"; }
+
+    echo
+    echo "Fixture \`tests/fixtures/$fx\`: $topk experts per token, $(echo "$ids" | tr ',' '\n' | wc -l) positions."
+    echo
+    echo "### Experts (dense f32)"
+    header experts
+    row "f32" "--quant f32"
+    row "bf16" "--quant f32 --expert-quant bf16"
+    row "q8 rtn" "--quant f32 --expert-quant q8"
+    row "q8 mse" "--quant f32 --expert-quant q8 --quant-method mse"
+    row "q4 rtn" "--quant f32 --expert-quant q4"
+    row "q4 mse" "--quant f32 --expert-quant q4 --quant-method mse"
+    row "q2 rtn" "--quant f32 --expert-quant q2"
+    row "q2 mse" "--quant f32 --expert-quant q2 --quant-method mse"
+    echo
+    echo "### Dense weights (experts f32)"
+    header dense
+    row "q8 rtn" "--quant f32 --dense-quant q8"
+    row "q4 rtn" "--quant f32 --dense-quant q4"
+    row "q4 mse" "--quant f32 --dense-quant q4 --quant-method mse"
+    echo
+    echo "### Whole model"
+    header format
+    row "q8 everything" "--quant q8"
+    row "default: q4 experts, q8 dense" ""
+    row "q4 mse experts, q8 dense" "--quant-method mse"
+    row "q2 experts, q8 dense" "--expert-quant q2"
+    row "q2 mse experts, q8 dense" "--expert-quant q2 --quant-method mse"
+    echo
+    echo "### Experts per token (q4 experts, q8 dense)"
+    header "experts per token"
+    for k in $(seq "$topk" -1 1); do row "$k$([ "$k" = "$topk" ] && echo ' (model default)')" "" "--experts $k"; done
 }
 
 cat <<EOF2
 # Quality per weight format
 
-Generated by \`tools/quality_table.sh $fx\` on $(date -u +%Y-%m-%d) — do not edit by hand.
+Generated by \`tools/quality_table.sh\` on $(date -u +%Y-%m-%d) — do not edit by hand.
 
-Model: \`tests/fixtures/$fx\` (random weights, $topk experts per token; every matrix has a multiple of
-64 columns so group-64 quantization applies everywhere). Reference: the f32 conversion of the same
-checkpoint. Metrics over all $(echo "$ids" | tr ',' '\n' | wc -l) positions of the fixture's ids: mean
-KL(reference || model), top-1 agreement, top-5 overlap, and the routed-expert bytes one token reads
-(all layers). Quantization: affine, group 64, bf16 scales/biases; rtn = round to nearest,
-mse = clipping range searched per group.
+Reference: the f32 conversion of the same checkpoint. Metrics over every position of the fixture's
+ids: mean KL(reference || model), top-1 agreement, top-5 overlap, the perplexity of the model on
+those ids (the next id at each position), and the routed-expert bytes one token reads (all layers).
+Quantization: affine, group 64, bf16 scales/biases; rtn = round to nearest, mse = clipping range
+searched per group (\`--quant-method mse\`). Both fixtures have the geometry hidden 128, 4 layers
+(3 Gated DeltaNet, 1 gated attention), 8 experts top-3 plus a shared expert, every matrix a multiple
+of 64 columns so group-64 quantization applies everywhere.
 
-**Caveat.** A random-weight model is far more sensitive than a trained one: its routers and
-attention have no margins, so a small weight change flips expert choices and the error grows from
-layer to layer (even q8 experts alone change some argmaxes here). These rows rank the formats
-against each other; absolute numbers for a real model come with the trained default model.
+## Trained model
 
-## Experts (dense f32)
-
-| experts | KL | top-1 | top-5 | expert bytes / token |
-|---|---|---|---|---|
+\`qwen35_moe_trained_bf16\` is trained on text by \`tools/make_trained_fixture.py\` (byte-level, the
+repository's own text, 1500 steps; its 512 ids are held-out text), so its predictions have the
+margins of a real model: these rows are the quality figures. The test
+\`model_trained_q8_everything_top1_at_least_99_percent\` asserts the q8-everything bar.
 EOF2
-row "f32" "--quant f32"
-row "bf16" "--quant f32 --expert-quant bf16"
-row "q8 rtn" "--quant f32 --expert-quant q8"
-row "q8 mse" "--quant f32 --expert-quant q8 --quant-method mse"
-row "q4 rtn" "--quant f32 --expert-quant q4"
-row "q4 mse" "--quant f32 --expert-quant q4 --quant-method mse"
-row "q2 rtn" "--quant f32 --expert-quant q2"
-row "q2 mse" "--quant f32 --expert-quant q2 --quant-method mse"
+tables qwen35_moe_trained_bf16
 cat <<EOF2
 
-## Dense weights (experts f32)
+## Random-weight model
 
-| dense | KL | top-1 | top-5 | expert bytes / token |
-|---|---|---|---|---|
+\`qwen35_moe_q64_bf16\` has random weights (0.3·N(0,1)): its routers and attention have no margins,
+so a small weight change flips expert choices and the error grows from layer to layer (even q8 experts
+alone change some argmaxes). Its rows rank the formats against each other; they are not what a
+trained model loses.
 EOF2
-row "q8 rtn" "--quant f32 --dense-quant q8"
-row "q4 rtn" "--quant f32 --dense-quant q4"
-row "q4 mse" "--quant f32 --dense-quant q4 --quant-method mse"
-cat <<EOF2
-
-## Whole model
-
-| format | KL | top-1 | top-5 | expert bytes / token |
-|---|---|---|---|---|
-EOF2
-row "q8 everything" "--quant q8"
-row "default: q4 experts, q8 dense" ""
-row "q2 experts, q8 dense" "--expert-quant q2"
-cat <<EOF2
-
-## Experts per token (q4 experts, q8 dense)
-
-| experts per token | KL | top-1 | top-5 | expert bytes / token |
-|---|---|---|---|---|
-EOF2
-for k in $(seq "$topk" -1 1); do row "$k$([ "$k" = "$topk" ] && echo ' (model default)')" "" "--experts $k"; done
+tables qwen35_moe_q64_bf16

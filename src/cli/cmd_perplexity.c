@@ -7,26 +7,31 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 #include "flashmoe.h"
 #include "formats/npy.h"
 #include "model/model.h"
+#include "text/tokenizer.h"
 
 static void help(void) {
-    printf("usage: flashmoe perplexity -m MODEL --ids-file FILE [--kl-base BASE.npy] [options]\n\n"
-           "Evaluates the token ids in FILE (comma/space separated, or a JSON array) as one sequence and prints\n"
-           "the perplexity of each next token. With --kl-base, also compares every position's distribution\n"
+    printf("usage: flashmoe perplexity -m MODEL (-f TEXT_FILE | --ids-file FILE) [--kl-base BASE.npy] [options]\n\n"
+           "Evaluates a text (tokenized with MODEL/tokenizer.json) or the token ids in FILE (comma/space\n"
+           "separated, or a JSON array) as one sequence and prints the perplexity of each next token.\n"
+           "With --kl-base, also compares every position's distribution\n"
            "with BASE.npy (float32 [n_tokens, vocab] from `flashmoe logits` on a reference model):\n"
            "mean KL(base || model), top-1 agreement and top-5 overlap.\n\n"
            "options:\n"
            "  -m, --model DIR      packed model\n"
-           "  --ids-file FILE      token ids\n"
+           "  -f, --file FILE      a UTF-8 text, tokenized with the model's tokenizer\n"
+           "  --ids-file FILE      token ids instead of a text\n"
            "  --kl-base FILE       reference logits (.npy)\n"
            "  --json               one JSON object instead of text\n" FM_CLI_MODEL_HELP "\n"
            "example:\n"
            "  flashmoe logits -m m-f32 --ids \"$(cat ids.txt)\" --out base.npy\n"
-           "  flashmoe perplexity -m m-q4 --ids-file ids.txt --kl-base base.npy\n");
+           "  flashmoe perplexity -m m-q4 --ids-file ids.txt --kl-base base.npy\n"
+           "  flashmoe perplexity -m m-q4 -f wiki.txt\n");
 }
 
 
@@ -54,43 +59,79 @@ static void top_k(const float *x, int64_t n, int k, int64_t *idx) {
 
 enum { OPT_IDS_FILE = 256, OPT_KL, OPT_JSON };
 
+/* The ids of the UTF-8 text in `path`, tokenized with MODEL/tokenizer.json (no special tokens).
+ * False after printing why. */
+static bool text_ids(const char *model_dir, const char *path, int32_t **ids, int64_t *n) {
+    char tok_path[4096];
+    snprintf(tok_path, sizeof tok_path, "%s/tokenizer.json", model_dir);
+    if (access(tok_path, R_OK) != 0) {
+        fprintf(stderr, "flashmoe perplexity: %s has no tokenizer.json: give --ids-file (or convert from a checkpoint "
+                        "directory that has one)\n", model_dir);
+        return false;
+    }
+    size_t len = 0, nn = 0;
+    char *text = fm_cli_read_file(path, &len);
+    if (!text) {
+        fprintf(stderr, "flashmoe perplexity: %s: cannot read\n", path);
+        return false;
+    }
+    fm_tokenizer *tok = NULL;
+    fm_status st = fm_tokenizer_load(tok_path, &tok);
+    if (st == FM_OK) st = fm_tokenizer_encode(tok, text, len, false, ids, &nn);
+    fm_tokenizer_free(tok);
+    free(text);
+    if (st != FM_OK) {
+        fprintf(stderr, "flashmoe perplexity: %s: %s\n", path, fm_last_error());
+        return false;
+    }
+    *n = (int64_t)nn;
+    return true;
+}
+
 int fm_cli_perplexity(int argc, char **argv) {
     static const struct option opts[] = {{"model", required_argument, 0, 'm'},      {"ids-file", required_argument, 0, OPT_IDS_FILE},
+                                         {"file", required_argument, 0, 'f'},
                                          {"kl-base", required_argument, 0, OPT_KL},  FM_CLI_MODEL_OPTIONS,
                                          {"json", no_argument, 0, OPT_JSON},
                                          {"help", no_argument, 0, 'h'},             {0, 0, 0, 0}};
-    const char *model_dir = NULL, *ids_path = NULL, *kl_path = NULL;
+    const char *model_dir = NULL, *ids_path = NULL, *kl_path = NULL, *text_path = NULL;
     int c;
     bool json = false;
     fm_model_params p = fm_model_default_params();
     optind = 1;
-    while ((c = getopt_long(argc, argv, "m:t:h", opts, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, "m:t:f:h", opts, NULL)) != -1) {
         int mo = fm_cli_model_option("perplexity", c, optarg, &p);
         if (mo < 0) return FM_EXIT_USAGE;
         if (mo) continue;
         switch (c) {
         case 'm': model_dir = optarg; break;
         case OPT_IDS_FILE: ids_path = optarg; break;
+        case 'f': text_path = optarg; break;
         case OPT_KL: kl_path = optarg; break;
         case OPT_JSON: json = true; break;
         case 'h': help(); return FM_EXIT_OK;
         default: return fm_cli_usage_error("perplexity", "bad option");
         }
     }
-    if (!model_dir || !ids_path) return fm_cli_usage_error("perplexity", "-m and --ids-file are required");
+    if (!model_dir || !(ids_path || text_path))
+        return fm_cli_usage_error("perplexity", "-m and one of -f TEXT_FILE / --ids-file FILE are required");
+    if (ids_path && text_path) return fm_cli_usage_error("perplexity", "give either -f or --ids-file, not both");
     if (optind != argc) return fm_cli_usage_error("perplexity", "unexpected argument \"%s\"", argv[optind]);
-    char *text = fm_cli_read_file(ids_path, NULL);
-    if (!text) {
-        fprintf(stderr, "flashmoe perplexity: %s: cannot read\n", ids_path);
-        return FM_EXIT_FAIL;
-    }
-    for (char *q = text; *q; q++) /* accept a JSON array too */
-        if (*q == '[' || *q == ']') *q = ' ';
     int32_t *ids = NULL;
     int64_t n = 0;
-    bool ok = fm_cli_parse_ids("perplexity", text, &ids, &n);
-    free(text);
-    if (!ok) return FM_EXIT_USAGE;
+    if (text_path && !text_ids(model_dir, text_path, &ids, &n)) return FM_EXIT_FAIL;
+    if (ids_path) {
+        char *text = fm_cli_read_file(ids_path, NULL);
+        if (!text) {
+            fprintf(stderr, "flashmoe perplexity: %s: cannot read\n", ids_path);
+            return FM_EXIT_FAIL;
+        }
+        for (char *q = text; *q; q++) /* accept a JSON array too */
+            if (*q == '[' || *q == ']') *q = ' ';
+        bool ok = fm_cli_parse_ids("perplexity", text, &ids, &n);
+        free(text);
+        if (!ok) return FM_EXIT_USAGE;
+    }
     if (n < 2) {
         free(ids);
         fprintf(stderr, "flashmoe perplexity: need at least 2 tokens\n");

@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cpu/mixer_kernels.h"
 #include "backend/cpu/ops.h"
 #include "model/model.h"
 #include "util/error.h"
@@ -208,7 +209,7 @@ static void delta_heads(void *arg, int64_t h0, int64_t h1) {
     const fm_config *c = &j->s->m->cfg;
     int64_t dk = c->lin_k_dim, dv = c->lin_v_dim, nv = c->lin_n_v_heads, r = nv / c->lin_n_k_heads;
     int64_t kd = fm_config_key_dim(c), vd = fm_config_value_dim(c), cd = fm_config_conv_dim(c);
-    float qn[1024], kn[1024], kv[1024]; /* dk, dv <= 1024 checked at open */
+    float qn[1024], kn[1024]; /* dk <= 1024 checked at open */
     float q_scale = 1.0f / sqrtf((float)dk);
     for (int64_t h = h0; h < h1; h++) {
         float *S = j->s->ssm_state[j->layer] + h * dk * dv; /* (dk, dv) */
@@ -230,24 +231,8 @@ static void delta_heads(void *arg, int64_t h0, int64_t h1) {
             float b = j->ba[t * 2 * nv + h], a = j->ba[t * 2 * nv + nv + h];
             float decay = expf(A * fm_softplus(a + j->w->dt_bias[h]));
             float beta = fm_sigmoid(b);
-            for (int64_t jj = 0; jj < dv; jj++) kv[jj] = 0;
-            for (int64_t i = 0; i < dk; i++) {
-                float *Si = S + i * dv;
-                for (int64_t jj = 0; jj < dv; jj++) {
-                    Si[jj] *= decay;
-                    kv[jj] += Si[jj] * kn[i];
-                }
-            }
-            for (int64_t jj = 0; jj < dv; jj++) kv[jj] = beta * (v[jj] - kv[jj]); /* now d */
             float *o = j->core + t * vd + h * dv;
-            for (int64_t jj = 0; jj < dv; jj++) o[jj] = 0;
-            for (int64_t i = 0; i < dk; i++) {
-                float *Si = S + i * dv;
-                for (int64_t jj = 0; jj < dv; jj++) {
-                    Si[jj] += kn[i] * kv[jj];
-                    o[jj] += Si[jj] * qn[i];
-                }
-            }
+            fm_cpu_delta_rule_token(S, dk, dv, kn, qn, v, decay, beta, o);
             fm_cpu_rmsnorm(o, o, j->w->ssm_norm, dv, c->norm_eps);
             const float *z = j->z + t * vd + h * dv;
             for (int64_t jj = 0; jj < dv; jj++) o[jj] *= fm_silu(z[jj]);
@@ -326,20 +311,17 @@ static void attn_heads(void *arg, int64_t h0, int64_t h1) {
             float *o = j->att + (t * nh + h) * d;
             float m = -INFINITY, sum = 0;
             for (int64_t i = 0; i < d; i++) o[i] = 0;
-            for (int64_t p = 0; p <= j->pos0 + t; p++) {
+            for (int64_t p = 0; p <= j->pos0 + t; p++) { /* online softmax */
                 const float *k = kc + (p * nkv + kvh) * d, *v = vc + (p * nkv + kvh) * d;
-                float sc = 0;
-                for (int64_t i = 0; i < d; i++) sc += q[i] * k[i];
-                sc *= scale;
+                float sc = fm_cpu_dot(q, k, d) * scale, rescale = 1;
                 if (sc > m) {
-                    float rescale = expf(m - sc);
+                    rescale = expf(m - sc);
                     sum *= rescale;
-                    for (int64_t i = 0; i < d; i++) o[i] *= rescale;
                     m = sc;
                 }
                 float e = expf(sc - m);
                 sum += e;
-                for (int64_t i = 0; i < d; i++) o[i] += e * v[i];
+                fm_cpu_scale_axpy(o, rescale, e, v, d);
             }
             const float *g = j->gate + (t * nh + h) * d;
             for (int64_t i = 0; i < d; i++) o[i] = o[i] / sum * fm_sigmoid(g[i]);

@@ -240,6 +240,33 @@ static void delta_heads(void *arg, int64_t h0, int64_t h1) {
     }
 }
 
+typedef struct conv_job {
+    const float *w;     /* (cd, K) */
+    const float *state; /* (K-1, cd) the previous raw inputs, oldest first */
+    const float *qkv;   /* (T, cd) */
+    float *out;         /* (T, cd) */
+    int64_t T, cd, K;
+} conv_job;
+
+/* Channels [c0, c1) of the causal depthwise conv over [state (K-1 rows) ; qkv (T rows)], then SiLU:
+ * y[t, ch] = silu(sum_{j<K} W[ch, j] * seq[t + j, ch]). */
+static void conv_channels(void *arg, int64_t c0, int64_t c1) {
+    const conv_job *j = arg;
+    int64_t K = j->K, cd = j->cd;
+    for (int64_t t = 0; t < j->T; t++) {
+        for (int64_t ch = c0; ch < c1; ch++) {
+            const float *wc = j->w + ch * K;
+            float acc = 0;
+            for (int64_t jj = 0; jj < K; jj++) {
+                int64_t idx = t + jj - (K - 1); /* index into qkv; negative = state row K-1+idx */
+                float v = idx >= 0 ? j->qkv[idx * cd + ch] : j->state[(K - 1 + idx) * cd + ch];
+                acc += wc[jj] * v;
+            }
+            j->out[t * cd + ch] = fm_silu(acc);
+        }
+    }
+}
+
 /* out (T, H) = GatedDeltaNet(xn (T, H)); updates the layer's conv and recurrent state. */
 static fm_status linear_attention(fm_session *s, int l, int64_t T, const float *xn, float *out) {
     const fm_config *c = &s->m->cfg;
@@ -257,21 +284,9 @@ static fm_status linear_attention(fm_session *s, int l, int64_t T, const float *
         memcpy(ba + t * 2 * nv, b_tmp + t * nv, sizeof(float) * (size_t)nv);
         memcpy(ba + t * 2 * nv + nv, a_tmp + t * nv, sizeof(float) * (size_t)nv);
     }
-    /* causal depthwise conv over [state (K-1 rows) ; qkv (T rows)], then SiLU:
-     * y[t, ch] = sum_{j<K} W[ch, j] * seq[t + j, ch] */
     float *state = s->conv_state[l];
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t ch = 0; ch < cd; ch++) {
-            const float *wc = w->conv + ch * K;
-            float acc = 0;
-            for (int64_t jj = 0; jj < K; jj++) {
-                int64_t idx = t + jj - (K - 1); /* index into qkv; negative = state row K-1+idx */
-                float v = idx >= 0 ? qkv[idx * cd + ch] : state[(K - 1 + idx) * cd + ch];
-                acc += wc[jj] * v;
-            }
-            conv_out[t * cd + ch] = fm_silu(acc);
-        }
-    }
+    conv_job cj = {w->conv, state, qkv, conv_out, T, cd, K};
+    fm_pool_run(pool, conv_channels, &cj, cd, 256);
     /* keep the last K-1 raw inputs (reads run ahead of writes, so in-place is safe) */
     for (int64_t i = 0; i < K - 1; i++) {
         int64_t src = T + i; /* index into [state ; qkv] */

@@ -15,7 +15,7 @@ BUILD   ?= $(if $(filter 1,$(SAN)),build-san,build)$(if $(filter 1,$(CUDA)),/cud
 CPPFLAGS += -Iinclude -Isrc -D_GNU_SOURCE -MMD -MP
 CFLAGS   ?= -O2 -g
 CFLAGS   += -std=c11 -Wall -Wextra -Werror -Wshadow -Wno-unused-parameter -Wno-format-truncation -pthread -fno-math-errno
-LDLIBS   += -l:libjansson.a -l:libpcre2-8.a -l:libutf8proc.a -l:libedit.a -l:libbsd.a -l:libmd.a -l:libtinfo.a -lm -pthread
+LDLIBS   += -l:liburing.a -l:libjansson.a -l:libpcre2-8.a -l:libutf8proc.a -l:libedit.a -l:libbsd.a -l:libmd.a -l:libtinfo.a -lm -pthread
 
 ifeq ($(SAN),1)
 CFLAGS  += -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer

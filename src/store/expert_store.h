@@ -1,12 +1,21 @@
 /* The expert store: where the engine gets routed experts' weights from. The model asks for a
  * layer's experts by id as soon as routing is known (fm_store_request), computes what it can, and
  * takes each expert's bytes as they arrive (fm_store_wait). Behind that: a read engine (a pool of
- * pread threads, the same with O_DIRECT, or mmap for comparison), and optionally an in-process RAM
- * cache with frequency-weighted LRU replacement. Counters per layer feed `flashmoe bench`.
- * One request at a time; the model's thread calls it, the store's own threads read. */
+ * pread threads, the same with O_DIRECT, io_uring, or mmap for comparison), and optionally an
+ * in-process RAM cache with frequency-weighted LRU replacement. Counters per layer feed
+ * `flashmoe bench`. One request at a time; the model's thread calls it; the pread/direct engines
+ * read on the store's own threads, io_uring has no threads: the model's thread sends a request's
+ * reads at once and reaps their completions while it waits.
+ *
+ * io_uring (FM_IO_URING): one ring per store, sized for a request's reads; files opened with
+ * O_DIRECT where the file system allows it (buffered reads otherwise). When the kernel or a
+ * sandbox refuses io_uring (or FLASHMOE_URING_DISABLE=1 is set) the store falls back to the pread
+ * engine and says so in one line on stderr. FLASHMOE_URING_PIECE=BYTES splits each expert's read
+ * into pieces of that size (a tuning knob; default: one read per expert). */
 #ifndef FM_STORE_EXPERT_STORE_H
 #define FM_STORE_EXPERT_STORE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "flashmoe.h"
@@ -14,7 +23,7 @@
 
 typedef struct fm_store_options {
     fm_io_engine engine;
-    int io_threads;       /* reader threads (0 = 4) */
+    int io_threads;       /* reader threads (0 = 4); not used by io_uring (no threads) */
     uint64_t cache_bytes; /* in-process RAM cache (0 = none: buffers for one request only) */
     int64_t fail_read_at; /* fault injection for tests: the N-th read (1-based) fails with EIO; 0 = never
                            * (set from the environment variable FLASHMOE_FAIL_READ_AT by fm_model_open) */
@@ -62,7 +71,14 @@ fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int laye
 /* Zeroes the counters. */
 void fm_store_reset_stats(fm_expert_store *s);
 
-/* The engine's name ("pread", "direct", "mmap"). */
+/* The engine the store reads with: the one asked for, or FM_IO_PREAD where io_uring was refused. */
+fm_io_engine fm_store_engine(const fm_expert_store *s);
+
+/* True when every expert file is read with O_DIRECT (direct engine; io_uring where the file
+ * system allows it). */
+bool fm_store_direct(const fm_expert_store *s);
+
+/* The engine's name ("pread", "direct", "mmap", "uring"). */
 const char *fm_io_engine_name(fm_io_engine e);
 
 /* Bytes the store keeps in memory (buffers and cache). */

@@ -16,6 +16,7 @@
 #include "util/progress.h"
 
 #define FM_MAX_CHUNK 512 /* tokens per prefill chunk: each expert is read at most once per chunk */
+#define FM_PREFETCH_EXPERTS 2 /* --prefetch: next-layer experts read speculatively (the top guesses) */
 
 struct fm_session {
     fm_model *m;
@@ -420,7 +421,8 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
         s->timing[l].guessed += (uint64_t)s->n_guess;
     }
     s->guess_layer = -1;
-    /* decode: guess layer l+1's experts from its router on this layer's input, start their reads */
+    /* decode: guess layer l+1's experts from its router on this layer's input (their reads start
+     * once this layer's request is made, below) */
     if (T == 1 && m->prefetch && l + 1 < c->n_layers) {
         float *g = s->guess_logits;
         fm_cpu_matmul(pool, g, xn, 1, &m->layers[l + 1].router);
@@ -435,7 +437,6 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
         }
         s->n_guess = k;
         s->guess_layer = l + 1;
-        fm_store_hint(m->store, l + 1, s->guess, (int)k);
     }
     double t_routed = fm_time_now();
     s->timing[l].route += t_routed - t_start;
@@ -463,6 +464,9 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     int cap = fm_store_capacity(m->store);
     fm_status st = n_uniq ? fm_store_request(m->store, l, uniq, n_uniq < cap ? n_uniq : cap) : FM_OK;
     if (st != FM_OK) return st;
+    /* speculative reads of the most likely next-layer experts, behind this layer's own: only as
+     * many as the disk can bring in while the next mixer runs (a wrong guess costs disk time) */
+    if (s->guess_layer == l + 1) fm_store_hint(m->store, l + 1, s->guess, (int)(k < FM_PREFETCH_EXPERTS ? k : FM_PREFETCH_EXPERTS));
 
     /* shared expert: out = sigmoid(xn . g_s) * down(silu(gate(xn)) * up(xn)) */
     if (c->n_ff_shared > 0) {

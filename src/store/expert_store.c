@@ -22,6 +22,7 @@ typedef struct slot {
     uint64_t last_use;  /* request counter when last used */
     uint32_t uses;      /* times requested while cached */
     uint64_t pinned_by; /* request number that uses it (not evictable during that request) */
+    bool speculative;   /* read by fm_store_hint and not requested since */
 } slot;
 
 typedef struct job { /* one read for the current request */
@@ -57,6 +58,7 @@ struct fm_expert_store {
 
     /* the current request */
     int req_layer, req_n;
+    int spec_n;             /* speculative jobs appended by fm_store_hint (done[] indices req_n..) */
     int max_request;        /* capacity, or n_experts when streaming (no cache: slots form a ring) */
     int released;           /* streaming: the consumer is done with requests [0, released) */
     int *req_slot;          /* [max_request] */
@@ -265,14 +267,23 @@ static void uring_enter(fm_expert_store *s, bool wait) {
     }
 }
 
-/* Sends every read that may start now: within the ring's depth, and when streaming only into
- * buffers the consumer has released and no earlier read still writes into. */
+/* True when every read of the request proper has finished (speculative ones may then start). */
+static bool real_reads_done(const fm_expert_store *s) {
+    for (int i = 0; i < s->req_n; i++)
+        if (s->done[i] == 0) return false;
+    return true;
+}
+
+/* Sends every read that may start now: within the ring's depth, when streaming only into buffers
+ * the consumer has released and no earlier read still writes into, and speculative reads only
+ * once the request's own reads are in. */
 static void uring_pump(fm_expert_store *s) {
     while (s->u_job < s->q_tail && s->u_in_flight < s->ring_depth && !s->ring_broken[0]) {
         int jn = s->u_job;
         const job *j = &s->queue[jn];
         if (s->u_piece == 0) { /* the job starts */
             if (streaming(s) && j->idx >= s->released + s->capacity) break;
+            if (j->idx >= s->req_n && !real_reads_done(s)) break; /* speculative reads go last */
             if (s->slot_owner[j->slot] >= 0) break;
             s->slot_owner[j->slot] = jn;
             s->job_left[jn] = job_pieces(s, jn);
@@ -658,38 +669,49 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
     s->request_no++;
     s->req_layer = layer;
     s->req_n = n;
+    s->spec_n = 0;
     s->stats[layer].requested += (uint64_t)n;
     int n_jobs = 0;
+    /* hits first, so that no miss evicts a block this request uses (a speculative one, say) */
     for (int i = 0; i < n; i++) {
         s->done[i] = 0;
+        s->req_slot[i] = -1;
+        int ix = s->index[(size_t)layer * (size_t)c->n_experts + (size_t)ids[i]];
+        if (!s->cache || s->opt.engine == FM_IO_MMAP || ix < 0) continue;
+        slot *h = &s->slots[ix];
+        if (h->speculative) s->stats[layer].spec_hits++;
+        else s->stats[layer].hits++;
+        h->speculative = false;
+        h->pinned_by = h->last_use = s->request_no;
+        h->uses++;
+        s->done[i] = 1;
+        s->req_slot[i] = ix;
+        s->req_ptr[i] = slot_mem(s, ix);
+    }
+    for (int i = 0; i < n; i++) {
         if (s->opt.engine == FM_IO_MMAP) {
             s->req_ptr[i] = (const uint8_t *)s->maps[layer] + (uint64_t)ids[i] * s->pm->experts[layer].stride;
             s->done[i] = 1;
             continue;
         }
+        if (s->req_slot[i] >= 0) continue; /* a hit */
         int *ix = &s->index[(size_t)layer * (size_t)c->n_experts + (size_t)ids[i]];
-        int sl;
-        if (s->cache && *ix >= 0) { /* hit */
-            sl = *ix;
-            s->done[i] = 1;
-            s->stats[layer].hits++;
-        } else {
-            sl = s->cache ? pick_victim(s) : i % s->capacity; /* no cache: a ring of staging slots */
-            if (sl < 0) { /* cannot happen (n <= capacity <= slots); the next request forgets these jobs */
-                s->req_n = 0;
-                pthread_mutex_lock(&s->mu);
-                s->q_tail = s->q_head = s->u_job = n_jobs; /* queued as taken: no reader starts them */
-                pthread_mutex_unlock(&s->mu);
-                return fm_error_set(FM_ERR_ARG, "expert store: no free buffer (capacity %d)", s->capacity);
-            }
-            slot *old = &s->slots[sl];
-            if (s->cache && old->layer >= 0) s->index[(size_t)old->layer * (size_t)c->n_experts + (size_t)old->expert] = -1;
-            old->layer = layer;
-            old->expert = ids[i];
-            old->uses = 0;
-            if (s->cache) *ix = sl;
-            s->queue[n_jobs++] = (job){.idx = i, .slot = sl, .layer = layer, .expert = ids[i]};
+        int sl = s->cache ? pick_victim(s) : i % s->capacity; /* no cache: a ring of staging slots */
+        if (sl < 0) { /* cannot happen (n <= capacity <= slots); the next request forgets these jobs */
+            s->req_n = 0;
+            pthread_mutex_lock(&s->mu);
+            s->q_tail = s->q_head = s->u_job = n_jobs; /* queued as taken: no reader starts them */
+            pthread_mutex_unlock(&s->mu);
+            return fm_error_set(FM_ERR_ARG, "expert store: no free buffer (capacity %d)", s->capacity);
         }
+        slot *old = &s->slots[sl];
+        if (s->cache && old->layer >= 0) s->index[(size_t)old->layer * (size_t)c->n_experts + (size_t)old->expert] = -1;
+        old->layer = layer;
+        old->expert = ids[i];
+        old->uses = 0;
+        old->speculative = false;
+        if (s->cache) *ix = sl;
+        s->queue[n_jobs++] = (job){.idx = i, .slot = sl, .layer = layer, .expert = ids[i]};
         s->slots[sl].pinned_by = s->request_no;
         s->slots[sl].last_use = s->request_no;
         s->slots[sl].uses++;
@@ -720,6 +742,7 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
             }
             s->stats[s->req_layer].wait_seconds += fm_time_now() - t0;
         }
+        if (s->spec_n) uring_pump(s); /* the request's reads may all be in now */
     } else {
         pthread_mutex_lock(&s->mu);
         if (i > s->released) { /* waiting for i: the consumer is done with every earlier one */
@@ -747,12 +770,42 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
 }
 
 void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n) {
-    if (s->opt.engine != FM_IO_PREAD || layer < 0 || layer >= s->n_layers) return;
+    const fm_config *c = &s->pm->config;
+    if (s->opt.engine == FM_IO_MMAP || layer < 0 || layer >= s->n_layers) return;
     uint64_t stride = s->pm->experts[layer].stride;
+    if (!s->cache) { /* no buffers to spare: ask the kernel (the page cache) instead */
+        if (s->opt.engine != FM_IO_PREAD) return;
+        for (int i = 0; i < n; i++)
+            if (ids[i] >= 0 && ids[i] < c->n_experts)
+                posix_fadvise(s->fds[layer], (off_t)((uint64_t)ids[i] * stride), (off_t)stride, POSIX_FADV_WILLNEED);
+        return;
+    }
+    /* speculative reads into cache slots, queued behind the current request's reads */
+    int added = 0;
+    bool threads = s->opt.engine != FM_IO_URING;
+    if (threads) pthread_mutex_lock(&s->mu);
     for (int i = 0; i < n; i++) {
-        if (ids[i] < 0 || ids[i] >= s->pm->config.n_experts) continue;
-        if (s->cache && s->index[(size_t)layer * (size_t)s->pm->config.n_experts + (size_t)ids[i]] >= 0) continue;
-        posix_fadvise(s->fds[layer], (off_t)((uint64_t)ids[i] * stride), (off_t)stride, POSIX_FADV_WILLNEED);
+        if (ids[i] < 0 || ids[i] >= c->n_experts) continue;
+        int *ix = &s->index[(size_t)layer * (size_t)c->n_experts + (size_t)ids[i]];
+        if (*ix >= 0 || s->req_n + s->spec_n >= s->max_request || s->q_tail >= s->max_request) continue;
+        int sl = pick_victim(s);
+        if (sl < 0) break;
+        slot *v = &s->slots[sl];
+        if (v->layer >= 0) s->index[(size_t)v->layer * (size_t)c->n_experts + (size_t)v->expert] = -1;
+        *v = (slot){.layer = layer, .expert = ids[i], .last_use = s->request_no, .pinned_by = s->request_no,
+                    .speculative = true};
+        *ix = sl;
+        int idx = s->req_n + s->spec_n++;
+        s->done[idx] = 0;
+        s->queue[s->q_tail++] = (job){.idx = idx, .slot = sl, .layer = layer, .expert = ids[i]};
+        s->stats[layer].spec_reads++;
+        added++;
+    }
+    if (threads) {
+        if (added) pthread_cond_broadcast(&s->work);
+        pthread_mutex_unlock(&s->mu);
+    } else if (added) {
+        uring_pump(s);
     }
 }
 

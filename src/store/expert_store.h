@@ -31,7 +31,9 @@ typedef struct fm_store_options {
 
 typedef struct fm_store_layer_stats {
     uint64_t requested; /* experts asked for */
-    uint64_t hits;      /* served from the RAM cache */
+    uint64_t hits;      /* served from the RAM cache (not counting speculative reads) */
+    uint64_t spec_reads; /* speculative reads started by fm_store_hint */
+    uint64_t spec_hits;  /* requested experts that a speculative read had brought in */
     uint64_t bytes_read;
     double read_seconds; /* summed over reads (reads run in parallel: can exceed wall time) */
     double wait_seconds; /* time the model's thread waited for bytes */
@@ -61,8 +63,13 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
  * or an id out of range fails with a message naming the layer, the expert and the file. */
 fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
 
-/* A hint that experts ids[0..n) of `layer` will be requested soon: the pread engine asks the kernel
- * to start reading them into the page cache (posix_fadvise WILLNEED); other engines ignore it. */
+/* A hint, given after fm_store_request, that experts ids[0..n) of `layer` are likely to be
+ * requested next. With a RAM cache (and the pread, direct or uring engine) their reads start at
+ * once into cache slots, queued behind the current request's own reads: the next request finds
+ * them as hits (counted as spec_hits), waits for one still being read, and drops those not yet
+ * started. Without a cache the pread engine asks the kernel to read them into the page cache
+ * (posix_fadvise WILLNEED); other engines ignore it. ids beyond the room of one request are
+ * ignored. */
 void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n);
 
 /* Counters of one layer since open (or the last reset). */

@@ -10,6 +10,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <liburing.h>
+
 #include "backend/cpu/membw.h"
 #include "cli/cli.h"
 #include "flashmoe.h"
@@ -28,11 +30,15 @@ static void help(void) {
            "  --prompt N            prefill tokens (default 64)\n"
            "  --gen N               decode tokens (default 16)\n"
            "  --cold                drop the expert files from the page cache before decoding\n"
-           "  --io-bench            measure the read engines alone (threads x engine), then stop\n"
-           "  --json                one JSON object on stdout\n" FM_CLI_MODEL_HELP
+           "  --io-bench            measure the read engines alone (pread/direct: 1..16 threads; uring:\n"
+           "                        queue depth 1..16) against the disk's sequential O_DIRECT rate, then stop\n"
+           "  --engines[=LIST]      run the whole measurement once per read engine in this process and\n"
+           "                        print one row each (LIST: comma-separated, default pread,direct,uring)\n"
+           "  --json                one JSON object on stdout (--engines: an array, one object per engine)\n" FM_CLI_MODEL_HELP
            "\nexample:\n"
            "  flashmoe synth --preset qwen3.5-397b-a17b --layers 8 /data/slice\n"
-           "  flashmoe bench -m /data/slice --gen 8 --mem-budget 16G --cold\n");
+           "  flashmoe bench -m /data/slice --gen 8 --mem-budget 16G --cold\n"
+           "  flashmoe bench -m /data/slice --gen 8 --mem-budget 8G --cold --engines\n");
 }
 
 /* Bytes this process has made the storage layer fetch (/proc/self/io read_bytes). */
@@ -69,7 +75,24 @@ static void drop_expert_pages(const fm_packed_model *pm) {
     }
 }
 
+/* Resets this process's peak RSS (VmHWM), so each engine's run reports its own. */
+static void reset_peak_rss(void) {
+    int fd = open("/proc/self/clear_refs", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    if (write(fd, "5", 1) < 0) { /* older kernels: the peak stays the process's */
+    }
+    close(fd);
+}
+
 /* ---- disk floor: expert-sized random reads ---- */
+
+/* The i-th random expert read of a probe: layer and expert. */
+static void probe_pick(const fm_packed_model *pm, uint64_t seed, int i, int *layer, uint64_t *expert) {
+    uint64_t h = (seed + (uint64_t)i) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 29;
+    *layer = (int)(h % (uint64_t)pm->config.n_layers);
+    *expert = (h >> 17) % (uint64_t)pm->config.n_experts;
+}
 
 typedef struct disk_job {
     const fm_packed_model *pm;
@@ -95,10 +118,10 @@ static void *disk_reader(void *arg) {
         int i = j->next++;
         pthread_mutex_unlock(&j->mu);
         if (i >= j->n_reads || !fds) break;
-        uint64_t h = (j->seed + (uint64_t)i) * 0x9E3779B97F4A7C15ull;
-        h ^= h >> 29;
-        int l = (int)(h % (uint64_t)pm->config.n_layers);
-        uint64_t e = (h >> 17) % (uint64_t)pm->config.n_experts, stride = pm->experts[l].stride;
+        int l;
+        uint64_t e;
+        probe_pick(pm, j->seed, i, &l, &e);
+        uint64_t stride = pm->experts[l].stride;
         ssize_t r = fds[l] >= 0 ? pread(fds[l], buf, stride, (off_t)(e * stride)) : -1;
         pthread_mutex_lock(&j->mu);
         if (r == (ssize_t)stride) j->bytes += stride;
@@ -130,9 +153,155 @@ static double disk_rate(const fm_packed_model *pm, int threads, int direct, int 
     return (double)j.bytes / dt / 1e9;
 }
 
+/* GB/s of the same random expert reads through one io_uring with `depth` experts in flight, each
+ * read whole (piece 0) or in pieces of `piece` bytes; O_DIRECT unless !direct (page cache dropped
+ * first). 0 if a read fails; -1 (reason in why) if io_uring is refused here. */
+static double uring_rate(const fm_packed_model *pm, int depth, int direct, uint64_t piece, int n_reads, uint64_t seed,
+                         char *why, size_t whycap) {
+    if (!direct) drop_expert_pages(pm);
+    uint64_t max_stride = pm->max_expert_stride;
+    if (!piece || piece > max_stride) piece = max_stride;
+    unsigned ppe = (unsigned)((max_stride + piece - 1) / piece), entries = 8;
+    while (entries < (unsigned)depth * ppe && entries < 4096) entries *= 2;
+    struct io_uring ring;
+    int r = io_uring_queue_init(entries, &ring, 0);
+    if (r < 0) {
+        snprintf(why, whycap, "io_uring_queue_init: %s", strerror(-r));
+        return -1;
+    }
+    int nl = pm->config.n_layers;
+    int *fds = calloc((size_t)nl, sizeof(int)), *left = calloc((size_t)depth, sizeof(int)), *free_slots = calloc((size_t)depth, sizeof(int));
+    uint8_t *buf = NULL;
+    double rate = 0;
+    int n_free = depth, issued = 0, in_flight = 0, failed = 0;
+    uint64_t bytes = 0;
+    for (int l = 0; fds && l < nl; l++) fds[l] = -1;
+    if (!fds || !left || !free_slots || posix_memalign((void **)&buf, 4096, (size_t)depth * max_stride) != 0) goto out;
+    for (int l = 0; l < nl; l++) fds[l] = open(pm->experts[l].file, O_RDONLY | O_CLOEXEC | (direct ? O_DIRECT : 0));
+    for (int l = 0; l < nl; l++)
+        if (fds[l] < 0) goto out;
+    for (int i = 0; i < depth; i++) free_slots[i] = i;
+    double t0 = fm_time_now();
+    while ((issued < n_reads || in_flight > 0) && !failed) {
+        while (issued < n_reads && n_free > 0) {
+            int sl = free_slots[--n_free], l;
+            uint64_t e;
+            probe_pick(pm, seed, issued++, &l, &e);
+            uint64_t stride = pm->experts[l].stride;
+            left[sl] = 0;
+            for (uint64_t at = 0; at < stride; at += piece) {
+                uint64_t len = stride - at < piece ? stride - at : piece;
+                struct io_uring_sqe *sqe = io_uring_get_sqe(&ring);
+                if (!sqe) {
+                    io_uring_submit(&ring);
+                    sqe = io_uring_get_sqe(&ring);
+                }
+                if (!sqe) {
+                    failed = 1;
+                    break;
+                }
+                io_uring_prep_read(sqe, fds[l], buf + (size_t)sl * max_stride + at, (unsigned)len, e * stride + at);
+                io_uring_sqe_set_data64(sqe, (uint64_t)sl << 32 | len);
+                left[sl]++;
+                in_flight++;
+            }
+        }
+        struct io_uring_cqe *cqe;
+        r = io_uring_submit_and_wait(&ring, 1);
+        if (r < 0 && r != -EINTR) failed = 1;
+        while (in_flight > 0 && io_uring_peek_cqe(&ring, &cqe) == 0) {
+            uint64_t d = io_uring_cqe_get_data64(cqe);
+            int sl = (int)(d >> 32);
+            if (cqe->res != (int)(uint32_t)d) failed = 1; /* whole pieces only: a short read is a failure here */
+            else bytes += (uint64_t)cqe->res;
+            io_uring_cqe_seen(&ring, cqe);
+            in_flight--;
+            if (--left[sl] == 0) free_slots[n_free++] = sl;
+        }
+    }
+    while (in_flight > 0) { /* after a failure: nothing may land in freed buffers */
+        struct io_uring_cqe *cqe;
+        if (io_uring_wait_cqe(&ring, &cqe) < 0) break;
+        io_uring_cqe_seen(&ring, cqe);
+        in_flight--;
+    }
+    double dt = fm_time_now() - t0;
+    if (!failed && bytes) rate = (double)bytes / dt / 1e9;
+out:
+    io_uring_queue_exit(&ring);
+    for (int l = 0; fds && l < nl; l++)
+        if (fds[l] >= 0) close(fds[l]);
+    free(fds);
+    free(left);
+    free(free_slots);
+    free(buf);
+    return rate;
+}
+
+/* The disk's sequential rate as `dd iflag=direct bs=8M` measures it: 8 MiB O_DIRECT reads through
+ * the layer files one after another, `total` bytes at most, one thread. 0 if refused. */
+static double sequential_rate(const fm_packed_model *pm, uint64_t total) {
+    const size_t bs = 8u << 20;
+    uint8_t *buf = NULL;
+    if (posix_memalign((void **)&buf, 4096, bs) != 0) return 0;
+    uint64_t bytes = 0;
+    double t0 = fm_time_now();
+    for (int l = 0; l < pm->config.n_layers && bytes < total; l++) {
+        int fd = open(pm->experts[l].file, O_RDONLY | O_CLOEXEC | O_DIRECT);
+        if (fd < 0) break;
+        for (off_t off = 0; bytes < total; off += (off_t)bs) {
+            ssize_t r = pread(fd, buf, bs, off);
+            if (r <= 0) break;
+            bytes += (uint64_t)r;
+        }
+        close(fd);
+    }
+    double dt = fm_time_now() - t0;
+    free(buf);
+    return bytes ? (double)bytes / dt / 1e9 : 0;
+}
+
+/* --io-bench: each engine x threads (or queue depth) against the sequential rate. */
+static void io_bench(const fm_packed_model *pm, int n_probe, bool json) {
+    double seq = sequential_rate(pm, 2ull << 30);
+    static const struct {
+        const char *name;
+        int kind; /* 0 pread threads, 1 uring */
+        int direct;
+        uint64_t piece;
+        const char *what;
+    } rows[] = {{"pread", 0, 0, 0, "threads, page cache"},
+                {"direct", 0, 1, 0, "threads, O_DIRECT"},
+                {"uring", 1, 1, 0, "queue depth, O_DIRECT, one read per expert"},
+                {"uring-1M", 1, 1, 1 << 20, "queue depth (experts), O_DIRECT, 1 MiB pieces"},
+                {"uring-buf", 1, 0, 0, "queue depth, page cache, one read per expert"}};
+    if (json) printf("[{\"engine\": \"sequential\", \"depth\": 1, \"gbs\": %.3f, \"ratio\": 1.0}", seq);
+    else {
+        printf("sequential O_DIRECT 8 MiB reads (dd iflag=direct): %.2f GB/s\n", seq);
+        printf("%-10s %6s %8s %8s  %s\n", "engine", "depth", "GB/s", "/ seq", "(depth: threads or experts in flight)");
+    }
+    for (size_t k = 0; k < sizeof rows / sizeof *rows; k++)
+        for (int d = 1; d <= 16; d *= 2) {
+            char why[128] = "";
+            unsigned seed = 1000u + (unsigned)d * 7 + (unsigned)rows[k].direct;
+            double r = rows[k].kind == 0 ? disk_rate(pm, d, rows[k].direct, n_probe, seed)
+                                         : uring_rate(pm, d, rows[k].direct, rows[k].piece, n_probe, seed, why, sizeof why);
+            if (json) {
+                printf(",\n {\"engine\": \"%s\", \"depth\": %d, \"gbs\": %.3f, \"ratio\": %.4f}", rows[k].name, d,
+                       r < 0 ? 0 : r, seq > 0 && r > 0 ? r / seq : 0);
+            } else if (r < 0) {
+                printf("%-10s %6d %8s %8s  %s\n", rows[k].name, d, "-", "-", why);
+            } else {
+                printf("%-10s %6d %8.2f %8.2f  %s\n", rows[k].name, d, r, seq > 0 ? r / seq : 0, d == 1 ? rows[k].what : "");
+            }
+            fflush(stdout);
+        }
+    if (json) printf("]\n");
+}
+
 /* ---- the benchmark ---- */
 
-enum { OPT_PROMPT = 256, OPT_GEN, OPT_COLD, OPT_IO_ONLY, OPT_JSON };
+enum { OPT_PROMPT = 256, OPT_GEN, OPT_COLD, OPT_IO_ONLY, OPT_JSON, OPT_ENGINES };
 
 static int32_t argmax(const float *x, int64_t n) {
     int64_t b = 0;
@@ -141,15 +310,218 @@ static int32_t argmax(const float *x, int64_t n) {
     return (int32_t)b;
 }
 
+/* What one measurement (prefill, then decode) of one opened model found. */
+typedef struct bench_run {
+    fm_io_engine asked, engine; /* the engine asked for, the one the store reads with */
+    bool direct;
+    uint64_t store_mem, rss;
+    double prefill_s, decode_s, head_s;
+    uint64_t prefill_reads, prefill_max_layer_reads;
+    double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
+    double mixer, route, shared, wait, compute; /* decode seconds summed over tokens and layers */
+    uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes;
+    /* from the floors */
+    double layer_ms, floor_ms, floor_disk_ms, floor_ram_ms;
+} bench_run;
+
+typedef struct bench_setup {
+    const char *model;
+    int64_t n_prompt, n_gen;
+    bool cold;
+    int io_threads;
+    double disk_gbs, ram_gbs;
+    uint64_t touched_token; /* bytes a decode token touches: dense layer weights + top-k experts */
+} bench_setup;
+
+/* Prefill n_prompt tokens, then decode n_gen greedily, on the opened model; fills r. */
+static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
+    const fm_config *cf = &m->cfg;
+    const fm_packed_model *pm = m->packed;
+    int64_t V = cf->n_vocab;
+    int rc = FM_EXIT_OK;
+    fm_session *s = NULL;
+    float *logits = malloc(sizeof(float) * (size_t)V);
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)b->n_prompt);
+    if (!logits || !ids || fm_session_init(m, b->n_prompt + b->n_gen, &s) != FM_OK) {
+        rc = logits && ids ? fm_cli_fail("bench") : FM_EXIT_FAIL;
+        goto done;
+    }
+    r->engine = fm_store_engine(m->store);
+    r->direct = fm_store_direct(m->store);
+    r->store_mem = fm_store_memory_bytes(m->store);
+    for (int64_t i = 0; i < b->n_prompt; i++) ids[i] = (int32_t)((i * 2654435761u + 17) % (uint64_t)V);
+
+    /* prefill */
+    fm_store_reset_stats(m->store);
+    double t0 = fm_time_now();
+    if (fm_session_eval(s, ids, b->n_prompt, logits, false) != FM_OK) {
+        rc = fm_cli_fail("bench");
+        goto done;
+    }
+    r->prefill_s = fm_time_now() - t0;
+    for (int l = 0; l < cf->n_layers; l++) {
+        uint64_t n = fm_store_layer_stats_get(m->store, l).requested;
+        r->prefill_reads += n;
+        if (n > r->prefill_max_layer_reads) r->prefill_max_layer_reads = n;
+        const fm_layer_timing *lt = fm_session_layer_timing(s, l); /* where the prefill's time went */
+        r->pf[0] += lt->mixer, r->pf[1] += lt->route, r->pf[2] += lt->shared, r->pf[3] += lt->expert_wait,
+            r->pf[4] += lt->expert_compute;
+    }
+
+    /* decode */
+    if (b->cold) drop_expert_pages(pm);
+    fm_store_reset_stats(m->store);
+    fm_session_reset_timing(s);
+    uint64_t disk0 = storage_read_bytes();
+    int32_t next = argmax(logits, V);
+    t0 = fm_time_now();
+    for (int64_t i = 0; i < b->n_gen; i++) {
+        if (fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
+            rc = fm_cli_fail("bench");
+            goto done;
+        }
+        next = argmax(logits, V);
+    }
+    r->decode_s = fm_time_now() - t0;
+    r->disk_bytes = storage_read_bytes() - disk0;
+    r->rss = peak_rss(); /* before the RAM probe's 1 GiB buffer */
+    r->head_s = fm_session_head_seconds(s);
+    for (int l = 0; l < cf->n_layers; l++) {
+        const fm_layer_timing *lt = fm_session_layer_timing(s, l);
+        r->mixer += lt->mixer;
+        r->route += lt->route;
+        r->shared += lt->shared;
+        r->wait += lt->expert_wait;
+        r->compute += lt->expert_compute;
+        r->guessed += lt->guessed;
+        r->guessed_right += lt->guessed_right;
+        fm_store_layer_stats st = fm_store_layer_stats_get(m->store, l);
+        r->store_bytes += st.bytes_read;
+        r->requested += st.requested;
+        r->hits += st.hits;
+    }
+done:
+    fm_session_free(s);
+    free(logits);
+    free(ids);
+    return rc;
+}
+
+/* ms per layer and token, and the floor: max(disk bytes / disk rate, bytes touched / RAM rate). */
+static void apply_floors(const bench_setup *b, int n_layers, bench_run *r) {
+    double per = 1e3 / (double)b->n_gen / n_layers; /* seconds summed over tokens and layers -> ms per layer */
+    r->layer_ms = (r->mixer + r->route + r->shared + r->wait + r->compute) * per;
+    double touched_layer = (double)b->touched_token / n_layers, missed_layer = (double)r->disk_bytes / (double)b->n_gen / n_layers;
+    r->floor_ram_ms = touched_layer / (b->ram_gbs * 1e9) * 1e3;
+    r->floor_disk_ms = missed_layer / (b->disk_gbs * 1e9) * 1e3;
+    r->floor_ms = r->floor_ram_ms > r->floor_disk_ms ? r->floor_ram_ms : r->floor_disk_ms;
+}
+
+static void print_json(const bench_setup *b, const fm_model *m, const fm_model_params *p, const bench_run *r) {
+    const fm_config *cf = &m->cfg;
+    double per = 1e3 / (double)b->n_gen / cf->n_layers;
+    printf("{\"model\": \"%s\", \"layers\": %d, \"io\": \"%s\", \"threads\": %d, \"prompt\": %lld, \"gen\": %lld, "
+           "\"decode_tok_s\": %.4f, \"prefill_tok_s\": %.4f, \"layer_ms\": %.4f, \"floor_ms\": %.4f, "
+           "\"floor_ratio\": %.4f, \"floor_disk_ms\": %.4f, \"floor_ram_ms\": %.4f, \"disk_gbs\": %.3f, "
+           "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, "
+           "\"mixer_ms\": %.4f, \"route_ms\": %.4f, \"shared_ms\": %.4f, \"wait_ms\": %.4f, \"expert_ms\": %.4f, "
+           "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
+           "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
+           "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
+           "\"io_direct\": %s}",
+           b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
+           (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
+           r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->ram_gbs,
+           (unsigned long long)r->store_bytes, (unsigned long long)r->disk_bytes,
+           r->requested ? (double)r->hits / (double)r->requested : 0.0, r->mixer * per, r->route * per, r->shared * per,
+           r->wait * per, r->compute * per, r->head_s * 1e3 / (double)b->n_gen, (unsigned long long)r->prefill_reads,
+           (unsigned long long)r->prefill_max_layer_reads, (unsigned long long)r->rss, (unsigned long long)p->mem_budget,
+           r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
+           fm_io_engine_name(r->asked), r->direct ? "true" : "false");
+}
+
+/* "uring, O_DIRECT, a layer's reads at once" / "pread, 4 reader threads" */
+static const char *engine_line(const bench_setup *b, const bench_run *r, char *buf, size_t cap) {
+    const char *name = fm_io_engine_name(r->engine);
+    if (r->engine == FM_IO_URING)
+        snprintf(buf, cap, "uring (%s), a request's reads sent at once", r->direct ? "O_DIRECT" : "buffered: O_DIRECT refused");
+    else if (r->engine == FM_IO_MMAP)
+        snprintf(buf, cap, "mmap");
+    else
+        snprintf(buf, cap, "%s, %d reader threads", name, b->io_threads);
+    if (r->engine != r->asked) {
+        size_t n = strlen(buf);
+        snprintf(buf + n, cap - n, " (asked for %s: refused here)", fm_io_engine_name(r->asked));
+    }
+    return buf;
+}
+
+static void print_text(const bench_setup *b, const fm_model *m, const fm_model_params *p, const bench_run *r) {
+    const fm_config *cf = &m->cfg;
+    double per = 1e3 / (double)b->n_gen / cf->n_layers;
+    const double *pf = r->pf;
+    char b1[32], b2[32], b3[32], line[160];
+    printf("model        %s (%d layers, %d experts per token)\n", b->model, cf->n_layers, m->n_experts_used);
+    printf("io           %s, expert buffers+cache %s; %d compute threads\n", engine_line(b, r, line, sizeof line),
+           fm_human_bytes((double)r->store_mem, b1, sizeof b1), fm_pool_size(m->pool));
+    printf("floors       disk %.2f GB/s (random expert reads, O_DIRECT), RAM %.2f GB/s\n", b->disk_gbs, b->ram_gbs);
+    printf("prefill      %lld tokens in %.2f s: %.2f tok/s; %llu expert reads over %d layers (at most %llu in one layer)\n",
+           (long long)b->n_prompt, r->prefill_s, (double)b->n_prompt / r->prefill_s, (unsigned long long)r->prefill_reads,
+           cf->n_layers, (unsigned long long)r->prefill_max_layer_reads);
+    printf("prefill time %.2f s = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f"
+           " (+ %.2f embedding and lm_head)\n", pf[0] + pf[1] + pf[2] + pf[3] + pf[4], pf[0], pf[1], pf[2], pf[3], pf[4],
+           r->prefill_s - (pf[0] + pf[1] + pf[2] + pf[3] + pf[4]));
+    printf("decode       %lld tokens in %.2f s: %.3f tok/s%s\n", (long long)b->n_gen, r->decode_s,
+           (double)b->n_gen / r->decode_s, b->cold ? " (expert pages dropped first)" : "");
+    printf("per layer    %.2f ms = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f\n",
+           r->layer_ms, r->mixer * per, r->route * per, r->shared * per, r->wait * per, r->compute * per);
+    printf("lm_head      %.2f ms per token\n", r->head_s * 1e3 / (double)b->n_gen);
+    printf("bytes        %s from expert files (%s from the disk), hit rate %.1f%%, %s touched per token\n",
+           fm_human_bytes((double)r->store_bytes, b1, sizeof b1), fm_human_bytes((double)r->disk_bytes, b2, sizeof b2),
+           r->requested ? 100.0 * (double)r->hits / (double)r->requested : 0.0,
+           fm_human_bytes((double)b->touched_token, b3, sizeof b3));
+    printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", r->floor_ms, r->floor_disk_ms,
+           r->floor_ram_ms, r->layer_ms / r->floor_ms);
+    if (r->guessed)
+        printf("prefetch     %.1f%% of the guessed next-layer experts were used\n",
+               100.0 * (double)r->guessed_right / (double)r->guessed);
+    printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)r->rss, b1, sizeof b1),
+           p->mem_budget ? " within a budget of " : "", p->mem_budget ? fm_human_bytes((double)p->mem_budget, b2, sizeof b2) : "");
+}
+
+/* Parses "pread,direct,uring" into engines[]; returns the count, 0 on a bad name. */
+static int parse_engines(const char *list, fm_io_engine *engines, int cap) {
+    static const fm_io_engine all[] = {FM_IO_PREAD, FM_IO_DIRECT, FM_IO_URING, FM_IO_MMAP};
+    int n = 0;
+    const char *at = list;
+    while (*at) {
+        size_t len = strcspn(at, ",");
+        bool found = false;
+        for (size_t k = 0; k < sizeof all / sizeof *all; k++) {
+            const char *name = fm_io_engine_name(all[k]);
+            if (strlen(name) == len && !strncmp(at, name, len) && n < cap) {
+                engines[n++] = all[k];
+                found = true;
+            }
+        }
+        if (!found) return 0;
+        at += len;
+        if (*at == ',') at++;
+    }
+    return n;
+}
+
 int fm_cli_bench(int argc, char **argv) {
-    static const struct option opts[] = {{"model", required_argument, 0, 'm'}, {"prompt", required_argument, 0, OPT_PROMPT},
-                                         {"gen", required_argument, 0, OPT_GEN},    {"cold", no_argument, 0, OPT_COLD},
-                                         {"io-bench", no_argument, 0, OPT_IO_ONLY}, {"json", no_argument, 0, OPT_JSON},
-                                         FM_CLI_MODEL_OPTIONS,                      {"help", no_argument, 0, 'h'},
-                                         {0, 0, 0, 0}};
+    static const struct option opts[] = {{"model", required_argument, 0, 'm'},   {"prompt", required_argument, 0, OPT_PROMPT},
+                                         {"gen", required_argument, 0, OPT_GEN},      {"cold", no_argument, 0, OPT_COLD},
+                                         {"io-bench", no_argument, 0, OPT_IO_ONLY},   {"json", no_argument, 0, OPT_JSON},
+                                         {"engines", optional_argument, 0, OPT_ENGINES}, FM_CLI_MODEL_OPTIONS,
+                                         {"help", no_argument, 0, 'h'},               {0, 0, 0, 0}};
     const char *model = NULL;
     int64_t n_prompt = 64, n_gen = 16;
     bool cold = false, json = false, io_only = false;
+    fm_io_engine engines[8];
+    int n_engines = 0; /* 0: one run with --io's engine */
     fm_model_params p = fm_model_default_params();
     int c;
     optind = 1;
@@ -168,168 +540,108 @@ int fm_cli_bench(int argc, char **argv) {
         case OPT_COLD: cold = true; break;
         case OPT_IO_ONLY: io_only = true; break;
         case OPT_JSON: json = true; break;
+        case OPT_ENGINES:
+            n_engines = parse_engines(optarg ? optarg : "pread,direct,uring", engines, 8);
+            if (!n_engines)
+                return fm_cli_usage_error("bench", "--engines takes a comma-separated list of pread, direct, uring, mmap");
+            break;
         case 'h': help(); return FM_EXIT_OK;
         default: return fm_cli_usage_error("bench", "bad option");
         }
     }
     if (!model) return fm_cli_usage_error("bench", "-m MODEL is required");
     if (optind != argc) return fm_cli_usage_error("bench", "unexpected argument \"%s\"", argv[optind]);
+    if (n_engines) p.io_engine = engines[0];
     fm_model *m = NULL;
-    fm_session *s = NULL;
-    float *logits = NULL;
-    int32_t *ids = NULL;
     int rc = FM_EXIT_OK;
+    bench_run runs[8];
+    memset(runs, 0, sizeof runs);
     if (fm_model_open(model, &p, &m) != FM_OK) return fm_cli_fail("bench");
     const fm_config *cf = &m->cfg;
     const fm_packed_model *pm = m->packed;
-    int io_threads = p.io_threads ? p.io_threads : 4;
+    bench_setup b = {.model = model, .n_prompt = n_prompt, .n_gen = n_gen, .cold = cold,
+                     .io_threads = p.io_threads ? p.io_threads : 4};
     int n_probe = (int)(2e9 / (double)pm->max_expert_stride); /* ~2 GB of reads, 16..512 of them */
     if (n_probe < 16) n_probe = 16;
     if (n_probe > 512) n_probe = 512;
 
     if (io_only) {
-        printf("%-8s %8s %10s\n", "engine", "threads", "GB/s");
-        for (int direct = 0; direct < 2; direct++)
-            for (int th = 1; th <= 16; th *= 2) {
-                double r = disk_rate(pm, th, direct, n_probe, 1000u + (unsigned)th * 7 + (unsigned)direct);
-                printf("%-8s %8d %10.2f\n", direct ? "direct" : "pread", th, r);
-            }
+        io_bench(pm, n_probe, json);
         goto done;
     }
 
     if (!json) fprintf(stderr, "bench: measuring the floors (disk: %d random expert reads; RAM: 1 GiB)...\n", n_probe);
-    double disk_gbs = disk_rate(pm, io_threads, 1, n_probe, 12345);
-    if (disk_gbs == 0) disk_gbs = disk_rate(pm, io_threads, 0, n_probe, 12345); /* no O_DIRECT here */
-
-    int64_t V = cf->n_vocab;
-    logits = malloc(sizeof(float) * (size_t)V);
-    ids = malloc(sizeof(int32_t) * (size_t)n_prompt);
-    if (!logits || !ids || fm_session_init(m, n_prompt + n_gen, &s) != FM_OK) {
-        rc = logits && ids ? fm_cli_fail("bench") : FM_EXIT_FAIL;
-        goto done;
-    }
-    for (int64_t i = 0; i < n_prompt; i++) ids[i] = (int32_t)((i * 2654435761u + 17) % (uint64_t)V);
-
-    /* prefill */
-    fm_store_reset_stats(m->store);
-    double t0 = fm_time_now();
-    if (fm_session_eval(s, ids, n_prompt, logits, false) != FM_OK) {
-        rc = fm_cli_fail("bench");
-        goto done;
-    }
-    double prefill_s = fm_time_now() - t0;
-    uint64_t prefill_reads = 0, prefill_max_layer_reads = 0;
-    for (int l = 0; l < cf->n_layers; l++) {
-        uint64_t r = fm_store_layer_stats_get(m->store, l).requested;
-        prefill_reads += r;
-        if (r > prefill_max_layer_reads) prefill_max_layer_reads = r;
-    }
-
-    /* where the prefill's time went, summed over its layers (seconds) */
-    double pf[5] = {0};
-    for (int l = 0; l < cf->n_layers; l++) {
-        const fm_layer_timing *lt = fm_session_layer_timing(s, l);
-        pf[0] += lt->mixer, pf[1] += lt->route, pf[2] += lt->shared, pf[3] += lt->expert_wait, pf[4] += lt->expert_compute;
-    }
-
-    /* decode */
-    if (cold) drop_expert_pages(pm);
-    fm_store_reset_stats(m->store);
-    fm_session_reset_timing(s);
-    uint64_t disk0 = storage_read_bytes();
-    int32_t next = argmax(logits, V);
-    t0 = fm_time_now();
-    for (int64_t i = 0; i < n_gen; i++) {
-        if (fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
-            rc = fm_cli_fail("bench");
-            goto done;
-        }
-        next = argmax(logits, V);
-    }
-    double decode_s = fm_time_now() - t0;
-    uint64_t disk_bytes = storage_read_bytes() - disk0;
-    uint64_t rss = peak_rss(); /* before the RAM probe's 1 GiB buffer */
-    double ram_gbs = fm_ram_read_gbs(m->pool, (size_t)1 << 30, 3);
-
-    /* where the time went, per layer and token */
-    double mixer = 0, route = 0, shared = 0, wait = 0, compute = 0;
-    uint64_t store_bytes = 0, requested = 0, hits = 0, guessed = 0, guessed_right = 0;
-    for (int l = 0; l < cf->n_layers; l++) {
-        const fm_layer_timing *lt = fm_session_layer_timing(s, l);
-        mixer += lt->mixer;
-        route += lt->route;
-        shared += lt->shared;
-        wait += lt->expert_wait;
-        compute += lt->expert_compute;
-        guessed += lt->guessed;
-        guessed_right += lt->guessed_right;
-        fm_store_layer_stats st = fm_store_layer_stats_get(m->store, l);
-        store_bytes += st.bytes_read;
-        requested += st.requested;
-        hits += st.hits;
-    }
-    double per = 1e3 / (double)n_gen / cf->n_layers; /* seconds summed over tokens and layers -> ms per layer */
-    double layer_ms = (mixer + route + shared + wait + compute) * per;
+    b.disk_gbs = disk_rate(pm, b.io_threads, 1, n_probe, 12345);
+    if (b.disk_gbs == 0) b.disk_gbs = disk_rate(pm, b.io_threads, 0, n_probe, 12345); /* no O_DIRECT here */
     uint64_t expert_bytes_token = 0, embed_bytes = 0;
     for (int l = 0; l < cf->n_layers; l++) expert_bytes_token += pm->experts[l].stride * (uint64_t)m->n_experts_used;
     const fm_packed_tensor *emb = fm_packed_find(pm, "embed_tokens"), *head = fm_packed_find(pm, "lm_head");
     if (emb) embed_bytes = emb->n_bytes;
-    uint64_t layer_dense = m->dense_bytes - embed_bytes - (head ? head->n_bytes : 0);
-    double touched_layer = (double)(layer_dense + expert_bytes_token) / cf->n_layers; /* bytes per layer per token */
-    double missed_layer = (double)disk_bytes / (double)n_gen / cf->n_layers;
-    double floor_ram_ms = touched_layer / (ram_gbs * 1e9) * 1e3, floor_disk_ms = missed_layer / (disk_gbs * 1e9) * 1e3;
-    double floor_ms = floor_ram_ms > floor_disk_ms ? floor_ram_ms : floor_disk_ms;
-    double hit_rate = requested ? (double)hits / (double)requested : 0;
-    double decode_tok_s = (double)n_gen / decode_s, prefill_tok_s = (double)n_prompt / prefill_s;
+    b.touched_token = m->dense_bytes - embed_bytes - (head ? head->n_bytes : 0) + expert_bytes_token;
 
+    if (!n_engines) {
+        runs[0].asked = p.io_engine;
+        if ((rc = measure(m, &b, &runs[0])) != FM_EXIT_OK) goto done;
+        b.ram_gbs = fm_ram_read_gbs(m->pool, (size_t)1 << 30, 3);
+        apply_floors(&b, cf->n_layers, &runs[0]);
+        if (json) {
+            print_json(&b, m, &p, &runs[0]);
+            printf("\n");
+        } else {
+            print_text(&b, m, &p, &runs[0]);
+        }
+        goto done;
+    }
+
+    /* --engines: the same measurement per engine, each on a freshly opened model (empty cache,
+     * expert pages dropped first); the floors are measured once and shared by the rows */
+    for (int k = 0; k < n_engines; k++) {
+        if (k > 0) {
+            fm_model_free(m);
+            m = NULL;
+            p.io_engine = engines[k];
+            if (fm_model_open(model, &p, &m) != FM_OK) {
+                rc = fm_cli_fail("bench");
+                goto done;
+            }
+            cf = &m->cfg;
+            pm = m->packed;
+        }
+        if (!json) fprintf(stderr, "bench: engine %s...\n", fm_io_engine_name(engines[k]));
+        drop_expert_pages(pm);
+        reset_peak_rss();
+        runs[k].asked = engines[k];
+        if ((rc = measure(m, &b, &runs[k])) != FM_EXIT_OK) goto done;
+    }
+    b.ram_gbs = fm_ram_read_gbs(m->pool, (size_t)1 << 30, 3);
+    for (int k = 0; k < n_engines; k++) apply_floors(&b, cf->n_layers, &runs[k]);
     if (json) {
-        printf("{\"model\": \"%s\", \"layers\": %d, \"io\": \"%s\", \"threads\": %d, \"prompt\": %lld, \"gen\": %lld, "
-               "\"decode_tok_s\": %.4f, \"prefill_tok_s\": %.4f, \"layer_ms\": %.4f, \"floor_ms\": %.4f, "
-               "\"floor_ratio\": %.4f, \"floor_disk_ms\": %.4f, \"floor_ram_ms\": %.4f, \"disk_gbs\": %.3f, "
-               "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, "
-               "\"mixer_ms\": %.4f, \"route_ms\": %.4f, \"shared_ms\": %.4f, \"wait_ms\": %.4f, \"expert_ms\": %.4f, "
-               "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
-               "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
-               "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f}\n",
-               model, cf->n_layers, fm_io_engine_name(p.io_engine), fm_pool_size(m->pool), (long long)n_prompt,
-               (long long)n_gen, decode_tok_s, prefill_tok_s, layer_ms, floor_ms, layer_ms / floor_ms, floor_disk_ms,
-               floor_ram_ms, disk_gbs, ram_gbs, (unsigned long long)store_bytes, (unsigned long long)disk_bytes, hit_rate,
-               mixer * per, route * per, shared * per, wait * per, compute * per,
-               fm_session_head_seconds(s) * 1e3 / (double)n_gen, (unsigned long long)prefill_reads,
-               (unsigned long long)prefill_max_layer_reads, (unsigned long long)rss,
-               (unsigned long long)p.mem_budget, guessed ? (double)guessed_right / (double)guessed : 0.0, pf[0], pf[1], pf[2], pf[3], pf[4]);
+        printf("[");
+        for (int k = 0; k < n_engines; k++) {
+            printf(k ? ",\n " : "");
+            print_json(&b, m, &p, &runs[k]);
+        }
+        printf("]\n");
     } else {
-        char b1[32], b2[32], b3[32];
-        printf("model        %s (%d layers, %d experts per token)\n", model, cf->n_layers, m->n_experts_used);
-        printf("io           %s, %d reader threads, expert buffers+cache %s; %d compute threads\n", fm_io_engine_name(p.io_engine),
-               io_threads, fm_human_bytes((double)fm_store_memory_bytes(m->store), b1, sizeof b1), fm_pool_size(m->pool));
-        printf("floors       disk %.2f GB/s (random expert reads, O_DIRECT), RAM %.2f GB/s\n", disk_gbs, ram_gbs);
-        printf("prefill      %lld tokens in %.2f s: %.2f tok/s; %llu expert reads over %d layers (at most %llu in one layer)\n",
-               (long long)n_prompt, prefill_s, prefill_tok_s, (unsigned long long)prefill_reads, cf->n_layers,
-               (unsigned long long)prefill_max_layer_reads);
-        printf("prefill time %.2f s = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f"
-               " (+ %.2f embedding and lm_head)\n", pf[0] + pf[1] + pf[2] + pf[3] + pf[4], pf[0], pf[1], pf[2], pf[3], pf[4],
-               prefill_s - (pf[0] + pf[1] + pf[2] + pf[3] + pf[4]));
-        printf("decode       %lld tokens in %.2f s: %.3f tok/s%s\n", (long long)n_gen, decode_s, decode_tok_s,
-               cold ? " (expert pages dropped first)" : "");
-        printf("per layer    %.2f ms = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f\n",
-               layer_ms, mixer * per, route * per, shared * per, wait * per, compute * per);
-        printf("lm_head      %.2f ms per token\n", fm_session_head_seconds(s) * 1e3 / (double)n_gen);
-        printf("bytes        %s from expert files (%s from the disk), hit rate %.1f%%, %s touched per token\n",
-               fm_human_bytes((double)store_bytes, b1, sizeof b1), fm_human_bytes((double)disk_bytes, b2, sizeof b2),
-               100 * hit_rate, fm_human_bytes((double)(layer_dense + expert_bytes_token), b3, sizeof b3));
-        printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", floor_ms, floor_disk_ms,
-               floor_ram_ms, layer_ms / floor_ms);
-        if (guessed)
-            printf("prefetch     %.1f%% of the guessed next-layer experts were used\n",
-                   100.0 * (double)guessed_right / (double)guessed);
-        printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)rss, b1, sizeof b1),
-               p.mem_budget ? " within a budget of " : "", p.mem_budget ? fm_human_bytes((double)p.mem_budget, b2, sizeof b2) : "");
+        char b1[32], line[160];
+        printf("model        %s (%d layers, %d experts per token), prompt %lld, decode %lld tokens%s\n", model, cf->n_layers,
+               m->n_experts_used, (long long)n_prompt, (long long)n_gen, cold ? ", expert pages dropped before decoding" : "");
+        printf("floors       disk %.2f GB/s (random expert reads, O_DIRECT), RAM %.2f GB/s (measured once for all rows)\n",
+               b.disk_gbs, b.ram_gbs);
+        printf("%-8s %12s %9s %9s %9s %9s %9s %9s %10s\n", "engine", "decode tok/s", "layer ms", "floor ms", "ratio",
+               "wait ms", "hit rate", "disk GB", "peak RSS");
+        for (int k = 0; k < n_engines; k++) {
+            const bench_run *r = &runs[k];
+            double per = 1e3 / (double)n_gen / cf->n_layers;
+            printf("%-8s %12.3f %9.2f %9.2f %9.2f %9.2f %8.1f%% %9.2f %10s\n", fm_io_engine_name(r->asked),
+                   (double)n_gen / r->decode_s, r->layer_ms, r->floor_ms, r->layer_ms / r->floor_ms, r->wait * per,
+                   r->requested ? 100.0 * (double)r->hits / (double)r->requested : 0.0, (double)r->disk_bytes / 1e9,
+                   fm_human_bytes((double)r->rss, b1, sizeof b1));
+        }
+        for (int k = 0; k < n_engines; k++)
+            printf("%-8s %s\n", fm_io_engine_name(runs[k].asked), engine_line(&b, &runs[k], line, sizeof line));
     }
 done:
-    fm_session_free(s);
     fm_model_free(m);
-    free(logits);
-    free(ids);
     return rc;
 }

@@ -308,3 +308,267 @@ FM_TEST(simd_level_selection) {
     fm_cpu_level cur = fm_cpu_matmul_level();
     CHECK(cur == fm_cpu_level_choose(getenv("FLASHMOE_CPU")));
 }
+
+/* ---- int8 activations (kernels_int8.c) ----
+ *
+ * Each supported int8 path (VNNI, AMX) is forced in turn (fm_cpu_matmul_int8), with one and two
+ * activation levels, on Q8/Q4/Q2 × group 32/64/128 × BF16/F16/F32 scales × T = 2, 3, 7, 16, 64,
+ * odd row counts (partial 16-row blocks) and K of one group, several groups, and past one
+ * 1024-column segment (at group 32, a half 64-column step), 1 and 3 threads. Two checks per
+ * output, both with tolerances derived per output:
+ *
+ * 1. The integer part is exact: the test rounds the activations itself by the documented rule
+ *    (kernels.h: d, q1, q2, dx, Q = q1 or 256 q1 + q2, in float32 as specified) and computes in
+ *    float64  E = sum_g (s_g dx_g I_g + b_g X_g),  I_g = sum q Q (exact integers), X_g = dx_g sum Q.
+ *    The kernel's float32 work is a product s dx, an int->float conversion (relative error <= u),
+ *    an FMA chain of 2G terms and X_g rounded once, so
+ *        |got - E| <= (2G + 4) u sum_g (|s_g dx_g I_g| + |b_g X_g|),   u = 2^-24.
+ *    One wrong product q Q among K would exceed this by far.
+ * 2. Against the float oracle fm_cpu_matmul_ref: the kernel computes the product with x^ = dx Q
+ *    in place of x, so
+ *        |got - ref| <= sum_c |w_c| |x^_c - x_c|  +  the bound of check 1  +  (K + 8) u sum_c |w_c x_c|
+ *    (the last term: the oracle's own float32 error), w_c the oracle's dequantized weights.
+ * The tests also print the RMS of (got - ref) over the RMS of ref per level count: the typical size
+ * of the numerics change (inputs here include all-zero groups and groups with a 40x outlier, which
+ * coarsen d). */
+
+static uint32_t qval(const fm_weight *w, int64_t r, int64_t c) {
+    const int bits = fm_quant_bits(w->dtype), V = 32 / bits;
+    uint32_t word;
+    memcpy(&word, (const unsigned char *)w->data + (r * (w->cols / V) + c / V) * 4, 4);
+    return (word >> (bits * (c % V))) & ((1u << bits) - 1);
+}
+
+static float sbval(const fm_weight *w, int64_t i, bool bias) {
+    const size_t ss = w->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
+    const int64_t n = w->rows * (w->cols / w->group_size);
+    const unsigned char *p = (const unsigned char *)w->data + w->rows * w->cols * fm_quant_bits(w->dtype) / 8 +
+                             (size_t)((bias ? n : 0) + i) * ss;
+    if (ss == 4) {
+        float v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    uint16_t h;
+    memcpy(&h, p, 2);
+    return w->scale_dtype == FM_DTYPE_BF16 ? fm_bf16_to_f32(h) : fm_f16_to_f32(h);
+}
+
+typedef struct i8stats {
+    double worst_exact, worst_ref; /* error / its bound */
+    double sq_err[2], sq_ref[2];   /* per level count: sums of (got - ref)^2 and ref^2 */
+    int cases;
+} i8stats;
+
+/* The documented activation rounding of one group (kernels.h), in float32 as the kernel does it:
+ * Q (integers) and dx; returns x^ = dx Q in xh. */
+static float round_group(const float *x, int gs, int levels, int32_t *Q, double *xh) {
+    float amax = 0;
+    for (int c = 0; c < gs; c++) amax = fmaxf(amax, fabsf(x[c]));
+    const float inv = amax > 0 ? 127.0f / amax : 0.0f, d = amax / 127.0f, inv2 = inv * 256.0f;
+    const float dx = levels == 2 ? d / 256.0f : d;
+    for (int c = 0; c < gs; c++) {
+        const float q1 = nearbyintf(x[c] * inv);
+        Q[c] = (int32_t)q1;
+        if (levels == 2) {
+            const float q2 = fminf(fmaxf(nearbyintf(fmaf(-q1, d, x[c]) * inv2), -128.0f), 127.0f);
+            Q[c] = 256 * Q[c] + (int32_t)q2;
+        }
+        xh[c] = (double)dx * Q[c];
+    }
+    return dx;
+}
+
+static void check_int8_case(fm_test_ctx *t, fm_pool *pool3, i8stats *st, fm_dtype dt, int64_t N, int64_t K, int gs,
+                            fm_dtype sd, int64_t T) {
+    char what[160];
+    snprintf(what, sizeof what, "%s scales %s g%d N=%lld K=%lld T=%lld (seed %llu)", fm_dtype_name(dt),
+             fm_dtype_name(sd), gs, (long long)N, (long long)K, (long long)T, (unsigned long long)seed0);
+    const int64_t G = K / gs;
+    wbuf wb;
+    bool ok = make_weight(&wb, dt, N, K, gs, sd, (int)(rnd_u64() % 4) * 4 + (int)(rnd_u64() % 2));
+    float *x = malloc(sizeof(float) * (size_t)(T * K));
+    float *ref = alloc_out(T * N), *got = alloc_out(T * N), *got3 = alloc_out(T * N);
+    double *exact = malloc(sizeof(double) * (size_t)(T * N)), *tol_e = malloc(sizeof(double) * (size_t)(T * N));
+    double *tol_r = malloc(sizeof(double) * (size_t)(T * N)), *mag = malloc(sizeof(double) * (size_t)(T * N));
+    int32_t *Q = malloc(sizeof(int32_t) * (size_t)(T * K));
+    double *xh = malloc(sizeof(double) * (size_t)(T * K)), *dx = malloc(sizeof(double) * (size_t)(T * G));
+    if (!ok || !x || !ref || !got || !got3 || !exact || !tol_e || !tol_r || !mag || !Q || !xh || !dx) {
+        t->failures++;
+        fprintf(stderr, "  out of memory for %s\n", what);
+        goto done;
+    }
+    for (int64_t i = 0; i < T * K; i++) x[i] = (float)rnd();
+    for (int64_t i = 0; i < T * G; i++) { /* some all-zero groups (amax = 0) and some outliers */
+        const uint64_t u = rnd_u64() % 16;
+        if (u == 0) memset(x + i * gs, 0, sizeof(float) * (size_t)gs);
+        if (u == 1) x[i * gs + (int64_t)(rnd_u64() % (uint64_t)gs)] *= 40.0f;
+    }
+    fm_cpu_matmul_ref(pool3, ref + GUARD, x, T, &wb.w);
+    const double u = 1.0 / 16777216.0;
+    for (int levels = 1; levels <= 2; levels++) {
+        for (int64_t i = 0; i < T * G; i++) dx[i] = round_group(x + i * gs, gs, levels, Q + i * gs, xh + i * gs);
+        for (int64_t tt = 0; tt < T; tt++)
+            for (int64_t r = 0; r < N; r++) {
+                double e = 0, terms = 0, m = 0, round = 0;
+                for (int64_t g = 0; g < G; g++) {
+                    const double s = sbval(&wb.w, r * G + g, false), b = sbval(&wb.w, r * G + g, true);
+                    int64_t isum = 0, qsum = 0;
+                    for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
+                        const double wv = wb.deq[r * K + c];
+                        isum += (int64_t)qval(&wb.w, r, c) * Q[tt * K + c];
+                        qsum += Q[tt * K + c];
+                        m += fabs(wv * x[tt * K + c]);
+                        round += fabs(wv) * fabs(xh[tt * K + c] - x[tt * K + c]);
+                    }
+                    const double d = dx[tt * G + g], X = d * (double)qsum;
+                    e += s * d * (double)isum + b * X;
+                    terms += fabs(s * d * (double)isum) + fabs(b * X);
+                }
+                const int64_t o = tt * N + r;
+                exact[o] = e;
+                tol_e[o] = (2.0 * (double)G + 4) * u * terms + 1e-30;
+                tol_r[o] = round + tol_e[o] + ((double)K + 8) * u * m;
+            }
+        for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++) {
+            if (!fm_cpu_int8_supported((fm_cpu_int8)k)) continue;
+            const char *kn = fm_cpu_int8_name((fm_cpu_int8)k);
+            for (int64_t i = 0; i < T * N; i++) got[GUARD + i] = got3[GUARD + i] = NAN;
+            fm_cpu_int8 ran = fm_cpu_matmul_int8((fm_cpu_int8)k, levels, NULL, got + GUARD, x, T, &wb.w);
+            fm_cpu_matmul_int8((fm_cpu_int8)k, levels, pool3, got3 + GUARD, x, T, &wb.w);
+            CHECK_MSG((int)ran == k, "%s: asked %s, ran %s", what, kn, fm_cpu_int8_name(ran));
+            CHECK_MSG(guards_intact(got, T * N) && guards_intact(got3, T * N), "%s %s: wrote outside the output",
+                      what, kn);
+            double we = 0, wr = 0;
+            int64_t at_e = 0, at_r = 0, diff3 = 0;
+            for (int64_t i = 0; i < T * N; i++) {
+                const double g = got[GUARD + i];
+                const double ee = fabs(g - exact[i]) / tol_e[i], er = fabs(g - ref[GUARD + i]) / tol_r[i];
+                if (!(ee <= we)) { /* NaN counts as worst */
+                    we = isnan(ee) ? INFINITY : ee;
+                    at_e = i;
+                }
+                if (!(er <= wr)) {
+                    wr = isnan(er) ? INFINITY : er;
+                    at_r = i;
+                }
+                st->sq_err[levels - 1] += (g - ref[GUARD + i]) * (g - ref[GUARD + i]);
+                st->sq_ref[levels - 1] += (double)ref[GUARD + i] * ref[GUARD + i];
+                diff3 += memcmp(&got[GUARD + i], &got3[GUARD + i], sizeof(float)) != 0;
+            }
+            CHECK_MSG(we <= 1, "%s %s %d level(s): vs float64 of the rounded activations: error %.3g of its bound at "
+                               "t=%lld r=%lld (got %.9g, exact %.9g, bound %.3g)",
+                      what, kn, levels, we, (long long)(at_e / N), (long long)(at_e % N), got[GUARD + at_e],
+                      exact[at_e], tol_e[at_e]);
+            CHECK_MSG(wr <= 1, "%s %s %d level(s): vs the oracle: error %.3g of its bound at t=%lld r=%lld (got %.9g, "
+                               "ref %.9g)",
+                      what, kn, levels, wr, (long long)(at_r / N), (long long)(at_r % N), got[GUARD + at_r],
+                      ref[GUARD + at_r]);
+            CHECK_MSG(diff3 == 0, "%s %s %d level(s): %lld outputs differ between 1 and 3 threads", what, kn, levels,
+                      (long long)diff3);
+            st->worst_exact = fmax(st->worst_exact, we);
+            st->worst_ref = fmax(st->worst_ref, wr);
+            st->cases++;
+        }
+    }
+done:
+    wbuf_free(&wb);
+    free(x);
+    free(ref);
+    free(got);
+    free(got3);
+    free(exact);
+    free(tol_e);
+    free(tol_r);
+    free(mag);
+    free(Q);
+    free(xh);
+    free(dx);
+}
+
+static void int8_cases(fm_test_ctx *t, fm_dtype dt) {
+    if (!fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) SKIP("this CPU has no AVX-512 VNNI/VBMI");
+    rng_seed();
+    fm_pool *pool = fm_pool_init(3);
+    REQUIRE(pool);
+    static const int gss[] = {32, 64, 128};
+    static const fm_dtype sds[] = {FM_DTYPE_BF16, FM_DTYPE_F16, FM_DTYPE_F32};
+    static const int64_t Ts[] = {2, 3, 7, 16, 64};
+    i8stats st = {0};
+    for (int gi = 0; gi < 3; gi++)
+        for (int si = 0; si < 3; si++) {
+            const int gs = gss[gi];
+            const int64_t shapes[][2] = {{5, gs}, {37, 3 * gs}, {19, 1024 + 3 * gs}};
+            for (size_t s = 0; s < 3; s++)
+                for (size_t k = 0; k < 5; k++) check_int8_case(t, pool, &st, dt, shapes[s][0], shapes[s][1], gs, sds[si], Ts[k]);
+        }
+    /* large enough to be split among the 3 threads (partial last block: 517 = 32 * 16 + 5) */
+    check_int8_case(t, pool, &st, dt, 517, 2048, 64, FM_DTYPE_BF16, 64);
+    check_int8_case(t, pool, &st, dt, 128, 64, 64, FM_DTYPE_BF16, 113);
+    check_int8_case(t, pool, &st, dt, 517, 2048, 128, FM_DTYPE_F16, 10);
+    fprintf(stderr, "  %d cases (%s%s), worst error / bound: %.3f vs float64 of the rounded activations, %.3f vs the "
+                    "oracle; RMS(got - ref) / RMS(ref): %.2e one level, %.2e two\n",
+            st.cases, fm_cpu_int8_supported(FM_CPU_INT8_VNNI) ? "vnni" : "",
+            fm_cpu_int8_supported(FM_CPU_INT8_AMX) ? ", amx" : "", st.worst_exact, st.worst_ref,
+            sqrt(st.sq_err[0] / (st.sq_ref[0] + 1e-300)), sqrt(st.sq_err[1] / (st.sq_ref[1] + 1e-300)));
+    fm_pool_free(pool);
+}
+
+FM_TEST(int8_matmul_q8) { int8_cases(t, FM_DTYPE_Q8); }
+FM_TEST(int8_matmul_q4) { int8_cases(t, FM_DTYPE_Q4); }
+FM_TEST(int8_matmul_q2) { int8_cases(t, FM_DTYPE_Q2); }
+
+FM_TEST(int8_dispatch) {
+    CHECK(fm_cpu_int8_supported(FM_CPU_INT8_OFF));
+    if (fm_cpu_int8_supported(FM_CPU_INT8_AMX)) CHECK(fm_cpu_int8_supported(FM_CPU_INT8_VNNI));
+    const fm_cpu_int8 best = fm_cpu_int8_best();
+    CHECK(fm_cpu_int8_choose(NULL) == fm_cpu_int8_choose("")); /* the default, on or off (ops.c) */
+    CHECK(fm_cpu_int8_choose(NULL) == best || fm_cpu_int8_choose(NULL) == FM_CPU_INT8_OFF);
+    CHECK(fm_cpu_int8_choose("auto") == best && fm_cpu_int8_choose("1") == best);
+    CHECK(fm_cpu_int8_choose("0") == FM_CPU_INT8_OFF && fm_cpu_int8_choose("off") == FM_CPU_INT8_OFF);
+    CHECK(fm_cpu_int8_choose("nonsense") == best); /* with a line on stderr */
+    for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++)
+        CHECK(fm_cpu_int8_choose(fm_cpu_int8_name((fm_cpu_int8)k)) ==
+              (fm_cpu_int8_supported((fm_cpu_int8)k) ? (fm_cpu_int8)k : best));
+    /* the process-wide mode: FLASHMOE_CPU_INT8's choice, off unless the float level is AVX-512 */
+    const fm_cpu_int8 mode = fm_cpu_matmul_int8_mode();
+    const char *lvenv = getenv("FLASHMOE_CPU_INT8_LEVELS");
+    CHECK(fm_cpu_int8_levels() == (lvenv && !strcmp(lvenv, "1") ? 1 : 2));
+    CHECK(mode == (fm_cpu_matmul_level() == FM_CPU_AVX512 ? fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))
+                                                          : FM_CPU_INT8_OFF));
+    /* which path a call takes: decode and unquantized weights stay on the float kernels */
+    fm_weight q = {.dtype = FM_DTYPE_Q4, .rows = 1, .cols = 64, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight f = {.dtype = FM_DTYPE_F32, .rows = 1, .cols = 64};
+    for (int lv = 1; lv <= 2; lv++) {
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 1) == FM_CPU_INT8_OFF);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &f, 64) == FM_CPU_INT8_OFF);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_OFF, lv, &q, 64) == FM_CPU_INT8_OFF);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_VNNI, lv, &q, 2) == FM_CPU_INT8_VNNI);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_VNNI, lv, &q, 64) == FM_CPU_INT8_VNNI);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 2) == FM_CPU_INT8_VNNI);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 64) == FM_CPU_INT8_AMX);
+    }
+    CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 2, &q, 6) == FM_CPU_INT8_AMX);
+    CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 1, &q, 6) == FM_CPU_INT8_VNNI);
+    /* fm_cpu_matmul is exactly the path picked */
+    rng_seed();
+    wbuf wb;
+    const int64_t N = 37, K = 256;
+    float x[7 * 256], a[7 * 37], b[7 * 37];
+    REQUIRE(make_weight(&wb, FM_DTYPE_Q4, N, K, 64, FM_DTYPE_BF16, 0));
+    for (int i = 0; i < 7 * 256; i++) x[i] = (float)rnd();
+    for (int64_t T = 1; T <= 7; T += 6) {
+        fm_cpu_matmul(NULL, a, x, T, &wb.w);
+        const fm_cpu_int8 k = fm_cpu_int8_pick(mode, fm_cpu_int8_levels(), &wb.w, T);
+        if (k == FM_CPU_INT8_OFF) fm_cpu_matmul_at(fm_cpu_matmul_level(), NULL, b, x, T, &wb.w);
+        else CHECK(fm_cpu_matmul_int8(k, fm_cpu_int8_levels(), NULL, b, x, T, &wb.w) == k);
+        CHECK_MSG(!memcmp(a, b, sizeof(float) * (size_t)(T * N)), "T=%lld: fm_cpu_matmul differs from path %s",
+                  (long long)T, fm_cpu_int8_name(k));
+    }
+    wbuf_free(&wb);
+    /* an unquantized weight: no int8 path runs, the float kernels do */
+    float w[6] = {1, 2, 3, 4, 5, 6}, ones[6] = {1, 1, 1, 1, 1, 1}, out[4] = {NAN, NAN, NAN, NAN};
+    fm_weight W = {.dtype = FM_DTYPE_F32, .rows = 2, .cols = 3, .data = w};
+    CHECK(fm_cpu_matmul_int8(FM_CPU_INT8_AMX, 2, NULL, out, ones, 2, &W) == FM_CPU_INT8_OFF);
+    CHECK(out[0] == 6 && out[1] == 15 && out[2] == 6 && out[3] == 15);
+}

@@ -4,9 +4,11 @@
  * RAM bandwidth: a buffer of --mib MiB (default 1024, >> any L3) written once, then read with the
  * widest loads of the best level (fm_cpu_read_sum) on all threads and on one; median of --repeats.
  *
- * Kernels: for each type, a ring of distinct matrices of the 397B expert geometry filling --mib MiB
- * (gate/up [1024, 4096] and down [4096, 1024] have the same size, so one ring serves both shapes),
- * each at a 4096-aligned offset like the expert blocks. A measurement calls fm_cpu_matmul_at on
+ * Kernels: for each type and shape (default the 397B expert geometry, gate/up [1024, 4096] and down
+ * [4096, 1024]; --shapes for others, e.g. the dense projections), a ring of distinct matrices
+ * filling --mib MiB, each at a 4096-aligned offset like the expert blocks. Levels: the float
+ * kernels (scalar, avx2, avx512: fm_cpu_matmul_at) and the int8-activation paths for quantized
+ * types (vnni, amx: fm_cpu_matmul_int8). A measurement calls fm_cpu_matmul_at on
  * successive matrices of the ring (continuing where the last stopped) for at least --min-time
  * seconds; every matrix has been evicted from the caches by the ones after it. Reported: GB/s of
  * weight bytes, the ratio to the all-thread RAM bandwidth, GFLOP/s (2 rows cols tokens / time) and
@@ -28,16 +30,19 @@
 static void help(void) {
     printf("usage: flashmoe kernelbench [options]\n\n"
            "Measures the RAM read bandwidth and the CPU matmul kernels' throughput on expert-sized matrices\n"
-           "(the 397B geometry: gate/up [1024, 4096], down [4096, 1024]) streamed from RAM, at each SIMD level.\n\n"
+           "(the 397B geometry: gate/up [1024, 4096], down [4096, 1024]) streamed from RAM, at each SIMD level\n"
+           "and, for quantized types, each int8-activation path (vnni, amx).\n\n"
            "options:\n"
            "  --threads N       compute threads (default: online CPUs)\n"
            "  --mib N           RAM buffer and matrix ring size in MiB (default 1024; keep it >> L3)\n"
            "  --repeats N       measurements per figure, the median is reported (default 5)\n"
            "  --min-time S      seconds per measurement, at least (default 0.25)\n"
-           "  --levels LIST     comma-separated: scalar,avx2,avx512 (default: all this CPU has)\n"
+           "  --levels LIST     comma-separated: scalar,avx2,avx512 (float kernels), vnni,amx (int8 paths, two\n"
+           "                    activation levels), vnni1,amx1 (one level) (default: all but the last two)\n"
            "  --types LIST      comma-separated: q4,q8,q2,bf16,f16,f32 (default q4,q8,q2,bf16)\n"
            "  --group N         quantized group size (default 64; scales BF16)\n"
            "  --tokens LIST     comma-separated token counts (default 1,32)\n"
+           "  --shapes LIST     comma-separated ROWSxCOLS (default 1024x4096,4096x1024)\n"
            "  --json            one JSON object on stdout\n");
 }
 
@@ -107,15 +112,24 @@ static bool ring_init(ring *rg, fm_dtype dt, int64_t rows, int64_t cols, int gs,
     return true;
 }
 
+/* levels 0..2: fm_cpu_level (float kernels); 3, 4: the int8 paths vnni, amx with two activation
+ * levels; 5, 6: the same with one */
+#define N_LEVELS 7
+static const char *const level_names[N_LEVELS] = {"scalar", "avx2", "avx512", "vnni", "amx", "vnni1", "amx1"};
+static fm_cpu_int8 level_int8(int lv) { return lv < 3 ? FM_CPU_INT8_OFF : (fm_cpu_int8)(lv == 3 || lv == 5 ? 1 : 2); }
+static bool level_supported(int lv) {
+    return lv < 3 ? fm_cpu_level_supported((fm_cpu_level)lv) : fm_cpu_int8_supported(level_int8(lv));
+}
+
 typedef struct result {
     const char *type;
     int64_t rows, cols, tokens;
-    fm_cpu_level level;
+    int level;
     double gbs, gflops, us;
 } result;
 
 /* median throughput of `tokens`-token matmuls over the ring, from where *next points */
-static result run_kernel(fm_pool *pool, fm_cpu_level level, const ring *rg, fm_dtype dt, int gs, int64_t rows,
+static result run_kernel(fm_pool *pool, int level, const ring *rg, fm_dtype dt, int gs, int64_t rows,
                          int64_t cols, int64_t tokens, const float *x, float *out, int repeats, double min_time,
                          int64_t *next) {
     double gbs[MAX_REPEATS], us[MAX_REPEATS];
@@ -126,7 +140,8 @@ static result run_kernel(fm_pool *pool, fm_cpu_level level, const ring *rg, fm_d
         do {
             w.data = rg->buf + rg->stride * (size_t)*next;
             *next = (*next + 1) % rg->count;
-            fm_cpu_matmul_at(level, pool, out, x, tokens, &w);
+            if (level < 3) fm_cpu_matmul_at((fm_cpu_level)level, pool, out, x, tokens, &w);
+            else fm_cpu_matmul_int8(level_int8(level), level < 5 ? 2 : 1, pool, out, x, tokens, &w);
             calls++;
         } while ((dt_s = fm_time_now() - t0) < min_time);
         gbs[k] = (double)rg->bytes * (double)calls / dt_s / 1e9;
@@ -157,7 +172,7 @@ static bool parse_list(const char *s, const char *const *names, int n, bool *on)
 static const char *const type_names[] = {"q4", "q8", "q2", "bf16", "f16", "f32"};
 static const fm_dtype type_dtypes[] = {FM_DTYPE_Q4, FM_DTYPE_Q8, FM_DTYPE_Q2, FM_DTYPE_BF16, FM_DTYPE_F16, FM_DTYPE_F32};
 #define N_TYPES 6
-static const char *const level_names[] = {"scalar", "avx2", "avx512"};
+#define MAX_SHAPES 8
 
 static void cpu_model(char *buf, size_t cap) {
     snprintf(buf, cap, "unknown CPU");
@@ -178,7 +193,8 @@ static void cpu_model(char *buf, size_t cap) {
 }
 
 int fm_cli_kernelbench(int argc, char **argv) {
-    enum { OPT_THREADS = 256, OPT_MIB, OPT_REPEATS, OPT_MIN_TIME, OPT_LEVELS, OPT_TYPES, OPT_GROUP, OPT_TOKENS, OPT_JSON };
+    enum { OPT_THREADS = 256, OPT_MIB, OPT_REPEATS, OPT_MIN_TIME, OPT_LEVELS, OPT_TYPES, OPT_GROUP, OPT_TOKENS, OPT_SHAPES,
+           OPT_JSON };
     static const struct option opts[] = {{"threads", required_argument, 0, OPT_THREADS},
                                          {"mib", required_argument, 0, OPT_MIB},
                                          {"repeats", required_argument, 0, OPT_REPEATS},
@@ -187,13 +203,15 @@ int fm_cli_kernelbench(int argc, char **argv) {
                                          {"types", required_argument, 0, OPT_TYPES},
                                          {"group", required_argument, 0, OPT_GROUP},
                                          {"tokens", required_argument, 0, OPT_TOKENS},
+                                         {"shapes", required_argument, 0, OPT_SHAPES},
                                          {"json", no_argument, 0, OPT_JSON},
                                          {"help", no_argument, 0, 'h'},
                                          {0, 0, 0, 0}};
     int64_t threads = 0, mib = 1024, repeats = 5, group = 64, tokens[16] = {1, 32};
-    int n_tokens = 2;
+    int n_tokens = 2, n_shapes = 2;
+    int64_t shapes[MAX_SHAPES][2] = {{1024, 4096}, {4096, 1024}};
     double min_time = 0.25;
-    bool json = false, level_on[3] = {true, true, true}, type_on[N_TYPES] = {true, true, true, true, false, false};
+    bool json = false, level_on[N_LEVELS] = {true, true, true, true, true, false, false}, type_on[N_TYPES] = {true, true, true, true, false, false};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -215,7 +233,8 @@ int fm_cli_kernelbench(int argc, char **argv) {
             break;
         }
         case OPT_LEVELS:
-            if (!parse_list(optarg, level_names, 3, level_on)) return fm_cli_usage_error("kernelbench", "bad --levels");
+            if (!parse_list(optarg, level_names, N_LEVELS, level_on))
+                return fm_cli_usage_error("kernelbench", "bad --levels");
             break;
         case OPT_TYPES:
             if (!parse_list(optarg, type_names, N_TYPES, type_on)) return fm_cli_usage_error("kernelbench", "bad --types");
@@ -234,14 +253,30 @@ int fm_cli_kernelbench(int argc, char **argv) {
             if (!n_tokens) return fm_cli_usage_error("kernelbench", "bad --tokens");
             break;
         }
+        case OPT_SHAPES: {
+            char buf[256];
+            snprintf(buf, sizeof buf, "%s", optarg);
+            n_shapes = 0;
+            for (char *tok = strtok(buf, ","); tok; tok = strtok(NULL, ",")) {
+                char *xp = strchr(tok, 'x');
+                if (n_shapes == MAX_SHAPES || !xp) return fm_cli_usage_error("kernelbench", "bad --shapes");
+                *xp = 0;
+                if (!fm_cli_parse_i64(tok, 1, 1 << 20, &shapes[n_shapes][0]) ||
+                    !fm_cli_parse_i64(xp + 1, 128, 1 << 16, &shapes[n_shapes][1]) || shapes[n_shapes][1] % 128)
+                    return fm_cli_usage_error("kernelbench", "bad --shapes (ROWSxCOLS, COLS a multiple of 128)");
+                n_shapes++;
+            }
+            if (!n_shapes) return fm_cli_usage_error("kernelbench", "bad --shapes");
+            break;
+        }
         case OPT_JSON: json = true; break;
         case 'h': help(); return FM_EXIT_OK;
         default: return fm_cli_usage_error("kernelbench", "bad option");
         }
     }
     if (optind != argc) return fm_cli_usage_error("kernelbench", "unexpected argument \"%s\"", argv[optind]);
-    for (int l = 0; l < 3; l++)
-        if (level_on[l] && !fm_cpu_level_supported((fm_cpu_level)l)) {
+    for (int l = 0; l < N_LEVELS; l++)
+        if (level_on[l] && !level_supported(l)) {
             if (!json) fprintf(stderr, "kernelbench: this CPU lacks %s; skipped\n", level_names[l]);
             level_on[l] = false;
         }
@@ -278,55 +313,64 @@ int fm_cli_kernelbench(int argc, char **argv) {
     free(buf);
     buf = NULL;
 
-    int64_t max_t = 1;
+    int64_t max_t = 1, max_dim = 1;
     for (int i = 0; i < n_tokens; i++)
         if (tokens[i] > max_t) max_t = tokens[i];
-    x = malloc(sizeof(float) * (size_t)(max_t * 4096));
-    out = malloc(sizeof(float) * (size_t)(max_t * 4096));
-    res = calloc((size_t)(N_TYPES * 2 * 3 * n_tokens), sizeof *res);
+    for (int i = 0; i < n_shapes; i++)
+        for (int k = 0; k < 2; k++)
+            if (shapes[i][k] > max_dim) max_dim = shapes[i][k];
+    x = malloc(sizeof(float) * (size_t)(max_t * max_dim));
+    out = malloc(sizeof(float) * (size_t)(max_t * max_dim));
+    res = calloc((size_t)(N_TYPES * n_shapes * N_LEVELS * n_tokens), sizeof *res);
     if (!x || !out || !res) {
         fprintf(stderr, "flashmoe kernelbench: out of memory\n");
         goto done;
     }
-    for (int64_t i = 0; i < max_t * 4096; i++) x[i] = rnd_unit() * 2 - 1;
+    for (int64_t i = 0; i < max_t * max_dim; i++) x[i] = rnd_unit() * 2 - 1;
 
     if (!json) {
-        printf("cpu          %s, %d threads; matmul level %s (FLASHMOE_CPU / best)\n", cpu, nth,
-               fm_cpu_level_name(fm_cpu_matmul_level()));
+        printf("cpu          %s, %d threads; matmul level %s (FLASHMOE_CPU / best), int8 path %s (FLASHMOE_CPU_INT8 / "
+               "best; prefill of quantized weights)\n",
+               cpu, nth, fm_cpu_level_name(fm_cpu_matmul_level()), fm_cpu_int8_name(fm_cpu_matmul_int8_mode()));
         printf("RAM read     %.2f GB/s on %d threads, %.2f GB/s on 1 (%lld MiB, %s loads, median of %lld)\n", ram_all,
                nth, ram_one, (long long)mib, level_names[best], (long long)repeats);
         printf("%-6s %-12s %-7s %6s %9s %8s %9s %10s\n", "type", "shape", "level", "tokens", "GB/s", "vs RAM",
                "GFLOP/s", "us/call");
     }
-    static const int64_t shapes[2][2] = {{1024, 4096}, {4096, 1024}};
     for (int ti = 0; ti < N_TYPES; ti++) {
         if (!type_on[ti]) continue;
         const fm_dtype dt = type_dtypes[ti];
-        ring rg;
-        if (!ring_init(&rg, dt, 1024, 4096, (int)group, total)) {
-            free(rg.buf);
-            fprintf(stderr, "flashmoe kernelbench: cannot allocate the %s matrices\n", type_names[ti]);
-            goto done;
-        }
-        int64_t next = 0;
-        for (int s = 0; s < 2; s++)
-            for (int lv = 0; lv < 3; lv++) {
-                if (!level_on[lv]) continue;
-                for (int k = 0; k < n_tokens; k++) {
-                    result r = run_kernel(pool, (fm_cpu_level)lv, &rg, dt, (int)group, shapes[s][0], shapes[s][1],
-                                          tokens[k], x, out, (int)repeats, min_time, &next);
-                    r.type = type_names[ti];
-                    res[n_res++] = r;
-                    if (!json) {
-                        char shape[32];
-                        snprintf(shape, sizeof shape, "%lldx%lld", (long long)r.rows, (long long)r.cols);
-                        printf("%-6s %-12s %-7s %6lld %9.2f %7.0f%% %9.1f %10.1f\n", r.type, shape, level_names[lv],
-                               (long long)r.tokens, r.gbs, 100 * r.gbs / ram_all, r.gflops, r.us);
-                        fflush(stdout);
+        for (int sh = 0; sh < n_shapes; sh++) {
+            /* one ring for shapes of the same size (the default two share one) */
+            ring rg;
+            if (!ring_init(&rg, dt, shapes[sh][0], shapes[sh][1], (int)group, total)) {
+                free(rg.buf);
+                fprintf(stderr, "flashmoe kernelbench: cannot allocate the %s matrices\n", type_names[ti]);
+                goto done;
+            }
+            int64_t next = 0;
+            for (int s = sh; s < n_shapes; s++) {
+                if (shapes[s][0] * shapes[s][1] != shapes[sh][0] * shapes[sh][1]) break;
+                if (s > sh) sh = s;
+                for (int lv = 0; lv < N_LEVELS; lv++) {
+                    if (!level_on[lv] || (lv >= 3 && !fm_dtype_is_quant(dt))) continue;
+                    for (int k = 0; k < n_tokens; k++) {
+                        result r = run_kernel(pool, lv, &rg, dt, (int)group, shapes[s][0], shapes[s][1], tokens[k], x,
+                                              out, (int)repeats, min_time, &next);
+                        r.type = type_names[ti];
+                        res[n_res++] = r;
+                        if (!json) {
+                            char shape[32];
+                            snprintf(shape, sizeof shape, "%lldx%lld", (long long)r.rows, (long long)r.cols);
+                            printf("%-6s %-12s %-7s %6lld %9.2f %7.0f%% %9.1f %10.1f\n", r.type, shape,
+                                   level_names[lv], (long long)r.tokens, r.gbs, 100 * r.gbs / ram_all, r.gflops, r.us);
+                            fflush(stdout);
+                        }
                     }
                 }
             }
-        free(rg.buf);
+            free(rg.buf);
+        }
     }
     if (json) {
         printf("{\"cpu\": \"%s\", \"threads\": %d, \"mib\": %lld, \"repeats\": %lld, \"group_size\": %lld, "

@@ -4,6 +4,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "backend/cpu/kernels.h"
 #include "quant/quant.h"
@@ -232,7 +236,178 @@ uint64_t fm_cpu_read_sum(fm_cpu_level level, const void *p, size_t n) {
     return r;
 }
 
+/* ---- int8 activations ---- */
+
+static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
+static bool amx_ok;
+
+static void amx_init(void) {
+#if defined(__linux__) && defined(__x86_64__)
+    if (!fm_cpu_int8_supported(FM_CPU_INT8_VNNI) || !__builtin_cpu_supports("amx-tile") ||
+        !__builtin_cpu_supports("amx-int8"))
+        return;
+    /* ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA (process-wide): without this permission (Linux <
+     * 5.16, or refused) the first tile instruction would raise SIGILL */
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
+    amx_ok = fm_kern_amx_probe();
+#endif
+}
+
+bool fm_cpu_int8_supported(fm_cpu_int8 k) {
+    switch (k) {
+    case FM_CPU_INT8_OFF: return true;
+    case FM_CPU_INT8_VNNI:
+#if defined(__x86_64__)
+        return fm_cpu_level_supported(FM_CPU_AVX512) && __builtin_cpu_supports("avx512vnni") &&
+               __builtin_cpu_supports("avx512vbmi");
+#else
+        return false;
+#endif
+    case FM_CPU_INT8_AMX: pthread_once(&amx_once, amx_init); return amx_ok;
+    default: return false;
+    }
+}
+
+fm_cpu_int8 fm_cpu_int8_best(void) {
+    if (fm_cpu_int8_supported(FM_CPU_INT8_AMX)) return FM_CPU_INT8_AMX;
+    if (fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) return FM_CPU_INT8_VNNI;
+    return FM_CPU_INT8_OFF;
+}
+
+const char *fm_cpu_int8_name(fm_cpu_int8 k) {
+    switch (k) {
+    case FM_CPU_INT8_OFF: return "off";
+    case FM_CPU_INT8_VNNI: return "vnni";
+    case FM_CPU_INT8_AMX: return "amx";
+    default: return "?";
+    }
+}
+
+/* Whether the int8 path is on when FLASHMOE_CPU_INT8 is not set. Off for now: with it on, one
+ * model test (tests/test_model.c, the MLX import against transformers, tolerance 2e-3) measures
+ * 2.1e-2 even with two levels, because that random-weight model amplifies any activation
+ * perturbation ~100x (docs/SPEED.md); the quality tests pass. Flip once that test is settled. */
+#define INT8_DEFAULT_ON 0
+
+fm_cpu_int8 fm_cpu_int8_choose(const char *request) {
+    fm_cpu_int8 best = fm_cpu_int8_best();
+    if (!request || !*request) return INT8_DEFAULT_ON ? best : FM_CPU_INT8_OFF;
+    if (!strcmp(request, "auto") || !strcmp(request, "1")) return best;
+    if (!strcmp(request, "0") || !strcmp(request, "off")) return FM_CPU_INT8_OFF;
+    for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++) {
+        if (strcmp(request, fm_cpu_int8_name((fm_cpu_int8)k))) continue;
+        if (fm_cpu_int8_supported((fm_cpu_int8)k)) return (fm_cpu_int8)k;
+        fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: this CPU or OS lacks %s; using %s\n", request,
+                k == FM_CPU_INT8_AMX ? "AMX-INT8" : "AVX-512 VNNI/VBMI", fm_cpu_int8_name(best));
+        return best;
+    }
+    fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: unknown value (0, off, vnni, amx or auto); using %s\n", request,
+            fm_cpu_int8_name(best));
+    return best;
+}
+
+static pthread_once_t int8_once = PTHREAD_ONCE_INIT;
+static fm_cpu_int8 int8_chosen;
+static void int8_init(void) {
+    int8_chosen = fm_cpu_matmul_level() == FM_CPU_AVX512 ? fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))
+                                                         : FM_CPU_INT8_OFF;
+}
+
+fm_cpu_int8 fm_cpu_matmul_int8_mode(void) {
+    pthread_once(&int8_once, int8_init);
+    return int8_chosen;
+}
+
+/* Crossovers measured with a 2-thread microbenchmark on Sapphire Rapids (docs/SPEED.md): the int8
+ * kernels beat the float ones from 2 tokens on (Q4/Q8, expert shapes); AMX, whose tiles always
+ * hold 16 tokens, beats VNNI from about 6 tokens with two activation levels (VNNI's work doubles
+ * with the levels, AMX's less) and about 12 with one. */
+#define INT8_MIN_TOKENS 2
+
+fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens) {
+    if (mode == FM_CPU_INT8_OFF || !fm_dtype_is_quant(w->dtype) || n_tokens < INT8_MIN_TOKENS) return FM_CPU_INT8_OFF;
+    return mode == FM_CPU_INT8_AMX && n_tokens >= (levels == 1 ? 12 : 6) ? FM_CPU_INT8_AMX : FM_CPU_INT8_VNNI;
+}
+
+static pthread_once_t levels_once = PTHREAD_ONCE_INIT;
+static int levels_chosen;
+static void levels_init(void) {
+    const char *v = getenv("FLASHMOE_CPU_INT8_LEVELS");
+    levels_chosen = 2;
+    if (!v || !*v || !strcmp(v, "2")) return;
+    if (!strcmp(v, "1")) levels_chosen = 1;
+    else fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8_LEVELS=%s: not 1 or 2; using 2\n", v);
+}
+
+int fm_cpu_int8_levels(void) {
+    pthread_once(&levels_once, levels_init);
+    return levels_chosen;
+}
+
+typedef struct int8_job {
+    fm_kern_i8_job k;
+    fm_cpu_int8 kind;
+    const float *x;
+    int8_t *xq, *xq2; /* writable views of k.xq, k.xq2, k.dx, k.xs for the quantization pass */
+    float *dx, *xs;
+} int8_job;
+
+static void int8_prep(void *arg, int64_t t0, int64_t t1) {
+    int8_job *s = arg;
+    fm_kern_i8_quant(s->k.w, s->x, t0, t1, s->xq, s->xq2, s->k.xq_stride, s->dx, s->xs);
+}
+
+#define INT8_ROWS 16 /* the kernels' row block */
+
+static void int8_rows(void *arg, int64_t b0, int64_t b1) {
+    const int8_job *s = arg;
+    const int64_t N = s->k.w->rows, r0 = b0 * INT8_ROWS, r1 = b1 * INT8_ROWS < N ? b1 * INT8_ROWS : N;
+    if (s->kind == FM_CPU_INT8_AMX) fm_kern_amx_rows(&s->k, r0, r1);
+    else fm_kern_vnni_rows(&s->k, r0, r1);
+}
+
+fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, int64_t n_tokens,
+                               const fm_weight *w) {
+    while (k > FM_CPU_INT8_OFF && !fm_cpu_int8_supported(k)) k = (fm_cpu_int8)(k - 1);
+    const bool ok = k != FM_CPU_INT8_OFF && n_tokens > 0 && (levels == 1 || levels == 2) &&
+                    fm_dtype_is_quant(w->dtype) &&
+                    fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
+                    n_tokens <= (INT64_MAX / 8 - 15) / (w->cols + 64);
+    void *buf = NULL;
+    const int64_t K = ok ? w->cols : 0, G = ok ? K / w->group_size : 0, tpad = (n_tokens + 15) & ~(int64_t)15;
+    /* rows of xq 64 bytes longer than K: at K = 1024, 4096, .. the 16 rows of an AMX tile load
+     * would otherwise fall in one L1 set (measured 2x slower) */
+    const int64_t stride = K + 64;
+    const size_t lv_bytes = ok ? (size_t)(tpad * stride) : 0, xq_bytes = lv_bytes * (size_t)levels; /* 32-byte multiples */
+    if (ok) buf = aligned_alloc(64, (xq_bytes + sizeof(float) * (size_t)(2 * n_tokens * G) + 63) & ~(size_t)63);
+    if (!buf) {
+        fm_cpu_matmul_at(fm_cpu_level_best(), pool, out, x, n_tokens, w);
+        return FM_CPU_INT8_OFF;
+    }
+    int8_job s = {.kind = k, .x = x, .xq = buf, .xq2 = levels == 2 ? (int8_t *)buf + lv_bytes : NULL,
+                  .dx = (float *)(void *)((char *)buf + xq_bytes)};
+    s.xs = s.dx + n_tokens * G;
+    s.k = (fm_kern_i8_job){.out = out, .n_tokens = n_tokens, .w = w, .xq = s.xq, .xq2 = s.xq2, .xq_stride = stride,
+                           .dx = s.dx, .xs = s.xs};
+    memset(s.xq + n_tokens * stride, 0, (size_t)((tpad - n_tokens) * stride));
+    if (s.xq2) memset(s.xq2 + n_tokens * stride, 0, (size_t)((tpad - n_tokens) * stride));
+    if (n_tokens >= 16) fm_pool_run(pool, int8_prep, &s, n_tokens, 8);
+    else int8_prep(&s, 0, n_tokens);
+    /* one contiguous share of 16-row blocks per thread, each at least ~1M multiply-adds (the int8
+     * kernels do several times the float ones' work per microsecond) */
+    const int64_t blocks = (w->rows + INT8_ROWS - 1) / INT8_ROWS;
+    fm_pool_run(pool, int8_rows, &s, blocks, 1048576 / (INT8_ROWS * K * n_tokens) + 1);
+    free(buf);
+    return k;
+}
+
 void fm_cpu_matmul(fm_pool *pool, float *out, const float *x, int64_t n_tokens, const fm_weight *w) {
+    const int levels = fm_cpu_int8_levels();
+    const fm_cpu_int8 k = fm_cpu_int8_pick(fm_cpu_matmul_int8_mode(), levels, w, n_tokens);
+    if (k != FM_CPU_INT8_OFF) {
+        fm_cpu_matmul_int8(k, levels, pool, out, x, n_tokens, w);
+        return;
+    }
     fm_cpu_matmul_at(fm_cpu_matmul_level(), pool, out, x, n_tokens, w);
 }
 

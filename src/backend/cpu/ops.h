@@ -23,7 +23,10 @@ typedef enum fm_cpu_level {
  * out: (n_tokens, W.rows); x: (n_tokens, W.cols). Rows are split among the pool's threads.
  * Runs at fm_cpu_matmul_level(). The SIMD levels read each weight row once per call whatever
  * n_tokens, and agree with fm_cpu_matmul_ref to float32 rounding of the sum of |products|
- * (quantized weights: of sum_j (|q_j s| + |b|) |x_j|; see kernels.h), not bit for bit. */
+ * (quantized weights: of sum_j (|q_j s| + |b|) |x_j|; see kernels.h), not bit for bit.
+ * Exception: quantized weights at several tokens run an int8-activation path (below;
+ * fm_cpu_int8_pick(fm_cpu_matmul_int8_mode(), ...); FLASHMOE_CPU_INT8=0 turns it off). One token
+ * (decode) always takes the float kernels. */
 void fm_cpu_matmul(fm_pool *pool, float *out, const float *x, int64_t n_tokens, const fm_weight *w);
 
 /* The scalar reference matmul, the oracle of every faster kernel: each row converted to float32
@@ -53,6 +56,58 @@ fm_cpu_level fm_cpu_level_choose(const char *request);
 /* The level fm_cpu_matmul runs at: fm_cpu_level_choose(getenv("FLASHMOE_CPU")), decided once per
  * process on first use (thread-safe). */
 fm_cpu_level fm_cpu_matmul_level(void);
+
+/* ---- int8 activations (prefill) ----
+ * Quantized weights (Q8/Q4/Q2) at several tokens can run with integer dot products: the activations
+ * are rounded per (token, weight group) to one int8 level (~0.5% RMS error per product for
+ * Gaussian-like activations) or two (int8 + an int8 residual, ~256x smaller), and the result is the
+ * exact product with those rounded activations, to float32 rounding (kernels.h, "int8
+ * activations"). Like llama.cpp's q8 activations, but two levels by default: one level costs the
+ * trained test model visible quality (docs/SPEED.md). */
+typedef enum fm_cpu_int8 {
+    FM_CPU_INT8_OFF = 0,  /* the float kernels (fm_cpu_matmul_at) */
+    FM_CPU_INT8_VNNI = 1, /* AVX-512 VNNI (vpdpbusd) + VBMI */
+    FM_CPU_INT8_AMX = 2,  /* AMX-INT8 tiles (tdpbsud), VNNI for the rest */
+} fm_cpu_int8;
+
+/* True if this CPU and OS can run the int8 path `k` (OFF: always). AMX: CPUID, the tile-data
+ * permission (arch_prctl(ARCH_REQ_XCOMP_PERM), Linux >= 5.16; asked once per process) and one
+ * probe product checked against its known answer. */
+bool fm_cpu_int8_supported(fm_cpu_int8 k);
+
+/* The best supported int8 path (OFF if none). */
+fm_cpu_int8 fm_cpu_int8_best(void);
+
+/* "off", "vnni", "amx" ("?" for anything else). */
+const char *fm_cpu_int8_name(fm_cpu_int8 k);
+
+/* The path for a FLASHMOE_CPU_INT8 value: "auto" or "1" give fm_cpu_int8_best(); "0" or "off" give
+ * OFF; "vnni", "amx" give that path if supported; NULL or "" give the default, OFF for now (ops.c,
+ * INT8_DEFAULT_ON: one model test's tolerance, docs/SPEED.md). An unknown value or a path the CPU
+ * lacks prints one line on stderr and gives the best path. */
+fm_cpu_int8 fm_cpu_int8_choose(const char *request);
+
+/* The int8 path fm_cpu_matmul uses: fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8")), decided
+ * once per process on first use (thread-safe); OFF unless fm_cpu_matmul_level() is AVX512 (so
+ * FLASHMOE_CPU=scalar|avx2 keeps the float kernels of that level). */
+fm_cpu_int8 fm_cpu_matmul_int8_mode(void);
+
+/* The path fm_cpu_matmul takes in int8 mode `mode` with `levels` activation levels for n_tokens
+ * tokens of weight w: OFF (the float kernels) for unquantized weights and below the measured
+ * crossover (2 tokens: decode stays exact); with mode AMX, AMX from 6 tokens on (12 with one
+ * level), VNNI below; else VNNI. */
+fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens);
+
+/* Activation levels fm_cpu_matmul's int8 path uses: FLASHMOE_CPU_INT8_LEVELS = 1 or 2 (default 2;
+ * anything else prints one line on stderr and gives 2), decided once per process. */
+int fm_cpu_int8_levels(void);
+
+/* fm_cpu_matmul through int8 path k (that kernel, whatever n_tokens; an unsupported path falls
+ * back to the best one below it) with `levels` (1 or 2) activation levels. Returns the path that
+ * ran; OFF when none could (weight not quantized, levels not 1 or 2, no support, the activation
+ * buffer cannot be allocated): then it ran fm_cpu_matmul_at(fm_cpu_level_best()). */
+fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, int64_t n_tokens,
+                               const fm_weight *w);
 
 /* Reads n bytes at p (any alignment) with the widest loads of `level` (falling back as
  * fm_cpu_matmul_at does) and returns a checksum that depends on every byte, so that the reads

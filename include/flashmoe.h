@@ -45,6 +45,18 @@ typedef enum fm_io_engine {
                        * to FM_IO_PREAD where the kernel refuses io_uring) */
 } fm_io_engine;
 
+/* Where the forward pass runs. */
+typedef enum fm_backend {
+    FM_BACKEND_CPU = 0,  /* the CPU kernels (default) */
+    FM_BACKEND_CUDA = 1, /* the GPU (a build with `make CUDA=1` and a CUDA device; docs/CUDA.md) */
+} fm_backend;
+
+/* Replacement policy of the CUDA backend's VRAM expert cache. */
+typedef enum fm_vram_policy {
+    FM_VRAM_LRU = 0,  /* least recently used (default) */
+    FM_VRAM_FLRU = 1, /* frequency-weighted LRU: lowest uses / (1 + age / slots), as the RAM cache */
+} fm_vram_policy;
+
 typedef struct fm_model_params {
     int n_threads;         /* worker threads for compute; 0 = number of online CPUs */
     int n_experts_used;    /* routed experts per token; 0 = the model's own top-k (fewer lowers quality) */
@@ -55,6 +67,11 @@ typedef struct fm_model_params {
                             * limit. With a budget and no cache_bytes, the cache gets what is left. */
     bool prefetch;         /* decode: guess layer l+1's experts with its router applied to layer l's
                             * input and ask the kernel to start reading them (pread engine only) */
+    fm_backend backend;    /* FM_BACKEND_CUDA: dense weights and session state in VRAM, routed experts
+                            * through a VRAM cache (fm_model_open fails if this build or machine has no GPU) */
+    uint64_t vram_budget;  /* CUDA: device bytes for dense weights, session state and the expert cache;
+                            * 0 = the device's free memory at open less 1 GiB */
+    fm_vram_policy vram_policy; /* CUDA: the expert cache's replacement policy */
 } fm_model_params;
 
 /* Default parameters (all zero: auto threads, the model's own top-k). */

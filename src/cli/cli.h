@@ -38,12 +38,17 @@ enum {
     FM_OPT_CACHE,
     FM_OPT_BUDGET,
     FM_OPT_PREFETCH,
+    FM_OPT_BACKEND,
+    FM_OPT_VRAM_BUDGET,
+    FM_OPT_VRAM_POLICY,
 };
 #define FM_CLI_MODEL_OPTIONS                                                                       \
     {"threads", required_argument, 0, 't'}, {"experts", required_argument, 0, FM_OPT_EXPERTS},      \
         {"io", required_argument, 0, FM_OPT_IO}, {"io-threads", required_argument, 0, FM_OPT_IO_THREADS}, \
         {"cache", required_argument, 0, FM_OPT_CACHE}, {"mem-budget", required_argument, 0, FM_OPT_BUDGET}, \
-        {"prefetch", no_argument, 0, FM_OPT_PREFETCH}
+        {"prefetch", no_argument, 0, FM_OPT_PREFETCH}, {"backend", required_argument, 0, FM_OPT_BACKEND}, \
+        {"vram-budget", required_argument, 0, FM_OPT_VRAM_BUDGET},                                 \
+        {"vram-policy", required_argument, 0, FM_OPT_VRAM_POLICY}
 #define FM_CLI_MODEL_HELP                                                                          \
     "  -t, --threads N       compute threads (default: all CPUs)\n"                               \
     "  --experts K           routed experts per token (default: the model's; fewer lowers quality)\n" \
@@ -55,7 +60,13 @@ enum {
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
     "                        and buffers leave (refused up front if the dense weights do not fit)\n" \
     "  --prefetch            decode: guess the next layer's experts and start reading them early\n"  \
-    "                        (pread engine; bench prints how often the guess was right)\n"
+    "                        (pread engine; bench prints how often the guess was right)\n"  \
+    "  --backend cpu|cuda    where the forward pass runs (default cpu; cuda needs a CUDA=1 build\n" \
+    "                        and a GPU: dense weights in VRAM, experts through a VRAM cache)\n"   \
+    "  --vram-budget SIZE    cuda: device memory for dense weights, state and the expert cache\n"  \
+    "                        (default: the free device memory less 1 GiB)\n"                      \
+    "  --vram-policy P       cuda: the expert cache's replacement, lru (default) or flru\n"      \
+    "                        (frequency-weighted LRU)\n"
 
 /* Sampling options of run / chat (codes 1100..1199). */
 enum {

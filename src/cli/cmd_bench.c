@@ -15,6 +15,7 @@
 #include "backend/cpu/membw.h"
 #include "cli/cli.h"
 #include "flashmoe.h"
+#include "model/forward_cuda.h"
 #include "model/model.h"
 #include "store/expert_store.h"
 #include "util/progress.h"
@@ -320,6 +321,7 @@ typedef struct bench_run {
     double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
     double mixer, route, shared, wait, compute; /* decode seconds summed over tokens and layers */
     uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes;
+    fm_cuda_stats vram;                        /* --backend cuda: the VRAM expert cache during decode */
     /* from the floors */
     double layer_ms, floor_ms, floor_disk_ms, floor_ram_ms;
 } bench_run;
@@ -371,6 +373,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     /* decode */
     if (b->cold) drop_expert_pages(pm);
     fm_store_reset_stats(m->store);
+    fm_forward_cuda_reset_stats(m);
     fm_session_reset_timing(s);
     uint64_t disk0 = storage_read_bytes();
     int32_t next = argmax(logits, V);
@@ -383,6 +386,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
         next = argmax(logits, V);
     }
     r->decode_s = fm_time_now() - t0;
+    r->vram = fm_forward_cuda_stats(m);
     r->disk_bytes = storage_read_bytes() - disk0;
     r->rss = peak_rss(); /* before the RAM probe's 1 GiB buffer */
     r->head_s = fm_session_head_seconds(s);
@@ -428,7 +432,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
            "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
            "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
-           "\"io_direct\": %s}",
+           "\"io_direct\": %s",
            b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->ram_gbs,
@@ -438,6 +442,11 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            (unsigned long long)r->prefill_max_layer_reads, (unsigned long long)r->rss, (unsigned long long)p->mem_budget,
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
            fm_io_engine_name(r->asked), r->direct ? "true" : "false");
+    if (m->gpu) /* --backend cuda */
+        printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu",
+               r->vram.requested ? (double)r->vram.hits / (double)r->vram.requested : 0.0,
+               (unsigned long long)r->vram.h2d_bytes);
+    printf("}");
 }
 
 /* "uring, O_DIRECT, a layer's reads at once" / "pread, 4 reader threads" */
@@ -482,6 +491,11 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
            fm_human_bytes((double)b->touched_token, b3, sizeof b3));
     printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", r->floor_ms, r->floor_disk_ms,
            r->floor_ram_ms, r->layer_ms / r->floor_ms);
+    if (m->gpu)
+        printf("vram         %s: expert cache of %d slots, decode hit rate %.1f%%, %s copied to the GPU\n",
+               fm_forward_cuda_device(m), r->vram.slots,
+               r->vram.requested ? 100.0 * (double)r->vram.hits / (double)r->vram.requested : 0.0,
+               fm_human_bytes((double)r->vram.h2d_bytes, b1, sizeof b1));
     if (r->guessed)
         printf("prefetch     %.1f%% of the guessed next-layer experts were used\n",
                100.0 * (double)r->guessed_right / (double)r->guessed);

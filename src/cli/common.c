@@ -140,6 +140,21 @@ int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params
             return fm_cli_usage_error(cmd, "--mem-budget needs a size such as 16G"), -1;
         p->mem_budget = u;
         return 1;
+    case FM_OPT_BACKEND:
+        if (!strcmp(arg, "cpu")) p->backend = FM_BACKEND_CPU;
+        else if (!strcmp(arg, "cuda")) p->backend = FM_BACKEND_CUDA;
+        else return fm_cli_usage_error(cmd, "--backend must be cpu or cuda"), -1;
+        return 1;
+    case FM_OPT_VRAM_BUDGET:
+        if (!fm_cli_parse_size(arg, &u) || u == 0)
+            return fm_cli_usage_error(cmd, "--vram-budget needs a size such as 24G"), -1;
+        p->vram_budget = u;
+        return 1;
+    case FM_OPT_VRAM_POLICY:
+        if (!strcmp(arg, "lru")) p->vram_policy = FM_VRAM_LRU;
+        else if (!strcmp(arg, "flru")) p->vram_policy = FM_VRAM_FLRU;
+        else return fm_cli_usage_error(cmd, "--vram-policy must be lru or flru"), -1;
+        return 1;
     }
     return 0;
 }

@@ -11,6 +11,7 @@
 
 #include "backend/cpu/mixer_kernels.h"
 #include "backend/cpu/ops.h"
+#include "model/forward_cuda.h"
 #include "model/model.h"
 #include "util/error.h"
 #include "util/progress.h"
@@ -49,6 +50,7 @@ struct fm_session {
     int guess_layer;         /* the layer guessed for, -1 if none */
     float *logit_row;  /* (H) */
     double head_seconds; /* final norm + lm_head */
+    fm_cuda_session *gpu; /* --backend cuda: the state lives on the GPU (forward_cuda.c) */
 };
 
 const fm_layer_timing *fm_session_layer_timing(const fm_session *s, int layer) { return &s->timing[layer]; }
@@ -119,6 +121,12 @@ fm_status fm_session_init(fm_model *m, int64_t n_ctx, fm_session **out) {
     if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->expert_fill ||
         !s->expert_uniq || !s->timing || !s->guess_logits || !s->guess || !s->logit_row)
         goto nomem;
+    if (m->gpu) { /* CUDA backend: no CPU state */
+        fm_status st = fm_forward_cuda_session_init(m, n_ctx, s->timing, &s->head_seconds, &s->gpu);
+        if (st != FM_OK) fm_session_free(s);
+        else *out = s;
+        return st;
+    }
     for (int l = 0; l < c->n_layers; l++) {
         if (c->layer_kind[l] == FM_LAYER_FULL) {
             size_t n = (size_t)n_ctx * (size_t)c->n_head_kv * (size_t)c->head_dim;
@@ -140,6 +148,7 @@ nomem:
 
 void fm_session_free(fm_session *s) {
     if (!s) return;
+    fm_forward_cuda_session_free(s->gpu);
     for (int l = 0; s->k_cache && l < s->m->cfg.n_layers; l++) {
         free(s->k_cache[l]);
         free(s->v_cache[l]);
@@ -176,6 +185,10 @@ void fm_session_reset(fm_session *s) {
     const fm_config *c = &s->m->cfg;
     s->n_past = 0;
     s->guess_layer = -1;
+    if (s->gpu) { /* an asynchronous fault shows at the next eval */
+        (void)fm_forward_cuda_session_reset(s->gpu);
+        return;
+    }
     for (int l = 0; l < c->n_layers; l++) {
         if (c->layer_kind[l] != FM_LAYER_LINEAR) continue;
         memset(s->conv_state[l], 0, sizeof(float) * (size_t)(c->conv_kernel - 1) * (size_t)fm_config_conv_dim(c));
@@ -574,8 +587,10 @@ fm_status fm_session_eval(fm_session *s, const int32_t *ids, int64_t n, float *l
         float *out = NULL;
         if (logits && all_logits) out = logits + i * c->n_vocab;
         else if (logits && last) out = logits;
-        fm_status st = eval_chunk(s, ids + i, T, out, all_logits);
+        fm_status st = s->gpu ? fm_forward_cuda_eval_chunk(s->gpu, s->n_past, ids + i, T, out, all_logits)
+                              : eval_chunk(s, ids + i, T, out, all_logits);
         if (st != FM_OK) return st;
+        if (s->gpu) s->n_past += T;
     }
     return FM_OK;
 }

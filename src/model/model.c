@@ -1,5 +1,6 @@
 /* Model open: binds every packed tensor to its place, checking name, dtype and shape. */
 #include "model/model.h"
+#include "model/forward_cuda.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -178,6 +179,7 @@ fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model
         st = fm_error_set(FM_ERR_NOMEM, "cannot start worker threads");
         goto fail;
     }
+    if (p.backend == FM_BACKEND_CUDA && (st = fm_forward_cuda_open(m, &p)) != FM_OK) goto fail;
     *out = m;
     return FM_OK;
 fail:
@@ -187,6 +189,7 @@ fail:
 
 void fm_model_free(fm_model *m) {
     if (!m) return;
+    fm_forward_cuda_close(m);
     fm_pool_free(m->pool);
     fm_store_free(m->store);
     free(m->layers);

@@ -48,6 +48,7 @@ struct fm_model {
     fm_pool *pool;
     uint64_t dense_bytes; /* resident weights */
     bool prefetch;        /* fm_model_params.prefetch */
+    struct fm_cuda_model *gpu; /* --backend cuda: VRAM weights and expert cache (forward_cuda.c); NULL on the CPU */
 };
 
 /* Where one layer's time went, summed over evals (seconds). */

@@ -130,3 +130,91 @@ fm_status fm_cuda_swiglu(fm_cuda *ctx, float *out, const float *gate, const floa
 #endif
 
 #endif
+
+/* ==== Layer kernels of the forward pass (src/backend/cuda/layers.cu; docs/CUDA.md) ====
+ * The same contract as above: enqueued on the context's stream unless said otherwise, FM_ERR_ARG
+ * for bad shapes or NULL pointers (checked before anything is enqueued), every pointer a device
+ * pointer unless it says host. Each kernel mirrors the CPU code it replaces (src/model/forward.c,
+ * fm_cpu_rmsnorm, fm_cpu_rope_neox) in its order of operations; sums over many values are reduced
+ * across threads, so results agree with the CPU to float32 rounding, not bit for bit. */
+#ifndef FM_BACKEND_CUDA_LAYERS_SECTION
+#define FM_BACKEND_CUDA_LAYERS_SECTION
+
+#include <stdbool.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Page-locked host memory (cudaMallocHost), for uploads that do not block the host. */
+fm_status fm_cuda_host_alloc(fm_cuda *ctx, size_t bytes, void **host);
+/* Waits for the context's stream, then frees (NULL is fine). */
+void fm_cuda_host_free(fm_cuda *ctx, void *host);
+/* host -> device, enqueued: `host` must stay unchanged until the stream has passed this point
+ * (page-locked memory: truly asynchronous; pageable memory: the copy is staged at once). */
+fm_status fm_cuda_upload_async(fm_cuda *ctx, void *dev, const void *host, size_t bytes);
+/* Free and total device memory (cudaMemGetInfo). */
+fm_status fm_cuda_mem_info(fm_cuda *ctx, uint64_t *free_bytes, uint64_t *total_bytes);
+
+/* Per row t < n_tokens of n values: x += add (add may be NULL: no add), then
+ * xn = x / sqrt(mean(x^2) + eps) * w (w NULL: no scale). The residual step of forward.c followed by
+ * fm_cpu_rmsnorm. xn must not overlap x or add. */
+fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, const float *add, const float *w, int64_t n_tokens,
+                              int64_t n, float eps);
+
+/* Gated RMSNorm of Gated DeltaNet, per row of n: out = rmsnorm(x) * w * silu(z) (w: n floats).
+ * out may equal x. */
+fm_status fm_cuda_rmsnorm_gated(fm_cuda *ctx, float *out, const float *x, const float *z, const float *w,
+                                int64_t n_rows, int64_t n, float eps);
+
+/* Per token t and head h (row r = t * n_heads + h): out[r * out_stride + i] = rope(rmsnorm(in[r *
+ * in_stride + i]) * w)[i] for i < d, where rope is fm_cpu_rope_neox on the first rot_dim values at
+ * position pos0 + t with inv_freq[i] (rot_dim / 2 floats on the device: float(1 / theta^(2i/rot_dim)),
+ * as the CPU computes them). rot_dim = 0: no rotation (inv_freq may be NULL). d <= 8192. */
+fm_status fm_cuda_head_norm_rope(fm_cuda *ctx, float *out, int64_t out_stride, const float *in, int64_t in_stride,
+                                 const float *w, int64_t n_tokens, int n_heads, int d, float eps, int rot_dim,
+                                 const float *inv_freq, int64_t pos0);
+
+/* Causal depthwise conv1d (kernel K, no bias) + SiLU over [state (K-1 rows); in (n_tokens rows)]:
+ * out[t, ch] = silu(sum_{j<K} w[ch, j] * seq[t + j, ch]); then state = the last K-1 rows of that
+ * sequence. in, out: (n_tokens, channels); state: (K-1, channels), oldest first; w: (channels, K).
+ * out must not overlap in or state. K <= 64. */
+fm_status fm_cuda_conv1d_silu(fm_cuda *ctx, float *out, const float *in, float *state, const float *w,
+                              int64_t n_tokens, int64_t channels, int K);
+
+/* The gated delta rule over n_tokens tokens in order (docs/MODEL.md), per value head h with key
+ * head h / (nv / nk): qkv (n_tokens, 2*nk*dk + nv*dv) = [q | k | v] after the conv; b, a
+ * (n_tokens, nv) the beta and decay projections; S (nv, dk, dv) the recurrent state, updated;
+ * A_log, dt_bias (nv).
+ * o (n_tokens, nv*dv) = S^T q per head, before the gated norm. dk, dv <= 1024. */
+fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv, const float *b, const float *a, float *S,
+                             const float *A_log, const float *dt_bias, int64_t n_tokens, int nk, int nv, int dk, int dv);
+
+/* Gated causal attention for n_tokens tokens at positions pos0.. whose K and V rows are already in
+ * the caches (n_ctx, n_head_kv, d): for row r = t * n_head + h,
+ *   out[r] = softmax_p(q[r] . K[p, h/(n_head/n_head_kv)] / sqrt(d), p <= pos0 + t) V * sigmoid(gate)
+ * q, out: (n_tokens, n_head, d); gate row r at gate + r * gate_stride. d <= 512. */
+fm_status fm_cuda_attention(fm_cuda *ctx, float *out, const float *q, const float *gate, int64_t gate_stride,
+                            const float *k_cache, const float *v_cache, int64_t n_tokens, int64_t pos0, int n_head,
+                            int n_head_kv, int d);
+
+/* Router: per token, p = softmax(logits[t]) over n_experts (<= 4096), then k passes of max
+ * selection (ties to the lower id): ids[t, i], weights[t, i] = p; with norm, weights /= their sum. */
+fm_status fm_cuda_router_topk(fm_cuda *ctx, int32_t *ids, float *weights, const float *logits, int64_t n_tokens,
+                              int n_experts, int k, bool norm);
+
+/* out[r] = src[idx[r]] for r < n (rows of cols floats; n <= 65535). */
+fm_status fm_cuda_gather_rows(fm_cuda *ctx, float *out, const float *src, const int32_t *idx, int64_t n,
+                              int64_t cols);
+
+/* MoE combine + residual, per token t < n_tokens (<= 65535), rows of H:
+ *   x[t] += sigmoid(shared_logit[t]) * shared[t] + sum_{j<k} w[t, j] * Y[rows[t, j]]
+ * in that order (rows[t, j] < 0 is skipped; shared NULL: no shared expert). */
+fm_status fm_cuda_moe_combine(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit, const float *Y,
+                              const int32_t *rows, const float *w, int64_t n_tokens, int k, int64_t H);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* FM_BACKEND_CUDA_LAYERS_SECTION */

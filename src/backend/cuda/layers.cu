@@ -1,0 +1,551 @@
+/* Layer kernels of the forward pass on the GPU (see the "layer kernels" section of cuda_backend.h):
+ * residual + RMSNorm, the gated RMSNorm of Gated DeltaNet, per-head RMSNorm + partial RoPE, the
+ * causal depthwise conv1d + SiLU with its state, the gated delta rule recurrence, gated attention
+ * over the KV cache, the router's softmax + top-k, the row gather of the routed experts and the
+ * weighted expert combine + residual. Each mirrors the order of operations of src/model/forward.c
+ * (and fm_cpu_rmsnorm, fm_cpu_rope_neox), except that sums over many values are reduced across
+ * threads, so results differ from the CPU by float32 rounding only. No fast-math: expf, log1pf,
+ * sqrtf, cosf, sinf and divisions are IEEE-accurate CUDA library calls. */
+#include <math.h>
+#include <stdint.h>
+
+#include "backend/cuda/cuda_internal.h"
+
+namespace {
+
+constexpr int BLOCK = 256;
+
+/* Sum of v over the block (blockDim.x a multiple of 32, at most 1024); every thread gets the sum.
+ * `red` has room for 32 floats; the function begins and ends with a barrier, so it may be called
+ * repeatedly with the same buffer. */
+__device__ float block_sum(float v, float *red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float tot = 0.f;
+    const int nw = (int)(blockDim.x >> 5);
+    for (int i = 0; i < nw; i++) tot += red[i];
+    __syncthreads();
+    return tot;
+}
+
+__device__ float block_max(float v, float *red) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    __syncthreads();
+    if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+    __syncthreads();
+    float m = -INFINITY;
+    const int nw = (int)(blockDim.x >> 5);
+    for (int i = 0; i < nw; i++) m = fmaxf(m, red[i]);
+    __syncthreads();
+    return m;
+}
+
+__device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+__device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
+
+/* ---- residual + RMSNorm: x += add (optional); xn = x / sqrt(mean(x^2) + eps) * w ---- */
+__global__ void __launch_bounds__(BLOCK) add_rmsnorm_kernel(float *x, float *xn, const float *add, const float *w,
+                                                            long long n, float eps) {
+    __shared__ float red[32];
+    float *xr = x + (long long)blockIdx.x * n;
+    float *orow = xn + (long long)blockIdx.x * n;
+    const float *ar = add ? add + (long long)blockIdx.x * n : nullptr;
+    float ss = 0.f;
+    for (long long i = threadIdx.x; i < n; i += BLOCK) {
+        float v = xr[i];
+        if (ar) {
+            v += ar[i];
+            xr[i] = v;
+        }
+        ss = fmaf(v, v, ss);
+    }
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)n + eps);
+    for (long long i = threadIdx.x; i < n; i += BLOCK) orow[i] = xr[i] * scale * (w ? w[i] : 1.0f);
+}
+
+/* ---- gated RMSNorm (DeltaNet output): out = rmsnorm(x) * w * silu(z), per row of n ---- */
+__global__ void __launch_bounds__(BLOCK) rmsnorm_gated_kernel(float *out, const float *x, const float *z,
+                                                              const float *w, long long n, float eps) {
+    __shared__ float red[32];
+    const long long r = blockIdx.x;
+    const float *xr = x + r * n, *zr = z + r * n;
+    float *orow = out + r * n;
+    float ss = 0.f;
+    for (long long i = threadIdx.x; i < n; i += BLOCK) ss = fmaf(xr[i], xr[i], ss);
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)n + eps);
+    for (long long i = threadIdx.x; i < n; i += BLOCK) {
+        const float v = xr[i] * scale * w[i]; /* fm_cpu_rmsnorm, then o *= silu(z) */
+        orow[i] = v * silu(zr[i]);
+    }
+}
+
+/* ---- per-head RMSNorm + NeoX RoPE on the first rot_dim values: one block per (token, head) ---- */
+__global__ void __launch_bounds__(128) head_norm_rope_kernel(float *out, long long out_stride, const float *in,
+                                                             long long in_stride, const float *w, int n_heads, int d,
+                                                             float eps, int rot_dim, const float *inv_freq,
+                                                             long long pos0) {
+    extern __shared__ float sh[]; /* d floats */
+    __shared__ float red[32];
+    const long long r = blockIdx.x; /* t * n_heads + h */
+    const long long t = r / n_heads;
+    const float *src = in + r * in_stride;
+    float *dst = out + r * out_stride;
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) sh[i] = src[i] * scale * w[i];
+    __syncthreads();
+    const int half = rot_dim / 2;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        if (i < half) { /* as fm_cpu_rope_neox: angle = (float)pos * inv_freq in float32 */
+            const float f = (float)(pos0 + t) * inv_freq[i];
+            const float c = cosf(f), s = sinf(f), a = sh[i], b = sh[i + half];
+            dst[i] = a * c - b * s;
+            dst[i + half] = b * c + a * s;
+        } else if (i >= rot_dim) {
+            dst[i] = sh[i];
+        }
+    }
+}
+
+/* ---- causal depthwise conv1d over [state (K-1 rows); in (T rows)], SiLU, state update ----
+ * One thread per channel: everything it reads and writes is its own channel. */
+__global__ void conv1d_silu_kernel(float *out, const float *in, float *state, const float *w, long long T,
+                                   long long C, int K) {
+    const long long ch = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (ch >= C) return;
+    const float *wc = w + ch * K;
+    for (long long t = 0; t < T; t++) {
+        float acc = 0.f;
+        for (int j = 0; j < K; j++) {
+            const long long idx = t + j - (K - 1);
+            const float v = idx >= 0 ? in[idx * C + ch] : state[(K - 1 + idx) * C + ch];
+            acc += wc[j] * v;
+        }
+        out[t * C + ch] = silu(acc);
+    }
+    for (int i = 0; i < K - 1; i++) { /* keep the last K-1 inputs; reads run ahead of writes */
+        const long long src = T + i;
+        state[(long long)i * C + ch] = src < K - 1 ? state[src * C + ch] : in[(src - (K - 1)) * C + ch];
+    }
+}
+
+/* ---- gated delta rule: one block per value head h, the chunk's T tokens in order ----
+ * Thread j owns column j of the head's state S (dk x dv, row-major in global memory). Per token:
+ *   q, k = l2norm(q), l2norm(k) (1e-6 inside the rsqrt); q *= dk^-1/2
+ *   decay = exp(-exp(A_log) softplus(a + dt_bias)); beta = sigmoid(b)
+ *   S = decay S; d = beta (v - S^T k); S += k d^T; o = S^T q   (o before the gated norm) */
+__global__ void delta_rule_kernel(float *o, const float *qkv, const float *bb, const float *aa, float *S, const float *A_log,
+                                  const float *dt_bias, long long T, int nk, int nv, int dk, int dv) {
+    extern __shared__ float sh[]; /* qn (dk) | kn (dk) */
+    __shared__ float red[32];
+    float *qn = sh, *kn = sh + dk;
+    const int h = blockIdx.x, g = h / (nv / nk);
+    const long long kd = (long long)nk * dk, cd = 2 * kd + (long long)nv * dv, vd = (long long)nv * dv;
+    float *Sh = S + (long long)h * dk * dv;
+    const float A = -expf(A_log[h]);
+    const float q_scale = 1.0f / sqrtf((float)dk);
+    const int j = threadIdx.x;
+    for (long long t = 0; t < T; t++) {
+        const float *row = qkv + t * cd;
+        const float *q = row + (long long)g * dk, *k = row + kd + (long long)g * dk, *v = row + 2 * kd + (long long)h * dv;
+        float sq = 0.f, sk = 0.f;
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+            sq = fmaf(q[i], q[i], sq);
+            sk = fmaf(k[i], k[i], sk);
+        }
+        sq = block_sum(sq, red);
+        sk = block_sum(sk, red);
+        const float iq = 1.0f / sqrtf(sq + 1e-6f), ik = 1.0f / sqrtf(sk + 1e-6f);
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+            qn[i] = q[i] * iq * q_scale;
+            kn[i] = k[i] * ik;
+        }
+        __syncthreads();
+        const float b = bb[t * nv + h], a = aa[t * nv + h];
+        const float decay = expf(A * softplus(a + dt_bias[h]));
+        const float beta = sigmoid(b);
+        if (j < dv) {
+            float kv = 0.f;
+            for (int i = 0; i < dk; i++) {
+                const float s = Sh[(long long)i * dv + j] * decay;
+                Sh[(long long)i * dv + j] = s;
+                kv += s * kn[i];
+            }
+            const float dd = beta * (v[j] - kv);
+            float acc = 0.f;
+            for (int i = 0; i < dk; i++) {
+                const float s = Sh[(long long)i * dv + j] + kn[i] * dd;
+                Sh[(long long)i * dv + j] = s;
+                acc += s * qn[i];
+            }
+            o[t * vd + (long long)h * dv + j] = acc;
+        }
+        __syncthreads(); /* qn, kn are rewritten by the next token */
+    }
+}
+
+/* ---- gated attention over the KV cache: one block per (token, head), ATT_WARPS warps ----
+ * Warp w takes positions w, w + ATT_WARPS, ... <= pos0 + t with its own online softmax (running
+ * max m, sum, and o in registers: lane l holds o[l + 32 i]); the warps' partial results are
+ * merged at the end: M = max m_w, sum = sum_w sum_w e^(m_w - M), o = sum_w o_w e^(m_w - M).
+ * out = o / sum * sigmoid(gate). head_dim <= ATT_MAX_D. */
+constexpr int ATT_WARPS = 4;
+constexpr int ATT_MAX_D = 512;
+constexpr int ATT_PER_LANE = ATT_MAX_D / 32;
+
+__global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, const float *q, const float *gate,
+                                                                   long long gate_stride, const float *kc,
+                                                                   const float *vc, long long pos0, int nh, int nkv,
+                                                                   int d, float scale) {
+    __shared__ float sm_m[ATT_WARPS], sm_s[ATT_WARPS];
+    __shared__ float sm_o[ATT_WARPS][ATT_MAX_D];
+    const long long r = blockIdx.x; /* t * nh + h */
+    const long long t = r / nh;
+    const int h = (int)(r % nh), kvh = h / (nh / nkv);
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    const float *qr = q + r * d;
+    float qreg[ATT_PER_LANE], o[ATT_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < ATT_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        qreg[i] = c < d ? qr[c] : 0.f;
+        o[i] = 0.f;
+    }
+    float m = -INFINITY, sum = 0.f;
+    const long long last = pos0 + t;
+    for (long long p = wid; p <= last; p += ATT_WARPS) {
+        const float *k = kc + (p * nkv + kvh) * d, *v = vc + (p * nkv + kvh) * d;
+        float part = 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) part = fmaf(qreg[i], k[c], part);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+        const float sc = part * scale;
+        if (sc > m) {
+            const float rescale = expf(m - sc);
+            sum *= rescale;
+#pragma unroll
+            for (int i = 0; i < ATT_PER_LANE; i++) o[i] *= rescale;
+            m = sc;
+        }
+        const float e = expf(sc - m);
+        sum += e;
+#pragma unroll
+        for (int i = 0; i < ATT_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) o[i] = fmaf(e, v[c], o[i]);
+        }
+    }
+    if (lane == 0) {
+        sm_m[wid] = m;
+        sm_s[wid] = sum;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        if (c < d) sm_o[wid][c] = o[i];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w]);
+    float tot = 0.f, f[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = sm_m[w] == -INFINITY ? 0.f : expf(sm_m[w] - M);
+        tot += sm_s[w] * f[w];
+    }
+    const float *g = gate + r * gate_stride;
+    for (int c = threadIdx.x; c < d; c += ATT_WARPS * 32) {
+        float acc = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) acc += sm_o[w][c] * f[w];
+        out[r * d + c] = acc / tot * sigmoid(g[c]);
+    }
+}
+
+/* ---- router: softmax over E logits, top-k by k passes of max selection (ties to the lower id),
+ * optional renormalisation. One block per token; p in shared memory. ---- */
+__global__ void __launch_bounds__(BLOCK) router_topk_kernel(int32_t *ids, float *weights, const float *logits, int E,
+                                                            int k, int norm) {
+    extern __shared__ float p[]; /* E floats, then E taken flags (as floats) */
+    __shared__ float red[32];
+    __shared__ int red_id[32];
+    float *taken = p + E;
+    const long long t = blockIdx.x;
+    const float *lg = logits + t * E;
+    float mx = -INFINITY;
+    for (int e = threadIdx.x; e < E; e += BLOCK) {
+        p[e] = lg[e];
+        taken[e] = 0.f;
+        mx = fmaxf(mx, p[e]);
+    }
+    mx = block_max(mx, red);
+    float s = 0.f;
+    for (int e = threadIdx.x; e < E; e += BLOCK) {
+        const float v = expf(p[e] - mx);
+        p[e] = v;
+        s += v;
+    }
+    s = block_sum(s, red);
+    for (int e = threadIdx.x; e < E; e += BLOCK) p[e] /= s;
+    __syncthreads();
+    float tsum = 0.f; /* thread 0 */
+    for (int i = 0; i < k; i++) {
+        float bv = -INFINITY;
+        int bi = -1;
+        for (int e = threadIdx.x; e < E; e += BLOCK) /* ascending e: strict > keeps the lower id */
+            if (taken[e] == 0.f && (bi < 0 || p[e] > bv)) {
+                bv = p[e];
+                bi = e;
+            }
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (oi >= 0 && (bi < 0 || ov > bv || (ov == bv && oi < bi))) {
+                bv = ov;
+                bi = oi;
+            }
+        }
+        if ((threadIdx.x & 31) == 0) {
+            red[threadIdx.x >> 5] = bv;
+            red_id[threadIdx.x >> 5] = bi;
+        }
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            float v = -INFINITY;
+            int best = -1;
+            for (int w = 0; w < BLOCK / 32; w++)
+                if (red_id[w] >= 0 && (best < 0 || red[w] > v || (red[w] == v && red_id[w] < best))) {
+                    v = red[w];
+                    best = red_id[w];
+                }
+            taken[best] = 1.f;
+            ids[t * k + i] = best;
+            weights[t * k + i] = p[best];
+            tsum += p[best];
+        }
+        __syncthreads();
+    }
+    if (threadIdx.x == 0 && norm)
+        for (int i = 0; i < k; i++) weights[t * k + i] /= tsum;
+}
+
+__global__ void gather_rows_kernel(float *out, const float *src, const int32_t *idx, long long cols) {
+    const long long r = blockIdx.y;
+    const float *s = src + (long long)idx[r] * cols;
+    float *o = out + r * cols;
+    for (long long c = (long long)blockIdx.x * blockDim.x + threadIdx.x; c < cols; c += (long long)gridDim.x * blockDim.x)
+        o[c] = s[c];
+}
+
+/* ---- MoE combine + residual: x[t] += (sigmoid(sl[t]) * shared[t]) + sum_j w[t,j] Y[rows[t,j]] ----
+ * In forward.c's order: out = sg * y_shared (or 0), out += w * Y per expert in ascending id, x += out. */
+__global__ void moe_combine_kernel(float *x, const float *shared, const float *sl, const float *Y,
+                                   const int32_t *rows, const float *w, int k, long long H) {
+    const long long t = blockIdx.y;
+    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < H; i += (long long)gridDim.x * blockDim.x) {
+        float acc = shared ? sg * shared[t * H + i] : 0.f;
+        for (int j = 0; j < k; j++) {
+            const int32_t r = rows[t * k + j];
+            if (r >= 0) acc += w[t * k + j] * Y[(long long)r * H + i];
+        }
+        x[t * H + i] += acc;
+    }
+}
+
+unsigned blocks_for(long long n, int threads, long long cap) {
+    long long b = (n + threads - 1) / threads;
+    if (b < 1) b = 1;
+    return (unsigned)(b > cap ? cap : b);
+}
+
+} // namespace
+
+/* ------------------------------------------------------------------------ host side */
+
+extern "C" fm_status fm_cuda_host_alloc(fm_cuda *ctx, size_t bytes, void **host) {
+    if (!host) return fm_error_set(FM_ERR_ARG, "fm_cuda_host_alloc: NULL argument");
+    *host = NULL;
+    FM_CUDA_CTX(ctx);
+    if (bytes == 0) return FM_OK;
+    void *p = NULL;
+    cudaError_t e = cudaMallocHost(&p, bytes);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        fm_cuda_fail(e, "cudaMallocHost(&p, bytes)", __FILE__, __LINE__);
+        return fm_error_wrap(e == cudaErrorMemoryAllocation ? FM_ERR_NOMEM : FM_ERR_IO,
+                             "fm_cuda_host_alloc of %zu bytes", bytes);
+    }
+    *host = p;
+    return FM_OK;
+}
+
+extern "C" void fm_cuda_host_free(fm_cuda *ctx, void *host) {
+    if (!ctx || !host) return;
+    cudaSetDevice(ctx->device);
+    cudaStreamSynchronize(ctx->stream);
+    cudaFreeHost(host);
+}
+
+extern "C" fm_status fm_cuda_upload_async(fm_cuda *ctx, void *dev, const void *host, size_t bytes) {
+    FM_CUDA_CTX(ctx);
+    if (bytes == 0) return FM_OK;
+    if (!dev || !host) return fm_error_set(FM_ERR_ARG, "fm_cuda_upload_async: NULL pointer");
+    FM_CUDA_CHECK(cudaMemcpyAsync(dev, host, bytes, cudaMemcpyHostToDevice, ctx->stream));
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_mem_info(fm_cuda *ctx, uint64_t *free_bytes, uint64_t *total_bytes) {
+    FM_CUDA_CTX(ctx);
+    size_t f = 0, t = 0;
+    FM_CUDA_CHECK(cudaMemGetInfo(&f, &t));
+    if (free_bytes) *free_bytes = f;
+    if (total_bytes) *total_bytes = t;
+    return FM_OK;
+}
+
+#define LAYER_ARG_CHECK(cond, ...)                                                                 \
+    do {                                                                                           \
+        if (!(cond)) return fm_error_set(FM_ERR_ARG, __VA_ARGS__);                                 \
+    } while (0)
+
+extern "C" fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, const float *add, const float *w,
+                                         int64_t n_tokens, int64_t n, float eps) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_tokens <= INT32_MAX && n > 0, "CUDA add_rmsnorm: bad shape (%lld x %lld)",
+                    (long long)n_tokens, (long long)n);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(x && xn, "CUDA add_rmsnorm: NULL pointer");
+    add_rmsnorm_kernel<<<(unsigned)n_tokens, BLOCK, 0, ctx->stream>>>(x, xn, add, w, (long long)n, eps);
+    FM_CUDA_CHECK_LAUNCH("add_rmsnorm_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_rmsnorm_gated(fm_cuda *ctx, float *out, const float *x, const float *z, const float *w,
+                                           int64_t n_rows, int64_t n, float eps) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_rows >= 0 && n_rows <= INT32_MAX && n > 0, "CUDA rmsnorm_gated: bad shape (%lld x %lld)",
+                    (long long)n_rows, (long long)n);
+    if (n_rows == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && x && z && w, "CUDA rmsnorm_gated: NULL pointer");
+    rmsnorm_gated_kernel<<<(unsigned)n_rows, BLOCK, 0, ctx->stream>>>(out, x, z, w, (long long)n, eps);
+    FM_CUDA_CHECK_LAUNCH("rmsnorm_gated_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_head_norm_rope(fm_cuda *ctx, float *out, int64_t out_stride, const float *in,
+                                            int64_t in_stride, const float *w, int64_t n_tokens, int n_heads, int d,
+                                            float eps, int rot_dim, const float *inv_freq, int64_t pos0) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_heads > 0 && d > 0 && d <= 8192 && n_tokens * n_heads <= INT32_MAX &&
+                        rot_dim >= 0 && rot_dim <= d && rot_dim % 2 == 0 && pos0 >= 0 && out_stride >= d && in_stride >= d,
+                    "CUDA head_norm_rope: bad shape (%lld tokens, %d heads of %d, rot %d, strides %lld/%lld)",
+                    (long long)n_tokens, n_heads, d, rot_dim, (long long)in_stride, (long long)out_stride);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && in && w && (rot_dim == 0 || inv_freq), "CUDA head_norm_rope: NULL pointer");
+    head_norm_rope_kernel<<<(unsigned)(n_tokens * n_heads), 128, sizeof(float) * (size_t)d, ctx->stream>>>(
+        out, (long long)out_stride, in, (long long)in_stride, w, n_heads, d, eps, rot_dim, inv_freq, (long long)pos0);
+    FM_CUDA_CHECK_LAUNCH("head_norm_rope_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_conv1d_silu(fm_cuda *ctx, float *out, const float *in, float *state, const float *w,
+                                         int64_t n_tokens, int64_t channels, int K) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && channels > 0 && K >= 1 && K <= 64, "CUDA conv1d_silu: bad shape (%lld x %lld, K %d)",
+                    (long long)n_tokens, (long long)channels, K);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && in && w && (state || K == 1), "CUDA conv1d_silu: NULL pointer");
+    conv1d_silu_kernel<<<blocks_for(channels, 128, INT32_MAX), 128, 0, ctx->stream>>>(out, in, state, w,
+                                                                                      (long long)n_tokens,
+                                                                                      (long long)channels, K);
+    FM_CUDA_CHECK_LAUNCH("conv1d_silu_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv, const float *b, const float *a, float *S,
+                                        const float *A_log, const float *dt_bias, int64_t n_tokens, int nk, int nv,
+                                        int dk, int dv) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && nk > 0 && nv > 0 && nv % nk == 0 && dk > 0 && dk <= 1024 && dv > 0 && dv <= 1024,
+                    "CUDA delta_rule: bad shape (%lld tokens, %d key / %d value heads, dk %d, dv %d)",
+                    (long long)n_tokens, nk, nv, dk, dv);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(o && qkv && b && a && S && A_log && dt_bias, "CUDA delta_rule: NULL pointer");
+    const int threads = (dv + 31) / 32 * 32;
+    delta_rule_kernel<<<(unsigned)nv, threads, sizeof(float) * 2 * (size_t)dk, ctx->stream>>>(
+        o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens, nk, nv, dk, dv);
+    FM_CUDA_CHECK_LAUNCH("delta_rule_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_attention(fm_cuda *ctx, float *out, const float *q, const float *gate,
+                                       int64_t gate_stride, const float *k_cache, const float *v_cache,
+                                       int64_t n_tokens, int64_t pos0, int n_head, int n_head_kv, int d) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_head > 0 && n_head_kv > 0 && n_head % n_head_kv == 0 && d > 0 &&
+                        d <= ATT_MAX_D && pos0 >= 0 && gate_stride >= d && n_tokens * n_head <= INT32_MAX,
+                    "CUDA attention: bad shape (%lld tokens at %lld, %d/%d heads of %d; at most %d)", (long long)n_tokens,
+                    (long long)pos0, n_head, n_head_kv, d, ATT_MAX_D);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && q && gate && k_cache && v_cache, "CUDA attention: NULL pointer");
+    attention_kernel<<<(unsigned)(n_tokens * n_head), ATT_WARPS * 32, 0, ctx->stream>>>(
+        out, q, gate, (long long)gate_stride, k_cache, v_cache, (long long)pos0, n_head, n_head_kv, d,
+        1.0f / sqrtf((float)d));
+    FM_CUDA_CHECK_LAUNCH("attention_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_router_topk(fm_cuda *ctx, int32_t *ids, float *weights, const float *logits,
+                                         int64_t n_tokens, int n_experts, int k, bool norm) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_tokens <= INT32_MAX && n_experts > 0 && n_experts <= 4096 && k > 0 &&
+                        k <= n_experts,
+                    "CUDA router_topk: bad shape (%lld tokens, %d experts, top-%d)", (long long)n_tokens, n_experts, k);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(ids && weights && logits, "CUDA router_topk: NULL pointer");
+    router_topk_kernel<<<(unsigned)n_tokens, BLOCK, sizeof(float) * 2 * (size_t)n_experts, ctx->stream>>>(
+        ids, weights, logits, n_experts, k, norm ? 1 : 0);
+    FM_CUDA_CHECK_LAUNCH("router_topk_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_gather_rows(fm_cuda *ctx, float *out, const float *src, const int32_t *idx, int64_t n,
+                                         int64_t cols) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n >= 0 && n <= 65535 && cols > 0, "CUDA gather_rows: bad shape (%lld rows of %lld; at most 65535 rows)",
+                    (long long)n, (long long)cols);
+    if (n == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && src && idx, "CUDA gather_rows: NULL pointer");
+    dim3 grid(blocks_for(cols, BLOCK, 64), (unsigned)n);
+    gather_rows_kernel<<<grid, BLOCK, 0, ctx->stream>>>(out, src, idx, (long long)cols);
+    FM_CUDA_CHECK_LAUNCH("gather_rows_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_moe_combine(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit,
+                                         const float *Y, const int32_t *rows, const float *w, int64_t n_tokens, int k,
+                                         int64_t H) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_tokens <= 65535 && k >= 0 && H > 0,
+                    "CUDA moe_combine: bad shape (%lld tokens, top-%d, %lld; at most 65535 tokens)", (long long)n_tokens,
+                    k, (long long)H);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(x && (!shared || shared_logit) && (k == 0 || (Y && rows && w)), "CUDA moe_combine: NULL pointer");
+    dim3 grid(blocks_for(H, BLOCK, 64), (unsigned)n_tokens);
+    moe_combine_kernel<<<grid, BLOCK, 0, ctx->stream>>>(x, shared, shared_logit, Y, rows, w, k, (long long)H);
+    FM_CUDA_CHECK_LAUNCH("moe_combine_kernel");
+    return FM_OK;
+}

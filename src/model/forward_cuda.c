@@ -1,0 +1,847 @@
+/* The forward pass on the GPU (see forward_cuda.h and docs/CUDA.md). The math and the order of
+ * operations are those of forward.c; each step is a kernel of src/backend/cuda/ (matmuls in the
+ * stored weight layout, layers.cu for the rest). Per layer and chunk of T tokens:
+ *
+ *   xn = rmsnorm(x) * input_norm
+ *   mix = DeltaNet(xn) or gated attention(xn)        (state, KV cache on the device)
+ *   x += mix; xn = rmsnorm(x) * post_attn_norm
+ *   router logits, softmax + top-k on the device -> the ids and weights to the host (the sync)
+ *   shared expert enqueued; the host groups tokens by expert, makes each needed expert resident
+ *   in a VRAM slot (hit, or fm_store_request / fm_store_wait + copy), enqueues the experts'
+ *   gate/up (one batched launch), SwiGLU, down (one batched launch), then
+ *   x += sigmoid(g_s) * shared + sum_j w_j * expert_j                (one fused kernel)
+ */
+#include "model/forward_cuda.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util/error.h"
+
+#ifndef FM_HAVE_CUDA
+
+static fm_status no_cuda(void) {
+    return fm_error_set(FM_ERR_UNSUPPORTED, "--backend cuda: this flashmoe was built without CUDA (rebuild with make CUDA=1)");
+}
+fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
+    (void)m, (void)p;
+    return no_cuda();
+}
+void fm_forward_cuda_close(fm_model *m) { (void)m; }
+fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timing *timing, double *head_seconds,
+                                       fm_cuda_session **out) {
+    (void)m, (void)n_ctx, (void)timing, (void)head_seconds;
+    *out = NULL;
+    return no_cuda();
+}
+void fm_forward_cuda_session_free(fm_cuda_session *g) { (void)g; }
+fm_status fm_forward_cuda_session_reset(fm_cuda_session *g) {
+    (void)g;
+    return no_cuda();
+}
+fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *g, int64_t pos0, const int32_t *ids, int64_t T, float *logits,
+                                     bool all_logits) {
+    (void)g, (void)pos0, (void)ids, (void)T, (void)logits, (void)all_logits;
+    return no_cuda();
+}
+fm_cuda_stats fm_forward_cuda_stats(const fm_model *m) {
+    (void)m;
+    fm_cuda_stats s = {0};
+    return s;
+}
+void fm_forward_cuda_reset_stats(fm_model *m) { (void)m; }
+const char *fm_forward_cuda_device(const fm_model *m) {
+    (void)m;
+    return "";
+}
+
+#else /* FM_HAVE_CUDA */
+
+#include <math.h>
+
+#include "backend/cpu/ops.h"
+#include "backend/cuda/cuda_backend.h"
+#include "util/progress.h"
+
+#define CHUNK_MAX 512     /* as forward.c's FM_MAX_CHUNK: tokens per eval_chunk */
+#define LOGIT_ROWS 16     /* lm_head rows per launch (the device logits buffer holds this many) */
+#define DEV_ALIGN 256
+#define VRAM_RESERVE (1ull << 30) /* left free when no budget is given */
+
+typedef struct vslot {
+    int32_t key;      /* layer * n_experts + expert, -1 = empty */
+    uint32_t uses;    /* times needed while resident */
+    uint64_t last_use;/* step counter when last needed */
+    uint64_t pinned;  /* step that needs it (not evictable during that step) */
+    int prev, next;   /* LRU list, least recent first */
+} vslot;
+
+typedef struct dense_map {
+    const uint8_t *host;
+    uint8_t *dev;
+    uint64_t n;
+} dense_map;
+
+struct fm_cuda_model {
+    fm_cuda *ctx;
+    uint8_t *dense;           /* device copy of every dense tensor but embed_tokens */
+    dense_map *map;           /* per tensor: host pointer -> device pointer */
+    size_t n_map;
+    uint64_t budget, used;    /* bytes: the budget, and dense + sessions + cache */
+    fm_layer_weights *layers; /* device views */
+    fm_weight lm_head;
+    const float *out_norm;
+
+    /* the expert cache */
+    fm_vram_policy policy;
+    uint8_t *slots_mem;
+    vslot *slots;
+    int n_slots, n_filled;
+    uint64_t slot_bytes;
+    int32_t *index;           /* [n_layers * n_experts] -> slot, -1 if not resident */
+    int lru_head, lru_tail;
+    uint64_t step;
+    fm_cuda_stats stats;
+    int sessions;
+};
+
+struct fm_cuda_session {
+    fm_model *m;
+    fm_cuda_model *g;
+    fm_cuda *ctx;
+    int64_t n_ctx, cap;
+    uint64_t vram;
+    fm_layer_timing *timing;
+    double *head_seconds;
+    float **kc, **vc, **conv, **ssm; /* [n_layers] device */
+    float *inv_freq;
+    float *x, *xn, *mix, *a, *b, *c, *d, *small, *shl, *logits;
+    int32_t *rt;  /* (cap*k) ids, then (cap*k) float weights */
+    int32_t *tab; /* (cap*k) token list | (cap*k) rows | (cap*k) float weights */
+    float *X, *G, *U, *Y;
+    /* host */
+    float *h_x;       /* pinned (cap, H) embeddings */
+    int32_t *h_tab;   /* pinned, as tab */
+    int32_t *h_rt;    /* as rt */
+    int64_t *start, *fill;
+    int32_t *uniq, *miss_ids, *miss_slot, *tcount;
+};
+
+static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
+static int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+/* ------------------------------------------------------------------------ open / close */
+
+static const void *to_dev(const fm_cuda_model *g, const void *host) {
+    if (!host) return NULL;
+    const uint8_t *h = host;
+    for (size_t i = 0; i < g->n_map; i++)
+        if (h >= g->map[i].host && h < g->map[i].host + g->map[i].n) return g->map[i].dev + (h - g->map[i].host);
+    return NULL;
+}
+
+#define DEV_W(field)                                                                               \
+    do {                                                                                           \
+        if (src->field.data && !(dst->field.data = to_dev(g, src->field.data))) goto unmapped;     \
+    } while (0)
+#define DEV_V(field)                                                                               \
+    do {                                                                                           \
+        if (src->field && !(dst->field = to_dev(g, src->field))) goto unmapped;                    \
+    } while (0)
+
+static fm_status bind_layer(fm_cuda_model *g, const fm_layer_weights *src, fm_layer_weights *dst, int l) {
+    *dst = *src;
+    DEV_V(input_norm);
+    DEV_V(post_attn_norm);
+    DEV_W(in_qkv);
+    DEV_W(in_z);
+    DEV_W(in_b);
+    DEV_W(in_a);
+    DEV_V(conv);
+    DEV_V(dt_bias);
+    DEV_V(A_log);
+    DEV_V(ssm_norm);
+    DEV_W(out_proj);
+    DEV_W(q_proj);
+    DEV_W(k_proj);
+    DEV_W(v_proj);
+    DEV_W(o_proj);
+    DEV_V(q_norm);
+    DEV_V(k_norm);
+    DEV_W(router);
+    DEV_W(sh_gate);
+    DEV_W(sh_up);
+    DEV_W(sh_down);
+    DEV_W(sh_router);
+    return FM_OK;
+unmapped:
+    return fm_error_set(FM_ERR_FORMAT, "--backend cuda: a weight of layer %d is not a dense tensor", l);
+}
+
+void fm_forward_cuda_close(fm_model *m) {
+    if (!m || !m->gpu) return;
+    fm_cuda_model *g = m->gpu;
+    fm_cuda_buf_free(g->ctx, g->slots_mem);
+    fm_cuda_buf_free(g->ctx, g->dense);
+    fm_cuda_free(g->ctx);
+    free(g->map);
+    free(g->layers);
+    free(g->slots);
+    free(g->index);
+    free(g);
+    m->gpu = NULL;
+}
+
+fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
+    const fm_config *c = &m->cfg;
+    const fm_packed_model *pm = m->packed;
+    char b1[32], b2[32], b3[32];
+    fm_status st;
+    int n_dev = 0;
+    if (fm_cuda_device_count(&n_dev) != FM_OK || n_dev == 0)
+        return fm_error_wrap(FM_ERR_UNSUPPORTED, "--backend cuda: no usable CUDA device");
+    if (c->head_dim > 512 || c->n_experts > 4096 || c->conv_kernel > 64 || m->n_experts_used > 64)
+        return fm_error_set(FM_ERR_UNSUPPORTED,
+                            "--backend cuda: head_dim %d, %d experts, conv kernel %d, top-%d: the kernels take at most "
+                            "512, 4096, 64, 64",
+                            c->head_dim, c->n_experts, c->conv_kernel, m->n_experts_used);
+    fm_cuda_model *g = calloc(1, sizeof *g);
+    if (!g) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    m->gpu = g;
+    g->policy = p->vram_policy;
+    g->lru_head = g->lru_tail = -1;
+    if ((st = fm_cuda_init(0, &g->ctx)) != FM_OK) goto fail;
+
+    /* the dense tensors but the embedding table, each 256-byte aligned */
+    const fm_packed_tensor *emb = fm_packed_find(pm, "embed_tokens");
+    g->map = calloc(pm->n_tensors, sizeof *g->map);
+    if (!g->map) {
+        st = fm_error_set(FM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    uint64_t total = 0;
+    for (size_t i = 0; i < pm->n_tensors; i++) {
+        const fm_packed_tensor *t = &pm->tensors[i];
+        if (t == emb || !t->n_bytes) continue;
+        g->map[g->n_map++] = (dense_map){t->data, (uint8_t *)(uintptr_t)total, t->n_bytes};
+        total = align_up(total + t->n_bytes, DEV_ALIGN);
+    }
+    uint64_t free_b = 0, total_b = 0;
+    if ((st = fm_cuda_mem_info(g->ctx, &free_b, &total_b)) != FM_OK) goto fail;
+    g->budget = p->vram_budget ? p->vram_budget : (free_b > VRAM_RESERVE ? free_b - VRAM_RESERVE : 0);
+    if (total > g->budget || total > free_b) {
+        st = fm_error_set(FM_ERR_NOMEM, "--backend cuda: the dense weights need %s of VRAM but %s %s (device: %s free)",
+                          fm_human_bytes((double)total, b1, sizeof b1),
+                          p->vram_budget ? "--vram-budget is" : "the default budget is",
+                          fm_human_bytes((double)g->budget, b2, sizeof b2), fm_human_bytes((double)free_b, b3, sizeof b3));
+        goto fail;
+    }
+    if ((st = fm_cuda_buf_alloc(g->ctx, total, (void **)&g->dense)) != FM_OK) goto fail;
+    g->used = total;
+    g->stats.dense_bytes = total;
+    g->stats.budget = g->budget;
+    for (size_t i = 0; i < g->n_map; i++) {
+        g->map[i].dev = g->dense + (uintptr_t)g->map[i].dev;
+        if ((st = fm_cuda_buf_upload(g->ctx, g->map[i].dev, g->map[i].host, g->map[i].n)) != FM_OK) goto fail;
+    }
+    g->layers = calloc((size_t)c->n_layers, sizeof *g->layers);
+    if (!g->layers) {
+        st = fm_error_set(FM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    for (int l = 0; l < c->n_layers; l++)
+        if ((st = bind_layer(g, &m->layers[l], &g->layers[l], l)) != FM_OK) goto fail;
+    g->lm_head = m->lm_head;
+    g->lm_head.data = to_dev(g, m->lm_head.data);
+    g->out_norm = to_dev(g, m->out_norm);
+    if (!g->lm_head.data || !g->out_norm) {
+        st = fm_error_set(FM_ERR_FORMAT, "--backend cuda: lm_head or norm is not a dense tensor");
+        goto fail;
+    }
+    g->index = malloc(sizeof(int32_t) * (size_t)c->n_layers * (size_t)c->n_experts);
+    if (!g->index) {
+        st = fm_error_set(FM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+    for (int64_t i = 0; i < (int64_t)c->n_layers * c->n_experts; i++) g->index[i] = -1;
+    for (int l = 0; l < c->n_layers; l++) {
+        const fm_packed_expert_layer *L = &pm->experts[l];
+        uint64_t end = 0;
+        for (int q = 0; q < FM_PART_COUNT; q++)
+            if (L->parts[q].offset + L->parts[q].n_bytes > end) end = L->parts[q].offset + L->parts[q].n_bytes;
+        if (end > g->slot_bytes) g->slot_bytes = end;
+    }
+    g->slot_bytes = align_up(g->slot_bytes, DEV_ALIGN);
+    g->stats.slot_bytes = g->slot_bytes;
+    return FM_OK;
+fail:
+    fm_forward_cuda_close(m);
+    return st;
+}
+
+const char *fm_forward_cuda_device(const fm_model *m) { return m && m->gpu ? fm_cuda_device_desc(m->gpu->ctx) : ""; }
+
+fm_cuda_stats fm_forward_cuda_stats(const fm_model *m) {
+    fm_cuda_stats s = {0};
+    if (m && m->gpu) s = m->gpu->stats;
+    return s;
+}
+
+void fm_forward_cuda_reset_stats(fm_model *m) {
+    if (!m || !m->gpu) return;
+    fm_cuda_stats *s = &m->gpu->stats;
+    s->requested = s->hits = s->misses = s->evictions = s->h2d_bytes = 0;
+    s->upload_seconds = 0;
+}
+
+/* ------------------------------------------------------------------------ session */
+
+/* Device bytes of a session's state and scratch (as session_init allocates them). */
+static uint64_t session_bytes(const fm_model *m, int64_t n_ctx, int64_t cap) {
+    const fm_config *c = &m->cfg;
+    int64_t H = c->n_embd, k = m->n_experts_used, V = c->n_vocab;
+    int64_t wide = max64(max64(fm_config_conv_dim(c), 2LL * c->n_head * c->head_dim),
+                         max64(max64(c->n_ff_shared, c->n_ff_expert), max64(H, fm_config_value_dim(c))));
+    int64_t narrow = max64(2LL * c->lin_n_v_heads, c->n_experts);
+    uint64_t b = 0, f = sizeof(float);
+    for (int l = 0; l < c->n_layers; l++)
+        if (c->layer_kind[l] == FM_LAYER_FULL)
+            b += 2 * align_up((uint64_t)n_ctx * (uint64_t)c->n_head_kv * (uint64_t)c->head_dim * f, DEV_ALIGN);
+        else
+            b += align_up((uint64_t)(c->conv_kernel - 1) * (uint64_t)fm_config_conv_dim(c) * f + f, DEV_ALIGN) +
+                 align_up((uint64_t)c->lin_n_v_heads * (uint64_t)c->lin_k_dim * (uint64_t)c->lin_v_dim * f, DEV_ALIGN);
+    b += (uint64_t)(3 * cap * H + 4 * cap * wide + cap * narrow + cap + LOGIT_ROWS * V) * f;
+    b += (uint64_t)(2 * cap * k + 3 * cap * k) * 4 + (uint64_t)(4 * cap * k * max64(H, c->n_ff_expert)) * f;
+    return b + 32 * DEV_ALIGN;
+}
+
+void fm_forward_cuda_session_free(fm_cuda_session *s) {
+    if (!s) return;
+    fm_cuda *ctx = s->ctx;
+    for (int l = 0; s->kc && l < s->m->cfg.n_layers; l++) {
+        fm_cuda_buf_free(ctx, s->kc[l]);
+        fm_cuda_buf_free(ctx, s->vc[l]);
+        fm_cuda_buf_free(ctx, s->conv[l]);
+        fm_cuda_buf_free(ctx, s->ssm[l]);
+    }
+    float *bufs[] = {s->inv_freq, s->x, s->xn, s->mix, s->a, s->b, s->c, s->d, s->small, s->shl, s->logits,
+                     (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y};
+    for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) fm_cuda_buf_free(ctx, bufs[i]);
+    fm_cuda_host_free(ctx, s->h_x);
+    fm_cuda_host_free(ctx, s->h_tab);
+    free(s->kc);
+    free(s->vc);
+    free(s->conv);
+    free(s->ssm);
+    free(s->h_rt);
+    free(s->start);
+    free(s->fill);
+    free(s->uniq);
+    free(s->miss_ids);
+    free(s->miss_slot);
+    free(s->tcount);
+    if (s->g) {
+        s->g->used -= s->vram;
+        s->g->stats.state_bytes -= s->vram;
+        s->g->sessions--;
+    }
+    free(s);
+}
+
+fm_status fm_forward_cuda_session_reset(fm_cuda_session *s) {
+    const fm_config *c = &s->m->cfg;
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layer_kind[l] != FM_LAYER_LINEAR) continue;
+        fm_status st = fm_cuda_buf_fill(s->ctx, s->conv[l], 0,
+                                        sizeof(float) * (size_t)(c->conv_kernel - 1) * (size_t)fm_config_conv_dim(c));
+        if (st == FM_OK)
+            st = fm_cuda_buf_fill(s->ctx, s->ssm[l], 0,
+                                  sizeof(float) * (size_t)c->lin_n_v_heads * (size_t)c->lin_k_dim * (size_t)c->lin_v_dim);
+        if (st != FM_OK) return st;
+    }
+    return fm_cuda_sync(s->ctx);
+}
+
+/* Sizes the expert cache with what the budget leaves once the first session is placed. */
+static fm_status cache_init(fm_model *m, fm_cuda_model *g) {
+    const fm_config *c = &m->cfg;
+    char b1[32], b2[32], b3[32];
+    uint64_t free_b = 0;
+    fm_status st = fm_cuda_mem_info(g->ctx, &free_b, NULL);
+    if (st != FM_OK) return st;
+    uint64_t avail = g->budget > g->used ? g->budget - g->used : 0;
+    uint64_t dev_avail = free_b > (256ull << 20) ? free_b - (256ull << 20) : 0;
+    if (avail > dev_avail) avail = dev_avail;
+    uint64_t n = avail / g->slot_bytes, all = (uint64_t)c->n_layers * (uint64_t)c->n_experts;
+    if (n > all) n = all;
+    if (n > INT32_MAX) n = INT32_MAX;
+    if (n < (uint64_t)m->n_experts_used)
+        return fm_error_set(FM_ERR_NOMEM,
+                            "--backend cuda: the VRAM budget %s leaves %s after the dense weights and session state (%s): "
+                            "room for %llu expert slots of %s, at least %d needed",
+                            fm_human_bytes((double)g->budget, b1, sizeof b1), fm_human_bytes((double)avail, b2, sizeof b2),
+                            fm_human_bytes((double)g->used, b3, sizeof b3), (unsigned long long)n,
+                            fm_human_bytes((double)g->slot_bytes, b1, sizeof b1), m->n_experts_used);
+    g->slots = calloc((size_t)n, sizeof *g->slots);
+    if (!g->slots) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    st = fm_cuda_buf_alloc(g->ctx, (size_t)(n * g->slot_bytes), (void **)&g->slots_mem);
+    if (st != FM_OK) {
+        free(g->slots);
+        g->slots = NULL;
+        return st;
+    }
+    for (uint64_t i = 0; i < n; i++) g->slots[i] = (vslot){.key = -1, .prev = -1, .next = -1};
+    g->n_slots = (int)n;
+    g->used += n * g->slot_bytes;
+    g->stats.slots = (int)n;
+    return FM_OK;
+}
+
+fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timing *timing, double *head_seconds,
+                                       fm_cuda_session **out) {
+    *out = NULL;
+    fm_cuda_model *g = m->gpu;
+    const fm_config *c = &m->cfg;
+    char b1[32], b2[32], b3[32];
+    if (!g) return fm_error_set(FM_ERR_ARG, "the model was not opened with --backend cuda");
+    int64_t cap = n_ctx < CHUNK_MAX ? n_ctx : CHUNK_MAX;
+    uint64_t need = session_bytes(m, n_ctx, cap);
+    if (g->used + need > g->budget)
+        return fm_error_set(FM_ERR_NOMEM,
+                            "--backend cuda: a session of %lld tokens needs %s of VRAM; with %s in use (dense weights%s) "
+                            "the budget %s is exceeded",
+                            (long long)n_ctx, fm_human_bytes((double)need, b1, sizeof b1),
+                            fm_human_bytes((double)g->used, b2, sizeof b2), g->slots ? ", expert cache, other sessions" : "",
+                            fm_human_bytes((double)g->budget, b3, sizeof b3));
+    fm_cuda_session *s = calloc(1, sizeof *s);
+    if (!s) return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    s->m = m;
+    s->g = g;
+    s->ctx = g->ctx;
+    s->n_ctx = n_ctx;
+    s->cap = cap;
+    s->timing = timing;
+    s->head_seconds = head_seconds;
+    s->vram = need;
+    g->used += need;
+    g->stats.state_bytes += need;
+    g->sessions++;
+    fm_status st = FM_OK;
+    size_t L = (size_t)c->n_layers, f = sizeof(float);
+    int64_t H = c->n_embd, k = m->n_experts_used, E = c->n_experts, V = c->n_vocab;
+    int64_t wide = max64(max64(fm_config_conv_dim(c), 2LL * c->n_head * c->head_dim),
+                         max64(max64(c->n_ff_shared, c->n_ff_expert), max64(H, fm_config_value_dim(c))));
+    int64_t narrow = max64(2LL * c->lin_n_v_heads, E), ewide = max64(H, c->n_ff_expert);
+    s->kc = calloc(L, sizeof(float *));
+    s->vc = calloc(L, sizeof(float *));
+    s->conv = calloc(L, sizeof(float *));
+    s->ssm = calloc(L, sizeof(float *));
+    s->h_rt = malloc(sizeof(int32_t) * (size_t)(2 * cap * k));
+    s->start = calloc((size_t)E + 1, sizeof(int64_t));
+    s->fill = calloc((size_t)E, sizeof(int64_t));
+    s->uniq = calloc((size_t)E, sizeof(int32_t));
+    s->miss_ids = calloc((size_t)E, sizeof(int32_t));
+    s->miss_slot = calloc((size_t)E, sizeof(int32_t));
+    s->tcount = calloc((size_t)cap, sizeof(int32_t));
+    if (!s->kc || !s->vc || !s->conv || !s->ssm || !s->h_rt || !s->start || !s->fill || !s->uniq || !s->miss_ids ||
+        !s->miss_slot || !s->tcount) {
+        st = fm_error_set(FM_ERR_NOMEM, "out of memory");
+        goto fail;
+    }
+#define DALLOC(p, n)                                                                               \
+    do {                                                                                           \
+        if ((st = fm_cuda_buf_alloc(s->ctx, (size_t)(n), (void **)&(p))) != FM_OK) goto fail;      \
+    } while (0)
+    for (int l = 0; l < c->n_layers; l++) {
+        if (c->layer_kind[l] == FM_LAYER_FULL) {
+            size_t n = (size_t)n_ctx * (size_t)c->n_head_kv * (size_t)c->head_dim * f;
+            DALLOC(s->kc[l], n);
+            DALLOC(s->vc[l], n);
+        } else {
+            DALLOC(s->conv[l], (size_t)(c->conv_kernel - 1) * (size_t)fm_config_conv_dim(c) * f + f);
+            DALLOC(s->ssm[l], (size_t)c->lin_n_v_heads * (size_t)c->lin_k_dim * (size_t)c->lin_v_dim * f);
+        }
+    }
+    DALLOC(s->x, cap * H * f);
+    DALLOC(s->xn, cap * H * f);
+    DALLOC(s->mix, cap * H * f);
+    DALLOC(s->a, cap * wide * f);
+    DALLOC(s->b, cap * wide * f);
+    DALLOC(s->c, cap * wide * f);
+    DALLOC(s->d, cap * wide * f);
+    DALLOC(s->small, cap * narrow * f);
+    DALLOC(s->shl, cap * f);
+    DALLOC(s->logits, LOGIT_ROWS * V * f);
+    DALLOC(s->rt, 2 * cap * k * 4);
+    DALLOC(s->tab, 3 * cap * k * 4);
+    DALLOC(s->X, cap * k * ewide * f);
+    DALLOC(s->G, cap * k * ewide * f);
+    DALLOC(s->U, cap * k * ewide * f);
+    DALLOC(s->Y, cap * k * ewide * f);
+#undef DALLOC
+    if (c->rot_dim > 0) {
+        float inv[4096];
+        int half = c->rot_dim / 2;
+        if (half > 4096) {
+            st = fm_error_set(FM_ERR_UNSUPPORTED, "--backend cuda: rotary dims %d > 8192", c->rot_dim);
+            goto fail;
+        }
+        for (int i = 0; i < half; i++) /* exactly as fm_cpu_rope_neox */
+            inv[i] = (float)(1.0 / pow(c->rope_theta, (double)(2 * i) / (double)c->rot_dim));
+        if ((st = fm_cuda_buf_alloc(s->ctx, (size_t)half * f, (void **)&s->inv_freq)) != FM_OK ||
+            (st = fm_cuda_buf_upload(s->ctx, s->inv_freq, inv, (size_t)half * f)) != FM_OK)
+            goto fail;
+    }
+    if ((st = fm_cuda_host_alloc(s->ctx, (size_t)(cap * H) * f, (void **)&s->h_x)) != FM_OK ||
+        (st = fm_cuda_host_alloc(s->ctx, (size_t)(3 * cap * k) * 4, (void **)&s->h_tab)) != FM_OK)
+        goto fail;
+    if ((st = fm_forward_cuda_session_reset(s)) != FM_OK) goto fail;
+    if (!g->slots && (st = cache_init(m, g)) != FM_OK) goto fail;
+    *out = s;
+    return FM_OK;
+fail:
+    fm_forward_cuda_session_free(s);
+    return st;
+}
+
+/* ------------------------------------------------------------------------ the expert cache */
+
+static void lru_unlink(fm_cuda_model *g, int i) {
+    vslot *sl = &g->slots[i];
+    if (sl->prev >= 0) g->slots[sl->prev].next = sl->next;
+    else if (g->lru_head == i) g->lru_head = sl->next;
+    if (sl->next >= 0) g->slots[sl->next].prev = sl->prev;
+    else if (g->lru_tail == i) g->lru_tail = sl->prev;
+    sl->prev = sl->next = -1;
+}
+
+static void lru_push(fm_cuda_model *g, int i) { /* as the most recent */
+    vslot *sl = &g->slots[i];
+    sl->prev = g->lru_tail;
+    sl->next = -1;
+    if (g->lru_tail >= 0) g->slots[g->lru_tail].next = i;
+    else g->lru_head = i;
+    g->lru_tail = i;
+}
+
+static void touch(fm_cuda_model *g, int i) {
+    vslot *sl = &g->slots[i];
+    sl->uses++;
+    sl->last_use = g->step;
+    sl->pinned = g->step;
+    lru_unlink(g, i);
+    lru_push(g, i);
+}
+
+/* A slot for a new expert: an empty one while any is left, else the policy's victim among the
+ * slots the current step does not need; -1 if every slot is needed by this step. */
+static int pick_victim(fm_cuda_model *g) {
+    if (g->n_filled < g->n_slots) return g->n_filled++;
+    if (g->policy == FM_VRAM_LRU) {
+        for (int i = g->lru_head; i >= 0; i = g->slots[i].next)
+            if (g->slots[i].pinned != g->step) return i;
+        return -1;
+    }
+    int best = -1;
+    double best_score = 0;
+    for (int i = 0; i < g->n_slots; i++) { /* as the RAM cache (expert_store.c) */
+        const vslot *sl = &g->slots[i];
+        if (sl->pinned == g->step) continue;
+        double age = (double)(g->step - sl->last_use);
+        double score = (double)sl->uses / (1.0 + age / (double)g->n_slots);
+        if (best < 0 || score < best_score || (score == best_score && sl->last_use < g->slots[best].last_use)) {
+            best = i;
+            best_score = score;
+        }
+    }
+    return best;
+}
+
+/* Makes experts ids[0..n) of layer l resident (n <= n_slots and <= the store's capacity); their
+ * slot indices go to slot_of[0..n). */
+static fm_status make_resident(fm_cuda_session *s, int l, const int32_t *ids, int n, int32_t *slot_of, double *waited) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    const fm_config *c = &m->cfg;
+    g->step++;
+    int n_miss = 0;
+    for (int i = 0; i < n; i++) {
+        int32_t key = (int32_t)(l * c->n_experts + ids[i]);
+        int sl = g->index[key];
+        g->stats.requested++;
+        if (sl >= 0) {
+            g->stats.hits++;
+            touch(g, sl);
+            slot_of[i] = sl;
+        } else {
+            slot_of[i] = -1;
+            s->miss_ids[n_miss++] = ids[i];
+        }
+    }
+    if (!n_miss) return FM_OK;
+    for (int i = 0; i < n_miss; i++) {
+        int v = pick_victim(g);
+        if (v < 0) return fm_error_set(FM_ERR_ARG, "--backend cuda: no free expert slot (internal error)");
+        vslot *sl = &g->slots[v];
+        if (sl->key >= 0) {
+            g->index[sl->key] = -1;
+            g->stats.evictions++;
+        }
+        sl->key = (int32_t)(l * c->n_experts + s->miss_ids[i]);
+        sl->uses = 0;
+        g->index[sl->key] = v;
+        touch(g, v);
+        s->miss_slot[i] = v;
+    }
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
+    uint64_t bytes = 0;
+    for (int q = 0; q < FM_PART_COUNT; q++)
+        if (L->parts[q].offset + L->parts[q].n_bytes > bytes) bytes = L->parts[q].offset + L->parts[q].n_bytes;
+    fm_status st = fm_store_request(m->store, l, s->miss_ids, n_miss);
+    int i = 0;
+    for (; st == FM_OK && i < n_miss; i++) {
+        const uint8_t *block;
+        double t0 = fm_time_now();
+        st = fm_store_wait(m->store, i, &block);
+        double t1 = fm_time_now();
+        *waited += t1 - t0;
+        if (st != FM_OK) break;
+        st = fm_cuda_buf_upload(s->ctx, g->slots_mem + (uint64_t)s->miss_slot[i] * g->slot_bytes, block, bytes);
+        g->stats.upload_seconds += fm_time_now() - t1;
+        if (st != FM_OK) break;
+        g->stats.misses++;
+        g->stats.h2d_bytes += bytes;
+    }
+    if (st != FM_OK) { /* the slots not filled hold nothing */
+        for (; i < n_miss; i++) {
+            vslot *sl = &g->slots[s->miss_slot[i]];
+            g->index[sl->key] = -1;
+            sl->key = -1;
+        }
+        return st;
+    }
+    for (int a = 0, b = 0; a < n; a++)
+        if (slot_of[a] < 0) slot_of[a] = s->miss_slot[b++];
+    return FM_OK;
+}
+
+/* ------------------------------------------------------------------------ layers */
+
+#define TRY(expr)                                                                                  \
+    do {                                                                                           \
+        fm_status st_ = (expr);                                                                    \
+        if (st_ != FM_OK) return st_;                                                              \
+    } while (0)
+
+static fm_status linear_attention(fm_cuda_session *s, int l, int64_t T) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w = &s->g->layers[l];
+    fm_cuda *ctx = s->ctx;
+    int64_t cd = fm_config_conv_dim(c), vd = fm_config_value_dim(c), nv = c->lin_n_v_heads;
+    float *qkv = s->a, *conv_out = s->b, *z = s->c, *core = s->d, *bb = s->small, *aa = s->small + T * nv;
+    TRY(fm_cuda_matmul(ctx, qkv, s->xn, T, &w->in_qkv));
+    TRY(fm_cuda_matmul(ctx, z, s->xn, T, &w->in_z));
+    TRY(fm_cuda_matmul(ctx, bb, s->xn, T, &w->in_b));
+    TRY(fm_cuda_matmul(ctx, aa, s->xn, T, &w->in_a));
+    TRY(fm_cuda_conv1d_silu(ctx, conv_out, qkv, s->conv[l], w->conv, T, cd, c->conv_kernel));
+    TRY(fm_cuda_delta_rule(ctx, core, conv_out, bb, aa, s->ssm[l], w->A_log, w->dt_bias, T, c->lin_n_k_heads, (int)nv,
+                           c->lin_k_dim, c->lin_v_dim));
+    TRY(fm_cuda_rmsnorm_gated(ctx, core, core, z, w->ssm_norm, T * nv, c->lin_v_dim, (float)c->norm_eps));
+    (void)vd;
+    return fm_cuda_matmul(ctx, s->mix, core, T, &w->out_proj);
+}
+
+static fm_status full_attention(fm_cuda_session *s, int l, int64_t T, int64_t pos0) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w = &s->g->layers[l];
+    fm_cuda *ctx = s->ctx;
+    int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
+    float *qg = s->a, *kv = s->b, *q = s->c, *att = s->d, eps = (float)c->norm_eps;
+    TRY(fm_cuda_matmul(ctx, qg, s->xn, T, &w->q_proj)); /* per head [query (d) | gate (d)] */
+    TRY(fm_cuda_head_norm_rope(ctx, q, d, qg, 2 * d, w->q_norm, T, (int)nh, (int)d, eps, c->rot_dim, s->inv_freq, pos0));
+    TRY(fm_cuda_matmul(ctx, kv, s->xn, T, &w->k_proj));
+    TRY(fm_cuda_head_norm_rope(ctx, s->kc[l] + pos0 * nkv * d, d, kv, d, w->k_norm, T, (int)nkv, (int)d, eps, c->rot_dim,
+                               s->inv_freq, pos0));
+    TRY(fm_cuda_matmul(ctx, s->vc[l] + pos0 * nkv * d, s->xn, T, &w->v_proj));
+    TRY(fm_cuda_attention(ctx, att, q, qg + d, 2 * d, s->kc[l], s->vc[l], T, pos0, (int)nh, (int)nkv, (int)d));
+    return fm_cuda_matmul(ctx, s->mix, att, T, &w->o_proj);
+}
+
+static bool same_shape(const fm_weight *a, const fm_weight *b) {
+    return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
+           a->scale_dtype == b->scale_dtype;
+}
+
+/* x += moe(xn) for the chunk (xn already holds the post-attention norm). */
+static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    const fm_config *c = &m->cfg;
+    const fm_layer_weights *w = &g->layers[l];
+    fm_cuda *ctx = s->ctx;
+    int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used, I = c->n_ff_expert;
+    fm_layer_timing *tm = &s->timing[l];
+    double t_start = fm_time_now();
+
+    /* router: softmax + top-k on the device; ids and weights to the host (the layer's one sync) */
+    float *probs = s->small;
+    int32_t *ids = s->rt;
+    float *tw = (float *)(s->rt + T * k);
+    TRY(fm_cuda_matmul(ctx, probs, s->xn, T, &w->router));
+    TRY(fm_cuda_router_topk(ctx, ids, tw, probs, T, (int)E, (int)k, c->norm_topk_prob));
+    TRY(fm_cuda_buf_download(ctx, s->h_rt, s->rt, sizeof(int32_t) * (size_t)(2 * T * k)));
+    double t_routed = fm_time_now();
+    tm->mixer += t_routed - t_start; /* the layer's kernels so far ran until this download returned */
+
+    /* shared expert, enqueued: y_s = down(silu(gate(xn)) * up(xn)); its gate logit in shl */
+    float *ysh = NULL;
+    if (c->n_ff_shared > 0) {
+        int64_t Is = c->n_ff_shared;
+        float *gs = s->a, *us = s->b;
+        ysh = s->c;
+        if (same_shape(&w->sh_gate, &w->sh_up)) {
+            fm_cuda_mat mats[2] = {{w->sh_gate.data, s->xn, gs, T}, {w->sh_up.data, s->xn, us, T}};
+            TRY(fm_cuda_matmul_batch(ctx, &w->sh_gate, mats, 2));
+        } else {
+            TRY(fm_cuda_matmul(ctx, gs, s->xn, T, &w->sh_gate));
+            TRY(fm_cuda_matmul(ctx, us, s->xn, T, &w->sh_up));
+        }
+        TRY(fm_cuda_swiglu(ctx, gs, gs, us, T * Is));
+        TRY(fm_cuda_matmul(ctx, ysh, gs, T, &w->sh_down));
+        TRY(fm_cuda_matmul(ctx, s->shl, s->xn, T, &w->sh_router));
+    }
+
+    /* group (token, weight) pairs by expert: counting sort, as forward.c */
+    const int32_t *h_ids = s->h_rt;
+    const float *h_w = (const float *)(s->h_rt + T * k);
+    int64_t *start = s->start, *fill = s->fill;
+    int32_t *uniq = s->uniq;
+    int32_t *tok_list = s->h_tab, *rows = s->h_tab + T * k;
+    float *rw = (float *)(s->h_tab + 2 * T * k);
+    memset(start, 0, sizeof(int64_t) * (size_t)(E + 1));
+    memset(fill, 0, sizeof(int64_t) * (size_t)E);
+    for (int64_t i = 0; i < T * k; i++) {
+        if (h_ids[i] < 0 || h_ids[i] >= E)
+            return fm_error_set(FM_ERR_IO, "--backend cuda: layer %d: the router chose expert %d of %lld", l, h_ids[i],
+                                (long long)E);
+        start[h_ids[i] + 1]++;
+    }
+    for (int64_t e = 0; e < E; e++) start[e + 1] += start[e];
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t i = 0; i < k; i++) {
+            int32_t e = h_ids[t * k + i];
+            int64_t at = start[e] + fill[e]++;
+            tok_list[at] = (int32_t)t;
+        }
+    int n_uniq = 0;
+    for (int64_t e = 0; e < E; e++)
+        if (start[e + 1] > start[e]) uniq[n_uniq++] = (int32_t)e;
+    /* per token, its k (row, weight) pairs in ascending expert id: the CPU's order of accumulation */
+    memset(s->tcount, 0, sizeof(int32_t) * (size_t)T);
+    for (int u = 0; u < n_uniq; u++) {
+        int32_t e = uniq[u];
+        for (int64_t r = start[e]; r < start[e + 1]; r++) {
+            int32_t t = tok_list[r];
+            float wt = 0;
+            for (int64_t i = 0; i < k; i++)
+                if (h_ids[t * k + i] == e) wt = h_w[t * k + i];
+            int64_t j = t * k + s->tcount[t]++;
+            rows[j] = (int32_t)r;
+            rw[j] = wt;
+        }
+    }
+    TRY(fm_cuda_upload_async(ctx, s->tab, s->h_tab, sizeof(int32_t) * (size_t)(3 * T * k)));
+    TRY(fm_cuda_gather_rows(ctx, s->X, s->xn, s->tab, T * k, H));
+    double t_grouped = fm_time_now();
+    tm->route += t_grouped - t_routed;
+
+    /* routed experts, in groups that fit the cache and the store */
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
+    const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
+    /* shapes only (fm_cuda_matmul_batch ignores their data pointers) */
+    fm_weight sg = fm_packed_weight(pg, g->slots_mem), su = fm_packed_weight(pu, g->slots_mem),
+              sd = fm_packed_weight(pd, g->slots_mem);
+    bool fused = same_shape(&sg, &su);
+    int group = g->n_slots < fm_store_capacity(m->store) ? g->n_slots : fm_store_capacity(m->store);
+    if (group > FM_CUDA_BATCH_MAX / 2) group = FM_CUDA_BATCH_MAX / 2;
+    int32_t slot_of[FM_CUDA_BATCH_MAX / 2];
+    fm_cuda_mat mats[FM_CUDA_BATCH_MAX];
+    double waited = 0;
+    for (int g0 = 0; g0 < n_uniq; g0 += group) {
+        int n = n_uniq - g0 < group ? n_uniq - g0 : group;
+        TRY(make_resident(s, l, uniq + g0, n, slot_of, &waited));
+        int nm = 0;
+        for (int i = 0; i < n; i++) {
+            int32_t e = uniq[g0 + i];
+            const uint8_t *base = g->slots_mem + (uint64_t)slot_of[i] * g->slot_bytes;
+            int64_t r0 = start[e], nt = start[e + 1] - start[e];
+            mats[nm++] = (fm_cuda_mat){base + pg->offset, s->X + r0 * H, s->G + r0 * I, nt};
+            if (fused) mats[nm++] = (fm_cuda_mat){base + pu->offset, s->X + r0 * H, s->U + r0 * I, nt};
+        }
+        TRY(fm_cuda_matmul_batch(ctx, &sg, mats, nm));
+        if (!fused) {
+            for (int i = 0; i < n; i++) {
+                int32_t e = uniq[g0 + i];
+                int64_t r0 = start[e];
+                mats[i] = (fm_cuda_mat){g->slots_mem + (uint64_t)slot_of[i] * g->slot_bytes + pu->offset, s->X + r0 * H,
+                                        s->U + r0 * I, start[e + 1] - r0};
+            }
+            TRY(fm_cuda_matmul_batch(ctx, &su, mats, n));
+        }
+        int64_t r_lo = start[uniq[g0]], r_hi = start[uniq[g0 + n - 1] + 1];
+        TRY(fm_cuda_swiglu(ctx, s->G + r_lo * I, s->G + r_lo * I, s->U + r_lo * I, (r_hi - r_lo) * I));
+        for (int i = 0; i < n; i++) {
+            int32_t e = uniq[g0 + i];
+            int64_t r0 = start[e];
+            mats[i] = (fm_cuda_mat){g->slots_mem + (uint64_t)slot_of[i] * g->slot_bytes + pd->offset, s->G + r0 * I,
+                                    s->Y + r0 * H, start[e + 1] - r0};
+        }
+        TRY(fm_cuda_matmul_batch(ctx, &sd, mats, n));
+    }
+    TRY(fm_cuda_moe_combine(ctx, s->x, ysh, s->shl, s->Y, s->tab + T * k, (const float *)(s->tab + 2 * T * k), T, (int)k,
+                            H));
+    double t_end = fm_time_now();
+    tm->expert_wait += waited;
+    tm->expert_compute += t_end - t_grouped - waited;
+    tm->experts_used += (uint64_t)n_uniq;
+    return FM_OK;
+}
+
+fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *s, int64_t pos0, const int32_t *ids, int64_t T, float *logits,
+                                     bool all_logits) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    const fm_config *c = &m->cfg;
+    fm_cuda *ctx = s->ctx;
+    int64_t H = c->n_embd, V = c->n_vocab;
+    float eps = (float)c->norm_eps;
+    if (T < 1 || T > s->cap || pos0 + T > s->n_ctx)
+        return fm_error_set(FM_ERR_ARG, "--backend cuda: a chunk of %lld tokens at %lld (at most %lld, context %lld)",
+                            (long long)T, (long long)pos0, (long long)s->cap, (long long)s->n_ctx);
+    /* the embedding rows, looked up in host memory */
+    for (int64_t t = 0; t < T; t++) fm_cpu_get_row(s->h_x + t * H, &m->embed, ids[t]);
+    TRY(fm_cuda_upload_async(ctx, s->x, s->h_x, sizeof(float) * (size_t)(T * H)));
+    for (int l = 0; l < c->n_layers; l++) {
+        const fm_layer_weights *w = &g->layers[l];
+        double t0 = fm_time_now();
+        TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, w->input_norm, T, H, eps));
+        TRY(c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention(s, l, T) : full_attention(s, l, T, pos0));
+        TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, s->mix, w->post_attn_norm, T, H, eps));
+        s->timing[l].mixer += fm_time_now() - t0; /* enqueueing; moe() adds the wait for the GPU */
+        TRY(moe(s, l, T));
+    }
+    if (!logits) return FM_OK;
+    double t0 = fm_time_now();
+    int64_t first = all_logits ? 0 : T - 1;
+    TRY(fm_cuda_add_rmsnorm(ctx, s->x + first * H, s->xn + first * H, NULL, g->out_norm, T - first, H, eps));
+    for (int64_t r = first; r < T; r += LOGIT_ROWS) {
+        int64_t n = T - r < LOGIT_ROWS ? T - r : LOGIT_ROWS;
+        TRY(fm_cuda_matmul(ctx, s->logits, s->xn + r * H, n, &g->lm_head));
+        TRY(fm_cuda_buf_download(ctx, logits + (r - first) * V, s->logits, sizeof(float) * (size_t)(n * V)));
+    }
+    *s->head_seconds += fm_time_now() - t0;
+    return FM_OK;
+}
+
+#endif /* FM_HAVE_CUDA */

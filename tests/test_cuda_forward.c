@@ -1,0 +1,792 @@
+/* The forward pass on the GPU (--backend cuda): the layer kernels of src/backend/cuda/layers.cu
+ * against the CPU code they mirror, and whole models against the CPU forward pass.
+ *
+ * Kernels (fresh random inputs each run; CUDA_SEED=n repeats one; outputs poisoned with NaN first):
+ * each output is compared with the CPU computation of forward.c (copied here as the scalar oracle
+ * where forward.c keeps it static), by err = max |gpu - cpu| / max |cpu| over the output:
+ *   add_rmsnorm, rmsnorm_gated, head_norm_rope, conv1d_silu (+ state): err <= 1e-5
+ *   delta_rule (output and state, 2 chunks in a row): err <= 1e-4 (sums of dk products per step,
+ *     compounded over the chunk's tokens; observed ~1e-6)
+ *   attention (decode and causal chunks, up to 700 positions): err <= 1e-5
+ *   router_topk: the same ids (ties to the lower id), weights |gpu - cpu| <= 1e-6
+ *   gather_rows: exact; moe_combine: err <= 1e-6
+ * Models: every fixture of tests/fixtures that tests/test_model.c runs (converted the same way)
+ * plus qwen35_moe_q64_bf16 converted to Q4 and to Q8, each evaluated in batch (all logits) and
+ * token by token (a prefill of 40, then one at a time) on the GPU and on the CPU: the same argmax
+ * in every row and max |gpu - cpu| / max |cpu| <= 2e-3 (the bound test_model.c holds the CPU to
+ * against transformers; quantized models the same bound, since both sides compute the same
+ * function of the same quantized weights; there the CPU reference evaluates one token at a time,
+ * because its prefill of quantized weights may round activations to int8, an approximation). The VRAM expert cache is also run with a budget that
+ * leaves k+1 slots (evictions on every layer) under both policies.
+ * Without CUDA in the build, or without a GPU, these tests SKIP with the reason; the command line
+ * test checks that --backend cuda then fails with one clear line. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "backend/cpu/ops.h"
+#include "formats/npy.h"
+#include "model/convert.h"
+#include "model/forward_cuda.h"
+#include "model/model.h"
+#include "quant/quant.h"
+#include "test.h"
+
+#ifdef FM_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+/* ------------------------------------------------------------------------ command line */
+
+/* --backend cuda on a machine or build without a GPU: one clear line and exit status 1; a bad
+ * --backend or --vram-policy value is a usage error. */
+FM_TEST(cuda_forward_cli_backend_option) {
+    char dir[600], cmd[2048], out[4096];
+    fm_test_tmpdir("cuda_cli", dir, sizeof dir);
+    snprintf(cmd, sizeof cmd, "%s synth --preset tiny --layers 2 '%s/m' >/dev/null 2>&1", fm_test_bin(), dir);
+    int rc = fm_test_run_cmd(cmd, out, sizeof out);
+    REQUIRE(rc == 0);
+    snprintf(cmd, sizeof cmd, "%s logits -m '%s/m' --ids 1,2 --out '%s/l.npy' --backend tpu", fm_test_bin(), dir, dir);
+    rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 2 && strstr(out, "--backend must be cpu or cuda"), "rc %d: %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s logits -m '%s/m' --ids 1,2 --out '%s/l.npy' --vram-policy mru", fm_test_bin(), dir, dir);
+    rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 2 && strstr(out, "--vram-policy must be lru or flru"), "rc %d: %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s logits -m '%s/m' --ids 1,2 --out '%s/l.npy' --backend cpu", fm_test_bin(), dir, dir);
+    rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 0, "rc %d: %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s logits -m '%s/m' --ids 1,2 --out '%s/l.npy' --backend cuda --vram-budget 4G", fm_test_bin(),
+             dir, dir);
+    rc = fm_test_run_cmd(cmd, out, sizeof out);
+#ifdef FM_HAVE_CUDA
+    int n = 0;
+    if (fm_cuda_device_count(&n) != FM_OK || n == 0) {
+        CHECK_MSG(rc == 1 && strstr(out, "flashmoe logits: --backend cuda: no usable CUDA device"), "rc %d: %s", rc, out);
+    } else {
+        CHECK_MSG(rc == 0, "rc %d: %s", rc, out);
+    }
+#else
+    CHECK_MSG(rc == 1 && strstr(out, "flashmoe logits: --backend cuda: this flashmoe was built without CUDA"), "rc %d: %s",
+              rc, out);
+#endif
+}
+
+#ifndef FM_HAVE_CUDA
+
+#define NO_CUDA(name)                                                                              \
+    FM_TEST(name) { SKIP("built without CUDA (make CUDA=1)"); }
+NO_CUDA(cuda_layer_add_rmsnorm)
+NO_CUDA(cuda_layer_rmsnorm_gated)
+NO_CUDA(cuda_layer_head_norm_rope)
+NO_CUDA(cuda_layer_conv1d_silu)
+NO_CUDA(cuda_layer_delta_rule)
+NO_CUDA(cuda_layer_attention)
+NO_CUDA(cuda_layer_router_topk)
+NO_CUDA(cuda_layer_gather_combine)
+NO_CUDA(cuda_forward_fixtures_match_cpu)
+NO_CUDA(cuda_forward_quantized_match_cpu)
+NO_CUDA(cuda_forward_vram_cache_evicts)
+NO_CUDA(cuda_forward_budget_errors)
+
+#else
+
+/* ------------------------------------------------------------------------ harness */
+
+static uint64_t seed0, rng_state;
+static void rng_seed(void) {
+    if (seed0) return;
+    seed0 = getenv("CUDA_SEED") ? (uint64_t)atoll(getenv("CUDA_SEED")) : (uint64_t)time(NULL);
+    rng_state = seed0 * 0x9E3779B97F4A7C15ull | 1;
+}
+static uint64_t rnd_u64(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+static float rnd(void) { return (float)((double)(rnd_u64() >> 11) / (double)(1ull << 52) - 1.0); } /* [-1, 1) */
+
+static fm_cuda *g_ctx;
+static bool g_tried;
+static char g_why[600];
+
+static fm_cuda *cuda_get(bool *broken) {
+    *broken = false;
+    if (!g_tried) {
+        g_tried = true;
+        rng_seed();
+        int n = 0;
+        if (fm_cuda_device_count(&n) != FM_OK || n == 0) snprintf(g_why, sizeof g_why, "no CUDA device (%s)", fm_last_error());
+        else if (fm_cuda_init(0, &g_ctx) != FM_OK) {
+            snprintf(g_why, sizeof g_why, "fm_cuda_init(0) failed: %s", fm_last_error());
+            g_ctx = NULL;
+        }
+    }
+    if (!g_ctx && strncmp(g_why, "no CUDA device", 14)) *broken = true;
+    return g_ctx;
+}
+
+#define CUDA_OR_SKIP(c)                                                                            \
+    bool broken_;                                                                                  \
+    fm_cuda *c = cuda_get(&broken_);                                                               \
+    do {                                                                                           \
+        if (broken_) {                                                                             \
+            t->failures++;                                                                         \
+            fprintf(stderr, "  %s\n", g_why);                                                      \
+            return;                                                                                \
+        }                                                                                          \
+        if (!c) SKIP("%s", g_why);                                                                 \
+    } while (0)
+
+/* Device buffers of the test, freed at the end of each test. */
+#define MAX_DEV 32
+static void *g_dev[MAX_DEV];
+static int g_ndev;
+
+static void *dev_from(fm_test_ctx *t, fm_cuda *c, const void *host, size_t bytes) {
+    void *d = NULL;
+    if (g_ndev == MAX_DEV || fm_cuda_buf_alloc(c, bytes ? bytes : 4, &d) != FM_OK ||
+        (host ? fm_cuda_buf_upload(c, d, host, bytes) : fm_cuda_buf_fill(c, d, 0xff, bytes ? bytes : 4)) != FM_OK) {
+        t->failures++;
+        fprintf(stderr, "  device buffer of %zu bytes: %s\n", bytes, fm_last_error());
+        return NULL;
+    }
+    return g_dev[g_ndev++] = d;
+}
+static void dev_free_all(fm_cuda *c) {
+    for (int i = 0; i < g_ndev; i++) fm_cuda_buf_free(c, g_dev[i]);
+    g_ndev = 0;
+}
+static bool down(fm_test_ctx *t, fm_cuda *c, void *host, const void *dev, size_t bytes) {
+    if (fm_cuda_buf_download(c, host, dev, bytes) == FM_OK) return true;
+    t->failures++;
+    fprintf(stderr, "  download: %s\n", fm_last_error());
+    return false;
+}
+
+static float *rnd_vec(int64_t n, float amp) {
+    float *v = malloc(sizeof(float) * (size_t)(n ? n : 1));
+    for (int64_t i = 0; v && i < n; i++) v[i] = rnd() * amp;
+    return v;
+}
+
+/* max |got - ref| / max |ref|; NaN in got gives infinity. */
+static double rel_err(const float *got, const float *ref, int64_t n) {
+    double mx = 0, e = 0;
+    for (int64_t i = 0; i < n; i++) mx = fmax(mx, fabs(ref[i]));
+    for (int64_t i = 0; i < n; i++) {
+        if (isnan(got[i]) || isinf(got[i])) return INFINITY;
+        e = fmax(e, fabs((double)got[i] - ref[i]));
+    }
+    return mx > 0 ? e / mx : e;
+}
+
+#define CHECK_ERR(what, err, tol)                                                                  \
+    do {                                                                                           \
+        double e_ = (err);                                                                         \
+        fprintf(stderr, "  %s: err %.2e\n", what, e_);                                             \
+        CHECK_MSG(e_ <= (tol), "%s: err %.3e > %.0e (seed %llu)", what, e_, (double)(tol), (unsigned long long)seed0); \
+    } while (0)
+
+/* ------------------------------------------------------------------------ kernels */
+
+FM_TEST(cuda_layer_add_rmsnorm) {
+    CUDA_OR_SKIP(c);
+    static const int64_t ns[] = {32, 2048, 5000};
+    for (int ni = 0; ni < 3; ni++)
+        for (int with_add = 0; with_add < 2; with_add++) {
+            const int64_t n = ns[ni], T = 5;
+            float *x = rnd_vec(T * n, 3), *add = rnd_vec(T * n, 1), *w = rnd_vec(n, 1), *gx = rnd_vec(T * n, 0),
+                  *gxn = rnd_vec(T * n, 0), *rxn = rnd_vec(T * n, 0);
+            float *dx = dev_from(t, c, x, sizeof(float) * T * n), *dadd = dev_from(t, c, add, sizeof(float) * T * n),
+                  *dw = dev_from(t, c, w, sizeof(float) * n), *dxn = dev_from(t, c, NULL, sizeof(float) * T * n);
+            if (dx && dadd && dw && dxn) {
+                CHECK_OK(fm_cuda_add_rmsnorm(c, dx, dxn, with_add ? dadd : NULL, dw, T, n, 1e-6f));
+                if (down(t, c, gx, dx, sizeof(float) * T * n) && down(t, c, gxn, dxn, sizeof(float) * T * n)) {
+                    for (int64_t i = 0; with_add && i < T * n; i++) x[i] += add[i];
+                    for (int64_t r = 0; r < T; r++) fm_cpu_rmsnorm(rxn + r * n, x + r * n, w, n, 1e-6f);
+                    char what[96];
+                    snprintf(what, sizeof what, "add_rmsnorm n=%lld add=%d", (long long)n, with_add);
+                    CHECK_ERR(what, fmax(rel_err(gxn, rxn, T * n), rel_err(gx, x, T * n)), 1e-5);
+                }
+            }
+            dev_free_all(c);
+            free(x), free(add), free(w), free(gx), free(gxn), free(rxn);
+        }
+}
+
+FM_TEST(cuda_layer_rmsnorm_gated) {
+    CUDA_OR_SKIP(c);
+    static const int64_t dvs[] = {8, 128, 300};
+    for (int di = 0; di < 3; di++) {
+        const int64_t dv = dvs[di], rows = 7 * 4;
+        float *x = rnd_vec(rows * dv, 2), *z = rnd_vec(rows * dv, 6), *w = rnd_vec(dv, 1), *got = rnd_vec(rows * dv, 0);
+        float *dx = dev_from(t, c, x, sizeof(float) * rows * dv), *dz = dev_from(t, c, z, sizeof(float) * rows * dv),
+              *dw = dev_from(t, c, w, sizeof(float) * dv);
+        if (dx && dz && dw) {
+            CHECK_OK(fm_cuda_rmsnorm_gated(c, dx, dx, dz, dw, rows, dv, 1e-6f)); /* in place, as forward_cuda.c */
+            if (down(t, c, got, dx, sizeof(float) * rows * dv)) {
+                for (int64_t r = 0; r < rows; r++) { /* forward.c: rmsnorm(o) * w, then o *= silu(z) */
+                    float *o = x + r * dv;
+                    fm_cpu_rmsnorm(o, o, w, dv, 1e-6f);
+                    for (int64_t j = 0; j < dv; j++) o[j] *= fm_silu(z[r * dv + j]);
+                }
+                char what[64];
+                snprintf(what, sizeof what, "rmsnorm_gated dv=%lld", (long long)dv);
+                CHECK_ERR(what, rel_err(got, x, rows * dv), 1e-5);
+            }
+        }
+        dev_free_all(c);
+        free(x), free(z), free(w), free(got);
+    }
+}
+
+FM_TEST(cuda_layer_head_norm_rope) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        int d, rot, heads, stride_mul;
+        int64_t pos0;
+        double theta;
+    } cases[] = {{16, 4, 4, 2, 0, 1e7}, {256, 64, 16, 2, 1234, 1e7}, {256, 64, 2, 1, 100000, 1e7}, {64, 0, 3, 1, 5, 1e4},
+                 {128, 128, 5, 2, 77, 1e6}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int d = cases[ci].d, rot = cases[ci].rot, nh = cases[ci].heads, T = 6;
+        const int64_t in_stride = (int64_t)d * cases[ci].stride_mul, pos0 = cases[ci].pos0;
+        float *in = rnd_vec(T * nh * in_stride, 4), *w = rnd_vec(d, 1.5f), *got = rnd_vec(T * nh * d, 0),
+              *ref = rnd_vec(T * nh * d, 0), inv[4096];
+        for (int i = 0; i < rot / 2; i++) inv[i] = (float)(1.0 / pow(cases[ci].theta, (double)(2 * i) / (double)rot));
+        float *din = dev_from(t, c, in, sizeof(float) * T * nh * in_stride), *dw = dev_from(t, c, w, sizeof(float) * d),
+              *dinv = dev_from(t, c, inv, sizeof(float) * (rot / 2 + 1)), *dout = dev_from(t, c, NULL, sizeof(float) * T * nh * d);
+        if (din && dw && dinv && dout) {
+            CHECK_OK(fm_cuda_head_norm_rope(c, dout, d, din, in_stride, dw, T, nh, d, 1e-6f, rot, dinv, pos0));
+            if (down(t, c, got, dout, sizeof(float) * T * nh * d)) {
+                for (int tt = 0; tt < T; tt++)
+                    for (int h = 0; h < nh; h++) { /* forward.c full_attention */
+                        float *dst = ref + ((int64_t)tt * nh + h) * d;
+                        fm_cpu_rmsnorm(dst, in + ((int64_t)tt * nh + h) * in_stride, w, d, 1e-6f);
+                        fm_cpu_rope_neox(dst, rot, pos0 + tt, cases[ci].theta);
+                    }
+                char what[96];
+                snprintf(what, sizeof what, "head_norm_rope d=%d rot=%d pos0=%lld", d, rot, (long long)pos0);
+                CHECK_ERR(what, rel_err(got, ref, T * nh * d), 1e-5);
+            }
+        }
+        dev_free_all(c);
+        free(in), free(w), free(got), free(ref);
+    }
+}
+
+/* forward.c linear_attention: the conv and the state update (the scalar oracle). */
+static void conv_ref(float *out, const float *qkv, float *state, const float *w, int64_t T, int64_t cd, int64_t K) {
+    for (int64_t tt = 0; tt < T; tt++)
+        for (int64_t ch = 0; ch < cd; ch++) {
+            const float *wc = w + ch * K;
+            float acc = 0;
+            for (int64_t jj = 0; jj < K; jj++) {
+                int64_t idx = tt + jj - (K - 1);
+                float v = idx >= 0 ? qkv[idx * cd + ch] : state[(K - 1 + idx) * cd + ch];
+                acc += wc[jj] * v;
+            }
+            out[tt * cd + ch] = fm_silu(acc);
+        }
+    for (int64_t i = 0; i < K - 1; i++) {
+        int64_t src = T + i;
+        if (src < K - 1) memcpy(state + i * cd, state + src * cd, sizeof(float) * (size_t)cd);
+        else memcpy(state + i * cd, qkv + (src - (K - 1)) * cd, sizeof(float) * (size_t)cd);
+    }
+}
+
+FM_TEST(cuda_layer_conv1d_silu) {
+    CUDA_OR_SKIP(c);
+    static const int Ks[] = {4, 3, 1};
+    static const int64_t Ts[] = {1, 2, 9};
+    for (int ki = 0; ki < 3; ki++) {
+        const int K = Ks[ki];
+        const int64_t cd = 1000;
+        float *state = rnd_vec((K - 1) * cd + 1, 2), *w = rnd_vec(cd * K, 1);
+        float *dstate = dev_from(t, c, state, sizeof(float) * ((K - 1) * cd + 1)), *dw = dev_from(t, c, w, sizeof(float) * cd * K);
+        for (int ti = 0; ti < 3 && dstate && dw; ti++) { /* three chunks in a row: the state carries */
+            const int64_t T = Ts[ti];
+            float *in = rnd_vec(T * cd, 3), *got = rnd_vec(T * cd, 0), *ref = rnd_vec(T * cd, 0);
+            float *gst = rnd_vec((K - 1) * cd + 1, 0);
+            float *din = dev_from(t, c, in, sizeof(float) * T * cd), *dout = dev_from(t, c, NULL, sizeof(float) * T * cd);
+            if (din && dout) {
+                CHECK_OK(fm_cuda_conv1d_silu(c, dout, din, dstate, dw, T, cd, K));
+                conv_ref(ref, in, state, w, T, cd, K);
+                if (down(t, c, got, dout, sizeof(float) * T * cd) &&
+                    down(t, c, gst, dstate, sizeof(float) * ((K - 1) * cd + 1))) {
+                    char what[64];
+                    snprintf(what, sizeof what, "conv1d_silu K=%d T=%lld", K, (long long)T);
+                    CHECK_ERR(what, rel_err(got, ref, T * cd), 1e-5);
+                    CHECK_MSG(K == 1 || rel_err(gst, state, (K - 1) * cd) == 0, "conv state differs (K %d, T %lld)", K,
+                              (long long)T);
+                }
+            }
+            free(in), free(got), free(ref), free(gst);
+        }
+        dev_free_all(c);
+        free(state), free(w);
+    }
+}
+
+/* forward.c delta_heads, without the gated norm (the scalar oracle): all heads, T tokens. */
+static void delta_ref(float *core, const float *conv_out, const float *bb, const float *aa, float *S_all,
+                      const float *A_log, const float *dt_bias, int64_t T, int nk, int nv, int dk, int dv) {
+    int64_t r = nv / nk, kd = (int64_t)nk * dk, vd = (int64_t)nv * dv, cd = 2 * kd + vd;
+    float *qn = malloc(sizeof(float) * (size_t)dk), *kn = malloc(sizeof(float) * (size_t)dk),
+          *kv = malloc(sizeof(float) * (size_t)dv);
+    float q_scale = 1.0f / sqrtf((float)dk);
+    for (int64_t h = 0; h < nv; h++) {
+        float *S = S_all + h * dk * dv;
+        int64_t g = h / r;
+        float A = -expf(A_log[h]);
+        for (int64_t tt = 0; tt < T; tt++) {
+            const float *row = conv_out + tt * cd;
+            const float *q = row + g * dk, *k = row + kd + g * dk, *v = row + 2 * kd + h * dv;
+            float sq = 0, sk = 0;
+            for (int64_t i = 0; i < dk; i++) {
+                sq += q[i] * q[i];
+                sk += k[i] * k[i];
+            }
+            float iq = 1.0f / sqrtf(sq + 1e-6f), ik = 1.0f / sqrtf(sk + 1e-6f);
+            for (int64_t i = 0; i < dk; i++) {
+                qn[i] = q[i] * iq * q_scale;
+                kn[i] = k[i] * ik;
+            }
+            float b = bb[tt * nv + h], a = aa[tt * nv + h];
+            float decay = expf(A * fm_softplus(a + dt_bias[h]));
+            float beta = fm_sigmoid(b);
+            for (int64_t jj = 0; jj < dv; jj++) kv[jj] = 0;
+            for (int64_t i = 0; i < dk; i++) {
+                float *Si = S + i * dv;
+                for (int64_t jj = 0; jj < dv; jj++) {
+                    Si[jj] *= decay;
+                    kv[jj] += Si[jj] * kn[i];
+                }
+            }
+            for (int64_t jj = 0; jj < dv; jj++) kv[jj] = beta * (v[jj] - kv[jj]);
+            float *o = core + tt * vd + h * dv;
+            for (int64_t jj = 0; jj < dv; jj++) o[jj] = 0;
+            for (int64_t i = 0; i < dk; i++) {
+                float *Si = S + i * dv;
+                for (int64_t jj = 0; jj < dv; jj++) {
+                    Si[jj] += kn[i] * kv[jj];
+                    o[jj] += Si[jj] * qn[i];
+                }
+            }
+        }
+    }
+    free(qn), free(kn), free(kv);
+}
+
+FM_TEST(cuda_layer_delta_rule) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        int nk, nv, dk, dv;
+    } cases[] = {{2, 4, 8, 8}, {2, 6, 12, 8}, {2, 4, 16, 24}, {4, 8, 128, 128}};
+    static const int64_t Ts[] = {5, 1};
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int nk = cases[ci].nk, nv = cases[ci].nv, dk = cases[ci].dk, dv = cases[ci].dv;
+        const int64_t cd = 2LL * nk * dk + (int64_t)nv * dv, vd = (int64_t)nv * dv, sn = (int64_t)nv * dk * dv;
+        float *S = rnd_vec(sn, 0.5f), *A_log = rnd_vec(nv, 1), *dt = rnd_vec(nv, 1), *gS = rnd_vec(sn, 0);
+        float *dS = dev_from(t, c, S, sizeof(float) * sn), *dA = dev_from(t, c, A_log, sizeof(float) * nv),
+              *ddt = dev_from(t, c, dt, sizeof(float) * nv);
+        for (int ti = 0; ti < 2 && dS && dA && ddt; ti++) {
+            const int64_t T = Ts[ti];
+            float *qkv = rnd_vec(T * cd, 2), *bb = rnd_vec(T * nv, 3), *aa = rnd_vec(T * nv, 3), *got = rnd_vec(T * vd, 0),
+                  *ref = rnd_vec(T * vd, 0);
+            float *dq = dev_from(t, c, qkv, sizeof(float) * T * cd), *db = dev_from(t, c, bb, sizeof(float) * T * nv),
+                  *da = dev_from(t, c, aa, sizeof(float) * T * nv), *dout = dev_from(t, c, NULL, sizeof(float) * T * vd);
+            if (dq && db && da && dout) {
+                CHECK_OK(fm_cuda_delta_rule(c, dout, dq, db, da, dS, dA, ddt, T, nk, nv, dk, dv));
+                delta_ref(ref, qkv, bb, aa, S, A_log, dt, T, nk, nv, dk, dv);
+                if (down(t, c, got, dout, sizeof(float) * T * vd) && down(t, c, gS, dS, sizeof(float) * sn)) {
+                    char what[96];
+                    snprintf(what, sizeof what, "delta_rule nk=%d nv=%d dk=%d dv=%d T=%lld (chunk %d)", nk, nv, dk, dv,
+                             (long long)T, ti);
+                    CHECK_ERR(what, fmax(rel_err(got, ref, T * vd), rel_err(gS, S, sn)), 1e-4);
+                }
+            }
+            free(qkv), free(bb), free(aa), free(got), free(ref);
+        }
+        dev_free_all(c);
+        free(S), free(A_log), free(dt), free(gS);
+    }
+}
+
+/* forward.c attn_heads (the scalar oracle): online softmax over p <= pos0 + t, times sigmoid(gate). */
+static void attn_ref(float *att, const float *q, const float *gate, int64_t gate_stride, const float *kc, const float *vc,
+                     int64_t T, int64_t pos0, int nh, int nkv, int d) {
+    int group = nh / nkv;
+    float scale = 1.0f / sqrtf((float)d);
+    for (int h = 0; h < nh; h++) {
+        int kvh = h / group;
+        for (int64_t tt = 0; tt < T; tt++) {
+            const float *qq = q + (tt * nh + h) * d;
+            float *o = att + (tt * nh + h) * d;
+            float m = -INFINITY, sum = 0;
+            for (int i = 0; i < d; i++) o[i] = 0;
+            for (int64_t p = 0; p <= pos0 + tt; p++) {
+                const float *k = kc + (p * nkv + kvh) * d, *v = vc + (p * nkv + kvh) * d;
+                float sc = 0;
+                for (int i = 0; i < d; i++) sc += qq[i] * k[i];
+                sc *= scale;
+                if (sc > m) {
+                    float rescale = expf(m - sc);
+                    sum *= rescale;
+                    for (int i = 0; i < d; i++) o[i] *= rescale;
+                    m = sc;
+                }
+                float e = expf(sc - m);
+                sum += e;
+                for (int i = 0; i < d; i++) o[i] += e * v[i];
+            }
+            const float *g = gate + (tt * nh + h) * gate_stride;
+            for (int i = 0; i < d; i++) o[i] = o[i] / sum * fm_sigmoid(g[i]);
+        }
+    }
+}
+
+FM_TEST(cuda_layer_attention) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        int nh, nkv, d;
+        int64_t T, pos0;
+    } cases[] = {{4, 2, 16, 1, 0, }, {4, 2, 16, 9, 0}, {16, 2, 256, 1, 700}, {6, 2, 32, 7, 33}, {4, 1, 64, 3, 200},
+                 {32, 4, 512, 2, 40}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int nh = cases[ci].nh, nkv = cases[ci].nkv, d = cases[ci].d;
+        const int64_t T = cases[ci].T, pos0 = cases[ci].pos0, P = pos0 + T, gs = 2LL * d;
+        float *q = rnd_vec(T * nh * d, 2), *gate = rnd_vec(T * nh * gs, 4), *kc = rnd_vec(P * nkv * d, 2),
+              *vc = rnd_vec(P * nkv * d, 1), *got = rnd_vec(T * nh * d, 0), *ref = rnd_vec(T * nh * d, 0);
+        float *dq = dev_from(t, c, q, sizeof(float) * T * nh * d), *dg = dev_from(t, c, gate, sizeof(float) * T * nh * gs),
+              *dk = dev_from(t, c, kc, sizeof(float) * P * nkv * d), *dv = dev_from(t, c, vc, sizeof(float) * P * nkv * d),
+              *dout = dev_from(t, c, NULL, sizeof(float) * T * nh * d);
+        if (dq && dg && dk && dv && dout) {
+            CHECK_OK(fm_cuda_attention(c, dout, dq, dg + d, gs, dk, dv, T, pos0, nh, nkv, d));
+            attn_ref(ref, q, gate + d, gs, kc, vc, T, pos0, nh, nkv, d);
+            if (down(t, c, got, dout, sizeof(float) * T * nh * d)) {
+                char what[96];
+                snprintf(what, sizeof what, "attention %d/%d heads d=%d T=%lld pos0=%lld", nh, nkv, d, (long long)T,
+                         (long long)pos0);
+                CHECK_ERR(what, rel_err(got, ref, T * nh * d), 1e-5);
+            }
+        }
+        dev_free_all(c);
+        free(q), free(gate), free(kc), free(vc), free(got), free(ref);
+    }
+    CHECK(fm_cuda_attention(c, (float *)8, (float *)8, (float *)8, 1024, (float *)8, (float *)8, 1, 0, 4, 2, 1024) ==
+          FM_ERR_ARG);
+}
+
+/* forward.c moe's router (the scalar oracle). */
+static void router_ref(int32_t *ids, float *tw, const float *logits, int64_t T, int E, int k, bool norm) {
+    float *p = malloc(sizeof(float) * (size_t)E);
+    for (int64_t t = 0; t < T; t++) {
+        float mx = -INFINITY, sum = 0, tsum = 0;
+        memcpy(p, logits + t * E, sizeof(float) * (size_t)E);
+        for (int e = 0; e < E; e++) mx = p[e] > mx ? p[e] : mx;
+        for (int e = 0; e < E; e++) sum += (p[e] = expf(p[e] - mx));
+        for (int e = 0; e < E; e++) p[e] /= sum;
+        for (int i = 0; i < k; i++) {
+            int32_t best = -1;
+            for (int e = 0; e < E; e++) {
+                bool taken = false;
+                for (int q = 0; q < i; q++) taken |= ids[t * k + q] == e;
+                if (!taken && (best < 0 || p[e] > p[best])) best = e;
+            }
+            ids[t * k + i] = best;
+            tw[t * k + i] = p[best];
+            tsum += p[best];
+        }
+        if (norm)
+            for (int i = 0; i < k; i++) tw[t * k + i] /= tsum;
+    }
+    free(p);
+}
+
+FM_TEST(cuda_layer_router_topk) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        int E, k;
+        int ties;
+    } cases[] = {{6, 2, 0}, {8, 3, 1}, {256, 8, 0}, {512, 10, 1}, {64, 64, 0}, {300, 5, 1}};
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
+        for (int norm = 0; norm < 2; norm++) {
+            const int E = cases[ci].E, k = cases[ci].k;
+            const int64_t T = 13;
+            float *lg = rnd_vec(T * E, 6), *gw = rnd_vec(T * k, 0), *rw = rnd_vec(T * k, 0);
+            if (cases[ci].ties) /* coarse values: many exact ties, which go to the lower id */
+                for (int64_t i = 0; i < T * E; i++) lg[i] = roundf(lg[i]);
+            int32_t *gid = malloc(sizeof(int32_t) * (size_t)(T * k)), *rid = malloc(sizeof(int32_t) * (size_t)(T * k));
+            float *dl = dev_from(t, c, lg, sizeof(float) * T * E), *dw = dev_from(t, c, NULL, sizeof(float) * T * k);
+            int32_t *di = dev_from(t, c, NULL, sizeof(int32_t) * T * k);
+            if (dl && dw && di) {
+                CHECK_OK(fm_cuda_router_topk(c, di, dw, dl, T, E, k, norm));
+                router_ref(rid, rw, lg, T, E, k, norm);
+                if (down(t, c, gid, di, sizeof(int32_t) * T * k) && down(t, c, gw, dw, sizeof(float) * T * k)) {
+                    int64_t bad = 0;
+                    double werr = 0;
+                    for (int64_t i = 0; i < T * k; i++) {
+                        bad += gid[i] != rid[i];
+                        werr = fmax(werr, isnan(gw[i]) ? INFINITY : fabs((double)gw[i] - rw[i]));
+                    }
+                    fprintf(stderr, "  router_topk E=%d k=%d norm=%d ties=%d: %lld ids differ, weight err %.2e\n", E, k, norm,
+                            cases[ci].ties, (long long)bad, werr);
+                    CHECK_MSG(bad == 0, "router E=%d k=%d: %lld ids differ (seed %llu)", E, k, (long long)bad,
+                              (unsigned long long)seed0);
+                    CHECK_MSG(werr <= 1e-6, "router E=%d k=%d: weight error %.3e (seed %llu)", E, k, werr,
+                              (unsigned long long)seed0);
+                }
+            }
+            dev_free_all(c);
+            free(lg), free(gw), free(rw), free(gid), free(rid);
+        }
+}
+
+FM_TEST(cuda_layer_gather_combine) {
+    CUDA_OR_SKIP(c);
+    static const int64_t Hs[] = {32, 2048, 4100};
+    for (int hi = 0; hi < 3; hi++)
+        for (int with_shared = 0; with_shared < 2; with_shared++) {
+            const int64_t H = Hs[hi], T = 5;
+            const int k = 3;
+            /* gather: n = T*k rows of xn */
+            float *xn = rnd_vec(T * H, 1), *gx = rnd_vec(T * k * H, 0);
+            int32_t idx[15];
+            for (int i = 0; i < T * k; i++) idx[i] = (int32_t)(rnd_u64() % (uint64_t)T);
+            float *dxn = dev_from(t, c, xn, sizeof(float) * T * H), *dX = dev_from(t, c, NULL, sizeof(float) * T * k * H);
+            int32_t *didx = dev_from(t, c, idx, sizeof idx);
+            /* combine */
+            float *x = rnd_vec(T * H, 2), *sh = rnd_vec(T * H, 1), *sl = rnd_vec(T, 4), *Y = rnd_vec(T * k * H, 1),
+                  *w = rnd_vec(T * k, 1), *got = rnd_vec(T * H, 0);
+            int32_t rows[15];
+            for (int i = 0; i < T * k; i++) rows[i] = i % 4 == 3 ? -1 : (int32_t)(rnd_u64() % (uint64_t)(T * k));
+            float *dx = dev_from(t, c, x, sizeof(float) * T * H), *dsh = dev_from(t, c, sh, sizeof(float) * T * H),
+                  *dsl = dev_from(t, c, sl, sizeof(float) * T), *dY = dev_from(t, c, Y, sizeof(float) * T * k * H),
+                  *dw = dev_from(t, c, w, sizeof(float) * T * k);
+            int32_t *drows = dev_from(t, c, rows, sizeof rows);
+            if (dxn && dX && didx && dx && dsh && dsl && dY && dw && drows) {
+                CHECK_OK(fm_cuda_gather_rows(c, dX, dxn, didx, T * k, H));
+                CHECK_OK(fm_cuda_moe_combine(c, dx, with_shared ? dsh : NULL, dsl, dY, drows, dw, T, k, H));
+                if (down(t, c, gx, dX, sizeof(float) * T * k * H) && down(t, c, got, dx, sizeof(float) * T * H)) {
+                    int64_t bad = 0;
+                    for (int64_t r = 0; r < T * k; r++) bad += memcmp(gx + r * H, xn + idx[r] * H, sizeof(float) * (size_t)H) != 0;
+                    CHECK_MSG(bad == 0, "gather_rows: %lld rows differ", (long long)bad);
+                    for (int64_t tt = 0; tt < T; tt++) { /* forward.c moe: out = sg*y; out += w*Y; x += out */
+                        float sg = fm_sigmoid(sl[tt]);
+                        for (int64_t i = 0; i < H; i++) {
+                            float o = with_shared ? sg * sh[tt * H + i] : 0;
+                            for (int j = 0; j < k; j++)
+                                if (rows[tt * k + j] >= 0) o += w[tt * k + j] * Y[(int64_t)rows[tt * k + j] * H + i];
+                            x[tt * H + i] += o;
+                        }
+                    }
+                    char what[64];
+                    snprintf(what, sizeof what, "moe_combine H=%lld shared=%d", (long long)H, with_shared);
+                    CHECK_ERR(what, rel_err(got, x, T * H), 1e-6);
+                }
+            }
+            dev_free_all(c);
+            free(xn), free(gx), free(x), free(sh), free(sl), free(Y), free(w), free(got);
+        }
+}
+
+/* ------------------------------------------------------------------------ whole models */
+
+#define REL_TOL 2e-3
+#define PREFILL_SPLIT 40
+
+static int argmax(const float *x, int64_t n) {
+    int b = 0;
+    for (int64_t i = 1; i < n; i++)
+        if (x[i] > x[b]) b = (int)i;
+    return b;
+}
+
+static void compare(fm_test_ctx *t, const char *what, const float *ref, const float *got, int64_t n, int64_t V) {
+    double mx = 0, worst = 0;
+    int64_t bad = 0;
+    for (int64_t i = 0; i < n * V; i++) mx = fmax(mx, fabs(ref[i]));
+    for (int64_t i = 0; i < n * V; i++) worst = fmax(worst, isnan(got[i]) ? INFINITY : fabs((double)ref[i] - got[i]) / mx);
+    for (int64_t r = 0; r < n; r++) bad += argmax(ref + r * V, V) != argmax(got + r * V, V);
+    fprintf(stderr, "  %s: max rel err %.2e, argmax mismatches %lld of %lld\n", what, worst, (long long)bad, (long long)n);
+    CHECK_MSG(worst <= REL_TOL, "%s: relative error %.3e > %.0e", what, worst, REL_TOL);
+    CHECK_MSG(bad == 0, "%s: %lld rows with a different argmax", what, (long long)bad);
+}
+
+/* Batch (all logits) and token by token (a prefill of `split` tokens, then one at a time), into
+ * full and incr (n x V each). split = 0: every token alone, also for full (on the CPU, one token
+ * always runs the float kernels: the int8-activation path of quantized prefill is approximate). */
+static bool run_model(fm_test_ctx *t, fm_model *m, const int32_t *ids, int64_t n, float *full, float *incr, int64_t split) {
+    fm_session *s = NULL;
+    int64_t V = fm_model_n_vocab(m);
+    bool ok = fm_session_init(m, n, &s) == FM_OK;
+    for (int64_t i = 0; ok && !split && i < n; i++) ok = fm_session_eval(s, ids + i, 1, full + i * V, true) == FM_OK;
+    ok = ok && (!split || fm_session_eval(s, ids, n, full, true) == FM_OK);
+    if (ok && split && incr) {
+        fm_session_reset(s);
+        ok = fm_session_eval(s, ids, split, incr, true) == FM_OK;
+        for (int64_t i = split; ok && i < n; i++) ok = fm_session_eval(s, ids + i, 1, incr + i * V, true) == FM_OK;
+        ok = ok && fm_session_n_past(s) == n;
+    }
+    if (!ok) {
+        t->failures++;
+        fprintf(stderr, "  %s\n", fm_last_error());
+    }
+    fm_session_free(s);
+    return ok;
+}
+
+/* Converts fixture `name` (weights to `quant`, UNKNOWN = as stored) and compares GPU with CPU;
+ * with check_ref, also the GPU with the fixture's transformers logits (test_model.c's bound). */
+static void check_fixture(fm_test_ctx *t, const char *name, fm_dtype quant, bool check_ref, uint64_t budget,
+                          fm_vram_policy policy) {
+    char path[512], tmp[256], dir[600];
+    fm_npy ids = {0}, ref = {0};
+    fm_model *cpu = NULL, *gpu = NULL;
+    float *a = NULL, *b = NULL, *ai = NULL, *bi = NULL;
+    snprintf(path, sizeof path, "tests/fixtures/%s/ids.npy", name);
+    REQUIRE(fm_npy_read(path, &ids) == FM_OK);
+    snprintf(path, sizeof path, "tests/fixtures/%s/logits_full.npy", name);
+    if (check_ref && fm_npy_read(path, &ref) != FM_OK) {
+        CHECK_MSG(false, "%s", fm_last_error());
+        goto done;
+    }
+    snprintf(tmp, sizeof tmp, "cuda_fwd_%s_%s", name, quant ? fm_dtype_name(quant) : "source");
+    fm_test_tmpdir(tmp, dir, sizeof dir);
+    strcat(dir, "/packed");
+    snprintf(path, sizeof path, "tests/fixtures/%s/model", name);
+    fm_convert_options o = {.dense_dtype = quant, .expert_dtype = quant};
+    fm_model_params p = fm_model_default_params();
+    p.n_threads = 2;
+    if (fm_convert_hf(path, dir, &o) != FM_OK || fm_model_open(dir, &p, &cpu) != FM_OK) {
+        CHECK_MSG(false, "%s: %s", name, fm_last_error());
+        goto done;
+    }
+    p.backend = FM_BACKEND_CUDA;
+    p.vram_budget = budget;
+    p.vram_policy = policy;
+    if (fm_model_open(dir, &p, &gpu) != FM_OK) {
+        CHECK_MSG(false, "%s: %s", name, fm_last_error());
+        goto done;
+    }
+    int64_t n = ids.n_elements, V = fm_model_n_vocab(cpu);
+    a = malloc(sizeof(float) * (size_t)(n * V)), b = malloc(sizeof(float) * (size_t)(n * V));
+    ai = malloc(sizeof(float) * (size_t)(n * V)), bi = malloc(sizeof(float) * (size_t)(n * V));
+    REQUIRE(a && b && ai && bi);
+    for (int64_t i = 0; i < n * V; i++) b[i] = bi[i] = NAN;
+    /* quantized: the CPU reference runs token by token (its float kernels); else batch and split */
+    bool quant_ref = quant != FM_DTYPE_UNKNOWN && fm_dtype_is_quant(quant);
+    if (!run_model(t, cpu, ids.data, n, a, ai, quant_ref ? 0 : PREFILL_SPLIT) ||
+        !run_model(t, gpu, ids.data, n, b, bi, PREFILL_SPLIT))
+        goto done;
+    if (quant_ref) memcpy(ai, a, sizeof(float) * (size_t)(n * V));
+    char what[200];
+    snprintf(what, sizeof what, "%s %s%s batch, gpu vs cpu", name, quant ? fm_dtype_name(quant) : "",
+             budget ? " (small VRAM budget)" : "");
+    compare(t, what, a, b, n, V);
+    snprintf(what, sizeof what, "%s %s%s token by token, gpu vs cpu", name, quant ? fm_dtype_name(quant) : "",
+             budget ? " (small VRAM budget)" : "");
+    compare(t, what, ai, bi, n, V);
+    if (check_ref) {
+        snprintf(what, sizeof what, "%s batch, gpu vs transformers", name);
+        compare(t, what, ref.data, b, n, V);
+    }
+    fm_cuda_stats st = fm_forward_cuda_stats(gpu);
+    fprintf(stderr, "  %s: VRAM %d slots of %llu bytes, %llu requested, %llu hits, %llu misses, %llu evictions, %llu bytes up\n",
+            name, st.slots, (unsigned long long)st.slot_bytes, (unsigned long long)st.requested,
+            (unsigned long long)st.hits, (unsigned long long)st.misses, (unsigned long long)st.evictions,
+            (unsigned long long)st.h2d_bytes);
+    CHECK(st.requested == st.hits + st.misses && st.misses > 0 && st.h2d_bytes >= st.misses * st.slot_bytes / 2);
+    if (budget) CHECK_MSG(st.evictions > 0, "a budget of %d slots evicted nothing", st.slots);
+done:
+    fm_model_free(gpu);
+    fm_model_free(cpu);
+    fm_npy_free(&ids);
+    fm_npy_free(&ref);
+    free(a), free(b), free(ai), free(bi);
+}
+
+FM_TEST(cuda_forward_fixtures_match_cpu) {
+    CUDA_OR_SKIP(c);
+    (void)c;
+    check_fixture(t, "qwen35_moe_f32", FM_DTYPE_UNKNOWN, true, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_release_bf16", FM_DTYPE_UNKNOWN, true, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen3_next_f32", FM_DTYPE_UNKNOWN, true, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_UNKNOWN, true, 0, FM_VRAM_FLRU);
+}
+
+FM_TEST(cuda_forward_quantized_match_cpu) {
+    CUDA_OR_SKIP(c);
+    (void)c;
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q4, false, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, false, 0, FM_VRAM_LRU);
+}
+
+/* The budget of one model: dense + one session of `n_ctx` + `slots` expert slots. */
+static uint64_t budget_for(fm_test_ctx *t, const char *dir, int64_t n_ctx, int slots, fm_cuda_stats *out) {
+    fm_model_params p = fm_model_default_params();
+    p.n_threads = 2;
+    p.backend = FM_BACKEND_CUDA;
+    fm_model *m = NULL;
+    fm_session *s = NULL;
+    uint64_t b = 0;
+    if (fm_model_open(dir, &p, &m) == FM_OK && fm_session_init(m, n_ctx, &s) == FM_OK) {
+        *out = fm_forward_cuda_stats(m);
+        b = out->dense_bytes + out->state_bytes + (uint64_t)slots * out->slot_bytes;
+    } else {
+        t->failures++;
+        fprintf(stderr, "  %s\n", fm_last_error());
+    }
+    fm_session_free(s);
+    fm_model_free(m);
+    return b;
+}
+
+FM_TEST(cuda_forward_vram_cache_evicts) {
+    CUDA_OR_SKIP(c);
+    (void)c;
+    char dir[600];
+    fm_convert_options o = {0};
+    fm_test_tmpdir("cuda_fwd_budget", dir, sizeof dir);
+    strcat(dir, "/packed");
+    REQUIRE(fm_convert_hf("tests/fixtures/qwen35_moe_q64_bf16/model", dir, &o) == FM_OK);
+    fm_cuda_stats st;
+    uint64_t b = budget_for(t, dir, 96, 3 + 1, &st); /* top-3 of 8 experts, 4 layers: 4 of 32 slots */
+    REQUIRE(b > 0);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_UNKNOWN, false, b, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_UNKNOWN, false, b, FM_VRAM_FLRU);
+}
+
+FM_TEST(cuda_forward_budget_errors) {
+    CUDA_OR_SKIP(c);
+    (void)c;
+    char dir[600];
+    fm_convert_options o = {0};
+    fm_test_tmpdir("cuda_fwd_budget_err", dir, sizeof dir);
+    strcat(dir, "/packed");
+    REQUIRE(fm_convert_hf("tests/fixtures/qwen35_moe_f32/model", dir, &o) == FM_OK);
+    fm_cuda_stats st;
+    uint64_t b = budget_for(t, dir, 64, 0, &st);
+    REQUIRE(b > 0);
+    fm_model_params p = fm_model_default_params();
+    p.n_threads = 2;
+    p.backend = FM_BACKEND_CUDA;
+    p.vram_budget = st.dense_bytes - 1; /* the dense weights do not fit */
+    fm_model *m = NULL;
+    CHECK(fm_model_open(dir, &p, &m) == FM_ERR_NOMEM && m == NULL);
+    CHECK_MSG(strstr(fm_last_error(), "the dense weights need") && strstr(fm_last_error(), "--vram-budget"), "%s",
+              fm_last_error());
+    p.vram_budget = b + st.slot_bytes; /* the session fits, one expert slot of the two needed */
+    CHECK_OK(fm_model_open(dir, &p, &m));
+    fm_session *s = NULL;
+    CHECK(fm_session_init(m, 64, &s) == FM_ERR_NOMEM && s == NULL);
+    CHECK_MSG(strstr(fm_last_error(), "room for 1 expert slots") != NULL, "%s", fm_last_error());
+    CHECK(fm_session_init(m, 1 << 20, &s) == FM_ERR_NOMEM && s == NULL); /* a huge context */
+    CHECK_MSG(strstr(fm_last_error(), "a session of 1048576 tokens needs") != NULL, "%s", fm_last_error());
+    fm_model_free(m);
+}
+
+#endif /* FM_HAVE_CUDA */

@@ -16,7 +16,9 @@
  *   single   one launch per product (fm_cuda_matmul), T = 1: the cost of launching one by one
  * GB/s counts the weight bytes read (q words + scales + biases) once per pass; the copy counts
  * bytes read plus bytes written. Each figure is the median of --reps timed passes (CUDA events)
- * after 2 untimed ones. */
+ * after 2 untimed ones. After the stream and decode passes with T = 1, every output of the pass's
+ * last group of launches (the batched kernels exactly as timed) is checked against fm_cpu_matmul
+ * too (worst error <= 1e-5 of sum |w x|; --no-check skips it). */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -164,6 +166,45 @@ static int time_median(fm_cuda *c, const pool *p, int mode, int64_t T, int reps,
     return 0;
 }
 
+/* Checks the outputs that the last pass of run_pass(mode, T = 1) left: those of its last group of
+ * experts (gate, up: x_gate; down: x_down + i * 1024), against fm_cpu_matmul of the host copies
+ * hg / hu / hd of the 4 distinct matrices per shape (expert e is copy e % 4). Returns the worst
+ * |gpu - cpu| / sum |w x| (-1 on error). */
+static double verify_pass(fm_cuda *c, const pool *p, int mode, unsigned char *const hg[4], unsigned char *const hu[4],
+                          unsigned char *const hd[4], const float *hx) {
+    const int step = mode == MODE_DECODE ? 10 : mode == MODE_STREAM ? 32 : 1;
+    const int e0 = (p->experts - 1) / step * step, ne = p->experts - e0 < step ? p->experts - e0 : step;
+    const size_t n_out = (size_t)64 * 1024 + (size_t)64 * 4096;
+    float *got = malloc(sizeof(float) * n_out), *ref = malloc(sizeof(float) * 4096), *row = malloc(sizeof(float) * 4096);
+    double worst = -1;
+    if (!got || !ref || !row) goto done;
+    if (fm_cuda_buf_download(c, got, p->out, sizeof(float) * n_out) != FM_OK) {
+        die("verify download");
+        goto done;
+    }
+    worst = 0;
+    for (int i = 0; i < ne; i++)
+        for (int k = 0; k < 3; k++) { /* gate, up, down */
+            const int e = (e0 + i) % 4;
+            const int64_t N = k < 2 ? 1024 : 4096, K = k < 2 ? 4096 : 1024;
+            fm_weight w = {.dtype = p->dt, .rows = N, .cols = K, .data = k == 0 ? hg[e] : k == 1 ? hu[e] : hd[e],
+                           .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+            const float *x = k < 2 ? hx : hx + (size_t)i * 1024;
+            const float *o = k < 2 ? got + (size_t)(2 * i + k) * 1024 : got + (size_t)64 * 1024 + (size_t)i * 4096;
+            fm_cpu_matmul(NULL, ref, x, 1, &w);
+            for (int64_t r = 0; r < N; r++) {
+                fm_cpu_get_row(row, &w, r);
+                double mag = 1e-30;
+                for (int64_t j = 0; j < K; j++) mag += fabs((double)row[j] * x[j]);
+                const double err = fabs((double)o[r] - ref[r]) / mag;
+                if (!(err <= worst)) worst = err; /* NaN sticks */
+            }
+        }
+done:
+    free(got), free(ref), free(row);
+    return worst;
+}
+
 int main(int argc, char **argv) {
     long pool_mib = 2048;
     int reps = 10, check = 1, failed = 0;
@@ -229,12 +270,19 @@ int main(int argc, char **argv) {
             return die("alloc");
         p.gate = g, p.up = u, p.down = d, p.x_gate = xg, p.x_down = xd, p.out = o;
         /* 4 distinct random matrices per shape, replicated over the pool */
-        unsigned char *h = malloc(p.gate_bytes > p.down_bytes ? p.gate_bytes : p.down_bytes);
+        /* host copies of the 4 distinct matrices per shape (for the checks) */
+        unsigned char *hg[4], *hu[4], *hd[4];
+        for (int v = 0; v < 4; v++) {
+            hg[v] = malloc(p.gate_bytes), hu[v] = malloc(p.gate_bytes), hd[v] = malloc(p.down_bytes);
+            if (!hg[v] || !hu[v] || !hd[v]) return 1;
+        }
         float *hx = malloc(sizeof(float) * 16 * 1024 * 64);
-        if (!h || !hx) return 1;
+        if (!hx) return 1;
         for (int v = 0; v < 4 && v < p.experts; v++) {
+            unsigned char *h = hg[v];
             fill_weight(h, p.dt, 1024, 4096);
             if (fm_cuda_buf_upload(c, p.gate + (size_t)v * p.gate_bytes, h, p.gate_bytes)) return die("upload");
+            h = hu[v];
             fill_weight(h, p.dt, 1024, 4096);
             if (fm_cuda_buf_upload(c, p.up + (size_t)v * p.gate_bytes, h, p.gate_bytes)) return die("upload");
             if (v == 0 && check) /* gate/up shape */
@@ -244,6 +292,7 @@ int main(int argc, char **argv) {
                            (long long)T, e, e >= 0 && e <= 1e-5 ? "" : "  FAILED");
                     if (!(e >= 0 && e <= 1e-5)) failed = 1;
                 }
+            h = hd[v];
             fill_weight(h, p.dt, 4096, 1024);
             if (fm_cuda_buf_upload(c, p.down + (size_t)v * p.down_bytes, h, p.down_bytes)) return die("upload");
             if (v == 0 && check)
@@ -263,8 +312,6 @@ int main(int argc, char **argv) {
         if (fm_cuda_buf_upload(c, p.x_gate, hx, sizeof(float) * 16 * 4096) ||
             fm_cuda_buf_upload(c, p.x_down, hx, sizeof(float) * 16 * 1024 * 64))
             return die("upload");
-        free(h);
-        free(hx);
 
         const double mib = (double)(2 * gb + db) / 1048576.0;
         struct { int mode; int64_t T; } runs[] = {{MODE_STREAM, 1}, {MODE_DECODE, 1}, {MODE_SINGLE, 1},
@@ -277,7 +324,15 @@ int main(int argc, char **argv) {
             printf("%-5s %-7s %3lld %8.0f %9.3f %8.0f %6.1f%% %10.1f\n", fm_dtype_name(p.dt), names[runs[ri].mode],
                    (long long)runs[ri].T, mib, ms, gbs, 100.0 * gbs / copy_gbs, ms * 1e3 / (p.experts / 10.0));
             fflush(stdout);
+            if (check && runs[ri].T == 1 && runs[ri].mode != MODE_SINGLE) {
+                const double e = verify_pass(c, &p, runs[ri].mode, hg, hu, hd, hx);
+                printf("check %s %s T=1 (the timed batches' last group) worst |gpu - cpu| / sum|wx| = %.2e%s\n",
+                       fm_dtype_name(p.dt), names[runs[ri].mode], e, e >= 0 && e <= 1e-5 ? "" : "  FAILED");
+                if (!(e >= 0 && e <= 1e-5)) failed = 1;
+            }
         }
+        for (int v = 0; v < 4; v++) free(hg[v]), free(hu[v]), free(hd[v]);
+        free(hx);
         fm_cuda_buf_free(c, g), fm_cuda_buf_free(c, u), fm_cuda_buf_free(c, d);
         fm_cuda_buf_free(c, xg), fm_cuda_buf_free(c, xd), fm_cuda_buf_free(c, o);
     }

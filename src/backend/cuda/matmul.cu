@@ -21,11 +21,12 @@
  *
  * Tokens are processed TT at a time (1, 2, 4 or 8; Q2 at most 4) from registers; more tokens loop,
  * re-reading the weights. The general kernel (mm_generic: a warp per row, 4-byte loads, x from
- * global memory) takes any shape and alignment. mm_q4_mma (FM_CUDA_Q4_MMA=1, off by default) is an
- * experimental tensor-core kernel for one-token Q4. */
+ * global memory) takes any shape and alignment. mm_q4_tc (FM_CUDA_Q4_MMA=1, the default) runs
+ * one-token Q4 with groups of 64 or 128 on tensor cores (mma.sync, exact; see its comment). */
 #include <cuda_fp16.h>
 #include <stdint.h>
 #include <string.h>
+#include <type_traits>
 #include <utility>
 
 #include "backend/cuda/cuda_internal.h"
@@ -362,47 +363,70 @@ __global__ void __launch_bounds__(THREADS, TT <= 2 ? FM_CUDA_MIN_BLOCKS : 1) mm_
     }
 }
 
-/* FM_CUDA_Q4_MMA (an experimental switch, off by default; docs/CUDA.md "Measurements": it passes the
- * tests but was not faster): Q4 with groups of 64 or more, one token, on tensor cores. The idea:
- * the FP32 kernel above needs at least 3 instructions per weight (LOP3, FADD, FFMA); dequantizing
- * to bf16 pairs needs a shift, a LOP3 and a bf16x2 FMA per 2 weights, then mma.sync. (As compiled,
- * the address arithmetic and a second LOP3 per pair, see docs/CUDA.md, ate the saving.) Exactly:
+/* The Q4 tensor-core kernel (mm_q4_tc; FM_CUDA_Q4_MMA=1, the default): one-token Q4 with groups of
+ * 64 or 128 and cols a multiple of 128 (docs/CUDA.md "Kernel design"). The FP32 kernel above needs
+ * at least 3 instructions per weight (LOP3, FADD, FFMA; it spent ~5.8); here a pair of weights
+ * costs one LOP3, one bf16x2 FMA and (for 3 pairs of 4) a shift, and one mma.sync takes 8 weights
+ * of each lane. Exactly:
  *
- * - q is exact in bf16: the nibbles at bits sh and sh + 16 of a word, OR 0x4300 each, are the bf16
- *   pair (128 + q0, 128 + q1); one fma.rn.bf16x2 by (1, 1) and (-128, -128) leaves (q0, q1).
+ * - q is exact in bf16: the nibbles at bits 0 and 16 of a word, OR 0x4300 each, are the bf16 pair
+ *   (128 + q0, 128 + q1); one fma.rn.bf16x2 by (1, 1) and (-128, -128) leaves (q0, q1). The mask
+ *   is the lop3's immediate and the magic a register operand, so a pair costs one LOP3, not two.
  * - x is split into three bf16 parts, x = x0 + x1 + x2 up to 2^-24 |x| (each part is the rounding
  *   of what the previous ones left; the subtractions are exact), so q * x_p is exact in the FP32
  *   accumulation of mma.m16n8k16 (bf16 inputs, f32 accumulators).
  *
- * A warp owns 16 rows (the mma's M), walks along them in spans of 128 columns (one 16-byte chunk
- * per lane and row: lane (g = lane / 4, c = lane % 4) holds chunk c of the span of rows g and g + 8,
- * which are exactly the A fragments of 8 mmas, once the k order inside a chunk is permuted the same
- * way for A and B). The 8 columns of the mma's N are (half h of the span, part p): column 4h + p
- * holds x_p on the chunks of half h and zeros elsewhere (p = 3 unused), so the result separates
- * the two 64-column halves, whose groups (and scales) differ for g64. Per span and lane:
- * acc += s * (C[., 2c] + C[., 2c + 1]) + b * sum(x over chunk c). MMA_KS warps split the spans of
- * a 16-row tile and add up through shared memory at the end; a block has WARPS / MMA_KS tiles. The
- * staged x (three parts, permuted into the B fragment order) is shared by the block's tiles. The
- * q words and raw scale / bias bits of the next two spans are in flight while one is used. */
+ * A warp owns 16 rows (the mma's M) and walks along them in spans of 128 columns: lane (g = lane /
+ * 4, c = lane % 4) uses chunk c (16 bytes) of the span of rows g and g + 8, which are exactly the A
+ * fragments of 8 mmas once the k order inside a chunk is permuted the same way for A and B. The 8
+ * columns of the mma's N are (half h of the span, part p): column 4h + p holds x_p on the chunks of
+ * half h and zeros elsewhere (p = 3 unused), so the result separates the two 64-column halves, whose
+ * groups (and scales) differ for g64. Per span and lane:
+ * acc += s * (C[., 2c] + C[., 2c + 1]) + b * sum(x over chunk c).
+ *
+ * Weights reach the fragments through shared memory: a warp copies a stage of 4 spans of its 16
+ * rows (256 contiguous bytes per row, whole 128-byte lines; cp.async 16 bytes a lane, 2 rows per
+ * instruction) into its own ring of FM_CUDA_MMA_STAGES stages and reads each lane's chunks back
+ * with 16-byte shared loads (chunk positions XOR-swizzled by the row's parity: conflict-free). The
+ * first version loaded the fragments straight into registers (64 bytes of each of 16 rows per
+ * warp instruction) and stalled at 48% of the copy bandwidth (docs/CUDA.md "Measurements"). A
+ * stage's scales and biases (16 rows x both groups x 2 = one 32-bit word per lane and span for g64
+ * BF16/F16) are loaded by one lane each into registers and handed out with 4 shuffles per span.
+ * Rows past the last are clamped to it (read, never stored): no predicates.
+ *
+ * KS warps (a template parameter: 1, 2 or 4, chosen per launch so that small launches still fill
+ * the GPU) split the stages of a 16-row tile and add up through shared memory at the end; a block
+ * has 8 / KS tiles. The staged x (three parts permuted into the B fragment order, a fourth part of
+ * zeros that the lanes without a B column read, and the chunk sums of x) is shared by the block's
+ * tiles: a thread stages 8 consecutive columns (two 16-byte loads, one 16-byte store per part). The
+ * scale type and group size are template parameters: no branches on them in the loop. */
 #ifndef FM_CUDA_Q4_MMA
-#define FM_CUDA_Q4_MMA 0
+#define FM_CUDA_Q4_MMA 1
 #endif
-#ifndef FM_CUDA_MMA_KSPLIT
-#define FM_CUDA_MMA_KSPLIT 4 /* warps sharing a 16-row tile */
+#ifndef FM_CUDA_MMA_STAGES
+#define FM_CUDA_MMA_STAGES 2 /* weight stages (4 KB each) per warp: one computed while the others load */
+#endif
+#ifndef FM_CUDA_MMA_KSMAX
+#define FM_CUDA_MMA_KSMAX 4 /* most warps per 16-row tile the launch may choose (1, 2 or 4) */
 #endif
 #ifndef FM_CUDA_MMA_MIN_BLOCKS
-#define FM_CUDA_MMA_MIN_BLOCKS 3 /* blocks per SM the kernel must fit (a register cap) */
+#define FM_CUDA_MMA_MIN_BLOCKS 2 /* blocks per SM the kernel must fit (registers; shared memory must agree) */
 #endif
 
 #if FM_CUDA_Q4_MMA
-constexpr int MMA_KS = FM_CUDA_MMA_KSPLIT, MMA_TILES = WARPS / MMA_KS;
-constexpr int MMA_PAD = 8; /* u32 words between the staged parts (bank spread) */
-static_assert(WARPS % MMA_KS == 0, "FM_CUDA_MMA_KSPLIT must divide the warps of a block");
+constexpr int MMA_SMEM_CAP = 40 * 1024; /* staged x per block, bytes */
+constexpr int MMA_NST = FM_CUDA_MMA_STAGES, MMA_STAGE = 4096; /* bytes of a stage: 16 rows x 4 spans x 64 */
+constexpr int MMA_WBYTES = WARPS * MMA_NST * MMA_STAGE;         /* the weight stages of a block */
+static_assert(FM_CUDA_MMA_KSMAX == 1 || FM_CUDA_MMA_KSMAX == 2 || FM_CUDA_MMA_KSMAX == 4, "FM_CUDA_MMA_KSMAX");
+static_assert(MMA_NST >= 2 && MMA_NST <= 4, "FM_CUDA_MMA_STAGES");
+static_assert(FM_CUDA_MMA_MIN_BLOCKS * (MMA_WBYTES + MMA_SMEM_CAP + 2048) <= 227 * 1024,
+              "FM_CUDA_MMA_MIN_BLOCKS blocks of the Q4 tensor-core kernel do not fit an SM's shared memory");
 
-/* Nibbles at bits sh .. sh + 3 and sh + 16 .. sh + 19 of w as a bf16 pair of integers (exact). */
-__device__ __forceinline__ uint32_t q4_pair_bf16(uint32_t w, int sh) {
-    const uint32_t t = ((w >> sh) & 0x000F000Fu) | 0x43004300u; /* (128 + q0, 128 + q1) */
-    uint32_t r;
+/* The nibbles at bits 0 .. 3 and 16 .. 19 of w as a bf16 pair of integers (exact); magic holds
+ * 0x43004300 in a register. */
+__device__ __forceinline__ uint32_t q4_pair_bf16(uint32_t w, uint32_t magic) {
+    uint32_t t, r;
+    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(t) : "r"(w), "r"(magic)); /* (w & mask) | magic */
     asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(t), "r"(0x3F803F80u), "r"(0xC300C300u));
     return r;
 }
@@ -422,149 +446,207 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
         : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-/* A float from raw scale bits (0 BF16, 1 F16, 2 F32). */
-__device__ __forceinline__ float raw_scale(uint32_t raw, int kind) {
-    return kind == 0 ? __uint_as_float(raw << 16)
-                     : kind == 1 ? __half2float(__ushort_as_half((unsigned short)raw)) : __uint_as_float(raw);
+/* 16 bytes global -> shared, asynchronously (L2 only), and the group bookkeeping. */
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
 }
 
-struct MSpan {
-    uint4 qa, qb;               /* chunk c of the span, rows g and g + 8 */
-    uint32_t sa, ba, sb, bb;    /* raw scale / bias bits of the chunk's group, rows g and g + 8 */
+/* What one lane loads of a span's scales or biases for one row (SK: 0 BF16, 1 F16, 2 F32): both
+ * groups of the span for GS = 64, the one group for GS = 128. Row r's values for span s are element
+ * r * spans + s of an array of these. */
+template <int SK, int GS> struct SVal {
+    using T = typename std::conditional<GS == 64, typename std::conditional<SK == 2, uint2, uint32_t>::type,
+                                        typename std::conditional<SK == 2, uint32_t, unsigned short>::type>::type;
 };
 
-/* Span s: pa / pb point at chunk c of span 0 of rows g / g + 8 (NULL past the last row), sa / sb at
- * the rows' scales (bytes); biases lie boff bytes after the scales; ss2: log2 of the scale size. */
-__device__ __forceinline__ void load_span(MSpan &m, const uint4 *pa, const uint4 *pb, const unsigned char *sa,
-                                          const unsigned char *sb, long long boff, int ss2, int gs_log2, int c,
-                                          long long s) {
-    m.qa = pa ? ld_stream(pa + 4 * s) : make_uint4(0, 0, 0, 0);
-    m.qb = pb ? ld_stream(pb + 4 * s) : make_uint4(0, 0, 0, 0);
-    const long long go = ((s * 128 + 64 * (c >> 1)) >> gs_log2) << ss2;
-    if (ss2 == 2) {
-        m.sa = pa ? __ldg((const unsigned int *)(sa + go)) : 0u;
-        m.ba = pa ? __ldg((const unsigned int *)(sa + boff + go)) : 0u;
-        m.sb = pb ? __ldg((const unsigned int *)(sb + go)) : 0u;
-        m.bb = pb ? __ldg((const unsigned int *)(sb + boff + go)) : 0u;
+/* The value of group half h (GS = 64; 0 for GS = 128) of v, fetched from lane src, as float. */
+template <int SK, int GS> __device__ __forceinline__ float scale_from(const typename SVal<SK, GS>::T &v, int src, int h) {
+    if constexpr (GS == 64 && SK == 2) {
+        const uint32_t lo = __shfl_sync(0xffffffffu, v.x, src), hi = __shfl_sync(0xffffffffu, v.y, src);
+        return __uint_as_float(h ? hi : lo);
     } else {
-        m.sa = pa ? (uint32_t)__ldg((const unsigned short *)(sa + go)) : 0u;
-        m.ba = pa ? (uint32_t)__ldg((const unsigned short *)(sa + boff + go)) : 0u;
-        m.sb = pb ? (uint32_t)__ldg((const unsigned short *)(sb + go)) : 0u;
-        m.bb = pb ? (uint32_t)__ldg((const unsigned short *)(sb + boff + go)) : 0u;
+        const uint32_t u = __shfl_sync(0xffffffffu, (uint32_t)v, src);
+        if constexpr (SK == 2) return __uint_as_float(u);
+        else if constexpr (SK == 0) return __uint_as_float(__byte_perm(u, 0, GS == 64 && h ? 0x3244 : 0x1044));
+        else return __half2float(__ushort_as_half((unsigned short)(GS == 64 && h ? u >> 16 : u)));
     }
 }
 
-/* Shared memory of the kernel for a segment of segsp spans, bytes. */
-__host__ __device__ constexpr long long mma_smem_bytes(long long segsp) {
-    return (3 * (segsp * 64 + MMA_PAD) + segsp * 4) * 4;
-}
+/* Shared memory of the kernel for segments of segsp spans, bytes: the weight stages, then 4 parts of
+ * ps = 64 segsp + 8 words (x0, x1, x2, zeros at a 4-word offset), then the chunk sums. */
+__host__ __device__ constexpr long long mma_xbytes(long long segsp) { return (4 * (segsp * 64 + 8) + 4 + segsp * 4) * 4; }
+__host__ __device__ constexpr long long mma_smem_bytes(long long segsp) { return MMA_WBYTES + mma_xbytes(segsp); }
 
-__global__ void __launch_bounds__(THREADS, FM_CUDA_MMA_MIN_BLOCKS) mm_q4_mma(const __grid_constant__ Params p) {
+template <int SK, int GS, int KS>
+__global__ void __launch_bounds__(THREADS, FM_CUDA_MMA_MIN_BLOCKS) mm_q4_tc(const __grid_constant__ Params p) {
+    constexpr int TILES = WARPS / KS;
+    using SV = typename SVal<SK, GS>::T;
     extern __shared__ float4 smem[];
-    __shared__ float red[WARPS][16];
+    __shared__ float red[KS > 1 ? WARPS : 1][16];
     const Desc &d = p.m[blockIdx.y];
     if (d.n_tokens <= 0) return; /* the whole block; otherwise exactly 1 token */
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, c = lane & 3;
-    const int tile = warp / MMA_KS, kw = warp % MMA_KS;
-    const long long rows = p.rows, cols = p.cols, chunks = cols / 32, spans = cols / 128;
-    const long long groups = cols >> p.gs_log2;
-    const long long ra = ((long long)blockIdx.x * MMA_TILES + tile) * 16 + g;
-    const int segsp = p.seg_chunks; /* spans per staged segment */
-    const int ps = segsp * 64 + MMA_PAD;  /* u32 words per staged part */
-    uint32_t *xb = (uint32_t *)smem;
-    float *xsum = (float *)(xb + 3 * ps);
-    const int ss2 = p.scale_kind == 2 ? 2 : 1;
-    const long long boff = p.bias_off - p.scale_off;
-    const uint4 *pa = ra < rows ? (const uint4 *)d.w + ra * chunks + c : nullptr;
-    const uint4 *pb = ra + 8 < rows ? (const uint4 *)d.w + (ra + 8) * chunks + c : nullptr;
-    const unsigned char *sa = (const unsigned char *)d.w + p.scale_off + ((ra * groups) << ss2);
-    const unsigned char *sb = sa + ((8 * groups) << ss2);
-    /* the B fragments this lane supplies: part bp of its chunk c, where column g = 4h + bp has h = c / 2 */
-    const int bp = g & 3;
-    const bool bact = bp < 3 && (g >> 2) == (c >> 1);
+    const int tile = warp / KS, kw = warp % KS;
+    const int rows = (int)p.rows, chunks = (int)(p.cols / 32), spans = (int)(p.cols / 128);
+    const int r0 = (blockIdx.x * TILES + tile) * 16; /* the tile's first row */
+    const int segsp = p.seg_chunks;                  /* spans per staged segment (a multiple of 4) */
+    const int ps = segsp * 64 + 8;                   /* u32 words per staged x part */
+    uint32_t *xb = (uint32_t *)smem + MMA_WBYTES / 4;
+    float *xsum = (float *)(xb + 4 * ps + 4);
+    /* this warp's weight stages; copies: instruction i (0 .. 7) of a stage moves chunk cq of row
+     * 2 i + cr (local) to position cq ^ 4 cr of that row's 256 bytes (row parity cr swizzles) */
+    const uint32_t wst = (uint32_t)__cvta_generic_to_shared(smem) + warp * (MMA_NST * MMA_STAGE);
+    const int cr = lane >> 4, cq = lane & 15;
+    const uint32_t cdst = wst + cr * 256 + ((cq ^ (cr << 2)) << 4);
+    const uint4 *wq = (const uint4 *)d.w;
+    uint32_t roff[8]; /* uint4 index of the rows this lane copies (clamped to the last row) */
+#pragma unroll
+    for (int i = 0; i < 8; i++) roff[i] = (uint32_t)min(r0 + 2 * i + cr, rows - 1) * (uint32_t)chunks;
+    /* fragment reads: row g, span j of a stage at byte g * 256 + 64 (j ^ (g & 1)) + 16 c; row g + 8 at +2048 */
+    const uint32_t *wsw = (const uint32_t *)smem + warp * (MMA_NST * MMA_STAGE / 4);
+    const int fe = g * 64 + 16 * (g & 1) + 4 * c, fo = g * 64 - 16 * (g & 1) + 4 * c; /* words, j even / odd */
+    /* lane l loads the scales (l < 16) or biases of row r0 + l % 16 */
+    const SV *sp = (const SV *)((const unsigned char *)d.w + (lane < 16 ? p.scale_off : p.bias_off)) +
+                   (long long)min(r0 + (lane & 15), rows - 1) * spans;
+    /* the B fragments this lane reads: part bp of its chunk c, where column g = 4h + bp has h = c / 2,
+     * or the zero part (at 3 ps + 4 words: banks apart from the others) */
+    const int bp = g & 3, h = c >> 1;
+    const uint32_t *bsrc = xb + (bp < 3 && (g >> 2) == h ? bp * ps : 3 * ps + 4) + c * 16;
+    uint32_t magic = 0x43004300u;
+    asm volatile("" : "+r"(magic)); /* opaque: keeps the magic in a register (one LOP3 per pair) */
     float acc_a = 0.f, acc_b = 0.f;
+    SV sv[MMA_NST][4]; /* the scales / biases of the stages in flight */
 
-    for (long long s0 = 0; s0 < spans; s0 += segsp) {
-        const int segn = (int)min((long long)segsp, spans - s0);
-        const long long end = s0 + segn;
-        long long s = s0 + kw;
-        MSpan n0, n1;
-        if (s < end) load_span(n0, pa, pb, sa, sb, boff, ss2, p.gs_log2, c, s);
-        if (s + MMA_KS < end) load_span(n1, pa, pb, sa, sb, boff, ss2, p.gs_log2, c, s + MMA_KS);
+    for (int s0 = 0; s0 < spans; s0 += segsp) {
+        const int segn = min(segsp, spans - s0), ng = (segn + 3) / 4; /* spans, stages of the segment */
+        const int n = ng > kw ? (ng - kw + KS - 1) / KS : 0;           /* this warp's stages */
+        /* stage m of this warp: spans s0 + 4 (kw + m KS) .. + 3, into buffer m % MMA_NST */
+        auto issue = [&](int m, int b, SV(&v)[4]) {
+            const int s = s0 + 4 * (kw + m * KS);
+            const uint32_t col = (uint32_t)min(4 * s + cq, chunks - 1); /* clamped: the row's last stage may be short */
+#pragma unroll
+            for (int i = 0; i < 8; i++) cp_async16(cdst + b * MMA_STAGE + i * 512, wq + roff[i] + col);
+#pragma unroll
+            for (int j = 0; j < 4; j++) v[j] = __ldg(sp + min(s + j, spans - 1));
+        };
+#pragma unroll
+        for (int b = 0; b < MMA_NST - 1; b++) {
+            if (b < n) issue(b, b, sv[b]);
+            cp_async_commit();
+        }
         __syncthreads(); /* the previous segment's readers are done */
         {
-            /* item j: chunk j / 16 of the segment, B word q = j % 16 (mma i = q / 2, register q % 2): the
-             * x pair at chunk columns (col, col + 4), col = 8 (i / 2) + 2 (i % 2) + q % 2; 16 items per
-             * chunk, so a chunk's sum is a 16-lane butterfly (all lanes run it: total and THREADS are
-             * multiples of 32) */
-            const float *x = d.x + s0 * 128;
-            const int total = segn * 64;
+            /* item j: columns 8 j .. 8 j + 7 of the segment, quarter m = j % 4 of chunk j / 4. Its
+             * pairs (8 j + e, 8 j + e + 4), e = 0 .. 3, are B words q = 4 m + e of the chunk (mma
+             * i = q / 2, register q % 2: the x pair at chunk columns col = 8 (i / 2) + 2 (i % 2) +
+             * q % 2 and col + 4), so each part is one 16-byte store; a chunk's sum is a 4-lane
+             * butterfly (every lane runs it) */
+            const float4 *x4 = (const float4 *)(d.x + (long long)s0 * 128);
+            const int total = segn * 16;
             for (int base = 0; base < total; base += THREADS) {
-                const int j = base + (int)threadIdx.x, kl = j >> 4, q = j & 15, i = q >> 1;
-                const int col = kl * 32 + 8 * (i >> 1) + 2 * (i & 1) + (q & 1);
+                const int j = base + (int)threadIdx.x;
                 const bool ok = j < total;
-                const float lo = ok ? __ldg(x + col) : 0.f, hi = ok ? __ldg(x + col + 4) : 0.f;
-                float sum = lo + hi;
+                const float4 v0 = ok ? __ldg(x4 + 2 * j) : make_float4(0.f, 0.f, 0.f, 0.f);
+                const float4 v1 = ok ? __ldg(x4 + 2 * j + 1) : make_float4(0.f, 0.f, 0.f, 0.f);
+                float sum = ((v0.x + v0.y) + (v0.z + v0.w)) + ((v1.x + v1.y) + (v1.z + v1.w));
+                sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+                sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+                const float lo[4] = {v0.x, v0.y, v0.z, v0.w}, hi[4] = {v1.x, v1.y, v1.z, v1.w};
+                uint32_t w0[4], w1[4], w2[4];
 #pragma unroll
-                for (int o = 1; o < 16; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-                if (ok) {
-                    const uint32_t p0 = pack_bf16(lo, hi);
-                    const float rl = lo - __uint_as_float(p0 << 16), rh = hi - __uint_as_float(p0 & 0xFFFF0000u);
+                for (int e = 0; e < 4; e++) {
+                    const uint32_t p0 = pack_bf16(lo[e], hi[e]);
+                    const float rl = lo[e] - __uint_as_float(p0 << 16), rh = hi[e] - __uint_as_float(p0 & 0xFFFF0000u);
                     const uint32_t p1 = pack_bf16(rl, rh);
-                    const uint32_t p2 = pack_bf16(rl - __uint_as_float(p1 << 16), rh - __uint_as_float(p1 & 0xFFFF0000u));
-                    xb[kl * 16 + q] = p0;
-                    xb[ps + kl * 16 + q] = p1;
-                    xb[2 * ps + kl * 16 + q] = p2;
-                    if (q == 0) xsum[kl] = sum;
+                    w0[e] = p0;
+                    w1[e] = p1;
+                    w2[e] = pack_bf16(rl - __uint_as_float(p1 << 16), rh - __uint_as_float(p1 & 0xFFFF0000u));
+                }
+                if (ok) {
+                    ((uint4 *)xb)[j] = make_uint4(w0[0], w0[1], w0[2], w0[3]);
+                    ((uint4 *)(xb + ps))[j] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
+                    ((uint4 *)(xb + 2 * ps))[j] = make_uint4(w2[0], w2[1], w2[2], w2[3]);
+                    ((uint4 *)(xb + 3 * ps + 4))[j] = make_uint4(0, 0, 0, 0);
+                    if ((j & 3) == 0) xsum[j >> 2] = sum;
                 }
             }
         }
         __syncthreads();
 #pragma unroll 1
-        for (; s < end; s += MMA_KS) {
-            const MSpan cur = n0;
-            n0 = n1;
-            if (s + 2 * MMA_KS < end) load_span(n1, pa, pb, sa, sb, boff, ss2, p.gs_log2, c, s + 2 * MMA_KS);
-            const int kl = (int)(s - s0) * 4 + c; /* the lane's chunk in the segment */
-            uint4 bw[4] = {make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0), make_uint4(0, 0, 0, 0)};
-            if (bact) {
-                const uint4 *src = (const uint4 *)(xb + bp * ps + kl * 16);
+        for (int m0 = 0; m0 < n; m0 += MMA_NST) {
+            static_for<MMA_NST>([&](auto B) {
+                constexpr int b = decltype(B)::value;         /* stage m's buffer */
+                constexpr int bn = (b + MMA_NST - 1) % MMA_NST; /* the buffer of stage m + MMA_NST - 1 */
+                const int m = m0 + b;
+                if (m < n) {
+                    if (m + MMA_NST - 1 < n) issue(m + MMA_NST - 1, bn, sv[bn]);
+                    cp_async_commit();
+                    cp_async_wait<MMA_NST - 1>(); /* stage m has landed (this lane's copies) */
+                    __syncwarp();                 /* ... and every lane's */
+                    const int sl = 4 * (kw + m * KS); /* the stage's first span in the segment */
+                    const uint32_t *st = wsw + b * (MMA_STAGE / 4);
+                    const int nj = min(4, segn - sl);
 #pragma unroll
-                for (int v = 0; v < 4; v++) bw[v] = src[v];
-            }
-            float acc4[4] = {0.f, 0.f, 0.f, 0.f};
+                    for (int j = 0; j < 4; j++) {
+                        if (j < nj) {
+                            const uint32_t *fr = st + ((j & 1) ? fo : fe) + 16 * j;
+                            const uint4 qa = *(const uint4 *)fr, qb = *(const uint4 *)(fr + 512);
+                            const uint4 *b4 = (const uint4 *)(bsrc + (sl + j) * 64);
+                            float acc4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
-            for (int i = 0; i < 8; i++) {
-                const uint32_t wa = word_of(cur.qa, i >> 1), wb = word_of(cur.qb, i >> 1);
-                const int sh = 8 * (i & 1);
-                const uint4 &b = bw[i >> 1];
-                mma_bf16(acc4, q4_pair_bf16(wa, sh), q4_pair_bf16(wb, sh), q4_pair_bf16(wa, sh + 4),
-                         q4_pair_bf16(wb, sh + 4), (i & 1) ? b.z : b.x, (i & 1) ? b.w : b.y);
-            }
-            const float xs = xsum[kl];
-            acc_a = fmaf(raw_scale(cur.sa, p.scale_kind), acc4[0] + acc4[1], fmaf(raw_scale(cur.ba, p.scale_kind), xs, acc_a));
-            acc_b = fmaf(raw_scale(cur.sb, p.scale_kind), acc4[2] + acc4[3], fmaf(raw_scale(cur.bb, p.scale_kind), xs, acc_b));
+                            for (int wi = 0; wi < 4; wi++) {
+                                /* mma 2 wi: nibbles (0, 4) and (1, 5) of word wi; mma 2 wi + 1: (2, 6) and (3, 7) */
+                                const uint32_t wa = word_of(qa, wi), wb = word_of(qb, wi);
+                                const uint4 bv = b4[wi];
+                                mma_bf16(acc4, q4_pair_bf16(wa, magic), q4_pair_bf16(wb, magic),
+                                         q4_pair_bf16(wa >> 4, magic), q4_pair_bf16(wb >> 4, magic), bv.x, bv.y);
+                                mma_bf16(acc4, q4_pair_bf16(wa >> 8, magic), q4_pair_bf16(wb >> 8, magic),
+                                         q4_pair_bf16(wa >> 12, magic), q4_pair_bf16(wb >> 12, magic), bv.z, bv.w);
+                            }
+                            const float x_s = xsum[(sl + j) * 4 + c];
+                            const SV v = sv[b][j];
+                            const float sa = scale_from<SK, GS>(v, g, h), ba = scale_from<SK, GS>(v, 16 + g, h);
+                            const float sb = scale_from<SK, GS>(v, 8 + g, h), bb = scale_from<SK, GS>(v, 24 + g, h);
+                            acc_a = fmaf(sa, acc4[0] + acc4[1], fmaf(ba, x_s, acc_a));
+                            acc_b = fmaf(sb, acc4[2] + acc4[3], fmaf(bb, x_s, acc_b));
+                        }
+                    }
+                    __syncwarp(); /* every lane has read the buffer before it is refilled */
+                }
+            });
         }
     }
     acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 1);
     acc_a += __shfl_xor_sync(0xffffffffu, acc_a, 2);
     acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 1);
     acc_b += __shfl_xor_sync(0xffffffffu, acc_b, 2);
-    if (c == 0) {
-        red[warp][g] = acc_a;
-        red[warp][g + 8] = acc_b;
-    }
-    __syncthreads();
-    if (threadIdx.x < MMA_TILES * 16) {
-        const int t = threadIdx.x >> 4, r = threadIdx.x & 15;
-        float v = 0.f;
+    if constexpr (KS == 1) {
+        if (c == 0) {
+            if (r0 + g < rows) d.out[r0 + g] = acc_a;
+            if (r0 + g + 8 < rows) d.out[r0 + g + 8] = acc_b;
+        }
+    } else {
+        if (c == 0) {
+            red[warp][g] = acc_a;
+            red[warp][g + 8] = acc_b;
+        }
+        __syncthreads();
+        if (threadIdx.x < TILES * 16) {
+            const int t = threadIdx.x >> 4, r = threadIdx.x & 15;
+            float v = 0.f;
 #pragma unroll
-        for (int k = 0; k < MMA_KS; k++) v += red[t * MMA_KS + k][r];
-        const long long row = ((long long)blockIdx.x * MMA_TILES + t) * 16 + r;
-        if (row < rows) d.out[row] = v;
+            for (int k = 0; k < KS; k++) v += red[t * KS + k][r];
+            const int row = (blockIdx.x * TILES + t) * 16 + r;
+            if (row < rows) d.out[row] = v;
+        }
     }
 }
 #endif
+
 
 /* Any shape and alignment (4-byte words for quantized and F32 weights, 2-byte for F16/BF16): a warp
  * per row, lanes over the row's words (quantized) or elements, x read from global memory. */
@@ -670,6 +752,20 @@ kernel_fn kernel_for(int kind, bool fast, int tt) {
     }
 }
 
+#if FM_CUDA_Q4_MMA
+template <int SK, int GS> kernel_fn tc_for_ks(int ks) {
+    if (FM_CUDA_MMA_KSMAX >= 4 && ks == 4) return mm_q4_tc<SK, GS, (FM_CUDA_MMA_KSMAX >= 4 ? 4 : 1)>;
+    if (FM_CUDA_MMA_KSMAX >= 2 && ks == 2) return mm_q4_tc<SK, GS, (FM_CUDA_MMA_KSMAX >= 2 ? 2 : 1)>;
+    return mm_q4_tc<SK, GS, 1>;
+}
+template <int SK> kernel_fn tc_for_gs(int gs_log2, int ks) {
+    return gs_log2 == 6 ? tc_for_ks<SK, 64>(ks) : tc_for_ks<SK, 128>(ks);
+}
+kernel_fn tc_kernel(int scale_kind, int gs_log2, int ks) {
+    return scale_kind == 0 ? tc_for_gs<0>(gs_log2, ks) : scale_kind == 1 ? tc_for_gs<1>(gs_log2, ks) : tc_for_gs<2>(gs_log2, ks);
+}
+#endif
+
 /* Checks the shape; fills the shape part of p. */
 fm_status check_shape(const fm_weight *w, Params *p, int *kind) {
     if (!w) return fm_error_set(FM_ERR_ARG, "CUDA matmul: NULL weight");
@@ -717,13 +813,35 @@ fm_status check_mat(const fm_cuda_mat *m, int i, int kind, long long cols, bool 
 fm_status launch(fm_cuda *ctx, Params &p, int kind, bool fast, int tt) {
     if (p.n_mats == 0 || p.rows == 0) return FM_OK;
 #if FM_CUDA_Q4_MMA
-    if (fast && kind == K_Q4 && tt == 1 && p.gs_log2 >= 6 && p.cols % 128 == 0) {
+    if (fast && kind == K_Q4 && tt == 1 && p.gs_log2 >= 6 && p.cols % 128 == 0 && p.rows < (1LL << 30) &&
+        p.rows * (p.cols / 32) < (1LL << 32)) {
         const long long spans = p.cols / 128;
-        long long segsp = 1;
-        while (segsp < spans && mma_smem_bytes(segsp + 1) <= SMEM_CAP) segsp++;
+        long long segsp = spans; /* one segment, or several of a multiple of 4 spans (whole stages) */
+        if (mma_xbytes(segsp) > MMA_SMEM_CAP) {
+            segsp = 4;
+            while (mma_xbytes(segsp + 4) <= MMA_SMEM_CAP) segsp += 4;
+        }
         p.seg_chunks = (int)segsp;
-        const dim3 mgrid((unsigned)((p.rows + MMA_TILES * 16 - 1) / (MMA_TILES * 16)), (unsigned)p.n_mats);
-        mm_q4_mma<<<mgrid, THREADS, (size_t)mma_smem_bytes(segsp), ctx->stream>>>(p);
+        /* warps per 16-row tile: doubled (up to FM_CUDA_MMA_KSMAX) while the launch's warps would
+         * fill at most half of the GPU's resident slots and each warp keeps >= 2 stages of 4 spans */
+        const long long tiles = (p.rows + 15) / 16 * p.n_mats;
+        const long long slots = (long long)ctx->sm_count * FM_CUDA_MMA_MIN_BLOCKS * WARPS;
+        int ks = 1;
+        while (ks < FM_CUDA_MMA_KSMAX && tiles * ks * 2 <= slots && spans >= ks * 16) ks *= 2;
+        const long long rows_per_block = 16 * (WARPS / ks);
+        const dim3 mgrid((unsigned)((p.rows + rows_per_block - 1) / rows_per_block), (unsigned)p.n_mats);
+        const kernel_fn fn = tc_kernel(p.scale_kind, p.gs_log2, ks);
+        /* more than 48 KB of dynamic shared memory needs the kernel's opt-in (set once per device) */
+        static bool opted[64][18];
+        const int ki = (p.scale_kind * 2 + (p.gs_log2 == 6 ? 0 : 1)) * 3 + (ks == 1 ? 0 : ks == 2 ? 1 : 2);
+        const bool known = ctx->device >= 0 && ctx->device < 64;
+        if (!known || !opted[ctx->device][ki]) {
+            FM_CUDA_CHECK(cudaFuncSetAttribute((const void *)fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               MMA_WBYTES + MMA_SMEM_CAP));
+            if (known) opted[ctx->device][ki] = true;
+        }
+        const size_t smem = (size_t)mma_smem_bytes(segsp);
+        fn<<<mgrid, THREADS, smem, ctx->stream>>>(p);
         FM_CUDA_CHECK_LAUNCH("the CUDA Q4 tensor-core matmul kernel");
         return FM_OK;
     }

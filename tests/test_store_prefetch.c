@@ -1,5 +1,6 @@
 /* Speculative reads (fm_store_hint with a RAM cache): for each engine, experts hinted after a
- * request are read behind it into cache slots; the next request finds them (spec_hits), reads the
+ * request are read behind it into cache slots; the next request finds those read (spec_hits; all
+ * of them with io_uring, which sends them as soon as the request's own reads are in), reads the
  * others, and every block equals the file; a hint never evicts a block the current request uses;
  * a hinted expert not asked for costs nothing later (the next request's own reads are correct).
  * The model with --prefetch gives the same logits as without. */
@@ -55,8 +56,12 @@ FM_TEST(store_hint_reads_ahead_into_the_cache) {
             CHECK_OK(fm_store_wait(st, i, &blk));
             CHECK_MSG(memcmp(blk, f1 + (uint64_t)b[i] * stride, stride) == 0, "%s: layer 1 expert %d differs", name, b[i]);
         }
+        /* io_uring sends the speculative reads when the request's own are in, and the next request
+         * waits for reads under way: both hits are certain. The reader threads may not have started
+         * them yet when the next request drops what is not started: at most 2. */
         fm_store_layer_stats s1 = fm_store_layer_stats_get(st, 1);
-        CHECK_MSG(s1.spec_reads == 4 && s1.spec_hits == 2 && s1.hits == 0 && s1.requested == 3,
+        uint64_t want_hits = fm_store_engine(st) == FM_IO_URING ? 2 : s1.spec_hits;
+        CHECK_MSG(s1.spec_reads == 4 && s1.spec_hits == want_hits && s1.spec_hits <= 2 && s1.hits == 0 && s1.requested == 3,
                   "%s: spec_reads %llu spec_hits %llu hits %llu", name, (unsigned long long)s1.spec_reads,
                   (unsigned long long)s1.spec_hits, (unsigned long long)s1.hits);
         /* the hinted-but-unused 5 and 7 stay usable (hits, same bytes), or are read again if dropped */

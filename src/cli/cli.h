@@ -59,8 +59,10 @@ enum {
     "  --cache SIZE          in-process RAM cache for experts, e.g. 8G (default none)\n"           \
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
     "                        and buffers leave (refused up front if the dense weights do not fit)\n" \
-    "  --prefetch            decode: guess the next layer's experts and start reading them early\n"  \
-    "                        (pread engine; bench prints how often the guess was right)\n"  \
+    "  --prefetch            decode: guess the next layer's experts (its router on this layer's\n"  \
+    "                        input) and read the 2 likeliest behind this layer's reads: into\n"  \
+    "                        the RAM cache (--cache/--mem-budget), or without one as a page-cache\n"  \
+    "                        hint (pread); bench prints how often the guesses were right\n"  \
     "  --backend cpu|cuda    where the forward pass runs (default cpu; cuda needs a CUDA=1 build\n" \
     "                        and a GPU: dense weights in VRAM, experts through a VRAM cache)\n"   \
     "  --vram-budget SIZE    cuda: device memory for dense weights, state and the expert cache\n"  \

@@ -320,7 +320,7 @@ typedef struct bench_run {
     uint64_t prefill_reads, prefill_max_layer_reads;
     double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
     double mixer, route, shared, wait, compute; /* decode seconds summed over tokens and layers */
-    uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes;
+    uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes, spec_reads, spec_hits;
     fm_cuda_stats vram;                        /* --backend cuda: the VRAM expert cache during decode */
     /* from the floors */
     double layer_ms, floor_ms, floor_disk_ms, floor_ram_ms;
@@ -403,6 +403,8 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
         r->store_bytes += st.bytes_read;
         r->requested += st.requested;
         r->hits += st.hits;
+        r->spec_reads += st.spec_reads;
+        r->spec_hits += st.spec_hits;
     }
 done:
     fm_session_free(s);
@@ -432,7 +434,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
            "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
            "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
-           "\"io_direct\": %s",
+           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu",
            b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->ram_gbs,
@@ -441,7 +443,8 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            r->wait * per, r->compute * per, r->head_s * 1e3 / (double)b->n_gen, (unsigned long long)r->prefill_reads,
            (unsigned long long)r->prefill_max_layer_reads, (unsigned long long)r->rss, (unsigned long long)p->mem_budget,
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
-           fm_io_engine_name(r->asked), r->direct ? "true" : "false");
+           fm_io_engine_name(r->asked), r->direct ? "true" : "false",
+           (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits);
     if (m->gpu) /* --backend cuda */
         printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu",
                r->vram.requested ? (double)r->vram.hits / (double)r->vram.requested : 0.0,
@@ -497,8 +500,9 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
                r->vram.requested ? 100.0 * (double)r->vram.hits / (double)r->vram.requested : 0.0,
                fm_human_bytes((double)r->vram.h2d_bytes, b1, sizeof b1));
     if (r->guessed)
-        printf("prefetch     %.1f%% of the guessed next-layer experts were used\n",
-               100.0 * (double)r->guessed_right / (double)r->guessed);
+        printf("prefetch     %.1f%% of the guessed next-layer experts were used; %llu read ahead, %llu of them used\n",
+               100.0 * (double)r->guessed_right / (double)r->guessed, (unsigned long long)r->spec_reads,
+               (unsigned long long)r->spec_hits);
     printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)r->rss, b1, sizeof b1),
            p->mem_budget ? " within a budget of " : "", p->mem_budget ? fm_human_bytes((double)p->mem_budget, b2, sizeof b2) : "");
 }

@@ -20,9 +20,10 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 
 # variants of the matmul kernel, as name:MACRO=VALUE[,MACRO=VALUE...] (macros of
-# src/backend/cuda/matmul.cu); e.g. fp32:FM_CUDA_Q4_MMA=0 is the FP32 Q4 kernel that was the default
-# before 2026-11-22's tensor-core kernel (docs/CUDA.md "Measurements" lists the runs' VARIANTS)
-VARIANTS=${VARIANTS:-"fp32:FM_CUDA_Q4_MMA=0 st3b1:FM_CUDA_MMA_STAGES=3,FM_CUDA_MMA_MIN_BLOCKS=1 ks1:FM_CUDA_MMA_KSMAX=1"}
+# src/backend/cuda/matmul.cu): fp32 is the FP32 Q4 kernel that was the default before the
+# tensor-core one, sps2 and s5b2 the tensor-core kernel with stages of 2 spans (docs/CUDA.md
+# "Measurements" lists each run's VARIANTS)
+VARIANTS=${VARIANTS:-"fp32:FM_CUDA_Q4_MMA=0 sps2:FM_CUDA_MMA_SPS=2,FM_CUDA_MMA_STAGES=3,FM_CUDA_MMA_MIN_BLOCKS=3 s5b2:FM_CUDA_MMA_SPS=2,FM_CUDA_MMA_STAGES=5"}
 # variants (by name) whose tests also run under compute-sanitizer (the default build's always do)
 SANITIZE=${SANITIZE:-""}
 

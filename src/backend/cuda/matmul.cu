@@ -384,43 +384,55 @@ __global__ void __launch_bounds__(THREADS, TT <= 2 ? FM_CUDA_MIN_BLOCKS : 1) mm_
  * groups (and scales) differ for g64. Per span and lane:
  * acc += s * (C[., 2c] + C[., 2c + 1]) + b * sum(x over chunk c).
  *
- * Weights reach the fragments through shared memory: a warp copies a stage of 4 spans of its 16
- * rows (256 contiguous bytes per row, whole 128-byte lines; cp.async 16 bytes a lane, 2 rows per
- * instruction) into its own ring of FM_CUDA_MMA_STAGES stages and reads each lane's chunks back
- * with 16-byte shared loads (chunk positions XOR-swizzled by the row's parity: conflict-free). The
- * first version loaded the fragments straight into registers (64 bytes of each of 16 rows per
- * warp instruction) and stalled at 48% of the copy bandwidth (docs/CUDA.md "Measurements"). A
+ * Weights reach the fragments through shared memory: a warp copies a stage of FM_CUDA_MMA_SPS (4)
+ * spans of its 16 rows (256 contiguous bytes per row, whole 128-byte lines; cp.async 16 bytes a
+ * lane, 2 rows per instruction) into its own ring of FM_CUDA_MMA_STAGES (2) stages and reads each
+ * lane's chunks back with 16-byte shared loads (chunk positions XOR-swizzled by the row's parity:
+ * conflict-free). Loading the fragments straight into registers (64 bytes of each of 16 rows per
+ * warp instruction) stalled at 48% of the copy bandwidth, stages of 2 spans (128 bytes a row) at
+ * 58-62%, 4 spans reach 67% (docs/CUDA.md "Measurements"): the length of the contiguous piece of a
+ * row that one request asks for matters more than the bytes in flight. A
  * stage's scales and biases (16 rows x both groups x 2 = one 32-bit word per lane and span for g64
  * BF16/F16) are loaded by one lane each into registers and handed out with 4 shuffles per span.
  * Rows past the last are clamped to it (read, never stored): no predicates.
  *
  * KS warps (a template parameter: 1, 2 or 4, chosen per launch so that small launches still fill
  * the GPU) split the stages of a 16-row tile and add up through shared memory at the end; a block
- * has 8 / KS tiles. The staged x (three parts permuted into the B fragment order, a fourth part of
- * zeros that the lanes without a B column read, and the chunk sums of x) is shared by the block's
- * tiles: a thread stages 8 consecutive columns (two 16-byte loads, one 16-byte store per part). The
- * scale type and group size are template parameters: no branches on them in the loop. */
+ * has 8 / KS tiles. The staged x (three parts permuted into the B fragment order, 16 zero words
+ * that the lanes without a B column read for every span, and the chunk sums of x) is shared by
+ * the block's tiles: a thread stages 8 consecutive columns (two 16-byte loads, one 16-byte store
+ * per part). The scale type and group size are template parameters: no branches on them in the
+ * loop. */
 #ifndef FM_CUDA_Q4_MMA
 #define FM_CUDA_Q4_MMA 1
 #endif
+#ifndef FM_CUDA_MMA_SPS
+#define FM_CUDA_MMA_SPS 4 /* spans (128 columns) per weight stage: 4 (256 bytes a row) or 2 (128) */
+#endif
 #ifndef FM_CUDA_MMA_STAGES
-#define FM_CUDA_MMA_STAGES 2 /* weight stages (4 KB each) per warp: one computed while the others load */
+#define FM_CUDA_MMA_STAGES 2 /* weight stages per warp: one computed while the others load */
 #endif
 #ifndef FM_CUDA_MMA_KSMAX
 #define FM_CUDA_MMA_KSMAX 4 /* most warps per 16-row tile the launch may choose (1, 2 or 4) */
 #endif
 #ifndef FM_CUDA_MMA_MIN_BLOCKS
-#define FM_CUDA_MMA_MIN_BLOCKS 2 /* blocks per SM the kernel must fit (registers; shared memory must agree) */
+#define FM_CUDA_MMA_MIN_BLOCKS 2 /* blocks per SM (registers and shared memory are sized for them) */
 #endif
 
 #if FM_CUDA_Q4_MMA
-constexpr int MMA_SMEM_CAP = 40 * 1024; /* staged x per block, bytes */
-constexpr int MMA_NST = FM_CUDA_MMA_STAGES, MMA_STAGE = 4096; /* bytes of a stage: 16 rows x 4 spans x 64 */
-constexpr int MMA_WBYTES = WARPS * MMA_NST * MMA_STAGE;         /* the weight stages of a block */
+constexpr int MMA_SPS = FM_CUDA_MMA_SPS, MMA_NST = FM_CUDA_MMA_STAGES;
+constexpr int MMA_CPR = 4 * MMA_SPS;          /* 16-byte chunks of a row in a stage */
+constexpr int MMA_STAGE = 16 * MMA_CPR * 16;  /* bytes of a stage: 16 rows */
+constexpr int MMA_WBYTES = WARPS * MMA_NST * MMA_STAGE; /* the weight stages of a block */
+/* staged x per block, bytes: what the SM's 227 KB leave to FM_CUDA_MMA_MIN_BLOCKS blocks (1 KB each
+ * reserved, 512 bytes of reduction buffer), at most 40 KB; a 4096-column x takes 25 KB. With the
+ * defaults (2 stages of 4 spans, 2 blocks per SM): 64 KB of weight stages + up to 40 KB of x a block */
+constexpr int MMA_SMEM_CAP = (227 * 1024 / FM_CUDA_MMA_MIN_BLOCKS - MMA_WBYTES - 1536) < 40 * 1024
+                                 ? (227 * 1024 / FM_CUDA_MMA_MIN_BLOCKS - MMA_WBYTES - 1536) : 40 * 1024;
 static_assert(FM_CUDA_MMA_KSMAX == 1 || FM_CUDA_MMA_KSMAX == 2 || FM_CUDA_MMA_KSMAX == 4, "FM_CUDA_MMA_KSMAX");
-static_assert(MMA_NST >= 2 && MMA_NST <= 4, "FM_CUDA_MMA_STAGES");
-static_assert(FM_CUDA_MMA_MIN_BLOCKS * (MMA_WBYTES + MMA_SMEM_CAP + 2048) <= 227 * 1024,
-              "FM_CUDA_MMA_MIN_BLOCKS blocks of the Q4 tensor-core kernel do not fit an SM's shared memory");
+static_assert(MMA_SPS == 2 || MMA_SPS == 4, "FM_CUDA_MMA_SPS");
+static_assert(MMA_NST >= 2 && MMA_NST <= 6, "FM_CUDA_MMA_STAGES");
+static_assert(MMA_SMEM_CAP >= 8 * 1024, "the Q4 tensor-core kernel's stages leave too little shared memory for x");
 
 /* The nibbles at bits 0 .. 3 and 16 .. 19 of w as a bf16 pair of integers (exact); magic holds
  * 0x43004300 in a register. */
@@ -476,9 +488,10 @@ template <int SK, int GS> __device__ __forceinline__ float scale_from(const type
     }
 }
 
-/* Shared memory of the kernel for segments of segsp spans, bytes: the weight stages, then 4 parts of
- * ps = 64 segsp + 8 words (x0, x1, x2, zeros at a 4-word offset), then the chunk sums. */
-__host__ __device__ constexpr long long mma_xbytes(long long segsp) { return (4 * (segsp * 64 + 8) + 4 + segsp * 4) * 4; }
+/* Shared memory of the kernel for segments of segsp spans, bytes: the weight stages, then 3 parts of
+ * ps = 64 segsp + 8 words (x0, x1, x2), 4 words of padding, 16 words of zeros (at 3 ps + 4: banks
+ * apart from the parts' fragments), then the chunk sums. */
+__host__ __device__ constexpr long long mma_xbytes(long long segsp) { return (3 * (segsp * 64 + 8) + 20 + segsp * 4) * 4; }
 __host__ __device__ constexpr long long mma_smem_bytes(long long segsp) { return MMA_WBYTES + mma_xbytes(segsp); }
 
 template <int SK, int GS, int KS>
@@ -493,45 +506,50 @@ __global__ void __launch_bounds__(THREADS, FM_CUDA_MMA_MIN_BLOCKS) mm_q4_tc(cons
     const int tile = warp / KS, kw = warp % KS;
     const int rows = (int)p.rows, chunks = (int)(p.cols / 32), spans = (int)(p.cols / 128);
     const int r0 = (blockIdx.x * TILES + tile) * 16; /* the tile's first row */
-    const int segsp = p.seg_chunks;                  /* spans per staged segment (a multiple of 4) */
+    const int segsp = p.seg_chunks;                  /* spans per staged segment (a multiple of MMA_SPS) */
     const int ps = segsp * 64 + 8;                   /* u32 words per staged x part */
     uint32_t *xb = (uint32_t *)smem + MMA_WBYTES / 4;
-    float *xsum = (float *)(xb + 4 * ps + 4);
-    /* this warp's weight stages; copies: instruction i (0 .. 7) of a stage moves chunk cq of row
-     * 2 i + cr (local) to position cq ^ 4 cr of that row's 256 bytes (row parity cr swizzles) */
+    float *xsum = (float *)(xb + 3 * ps + 20);
+    /* this warp's weight stages (16 rows of MMA_CPR chunks); copy instruction i of a stage moves
+     * chunk cq of row RPI i + cr (local) to position cq ^ 4 (cr & 1) of that row (the row's parity
+     * swizzles, so that fragment reads are conflict-free) */
+    constexpr int RPI = 32 / MMA_CPR, NCI = 16 / RPI; /* rows per copy instruction, instructions per stage */
     const uint32_t wst = (uint32_t)__cvta_generic_to_shared(smem) + warp * (MMA_NST * MMA_STAGE);
-    const int cr = lane >> 4, cq = lane & 15;
-    const uint32_t cdst = wst + cr * 256 + ((cq ^ (cr << 2)) << 4);
-    const uint4 *wq = (const uint4 *)d.w;
-    uint32_t roff[8]; /* uint4 index of the rows this lane copies (clamped to the last row) */
+    const int cr = lane / MMA_CPR, cq = lane % MMA_CPR;
+    const uint32_t cdst = wst + cr * (MMA_CPR * 16) + ((cq ^ ((cr & 1) << 2)) << 4);
+    const uint4 *crow[NCI]; /* the rows this lane copies (clamped to the last row) */
 #pragma unroll
-    for (int i = 0; i < 8; i++) roff[i] = (uint32_t)min(r0 + 2 * i + cr, rows - 1) * (uint32_t)chunks;
-    /* fragment reads: row g, span j of a stage at byte g * 256 + 64 (j ^ (g & 1)) + 16 c; row g + 8 at +2048 */
+    for (int i = 0; i < NCI; i++) crow[i] = (const uint4 *)d.w + (long long)min(r0 + RPI * i + cr, rows - 1) * chunks;
+    /* fragment reads: row g, span j of a stage at word g * 4 MMA_CPR + 16 (j ^ (g & 1)) + 4 c; row
+     * g + 8 at 32 MMA_CPR words further */
     const uint32_t *wsw = (const uint32_t *)smem + warp * (MMA_NST * MMA_STAGE / 4);
-    const int fe = g * 64 + 16 * (g & 1) + 4 * c, fo = g * 64 - 16 * (g & 1) + 4 * c; /* words, j even / odd */
+    const int fe = g * 4 * MMA_CPR + 16 * (g & 1) + 4 * c, fo = g * 4 * MMA_CPR - 16 * (g & 1) + 4 * c;
     /* lane l loads the scales (l < 16) or biases of row r0 + l % 16 */
     const SV *sp = (const SV *)((const unsigned char *)d.w + (lane < 16 ? p.scale_off : p.bias_off)) +
                    (long long)min(r0 + (lane & 15), rows - 1) * spans;
-    /* the B fragments this lane reads: part bp of its chunk c, where column g = 4h + bp has h = c / 2,
-     * or the zero part (at 3 ps + 4 words: banks apart from the others) */
+    /* the B fragments this lane reads: part bp of its chunk c, where column g = 4h + bp has h = c / 2
+     * (64 words a span), or else the 16 zero words for every span */
     const int bp = g & 3, h = c >> 1;
-    const uint32_t *bsrc = xb + (bp < 3 && (g >> 2) == h ? bp * ps : 3 * ps + 4) + c * 16;
+    const bool bact = bp < 3 && (g >> 2) == h;
+    const uint32_t *bsrc = xb + (bact ? bp * ps + c * 16 : 3 * ps + 4);
+    const int bstr = bact ? 64 : 0;
+    if (threadIdx.x < 16) xb[3 * ps + 4 + threadIdx.x] = 0u; /* ordered by the first __syncthreads below */
     uint32_t magic = 0x43004300u;
     asm volatile("" : "+r"(magic)); /* opaque: keeps the magic in a register (one LOP3 per pair) */
     float acc_a = 0.f, acc_b = 0.f;
-    SV sv[MMA_NST][4]; /* the scales / biases of the stages in flight */
+    SV sv[MMA_NST][MMA_SPS]; /* the scales / biases of the stages in flight */
 
     for (int s0 = 0; s0 < spans; s0 += segsp) {
-        const int segn = min(segsp, spans - s0), ng = (segn + 3) / 4; /* spans, stages of the segment */
-        const int n = ng > kw ? (ng - kw + KS - 1) / KS : 0;           /* this warp's stages */
-        /* stage m of this warp: spans s0 + 4 (kw + m KS) .. + 3, into buffer m % MMA_NST */
-        auto issue = [&](int m, int b, SV(&v)[4]) {
-            const int s = s0 + 4 * (kw + m * KS);
-            const uint32_t col = (uint32_t)min(4 * s + cq, chunks - 1); /* clamped: the row's last stage may be short */
+        const int segn = min(segsp, spans - s0), ng = (segn + MMA_SPS - 1) / MMA_SPS; /* spans, stages */
+        const int n = ng > kw ? (ng - kw + KS - 1) / KS : 0; /* this warp's stages */
+        /* stage m of this warp: spans s0 + MMA_SPS (kw + m KS) .., into buffer m % MMA_NST */
+        auto issue = [&](int m, int b, SV(&v)[MMA_SPS]) {
+            const int s = s0 + MMA_SPS * (kw + m * KS);
+            const int col = min(4 * s + cq, chunks - 1); /* clamped: the row's last stage may be short */
 #pragma unroll
-            for (int i = 0; i < 8; i++) cp_async16(cdst + b * MMA_STAGE + i * 512, wq + roff[i] + col);
+            for (int i = 0; i < NCI; i++) cp_async16(cdst + b * MMA_STAGE + i * (RPI * MMA_CPR * 16), crow[i] + col);
 #pragma unroll
-            for (int j = 0; j < 4; j++) v[j] = __ldg(sp + min(s + j, spans - 1));
+            for (int j = 0; j < MMA_SPS; j++) v[j] = __ldg(sp + min(s + j, spans - 1));
         };
 #pragma unroll
         for (int b = 0; b < MMA_NST - 1; b++) {
@@ -570,7 +588,6 @@ __global__ void __launch_bounds__(THREADS, FM_CUDA_MMA_MIN_BLOCKS) mm_q4_tc(cons
                     ((uint4 *)xb)[j] = make_uint4(w0[0], w0[1], w0[2], w0[3]);
                     ((uint4 *)(xb + ps))[j] = make_uint4(w1[0], w1[1], w1[2], w1[3]);
                     ((uint4 *)(xb + 2 * ps))[j] = make_uint4(w2[0], w2[1], w2[2], w2[3]);
-                    ((uint4 *)(xb + 3 * ps + 4))[j] = make_uint4(0, 0, 0, 0);
                     if ((j & 3) == 0) xsum[j >> 2] = sum;
                 }
             }
@@ -587,15 +604,15 @@ __global__ void __launch_bounds__(THREADS, FM_CUDA_MMA_MIN_BLOCKS) mm_q4_tc(cons
                     cp_async_commit();
                     cp_async_wait<MMA_NST - 1>(); /* stage m has landed (this lane's copies) */
                     __syncwarp();                 /* ... and every lane's */
-                    const int sl = 4 * (kw + m * KS); /* the stage's first span in the segment */
+                    const int sl = MMA_SPS * (kw + m * KS); /* the stage's first span in the segment */
                     const uint32_t *st = wsw + b * (MMA_STAGE / 4);
-                    const int nj = min(4, segn - sl);
+                    const int nj = min(MMA_SPS, segn - sl);
 #pragma unroll
-                    for (int j = 0; j < 4; j++) {
+                    for (int j = 0; j < MMA_SPS; j++) {
                         if (j < nj) {
                             const uint32_t *fr = st + ((j & 1) ? fo : fe) + 16 * j;
-                            const uint4 qa = *(const uint4 *)fr, qb = *(const uint4 *)(fr + 512);
-                            const uint4 *b4 = (const uint4 *)(bsrc + (sl + j) * 64);
+                            const uint4 qa = *(const uint4 *)fr, qb = *(const uint4 *)(fr + 32 * MMA_CPR);
+                            const uint4 *b4 = (const uint4 *)(bsrc + (sl + j) * bstr);
                             float acc4[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
                             for (int wi = 0; wi < 4; wi++) {
@@ -816,10 +833,10 @@ fm_status launch(fm_cuda *ctx, Params &p, int kind, bool fast, int tt) {
     if (fast && kind == K_Q4 && tt == 1 && p.gs_log2 >= 6 && p.cols % 128 == 0 && p.rows < (1LL << 30) &&
         p.rows * (p.cols / 32) < (1LL << 32)) {
         const long long spans = p.cols / 128;
-        long long segsp = spans; /* one segment, or several of a multiple of 4 spans (whole stages) */
+        long long segsp = spans; /* one segment, or several of a multiple of MMA_SPS spans (whole stages) */
         if (mma_xbytes(segsp) > MMA_SMEM_CAP) {
-            segsp = 4;
-            while (mma_xbytes(segsp + 4) <= MMA_SMEM_CAP) segsp += 4;
+            segsp = MMA_SPS;
+            while (mma_xbytes(segsp + MMA_SPS) <= MMA_SMEM_CAP) segsp += MMA_SPS;
         }
         p.seg_chunks = (int)segsp;
         /* warps per 16-row tile: doubled (up to FM_CUDA_MMA_KSMAX) while the launch's warps would
@@ -827,7 +844,7 @@ fm_status launch(fm_cuda *ctx, Params &p, int kind, bool fast, int tt) {
         const long long tiles = (p.rows + 15) / 16 * p.n_mats;
         const long long slots = (long long)ctx->sm_count * FM_CUDA_MMA_MIN_BLOCKS * WARPS;
         int ks = 1;
-        while (ks < FM_CUDA_MMA_KSMAX && tiles * ks * 2 <= slots && spans >= ks * 16) ks *= 2;
+        while (ks < FM_CUDA_MMA_KSMAX && tiles * ks * 2 <= slots && spans >= ks * 4 * MMA_SPS) ks *= 2;
         const long long rows_per_block = 16 * (WARPS / ks);
         const dim3 mgrid((unsigned)((p.rows + rows_per_block - 1) / rows_per_block), (unsigned)p.n_mats);
         const kernel_fn fn = tc_kernel(p.scale_kind, p.gs_log2, ks);

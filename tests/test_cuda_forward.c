@@ -5,8 +5,9 @@
  * each output is compared with the CPU computation of forward.c (copied here as the scalar oracle
  * where forward.c keeps it static), by err = max |gpu - cpu| / max |cpu| over the output:
  *   add_rmsnorm, rmsnorm_gated, head_norm_rope, conv1d_silu (+ state): err <= 1e-5
- *   delta_rule (output and state, 2 chunks in a row): err <= 1e-4 (sums of dk products per step,
- *     compounded over the chunk's tokens; observed ~1e-6)
+ *   delta_rule (output and state, 2 chunks in a row; the register kernel for dk, dv <= 128 and the
+ *     global-memory one beyond): err <= 1e-4 (sums of dk products per step, compounded over the
+ *     chunk's tokens; observed ~1e-6)
  *   attention (decode and causal chunks, up to 700 positions): err <= 1e-5
  *   router_topk: the same ids (ties to the lower id), weights |gpu - cpu| <= 1e-6
  *   gather_rows: exact; moe_combine: err <= 1e-6
@@ -384,7 +385,8 @@ FM_TEST(cuda_layer_delta_rule) {
     CUDA_OR_SKIP(c);
     static const struct {
         int nk, nv, dk, dv;
-    } cases[] = {{2, 4, 8, 8}, {2, 6, 12, 8}, {2, 4, 16, 24}, {4, 8, 128, 128}};
+    } cases[] = {{2, 4, 8, 8}, {2, 6, 12, 8}, {2, 4, 16, 24}, {4, 8, 128, 128}, /* registers */
+                 {1, 2, 160, 40}, {2, 2, 32, 256}};                            /* global memory */
     static const int64_t Ts[] = {5, 1};
     for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
         const int nk = cases[ci].nk, nv = cases[ci].nv, dk = cases[ci].dk, dv = cases[ci].dv;

@@ -193,6 +193,74 @@ __global__ void delta_rule_kernel(float *o, const float *qkv, const float *bb, c
     }
 }
 
+/* The same for dk <= DELTA_REG_DK and dv <= 128: thread j keeps column j of S in registers for
+ * the whole chunk (loaded once, stored once), so a token's two passes over S are register
+ * arithmetic instead of dk dependent global loads and stores each. Same order of operations. */
+constexpr int DELTA_REG_DK = 128;
+
+__global__ void __launch_bounds__(128) delta_rule_reg_kernel(float *o, const float *qkv, const float *bb,
+                                                             const float *aa, float *S, const float *A_log,
+                                                             const float *dt_bias, long long T, int nk, int nv,
+                                                             int dk, int dv) {
+    extern __shared__ float sh[]; /* qn (dk) | kn (dk) */
+    __shared__ float red[32];
+    float *qn = sh, *kn = sh + dk;
+    const int h = blockIdx.x, g = h / (nv / nk);
+    const long long kd = (long long)nk * dk, cd = 2 * kd + (long long)nv * dv, vd = (long long)nv * dv;
+    float *Sh = S + (long long)h * dk * dv;
+    const float A = -expf(A_log[h]);
+    const float q_scale = 1.0f / sqrtf((float)dk);
+    const int j = threadIdx.x;
+    const bool col = j < dv;
+    float s[DELTA_REG_DK];
+#pragma unroll
+    for (int i = 0; i < DELTA_REG_DK; i++) s[i] = col && i < dk ? Sh[(long long)i * dv + j] : 0.f;
+    for (long long t = 0; t < T; t++) {
+        const float *row = qkv + t * cd;
+        const float *q = row + (long long)g * dk, *k = row + kd + (long long)g * dk, *v = row + 2 * kd + (long long)h * dv;
+        float sq = 0.f, sk = 0.f;
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+            sq = fmaf(q[i], q[i], sq);
+            sk = fmaf(k[i], k[i], sk);
+        }
+        sq = block_sum(sq, red);
+        sk = block_sum(sk, red);
+        const float iq = 1.0f / sqrtf(sq + 1e-6f), ik = 1.0f / sqrtf(sk + 1e-6f);
+        for (int i = threadIdx.x; i < dk; i += blockDim.x) {
+            qn[i] = q[i] * iq * q_scale;
+            kn[i] = k[i] * ik;
+        }
+        __syncthreads();
+        const float b = bb[t * nv + h], a = aa[t * nv + h];
+        const float decay = expf(A * softplus(a + dt_bias[h]));
+        const float beta = sigmoid(b);
+        if (col) {
+            float kv = 0.f;
+#pragma unroll
+            for (int i = 0; i < DELTA_REG_DK; i++)
+                if (i < dk) {
+                    s[i] *= decay;
+                    kv += s[i] * kn[i];
+                }
+            const float dd = beta * (v[j] - kv);
+            float acc = 0.f;
+#pragma unroll
+            for (int i = 0; i < DELTA_REG_DK; i++)
+                if (i < dk) {
+                    s[i] += kn[i] * dd;
+                    acc += s[i] * qn[i];
+                }
+            o[t * vd + (long long)h * dv + j] = acc;
+        }
+        __syncthreads(); /* qn, kn are rewritten by the next token */
+    }
+    if (col) {
+#pragma unroll
+        for (int i = 0; i < DELTA_REG_DK; i++)
+            if (i < dk) Sh[(long long)i * dv + j] = s[i];
+    }
+}
+
 /* ---- gated attention over the KV cache: one block per (token, head), ATT_WARPS warps ----
  * Warp w takes positions w, w + ATT_WARPS, ... <= pos0 + t with its own online softmax (running
  * max m, sum, and o in registers: lane l holds o[l + 32 i]); the warps' partial results are
@@ -485,6 +553,12 @@ extern "C" fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(o && qkv && b && a && S && A_log && dt_bias, "CUDA delta_rule: NULL pointer");
     const int threads = (dv + 31) / 32 * 32;
+    if (dk <= DELTA_REG_DK && dv <= 128) {
+        delta_rule_reg_kernel<<<(unsigned)nv, threads, sizeof(float) * 2 * (size_t)dk, ctx->stream>>>(
+            o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens, nk, nv, dk, dv);
+        FM_CUDA_CHECK_LAUNCH("delta_rule_reg_kernel");
+        return FM_OK;
+    }
     delta_rule_kernel<<<(unsigned)nv, threads, sizeof(float) * 2 * (size_t)dk, ctx->stream>>>(
         o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens, nk, nv, dk, dv);
     FM_CUDA_CHECK_LAUNCH("delta_rule_kernel");

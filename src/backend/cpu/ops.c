@@ -376,7 +376,7 @@ fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *
     void *buf = NULL;
     const int64_t K = ok ? w->cols : 0, G = ok ? K / w->group_size : 0, tpad = (n_tokens + 15) & ~(int64_t)15;
     /* rows of xq 64 bytes longer than K: at K = 1024, 4096, .. the 16 rows of an AMX tile load
-     * would otherwise fall in one L1 set (measured 2x slower) */
+     * would otherwise fall in one L1 set */
     const int64_t stride = K + 64;
     const size_t lv_bytes = ok ? (size_t)(tpad * stride) : 0, xq_bytes = lv_bytes * (size_t)levels; /* 32-byte multiples */
     if (ok) buf = aligned_alloc(64, (xq_bytes + sizeof(float) * (size_t)(2 * n_tokens * G) + 63) & ~(size_t)63);

@@ -82,8 +82,8 @@ fm_cpu_int8 fm_cpu_int8_best(void);
 const char *fm_cpu_int8_name(fm_cpu_int8 k);
 
 /* The path for a FLASHMOE_CPU_INT8 value: "auto" or "1" give fm_cpu_int8_best(); "0" or "off" give
- * OFF; "vnni", "amx" give that path if supported; NULL or "" give the default, OFF for now (ops.c,
- * INT8_DEFAULT_ON: one model test's tolerance, docs/SPEED.md). An unknown value or a path the CPU
+ * OFF; "vnni", "amx" give that path if supported; NULL or "" give the default: the best path (ops.c,
+ * INT8_DEFAULT_ON). An unknown value or a path the CPU
  * lacks prints one line on stderr and gives the best path. */
 fm_cpu_int8 fm_cpu_int8_choose(const char *request);
 
@@ -91,6 +91,11 @@ fm_cpu_int8 fm_cpu_int8_choose(const char *request);
  * once per process on first use (thread-safe); OFF unless fm_cpu_matmul_level() is AVX512 (so
  * FLASHMOE_CPU=scalar|avx2 keeps the float kernels of that level). */
 fm_cpu_int8 fm_cpu_matmul_int8_mode(void);
+
+/* Overrides the int8 path fm_cpu_matmul uses from now on (an unsupported path gives the best one;
+ * OFF: the float kernels) and returns the previous one. For tests that check exactness; call it
+ * while no matmul runs. */
+fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k);
 
 /* The path fm_cpu_matmul takes in int8 mode `mode` with `levels` activation levels for n_tokens
  * tokens of weight w: OFF (the float kernels) for unquantized weights and below the measured

@@ -33,6 +33,7 @@
 #include "model/model.h"
 #include "quant/quant.h"
 #include "test.h"
+#include "util/half.h"
 
 #ifdef FM_HAVE_CUDA
 #include "backend/cuda/cuda_backend.h"
@@ -85,6 +86,9 @@ NO_CUDA(cuda_layer_delta_rule)
 NO_CUDA(cuda_layer_attention)
 NO_CUDA(cuda_layer_router_topk)
 NO_CUDA(cuda_layer_gather_combine)
+NO_CUDA(cuda_layer_expert_matvec)
+NO_CUDA(cuda_layer_decode_at)
+NO_CUDA(cuda_forward_resident_modes_match_cpu)
 NO_CUDA(cuda_forward_fixtures_match_cpu)
 NO_CUDA(cuda_forward_quantized_match_cpu)
 NO_CUDA(cuda_forward_vram_cache_evicts)
@@ -259,9 +263,16 @@ FM_TEST(cuda_layer_head_norm_rope) {
         for (int i = 0; i < rot / 2; i++) inv[i] = (float)(1.0 / pow(cases[ci].theta, (double)(2 * i) / (double)rot));
         float *din = dev_from(t, c, in, sizeof(float) * T * nh * in_stride), *dw = dev_from(t, c, w, sizeof(float) * d),
               *dinv = dev_from(t, c, inv, sizeof(float) * (rot / 2 + 1)), *dout = dev_from(t, c, NULL, sizeof(float) * T * nh * d);
-        if (din && dw && dinv && dout) {
+        /* the _at variant: position from device memory, output moved by pos0 * 3 floats */
+        float *dout_at = dev_from(t, c, NULL, sizeof(float) * (size_t)(pos0 * 3 + T * nh * d));
+        int64_t *dpos = dev_from(t, c, &pos0, sizeof pos0);
+        float *got_at = rnd_vec(T * nh * d, 0);
+        for (int64_t i = 0; i < T * nh * d; i++) got[i] = got_at[i] = NAN;
+        if (din && dw && dinv && dout && dout_at && dpos) {
             CHECK_OK(fm_cuda_head_norm_rope(c, dout, d, din, in_stride, dw, T, nh, d, 1e-6f, rot, dinv, pos0));
-            if (down(t, c, got, dout, sizeof(float) * T * nh * d)) {
+            CHECK_OK(fm_cuda_head_norm_rope_at(c, dout_at, 3, d, din, in_stride, dw, T, nh, d, 1e-6f, rot, dinv, dpos));
+            if (down(t, c, got, dout, sizeof(float) * T * nh * d) &&
+                down(t, c, got_at, dout_at + pos0 * 3, sizeof(float) * T * nh * d)) {
                 for (int tt = 0; tt < T; tt++)
                     for (int h = 0; h < nh; h++) { /* forward.c full_attention */
                         float *dst = ref + ((int64_t)tt * nh + h) * d;
@@ -271,10 +282,12 @@ FM_TEST(cuda_layer_head_norm_rope) {
                 char what[96];
                 snprintf(what, sizeof what, "head_norm_rope d=%d rot=%d pos0=%lld", d, rot, (long long)pos0);
                 CHECK_ERR(what, rel_err(got, ref, T * nh * d), 1e-5);
+                snprintf(what, sizeof what, "head_norm_rope_at d=%d rot=%d pos0=%lld", d, rot, (long long)pos0);
+                CHECK_ERR(what, rel_err(got_at, ref, T * nh * d), 1e-5);
             }
         }
         dev_free_all(c);
-        free(in), free(w), free(got), free(ref);
+        free(in), free(w), free(got), free(got_at), free(ref);
     }
 }
 
@@ -464,19 +477,26 @@ FM_TEST(cuda_layer_attention) {
               *vc = rnd_vec(P * nkv * d, 1), *got = rnd_vec(T * nh * d, 0), *ref = rnd_vec(T * nh * d, 0);
         float *dq = dev_from(t, c, q, sizeof(float) * T * nh * d), *dg = dev_from(t, c, gate, sizeof(float) * T * nh * gs),
               *dk = dev_from(t, c, kc, sizeof(float) * P * nkv * d), *dv = dev_from(t, c, vc, sizeof(float) * P * nkv * d),
-              *dout = dev_from(t, c, NULL, sizeof(float) * T * nh * d);
-        if (dq && dg && dk && dv && dout) {
+              *dout = dev_from(t, c, NULL, sizeof(float) * T * nh * d),
+              *dout_at = dev_from(t, c, NULL, sizeof(float) * T * nh * d);
+        int64_t *dpos = dev_from(t, c, &pos0, sizeof pos0);
+        float *got_at = rnd_vec(T * nh * d, 0);
+        if (dq && dg && dk && dv && dout && dout_at && dpos) {
             CHECK_OK(fm_cuda_attention(c, dout, dq, dg + d, gs, dk, dv, T, pos0, nh, nkv, d));
+            CHECK_OK(fm_cuda_attention_at(c, dout_at, dq, dg + d, gs, dk, dv, T, dpos, nh, nkv, d));
             attn_ref(ref, q, gate + d, gs, kc, vc, T, pos0, nh, nkv, d);
-            if (down(t, c, got, dout, sizeof(float) * T * nh * d)) {
+            if (down(t, c, got, dout, sizeof(float) * T * nh * d) && down(t, c, got_at, dout_at, sizeof(float) * T * nh * d)) {
                 char what[96];
                 snprintf(what, sizeof what, "attention %d/%d heads d=%d T=%lld pos0=%lld", nh, nkv, d, (long long)T,
                          (long long)pos0);
                 CHECK_ERR(what, rel_err(got, ref, T * nh * d), 1e-5);
+                snprintf(what, sizeof what, "attention_at %d/%d heads d=%d T=%lld pos0=%lld", nh, nkv, d, (long long)T,
+                         (long long)pos0);
+                CHECK_ERR(what, rel_err(got_at, ref, T * nh * d), 1e-5);
             }
         }
         dev_free_all(c);
-        free(q), free(gate), free(kc), free(vc), free(got), free(ref);
+        free(q), free(gate), free(kc), free(vc), free(got), free(got_at), free(ref);
     }
     CHECK(fm_cuda_attention(c, (float *)8, (float *)8, (float *)8, 1024, (float *)8, (float *)8, 1, 0, 4, 2, 1024) ==
           FM_ERR_ARG);
@@ -595,6 +615,240 @@ FM_TEST(cuda_layer_gather_combine) {
         }
 }
 
+
+/* ---- routed experts with device ids (fm_cuda_expert_matvec) ---- */
+
+static float scale_val(const unsigned char *p, fm_dtype sd) {
+    if (sd == FM_DTYPE_F32) {
+        float v;
+        memcpy(&v, p, 4);
+        return v;
+    }
+    uint16_t u;
+    memcpy(&u, p, 2);
+    return sd == FM_DTYPE_BF16 ? fm_bf16_to_f32(u) : fm_f16_to_f32(u);
+}
+
+/* Random bytes of one weight in the stored layout: float types uniform in [-1, 1); quantized random
+ * q and per group a scale and bias giving values in about [-1, 1] (some negative scales). */
+static void rnd_weight(unsigned char *d, fm_dtype dt, int64_t N, int64_t K, int gs, fm_dtype sd) {
+    if (!fm_dtype_is_quant(dt)) {
+        for (int64_t i = 0; i < N * K; i++) {
+            float v = rnd();
+            if (dt == FM_DTYPE_F32) memcpy(d + 4 * i, &v, 4);
+            else {
+                uint16_t u = dt == FM_DTYPE_BF16 ? fm_f32_to_bf16(v) : fm_f32_to_f16(v);
+                memcpy(d + 2 * i, &u, 2);
+            }
+        }
+        return;
+    }
+    const int bits = fm_quant_bits(dt);
+    const int64_t G = K / gs, qbytes = N * K * bits / 8;
+    for (int64_t i = 0; i < qbytes; i++) d[i] = (unsigned char)rnd_u64();
+    const size_t ss = sd == FM_DTYPE_F32 ? 4 : 2;
+    unsigned char *sp = d + qbytes, *bp = sp + (size_t)(N * G) * ss;
+    const float maxq = (float)((1 << bits) - 1);
+    for (int64_t g = 0; g < N * G; g++)
+        for (int k = 0; k < 2; k++) {
+            float v = k ? -(0.5f + 0.5f * fabsf(rnd())) : (0.2f + 0.8f * fabsf(rnd())) * 2.0f / maxq;
+            if (g % 7 == 3) v = -v;
+            unsigned char *at = (k ? bp : sp) + (size_t)g * ss;
+            if (sd == FM_DTYPE_F32) memcpy(at, &v, 4);
+            else {
+                uint16_t u = sd == FM_DTYPE_BF16 ? fm_f32_to_bf16(v) : fm_f32_to_f16(v);
+                memcpy(at, &u, 2);
+            }
+        }
+}
+
+/* One case: E experts whose blocks hold n_parts weights [rows, cols] of type dt; k distinct random
+ * ids; products checked against a float64 sum over the decoded weights (fm_cpu_get_row), bound
+ * |gpu - f64| <= 1e-5 * sum_c (|w_c| + 2 |b_c|) |x_c| (test_cuda.c's bound for the FMA form). With
+ * swiglu, x is silu(x) * x_up per product (the down projection's input). */
+static void emv_case(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int gs, fm_dtype sd, int64_t rows, int64_t cols, int E,
+                     int k, int n_parts, bool swiglu, double *worst) {
+    const bool quant = fm_dtype_is_quant(dt);
+    const size_t wbytes = quant ? (size_t)fm_quant_nbytes(dt, rows, cols, gs, sd) : (size_t)(rows * cols) * fm_dtype_size(dt);
+    const size_t part = (wbytes + 15) / 16 * 16, stride = (n_parts * part + 255) / 256 * 256;
+    unsigned char *blocks = malloc(stride * (size_t)E);
+    float *deq = malloc(sizeof(float) * (size_t)cols), *babs = malloc(sizeof(float) * (size_t)cols);
+    const int64_t xs = swiglu ? cols : 0; /* per product x stride */
+    float *x = rnd_vec((swiglu ? k : 1) * cols, 2), *xu = rnd_vec(k * cols, 2);
+    float *got = malloc(sizeof(float) * (size_t)(n_parts * k * rows));
+    int32_t ids[64];
+    REQUIRE(blocks && deq && babs && x && xu && got && k <= 64 && k <= E);
+    for (int e = 0; e < E; e++)
+        for (int p = 0; p < n_parts; p++) rnd_weight(blocks + (size_t)e * stride + p * part, dt, rows, cols, gs, sd);
+    for (int j = 0; j < k; j++) { /* distinct, random order */
+        int32_t e;
+        bool dup;
+        do {
+            e = (int32_t)(rnd_u64() % (uint64_t)E);
+            dup = false;
+            for (int i = 0; i < j; i++) dup |= ids[i] == e;
+        } while (dup);
+        ids[j] = e;
+    }
+    for (int64_t i = 0; i < n_parts * k * rows; i++) got[i] = NAN;
+    unsigned char *dblocks = dev_from(t, c, blocks, stride * (size_t)E);
+    void *table[512];
+    REQUIRE(E <= 512);
+    for (int e = 0; dblocks && e < E; e++) table[e] = dblocks + (size_t)e * stride;
+    void *dtable = dev_from(t, c, table, sizeof(void *) * (size_t)E);
+    int32_t *dids = dev_from(t, c, ids, sizeof(int32_t) * (size_t)k);
+    float *dx = dev_from(t, c, x, sizeof(float) * (size_t)((swiglu ? k : 1) * cols)),
+          *dxu = dev_from(t, c, xu, sizeof(float) * (size_t)(k * cols)),
+          *dout = dev_from(t, c, got, sizeof(float) * (size_t)(n_parts * k * rows));
+    if (!dblocks || !dtable || !dids || !dx || !dxu || !dout) goto done;
+    fm_weight shape = {.dtype = dt, .rows = rows, .cols = cols, .group_size = gs, .scale_dtype = sd};
+    fm_cuda_expert_mv mv = {.table = (const void *const *)dtable, .ids = dids, .k = k, .n_parts = n_parts,
+                            .n_experts = E, .part_off = {0, (int64_t)part}, .x = dx, .x_up = swiglu ? dxu : NULL,
+                            .x_stride = xs, .out = {dout, dout + k * rows}, .out_stride = rows};
+    CHECK(fm_cuda_expert_matvec_supported(&shape));
+    CHECK_OK(fm_cuda_expert_matvec(c, &shape, &mv));
+    if (!down(t, c, got, dout, sizeof(float) * (size_t)(n_parts * k * rows))) goto done;
+    int64_t bad = 0;
+    for (int p = 0; p < n_parts; p++)
+        for (int j = 0; j < k; j++) {
+            const float *xj = x + j * xs;
+            float xe[16384];
+            for (int64_t i = 0; i < cols; i++) xe[i] = swiglu ? fm_silu(xj[i]) * xu[j * cols + i] : xj[i];
+            fm_weight w = shape;
+            w.data = blocks + (size_t)ids[j] * stride + p * part;
+            const int64_t G = quant ? cols / gs : 0;
+            const size_t ss = sd == FM_DTYPE_F32 ? 4 : 2;
+            const unsigned char *bp = quant ? (const unsigned char *)w.data + rows * cols * fm_quant_bits(dt) / 8 +
+                                                  (size_t)(rows * G) * ss
+                                            : NULL;
+            for (int64_t r = 0; r < rows; r++) {
+                fm_cpu_get_row(deq, &w, r);
+                double ref = 0, mag = 0;
+                for (int64_t i = 0; i < cols; i++) {
+                    babs[i] = quant ? fabsf(scale_val(bp + (size_t)(r * G + i / gs) * ss, sd)) : 0.f;
+                    ref += (double)deq[i] * xe[i];
+                    mag += (fabs(deq[i]) + 2.0 * babs[i]) * fabs(xe[i]);
+                }
+                const float g = got[(p * k + j) * rows + r];
+                const double err = isnan(g) ? INFINITY : fabs(g - ref) / (mag > 0 ? mag : 1);
+                if (err > *worst) *worst = err;
+                bad += !(err <= 1e-5);
+            }
+        }
+    CHECK_MSG(bad == 0, "expert_matvec %s g%d %s [%lld, %lld] k=%d parts=%d swiglu=%d: %lld wrong outputs (seed %llu)",
+              fm_dtype_name(dt), gs, fm_dtype_name(sd), (long long)rows, (long long)cols, k, n_parts, swiglu,
+              (long long)bad, (unsigned long long)seed0);
+done:
+    dev_free_all(c);
+    free(blocks), free(deq), free(babs), free(x), free(xu), free(got);
+}
+
+FM_TEST(cuda_layer_expert_matvec) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        fm_dtype dt;
+        int gs;
+        fm_dtype sd;
+    } types[] = {{FM_DTYPE_F32, 0, FM_DTYPE_UNKNOWN}, {FM_DTYPE_F16, 0, FM_DTYPE_UNKNOWN},
+                 {FM_DTYPE_BF16, 0, FM_DTYPE_UNKNOWN}, {FM_DTYPE_Q8, 32, FM_DTYPE_BF16},
+                 {FM_DTYPE_Q8, 64, FM_DTYPE_F16}, {FM_DTYPE_Q8, 128, FM_DTYPE_F32},
+                 {FM_DTYPE_Q4, 32, FM_DTYPE_BF16}, {FM_DTYPE_Q4, 64, FM_DTYPE_BF16},
+                 {FM_DTYPE_Q4, 128, FM_DTYPE_F16}, {FM_DTYPE_Q4, 64, FM_DTYPE_F32}};
+    static const struct {
+        int64_t rows, cols;
+        int E, k;
+    } shapes[] = {{64, 128, 8, 3}, {37, 256, 16, 5}, {512, 2048, 32, 8}, {2048, 512, 32, 8}, {5, 4096, 4, 4},
+                  {100, 384, 64, 10}};
+    double worst = 0;
+    for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
+        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+            if (types[ti].gs && shapes[si].cols % types[ti].gs) continue;
+            emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols, shapes[si].E,
+                     shapes[si].k, 2, false, &worst); /* gate + up */
+            emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols, shapes[si].E,
+                     shapes[si].k, 1, true, &worst); /* down with the SwiGLU fused */
+        }
+    fprintf(stderr, "  expert_matvec: worst |gpu - f64| / mag = %.2e\n", worst);
+    /* refusals */
+    fm_weight q2 = {.dtype = FM_DTYPE_Q2, .rows = 8, .cols = 64, .group_size = 32, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight odd = {.dtype = FM_DTYPE_BF16, .rows = 8, .cols = 36};
+    fm_weight wide = {.dtype = FM_DTYPE_F32, .rows = 8, .cols = 16384};
+    CHECK(!fm_cuda_expert_matvec_supported(&q2) && !fm_cuda_expert_matvec_supported(&odd) &&
+          !fm_cuda_expert_matvec_supported(&wide));
+    fm_weight ok = {.dtype = FM_DTYPE_F32, .rows = 8, .cols = 64};
+    fm_cuda_expert_mv mv = {.table = (const void *const *)8, .ids = (const int32_t *)8, .k = 2, .n_parts = 1,
+                            .n_experts = 4, .part_off = {8, 0}, .x = (const float *)8, .out = {(float *)8, NULL}};
+    CHECK(fm_cuda_expert_matvec(c, &ok, &mv) == FM_ERR_ARG); /* part offset not a multiple of 16 */
+    mv.part_off[0] = 0;
+    mv.ids = NULL;
+    CHECK(fm_cuda_expert_matvec(c, &ok, &mv) == FM_ERR_ARG);
+    CHECK(fm_cuda_expert_matvec(c, &q2, &mv) == FM_ERR_UNSUPPORTED);
+    CHECK_OK(fm_cuda_sync(c));
+}
+
+/* store_at (exact) and moe_combine_topk against forward.c's combine in ascending expert id. */
+FM_TEST(cuda_layer_decode_at) {
+    CUDA_OR_SKIP(c);
+    const int64_t n = 3000, P = 7, pos = 5;
+    float *src = rnd_vec(n, 1), *cache = rnd_vec(P * n, 1), *got = rnd_vec(P * n, 0);
+    float *dsrc = dev_from(t, c, src, sizeof(float) * n), *dcache = dev_from(t, c, cache, sizeof(float) * P * n);
+    int64_t *dpos = dev_from(t, c, &pos, sizeof pos);
+    if (dsrc && dcache && dpos) {
+        CHECK_OK(fm_cuda_store_at(c, dcache, n, dsrc, n, dpos));
+        if (down(t, c, got, dcache, sizeof(float) * P * n)) {
+            memcpy(cache + pos * n, src, sizeof(float) * n);
+            CHECK(memcmp(got, cache, sizeof(float) * P * n) == 0);
+        }
+    }
+    dev_free_all(c);
+    free(src), free(cache), free(got);
+    static const int64_t Hs[] = {32, 2048, 4100};
+    static const int ks[] = {1, 8, 10, 64};
+    for (int hi = 0; hi < 3; hi++)
+        for (int ki = 0; ki < 4; ki++)
+            for (int with_shared = 0; with_shared < 2; with_shared++) {
+                const int64_t H = Hs[hi], T = 3;
+                const int k = ks[ki];
+                float *x = rnd_vec(T * H, 2), *sh = rnd_vec(T * H, 1), *sl = rnd_vec(T, 4), *Y = rnd_vec(T * k * H, 1),
+                      *w = rnd_vec(T * k, 1), *res = rnd_vec(T * H, 0);
+                int32_t ids[3 * 64];
+                for (int64_t tt = 0; tt < T; tt++) /* distinct ids in random order: a shuffled range */
+                    for (int j = 0; j < k; j++) {
+                        int i = (int)(rnd_u64() % (uint64_t)(j + 1));
+                        ids[tt * k + j] = ids[tt * k + i];
+                        ids[tt * k + i] = (int32_t)(j * 3 + 1);
+                    }
+                float *dx = dev_from(t, c, x, sizeof(float) * T * H), *dsh = dev_from(t, c, sh, sizeof(float) * T * H),
+                      *dsl = dev_from(t, c, sl, sizeof(float) * T), *dY = dev_from(t, c, Y, sizeof(float) * T * k * H),
+                      *dw = dev_from(t, c, w, sizeof(float) * T * k);
+                int32_t *dids = dev_from(t, c, ids, sizeof(int32_t) * (size_t)(T * k));
+                if (dx && dsh && dsl && dY && dw && dids) {
+                    CHECK_OK(fm_cuda_moe_combine_topk(c, dx, with_shared ? dsh : NULL, dsl, dY, dids, dw, T, k, H));
+                    if (down(t, c, res, dx, sizeof(float) * T * H)) {
+                        for (int64_t tt = 0; tt < T; tt++) {
+                            int ord[64], n_ord = 0;
+                            for (int32_t e = 0; e < 3 * 64; e++) /* the token's experts in ascending id */
+                                for (int j = 0; j < k; j++)
+                                    if (ids[tt * k + j] == e) ord[n_ord++] = j;
+                            float sg = fm_sigmoid(sl[tt]);
+                            for (int64_t i = 0; i < H; i++) {
+                                float o = with_shared ? sg * sh[tt * H + i] : 0;
+                                for (int j = 0; j < n_ord; j++) o += w[tt * k + ord[j]] * Y[(tt * k + ord[j]) * H + i];
+                                x[tt * H + i] += o;
+                            }
+                        }
+                        char what[80];
+                        snprintf(what, sizeof what, "moe_combine_topk H=%lld k=%d shared=%d", (long long)H, k, with_shared);
+                        CHECK_ERR(what, rel_err(res, x, T * H), 1e-6);
+                    }
+                }
+                dev_free_all(c);
+                free(x), free(sh), free(sl), free(Y), free(w), free(res);
+            }
+    CHECK(fm_cuda_moe_combine_topk(c, (float *)8, NULL, NULL, (float *)8, (int32_t *)8, (float *)8, 1, 65, 8) ==
+          FM_ERR_ARG);
+}
+
 /* ------------------------------------------------------------------------ whole models */
 
 #define REL_TOL 2e-3
@@ -703,6 +957,28 @@ static void check_fixture(fm_test_ctx *t, const char *name, fm_dtype quant, bool
             (unsigned long long)st.h2d_bytes);
     CHECK(st.requested == st.hits + st.misses && st.misses > 0 && st.h2d_bytes >= st.misses * st.slot_bytes / 2);
     if (budget) CHECK_MSG(st.evictions > 0, "a budget of %d slots evicted nothing", st.slots);
+    /* the mode: resident (every expert fits) unless a budget or FLASHMOE_CUDA_RESIDENT=0 says not;
+     * then the one-token steps run with the ids on the device when fm_cuda_expert_matvec takes the
+     * experts' parts (gate and up of one shape; not the odd column counts of release_bf16's and
+     * qwen3_next_f32's down projections: 12 BF16, 10 F32), as graph replays unless
+     * FLASHMOE_CUDA_GRAPH=0 */
+    const char *er = getenv("FLASHMOE_CUDA_RESIDENT"), *eg = getenv("FLASHMOE_CUDA_GRAPH");
+    bool dev_ok = true;
+    for (int l = 0; l < gpu->cfg.n_layers; l++) {
+        const fm_packed_expert_layer *L = &gpu->packed->experts[l];
+        fm_weight pg = fm_packed_weight(&L->parts[FM_PART_GATE], L), pu = fm_packed_weight(&L->parts[FM_PART_UP], L),
+                  pd = fm_packed_weight(&L->parts[FM_PART_DOWN], L);
+        dev_ok = dev_ok && pg.dtype == pu.dtype && pg.rows == pu.rows && pg.cols == pu.cols &&
+                 fm_cuda_expert_matvec_supported(&pg) && fm_cuda_expert_matvec_supported(&pd);
+    }
+    bool want_res = !budget && !(er && !strcmp(er, "0")), want_dev = want_res && dev_ok,
+         want_graph = want_dev && !(eg && !strcmp(eg, "0"));
+    fprintf(stderr, "  %s: resident %d, %llu device steps, %llu graph replays\n", name, st.resident,
+            (unsigned long long)st.dev_steps, (unsigned long long)st.graph_steps);
+    CHECK_MSG(st.resident == want_res, "%s: resident %d, expected %d", name, st.resident, want_res);
+    CHECK_MSG((st.dev_steps > 0) == want_dev, "%s: %llu device steps", name, (unsigned long long)st.dev_steps);
+    CHECK_MSG((st.graph_steps > 0) == want_graph && (!want_graph || st.graph_steps + 1 == st.dev_steps), "%s: %llu graph replays of %llu",
+              name, (unsigned long long)st.graph_steps, (unsigned long long)st.dev_steps);
 done:
     fm_model_free(gpu);
     fm_model_free(cpu);
@@ -725,6 +1001,21 @@ FM_TEST(cuda_forward_quantized_match_cpu) {
     (void)c;
     check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q4, false, 0, FM_VRAM_LRU);
     check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, false, 0, FM_VRAM_LRU);
+}
+
+/* Resident mode without graphs (each one-token step enqueued as it goes, no host sync) and the
+ * per-layer host path with every expert in VRAM (FLASHMOE_CUDA_RESIDENT=0): the same logits. */
+FM_TEST(cuda_forward_resident_modes_match_cpu) {
+    CUDA_OR_SKIP(c);
+    (void)c;
+    setenv("FLASHMOE_CUDA_GRAPH", "0", 1);
+    check_fixture(t, "qwen35_moe_f32", FM_DTYPE_UNKNOWN, false, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q4, false, 0, FM_VRAM_LRU);
+    unsetenv("FLASHMOE_CUDA_GRAPH");
+    setenv("FLASHMOE_CUDA_RESIDENT", "0", 1);
+    check_fixture(t, "qwen3_next_f32", FM_DTYPE_UNKNOWN, false, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, false, 0, FM_VRAM_FLRU);
+    unsetenv("FLASHMOE_CUDA_RESIDENT");
 }
 
 /* The budget of one model: dense + one session of `n_ctx` + `slots` expert slots. */

@@ -322,6 +322,7 @@ typedef struct bench_run {
     double mixer, route, shared, wait, compute; /* decode seconds summed over tokens and layers */
     uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes, spec_reads, spec_hits;
     fm_cuda_stats vram;                        /* --backend cuda: the VRAM expert cache during decode */
+    double copy_gbs;                           /* --backend cuda: device copy bandwidth (0: not measured) */
     /* from the floors */
     double layer_ms, floor_ms, floor_disk_ms, floor_ram_ms;
 } bench_run;
@@ -387,6 +388,8 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     }
     r->decode_s = fm_time_now() - t0;
     r->vram = fm_forward_cuda_stats(m);
+    if (m->gpu && fm_forward_cuda_copy_gbs(m, &r->copy_gbs) != FM_OK) /* for the roofline; 0 if it does not fit */
+        fprintf(stderr, "bench: no device copy bandwidth (%s)\n", fm_last_error());
     r->disk_bytes = storage_read_bytes() - disk0;
     r->rss = peak_rss(); /* before the RAM probe's 1 GiB buffer */
     r->head_s = fm_session_head_seconds(s);
@@ -445,10 +448,15 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
            fm_io_engine_name(r->asked), r->direct ? "true" : "false",
            (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits);
-    if (m->gpu) /* --backend cuda */
-        printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu",
+    if (m->gpu) { /* --backend cuda; roofline = copy bandwidth / device bytes a token reads */
+        double roof = r->vram.token_bytes ? r->copy_gbs * 1e9 / (double)r->vram.token_bytes : 0;
+        printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu, \"resident\": %s, \"graph_steps\": %llu, "
+               "\"gpu_token_bytes\": %llu, \"gpu_copy_gbs\": %.1f, \"roofline_tok_s\": %.1f, \"roofline_ratio\": %.4f",
                r->vram.requested ? (double)r->vram.hits / (double)r->vram.requested : 0.0,
-               (unsigned long long)r->vram.h2d_bytes);
+               (unsigned long long)r->vram.h2d_bytes, r->vram.resident ? "true" : "false",
+               (unsigned long long)r->vram.graph_steps, (unsigned long long)r->vram.token_bytes, r->copy_gbs, roof,
+               roof > 0 ? (double)b->n_gen / r->decode_s / roof : 0.0);
+    }
     printf("}");
 }
 
@@ -494,11 +502,18 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
            fm_human_bytes((double)b->touched_token, b3, sizeof b3));
     printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", r->floor_ms, r->floor_disk_ms,
            r->floor_ram_ms, r->layer_ms / r->floor_ms);
-    if (m->gpu)
-        printf("vram         %s: expert cache of %d slots, decode hit rate %.1f%%, %s copied to the GPU\n",
-               fm_forward_cuda_device(m), r->vram.slots,
+    if (m->gpu) {
+        printf("vram         %s: expert cache of %d slots%s, decode hit rate %.1f%%, %s copied to the GPU\n",
+               fm_forward_cuda_device(m), r->vram.slots, r->vram.resident ? " (all experts resident)" : "",
                r->vram.requested ? 100.0 * (double)r->vram.hits / (double)r->vram.requested : 0.0,
                fm_human_bytes((double)r->vram.h2d_bytes, b1, sizeof b1));
+        double roof = r->vram.token_bytes ? r->copy_gbs * 1e9 / (double)r->vram.token_bytes : 0;
+        printf("roofline     %s read per token on the GPU, copy %.0f GB/s: %.0f tok/s; decode at %.1f%% of it"
+               " (%llu of %lld tokens as CUDA graph replays)\n",
+               fm_human_bytes((double)r->vram.token_bytes, b2, sizeof b2), r->copy_gbs, roof,
+               roof > 0 ? 100.0 * (double)b->n_gen / r->decode_s / roof : 0.0, (unsigned long long)r->vram.graph_steps,
+               (long long)b->n_gen);
+    }
     if (r->guessed)
         printf("prefetch     %.1f%% of the guessed next-layer experts were used; %llu read ahead, %llu of them used\n",
                100.0 * (double)r->guessed_right / (double)r->guessed, (unsigned long long)r->spec_reads,

@@ -10,6 +10,15 @@
  *   in a VRAM slot (hit, or fm_store_request / fm_store_wait + copy), enqueues the experts'
  *   gate/up (one batched launch), SwiGLU, down (one batched launch), then
  *   x += sigmoid(g_s) * shared + sum_j w_j * expert_j                (one fused kernel)
+ *
+ * Resident mode (every routed expert fits the budget: all uploaded at the first session, a device
+ * table of their addresses per layer): a one-token step takes the expert ids from the router's
+ * output on the device (fm_cuda_expert_matvec: gate+up in one launch, SwiGLU fused into down,
+ * then fm_cuda_moe_combine_topk), the position from device memory, and has no host
+ * synchronisation until the logits; from the session's second one-token step on, the whole step
+ * (uploads of the embedding row and position, every layer, norm, lm_head) is one CUDA graph,
+ * captured once and replayed per token. FLASHMOE_CUDA_RESIDENT=0 / FLASHMOE_CUDA_GRAPH=0 turn
+ * either off (for measurements and tests).
  */
 #include "model/forward_cuda.h"
 
@@ -54,6 +63,11 @@ void fm_forward_cuda_reset_stats(fm_model *m) { (void)m; }
 const char *fm_forward_cuda_device(const fm_model *m) {
     (void)m;
     return "";
+}
+fm_status fm_forward_cuda_copy_gbs(fm_model *m, double *gbs) {
+    (void)m;
+    *gbs = 0;
+    return no_cuda();
 }
 
 #else /* FM_HAVE_CUDA */
@@ -104,6 +118,12 @@ struct fm_cuda_model {
     uint64_t step;
     fm_cuda_stats stats;
     int sessions;
+
+    /* resident mode */
+    bool want_resident, want_graph; /* FLASHMOE_CUDA_RESIDENT / _GRAPH (default on) */
+    bool resident;                  /* slot l * n_experts + e holds expert e of layer l */
+    bool dev_moe;                   /* resident and fm_cuda_expert_matvec takes every layer's parts */
+    void **table;                   /* device: [n_layers * n_experts] expert block addresses */
 };
 
 struct fm_cuda_session {
@@ -126,6 +146,12 @@ struct fm_cuda_session {
     int32_t *h_rt;    /* as rt */
     int64_t *start, *fill;
     int32_t *uniq, *miss_ids, *miss_slot, *tcount;
+    /* one-token steps without host synchronisation (resident mode) */
+    int64_t *pos_dev;   /* device: the token's position */
+    int64_t *h_pos;     /* pinned */
+    float *h_logits;    /* pinned, V floats */
+    fm_cuda_graph *graph;
+    int dev_steps;      /* one-token device steps run (the graph is captured at the second) */
 };
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
@@ -182,6 +208,7 @@ unmapped:
 void fm_forward_cuda_close(fm_model *m) {
     if (!m || !m->gpu) return;
     fm_cuda_model *g = m->gpu;
+    fm_cuda_buf_free(g->ctx, g->table);
     fm_cuda_buf_free(g->ctx, g->slots_mem);
     fm_cuda_buf_free(g->ctx, g->dense);
     fm_cuda_free(g->ctx);
@@ -211,6 +238,10 @@ fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
     m->gpu = g;
     g->policy = p->vram_policy;
     g->lru_head = g->lru_tail = -1;
+    const char *ev = getenv("FLASHMOE_CUDA_RESIDENT");
+    g->want_resident = !(ev && !strcmp(ev, "0"));
+    ev = getenv("FLASHMOE_CUDA_GRAPH");
+    g->want_graph = !(ev && !strcmp(ev, "0"));
     if ((st = fm_cuda_init(0, &g->ctx)) != FM_OK) goto fail;
 
     /* the dense tensors but the embedding table, each 256-byte aligned */
@@ -220,12 +251,13 @@ fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
         st = fm_error_set(FM_ERR_NOMEM, "out of memory");
         goto fail;
     }
-    uint64_t total = 0;
+    uint64_t total = 0, exact = 0;
     for (size_t i = 0; i < pm->n_tensors; i++) {
         const fm_packed_tensor *t = &pm->tensors[i];
         if (t == emb || !t->n_bytes) continue;
         g->map[g->n_map++] = (dense_map){t->data, (uint8_t *)(uintptr_t)total, t->n_bytes};
         total = align_up(total + t->n_bytes, DEV_ALIGN);
+        exact += t->n_bytes;
     }
     uint64_t free_b = 0, total_b = 0;
     if ((st = fm_cuda_mem_info(g->ctx, &free_b, &total_b)) != FM_OK) goto fail;
@@ -274,6 +306,10 @@ fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
     }
     g->slot_bytes = align_up(g->slot_bytes, DEV_ALIGN);
     g->stats.slot_bytes = g->slot_bytes;
+    g->stats.token_bytes = exact; /* every dense tensor on the device (lm_head included) ... */
+    for (int l = 0; l < c->n_layers; l++)
+        for (int q = 0; q < FM_PART_COUNT; q++) /* ... and the top-k experts of each layer */
+            g->stats.token_bytes += (uint64_t)m->n_experts_used * pm->experts[l].parts[q].n_bytes;
     return FM_OK;
 fail:
     fm_forward_cuda_close(m);
@@ -281,6 +317,36 @@ fail:
 }
 
 const char *fm_forward_cuda_device(const fm_model *m) { return m && m->gpu ? fm_cuda_device_desc(m->gpu->ctx) : ""; }
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+fm_status fm_forward_cuda_copy_gbs(fm_model *m, double *gbs) {
+    *gbs = 0;
+    if (!m || !m->gpu) return fm_error_set(FM_ERR_ARG, "the model was not opened with --backend cuda");
+    fm_cuda *ctx = m->gpu->ctx;
+    const size_t n = 256u << 20;
+    void *a = NULL, *b = NULL;
+    fm_status st = fm_cuda_buf_alloc(ctx, n, &a);
+    if (st == FM_OK) st = fm_cuda_buf_alloc(ctx, n, &b);
+    if (st == FM_OK) st = fm_cuda_buf_fill(ctx, a, 0x5a, n);
+    double ms[5];
+    for (int i = -1; st == FM_OK && i < 5; i++) { /* one warm-up */
+        double t = 0;
+        st = fm_cuda_timer_start(ctx);
+        if (st == FM_OK) st = fm_cuda_buf_copy(ctx, b, a, n);
+        if (st == FM_OK) st = fm_cuda_timer_stop(ctx, &t);
+        if (i >= 0) ms[i] = t;
+    }
+    fm_cuda_buf_free(ctx, a);
+    fm_cuda_buf_free(ctx, b);
+    if (st != FM_OK) return st;
+    qsort(ms, 5, sizeof *ms, cmp_double);
+    *gbs = ms[2] > 0 ? 2.0 * (double)n / (ms[2] * 1e-3) / 1e9 : 0;
+    return FM_OK;
+}
 
 fm_cuda_stats fm_forward_cuda_stats(const fm_model *m) {
     fm_cuda_stats s = {0};
@@ -291,7 +357,7 @@ fm_cuda_stats fm_forward_cuda_stats(const fm_model *m) {
 void fm_forward_cuda_reset_stats(fm_model *m) {
     if (!m || !m->gpu) return;
     fm_cuda_stats *s = &m->gpu->stats;
-    s->requested = s->hits = s->misses = s->evictions = s->h2d_bytes = 0;
+    s->requested = s->hits = s->misses = s->evictions = s->h2d_bytes = s->dev_steps = s->graph_steps = 0;
     s->upload_seconds = 0;
 }
 
@@ -328,8 +394,12 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
     float *bufs[] = {s->inv_freq, s->x, s->xn, s->mix, s->a, s->b, s->c, s->d, s->small, s->shl, s->logits,
                      (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) fm_cuda_buf_free(ctx, bufs[i]);
+    fm_cuda_graph_free(ctx, s->graph);
+    fm_cuda_buf_free(ctx, s->pos_dev);
     fm_cuda_host_free(ctx, s->h_x);
     fm_cuda_host_free(ctx, s->h_tab);
+    fm_cuda_host_free(ctx, s->h_pos);
+    fm_cuda_host_free(ctx, s->h_logits);
     free(s->kc);
     free(s->vc);
     free(s->conv);
@@ -361,6 +431,88 @@ fm_status fm_forward_cuda_session_reset(fm_cuda_session *s) {
         if (st != FM_OK) return st;
     }
     return fm_cuda_sync(s->ctx);
+}
+
+static void lru_push(fm_cuda_model *g, int i);
+
+/* Bytes of an expert block of layer l up to the end of its last part. */
+static uint64_t block_bytes(const fm_packed_expert_layer *L) {
+    uint64_t end = 0;
+    for (int q = 0; q < FM_PART_COUNT; q++)
+        if (L->parts[q].offset + L->parts[q].n_bytes > end) end = L->parts[q].offset + L->parts[q].n_bytes;
+    return end;
+}
+
+/* True when fm_cuda_expert_matvec takes layer l's parts (gate and up of one shape, every part
+ * 16-byte aligned in the block): the one-token step then needs no host synchronisation. */
+static bool dev_moe_ok(const fm_model *m, const fm_cuda_model *g, int l) {
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
+    fm_weight sg = fm_packed_weight(&L->parts[FM_PART_GATE], g->slots_mem),
+              su = fm_packed_weight(&L->parts[FM_PART_UP], g->slots_mem),
+              sd = fm_packed_weight(&L->parts[FM_PART_DOWN], g->slots_mem);
+    for (int q = 0; q < FM_PART_COUNT; q++)
+        if (L->parts[q].offset % 16) return false;
+    return sg.dtype == su.dtype && sg.rows == su.rows && sg.cols == su.cols && sg.group_size == su.group_size &&
+           sg.scale_dtype == su.scale_dtype && m->n_experts_used <= 64 && fm_cuda_expert_matvec_supported(&sg) &&
+           fm_cuda_expert_matvec_supported(&sd);
+}
+
+/* Resident mode: every expert of every layer into its slot (l * n_experts + e) through the expert
+ * store, then the device table of their addresses. Progress on stderr from 1 GB on. */
+static fm_status resident_fill(fm_model *m, fm_cuda_model *g) {
+    const fm_config *c = &m->cfg;
+    int E = c->n_experts, L = c->n_layers, cap = fm_store_capacity(m->store);
+    if (cap > E) cap = E;
+    if (cap < 1) return fm_error_set(FM_ERR_ARG, "--backend cuda: the expert store takes no request");
+    int32_t *ids = malloc(sizeof(int32_t) * (size_t)E);
+    void **tab = malloc(sizeof(void *) * (size_t)L * (size_t)E);
+    if (!ids || !tab) {
+        free(ids);
+        free(tab);
+        return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    }
+    uint64_t total = 0;
+    for (int l = 0; l < L; l++) total += (uint64_t)E * block_bytes(&m->packed->experts[l]);
+    fm_progress pr;
+    fm_progress_init(&pr, "experts to VRAM", total, total >= 1000000000ull);
+    fm_status st = FM_OK;
+    for (int l = 0; l < L && st == FM_OK; l++) {
+        uint64_t bytes = block_bytes(&m->packed->experts[l]);
+        for (int e0 = 0; e0 < E && st == FM_OK; e0 += cap) {
+            int n = E - e0 < cap ? E - e0 : cap;
+            for (int i = 0; i < n; i++) ids[i] = e0 + i;
+            st = fm_store_request(m->store, l, ids, n);
+            for (int i = 0; st == FM_OK && i < n; i++) {
+                const uint8_t *block;
+                if ((st = fm_store_wait(m->store, i, &block)) != FM_OK) break;
+                int key = l * E + e0 + i;
+                double t0 = fm_time_now();
+                st = fm_cuda_buf_upload(g->ctx, g->slots_mem + (uint64_t)key * g->slot_bytes, block, bytes);
+                g->stats.upload_seconds += fm_time_now() - t0;
+                g->stats.requested++;
+                g->stats.misses++;
+                g->stats.h2d_bytes += bytes;
+                fm_progress_add(&pr, bytes);
+            }
+        }
+    }
+    fm_progress_finish(&pr);
+    for (int key = 0; st == FM_OK && key < L * E; key++) {
+        g->slots[key] = (vslot){.key = key, .prev = -1, .next = -1};
+        g->index[key] = key;
+        lru_push(g, key);
+        tab[key] = g->slots_mem + (uint64_t)key * g->slot_bytes;
+    }
+    if (st == FM_OK) st = fm_cuda_buf_alloc(g->ctx, sizeof(void *) * (size_t)L * (size_t)E, (void **)&g->table);
+    if (st == FM_OK) st = fm_cuda_buf_upload(g->ctx, g->table, tab, sizeof(void *) * (size_t)L * (size_t)E);
+    free(ids);
+    free(tab);
+    if (st != FM_OK) return st;
+    g->n_filled = L * E;
+    g->resident = true;
+    g->dev_moe = true;
+    for (int l = 0; l < L; l++) g->dev_moe = g->dev_moe && dev_moe_ok(m, g, l);
+    return FM_OK;
 }
 
 /* Sizes the expert cache with what the budget leaves once the first session is placed. */
@@ -395,6 +547,9 @@ static fm_status cache_init(fm_model *m, fm_cuda_model *g) {
     g->n_slots = (int)n;
     g->used += n * g->slot_bytes;
     g->stats.slots = (int)n;
+    if (g->want_resident && n == all && (st = resident_fill(m, g)) != FM_OK) return st; /* the slots stay (empty) */
+    g->stats.resident = g->resident;
+    g->stats.graphs = g->dev_moe && g->want_graph;
     return FM_OK;
 }
 
@@ -494,7 +649,10 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
             goto fail;
     }
     if ((st = fm_cuda_host_alloc(s->ctx, (size_t)(cap * H) * f, (void **)&s->h_x)) != FM_OK ||
-        (st = fm_cuda_host_alloc(s->ctx, (size_t)(3 * cap * k) * 4, (void **)&s->h_tab)) != FM_OK)
+        (st = fm_cuda_host_alloc(s->ctx, (size_t)(3 * cap * k) * 4, (void **)&s->h_tab)) != FM_OK ||
+        (st = fm_cuda_host_alloc(s->ctx, sizeof(int64_t), (void **)&s->h_pos)) != FM_OK ||
+        (st = fm_cuda_host_alloc(s->ctx, (size_t)V * f, (void **)&s->h_logits)) != FM_OK ||
+        (st = fm_cuda_buf_alloc(s->ctx, sizeof(int64_t), (void **)&s->pos_dev)) != FM_OK)
         goto fail;
     if ((st = fm_forward_cuda_session_reset(s)) != FM_OK) goto fail;
     if (!g->slots && (st = cache_init(m, g)) != FM_OK) goto fail;
@@ -634,6 +792,22 @@ static fm_status make_resident(fm_cuda_session *s, int l, const int32_t *ids, in
         if (st_ != FM_OK) return st_;                                                              \
     } while (0)
 
+static bool same_shape(const fm_weight *a, const fm_weight *b) {
+    return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
+           a->scale_dtype == b->scale_dtype;
+}
+
+/* out_a = x a^T and out_b = x b^T: one launch when the weights have one shape. */
+static fm_status matmul_pair(fm_cuda *ctx, float *out_a, const fm_weight *a, float *out_b, const fm_weight *b,
+                             const float *x, int64_t T) {
+    if (same_shape(a, b)) {
+        fm_cuda_mat mats[2] = {{a->data, x, out_a, T}, {b->data, x, out_b, T}};
+        return fm_cuda_matmul_batch(ctx, a, mats, 2);
+    }
+    TRY(fm_cuda_matmul(ctx, out_a, x, T, a));
+    return fm_cuda_matmul(ctx, out_b, x, T, b);
+}
+
 static fm_status linear_attention(fm_cuda_session *s, int l, int64_t T) {
     const fm_config *c = &s->m->cfg;
     const fm_layer_weights *w = &s->g->layers[l];
@@ -642,8 +816,7 @@ static fm_status linear_attention(fm_cuda_session *s, int l, int64_t T) {
     float *qkv = s->a, *conv_out = s->b, *z = s->c, *core = s->d, *bb = s->small, *aa = s->small + T * nv;
     TRY(fm_cuda_matmul(ctx, qkv, s->xn, T, &w->in_qkv));
     TRY(fm_cuda_matmul(ctx, z, s->xn, T, &w->in_z));
-    TRY(fm_cuda_matmul(ctx, bb, s->xn, T, &w->in_b));
-    TRY(fm_cuda_matmul(ctx, aa, s->xn, T, &w->in_a));
+    TRY(matmul_pair(ctx, bb, &w->in_b, aa, &w->in_a, s->xn, T));
     TRY(fm_cuda_conv1d_silu(ctx, conv_out, qkv, s->conv[l], w->conv, T, cd, c->conv_kernel));
     TRY(fm_cuda_delta_rule(ctx, core, conv_out, bb, aa, s->ssm[l], w->A_log, w->dt_bias, T, c->lin_n_k_heads, (int)nv,
                            c->lin_k_dim, c->lin_v_dim));
@@ -666,11 +839,6 @@ static fm_status full_attention(fm_cuda_session *s, int l, int64_t T, int64_t po
     TRY(fm_cuda_matmul(ctx, s->vc[l] + pos0 * nkv * d, s->xn, T, &w->v_proj));
     TRY(fm_cuda_attention(ctx, att, q, qg + d, 2 * d, s->kc[l], s->vc[l], T, pos0, (int)nh, (int)nkv, (int)d));
     return fm_cuda_matmul(ctx, s->mix, att, T, &w->o_proj);
-}
-
-static bool same_shape(const fm_weight *a, const fm_weight *b) {
-    return a->dtype == b->dtype && a->rows == b->rows && a->cols == b->cols && a->group_size == b->group_size &&
-           a->scale_dtype == b->scale_dtype;
 }
 
 /* x += moe(xn) for the chunk (xn already holds the post-attention norm). */
@@ -808,6 +976,130 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     return FM_OK;
 }
 
+/* ---- one token without host synchronisation (resident mode): the position in s->pos_dev ---- */
+
+static fm_status full_attention_dev(fm_cuda_session *s, int l) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w = &s->g->layers[l];
+    fm_cuda *ctx = s->ctx;
+    int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
+    float *qg = s->a, *kv = s->b, *q = s->c, *att = s->d, eps = (float)c->norm_eps;
+    TRY(fm_cuda_matmul(ctx, qg, s->xn, 1, &w->q_proj)); /* per head [query (d) | gate (d)] */
+    TRY(matmul_pair(ctx, kv, &w->k_proj, kv + nkv * d, &w->v_proj, s->xn, 1));
+    TRY(fm_cuda_head_norm_rope_at(ctx, q, 0, d, qg, 2 * d, w->q_norm, 1, (int)nh, (int)d, eps, c->rot_dim, s->inv_freq,
+                                  s->pos_dev));
+    TRY(fm_cuda_head_norm_rope_at(ctx, s->kc[l], nkv * d, d, kv, d, w->k_norm, 1, (int)nkv, (int)d, eps, c->rot_dim,
+                                  s->inv_freq, s->pos_dev));
+    TRY(fm_cuda_store_at(ctx, s->vc[l], nkv * d, kv + nkv * d, nkv * d, s->pos_dev));
+    TRY(fm_cuda_attention_at(ctx, att, q, qg + d, 2 * d, s->kc[l], s->vc[l], 1, s->pos_dev, (int)nh, (int)nkv, (int)d));
+    return fm_cuda_matmul(ctx, s->mix, att, 1, &w->o_proj);
+}
+
+/* x += moe(xn) for one token, the expert ids staying on the device. */
+static fm_status moe_dev(fm_cuda_session *s, int l) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    const fm_config *c = &m->cfg;
+    const fm_layer_weights *w = &g->layers[l];
+    fm_cuda *ctx = s->ctx;
+    int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used, I = c->n_ff_expert;
+    int32_t *ids = s->rt;
+    float *tw = (float *)(s->rt + k);
+    TRY(fm_cuda_matmul(ctx, s->small, s->xn, 1, &w->router));
+    TRY(fm_cuda_router_topk(ctx, ids, tw, s->small, 1, (int)E, (int)k, c->norm_topk_prob));
+    float *ysh = NULL;
+    if (c->n_ff_shared > 0) { /* as moe() */
+        float *gs = s->a, *us = s->b;
+        ysh = s->c;
+        TRY(matmul_pair(ctx, gs, &w->sh_gate, us, &w->sh_up, s->xn, 1));
+        TRY(fm_cuda_swiglu(ctx, gs, gs, us, c->n_ff_shared));
+        TRY(fm_cuda_matmul(ctx, ysh, gs, 1, &w->sh_down));
+        TRY(fm_cuda_matmul(ctx, s->shl, s->xn, 1, &w->sh_router));
+    }
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
+    const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
+    fm_weight sg = fm_packed_weight(pg, g->slots_mem), sd = fm_packed_weight(pd, g->slots_mem); /* shapes */
+    const void *const *table = (const void *const *)(g->table + (size_t)l * (size_t)E);
+    fm_cuda_expert_mv gu = {.table = table, .ids = ids, .k = (int)k, .n_parts = 2, .n_experts = (int)E,
+                            .part_off = {(int64_t)pg->offset, (int64_t)pu->offset}, .x = s->xn, .x_stride = 0,
+                            .out = {s->G, s->U}, .out_stride = I};
+    TRY(fm_cuda_expert_matvec(ctx, &sg, &gu));
+    fm_cuda_expert_mv dn = {.table = table, .ids = ids, .k = (int)k, .n_parts = 1, .n_experts = (int)E,
+                            .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = s->U, .x_stride = I,
+                            .out = {s->Y, NULL}, .out_stride = H};
+    TRY(fm_cuda_expert_matvec(ctx, &sd, &dn));
+    return fm_cuda_moe_combine_topk(ctx, s->x, ysh, s->shl, s->Y, ids, tw, 1, (int)k, H);
+}
+
+/* Enqueues one token's step: the embedding row (s->h_x) and position (s->h_pos) up, every layer,
+ * and with head the final norm and lm_head into s->logits. No synchronisation, so it can be
+ * captured as a graph; the host buffers are read when the step runs. */
+static fm_status step_dev(fm_cuda_session *s, bool head) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    const fm_config *c = &m->cfg;
+    fm_cuda *ctx = s->ctx;
+    int64_t H = c->n_embd;
+    float eps = (float)c->norm_eps;
+    TRY(fm_cuda_upload_async(ctx, s->x, s->h_x, sizeof(float) * (size_t)H));
+    TRY(fm_cuda_upload_async(ctx, s->pos_dev, s->h_pos, sizeof(int64_t)));
+    for (int l = 0; l < c->n_layers; l++) {
+        const fm_layer_weights *w = &g->layers[l];
+        double t0 = fm_time_now();
+        TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, w->input_norm, 1, H, eps));
+        TRY(c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention(s, l, 1) : full_attention_dev(s, l));
+        TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, s->mix, w->post_attn_norm, 1, H, eps));
+        TRY(moe_dev(s, l));
+        s->timing[l].mixer += fm_time_now() - t0; /* enqueueing only: the GPU time shows in the head's wait */
+    }
+    if (!head) return FM_OK;
+    TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, g->out_norm, 1, H, eps));
+    return fm_cuda_matmul(ctx, s->logits, s->xn, 1, &g->lm_head);
+}
+
+/* One token at pos0 in resident mode: eagerly at the session's first such step, then as a replay
+ * of the graph captured at the second. logits: NULL or [V]. */
+static fm_status eval_token_dev(fm_cuda_session *s, int64_t pos0, int32_t id, float *logits) {
+    fm_model *m = s->m;
+    fm_cuda *ctx = s->ctx;
+    const fm_config *c = &m->cfg;
+    int64_t V = c->n_vocab, k = m->n_experts_used;
+    fm_cpu_get_row(s->h_x, &m->embed, id); /* the previous step has finished reading h_x and h_pos */
+    *s->h_pos = pos0;
+    for (int l = 0; l < c->n_layers; l++) s->timing[l].experts_used += (uint64_t)k;
+    s->g->stats.requested += (uint64_t)(c->n_layers * k); /* all resident: every one a hit */
+    s->g->stats.hits += (uint64_t)(c->n_layers * k);
+    if (!logits) {
+        s->g->stats.dev_steps++;
+        TRY(step_dev(s, false));
+        return fm_cuda_sync(ctx); /* h_x and h_pos are read by then */
+    }
+    s->g->stats.dev_steps++;
+    if (s->graph) {
+        TRY(fm_cuda_graph_launch(ctx, s->graph));
+        s->g->stats.graph_steps++;
+    } else if (s->g->want_graph && s->dev_steps > 0) { /* the first step ran eagerly (one-time setup) */
+        TRY(fm_cuda_capture_begin(ctx));
+        fm_status st = step_dev(s, true);
+        if (st == FM_OK) st = fm_cuda_capture_end(ctx, &s->graph);
+        if (st != FM_OK) {
+            fm_cuda_capture_abort(ctx);
+            return fm_error_wrap(st, "--backend cuda: capturing the decode step as a CUDA graph");
+        }
+        TRY(fm_cuda_graph_launch(ctx, s->graph));
+        s->g->stats.graph_steps++;
+    } else {
+        TRY(step_dev(s, true));
+    }
+    s->dev_steps++;
+    double t1 = fm_time_now();
+    TRY(fm_cuda_download_async(ctx, s->h_logits, s->logits, sizeof(float) * (size_t)V));
+    TRY(fm_cuda_sync(ctx));
+    memcpy(logits, s->h_logits, sizeof(float) * (size_t)V);
+    *s->head_seconds += fm_time_now() - t1; /* the wait for the whole step's GPU work */
+    return FM_OK;
+}
+
 fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *s, int64_t pos0, const int32_t *ids, int64_t T, float *logits,
                                      bool all_logits) {
     fm_model *m = s->m;
@@ -819,6 +1111,7 @@ fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *s, int64_t pos0, const int
     if (T < 1 || T > s->cap || pos0 + T > s->n_ctx)
         return fm_error_set(FM_ERR_ARG, "--backend cuda: a chunk of %lld tokens at %lld (at most %lld, context %lld)",
                             (long long)T, (long long)pos0, (long long)s->cap, (long long)s->n_ctx);
+    if (T == 1 && g->dev_moe) return eval_token_dev(s, pos0, ids[0], logits);
     /* the embedding rows, looked up in host memory */
     for (int64_t t = 0; t < T; t++) fm_cpu_get_row(s->h_x + t * H, &m->embed, ids[t]);
     TRY(fm_cuda_upload_async(ctx, s->x, s->h_x, sizeof(float) * (size_t)(T * H)));

@@ -6,7 +6,12 @@
  * model has them (m->gpu). A session's state (KV cache, conv and recurrent states, scratch) lives on
  * the GPU; routed experts come through a VRAM cache of expert slots shared by the model's sessions,
  * filled through the expert store (fm_store_request / fm_store_wait, then a copy into the slot).
- * Per layer, the router's top-k ids are the one device-to-host synchronisation.
+ * Per layer, the router's top-k ids are the one device-to-host synchronisation, except in resident
+ * mode (every routed expert fits the VRAM budget: all uploaded at the first session): there a
+ * one-token step keeps the ids on the device, has no synchronisation before its logits, and from
+ * the second such step of a session on runs as one replayed CUDA graph (FLASHMOE_CUDA_RESIDENT=0
+ * and FLASHMOE_CUDA_GRAPH=0 turn these off). Per-layer timing then counts enqueueing only; the
+ * step's GPU time is in head_seconds (the wait for the logits).
  *
  * A build without CUDA (no FM_HAVE_CUDA) has the same functions; fm_forward_cuda_open fails there
  * with FM_ERR_UNSUPPORTED and a line saying so. */
@@ -34,6 +39,12 @@ typedef struct fm_cuda_stats {
     uint64_t dense_bytes;/* dense weights in VRAM */
     uint64_t state_bytes;/* the live sessions' state and scratch in VRAM */
     uint64_t budget;     /* the VRAM budget in force */
+    uint64_t token_bytes;/* device bytes one decode token reads: every dense tensor but the embedding
+                            table (lm_head included) + top-k experts of each layer */
+    bool resident;       /* every routed expert in VRAM (uploaded at the first session) */
+    bool graphs;         /* resident one-token steps without host syncs, replayed as a CUDA graph */
+    uint64_t dev_steps;  /* one-token steps run with the expert ids on the device (no host sync) */
+    uint64_t graph_steps;/* of those, replays of the session's CUDA graph */
 } fm_cuda_stats;
 
 /* Opens the GPU side of model `m` (device 0): checks that the dense weights fit the budget
@@ -65,6 +76,10 @@ fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *g, int64_t pos0, const int
 /* The expert cache's counters (all zero for a CPU model), and their reset. */
 fm_cuda_stats fm_forward_cuda_stats(const fm_model *m);
 void fm_forward_cuda_reset_stats(fm_model *m);
+
+/* The device's copy bandwidth in GB/s (bytes read + written), for a roofline: the median of 5
+ * device-to-device copies of 256 MiB (FM_ERR_NOMEM when the two buffers do not fit on the device). */
+fm_status fm_forward_cuda_copy_gbs(fm_model *m, double *gbs);
 
 /* "NVIDIA H100 80GB HBM3, sm_90, ..." for a CUDA model, "" otherwise. */
 const char *fm_forward_cuda_device(const fm_model *m);

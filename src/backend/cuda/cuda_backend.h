@@ -213,6 +213,79 @@ fm_status fm_cuda_gather_rows(fm_cuda *ctx, float *out, const float *src, const 
 fm_status fm_cuda_moe_combine(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit, const float *Y,
                               const int32_t *rows, const float *w, int64_t n_tokens, int k, int64_t H);
 
+/* ---- decode without host synchronisation (forward_cuda.c's resident mode and CUDA graphs) ---- */
+
+/* device -> host, enqueued (asynchronous): `host` (page-locked for a truly asynchronous copy) is
+ * valid after the next fm_cuda_sync. */
+fm_status fm_cuda_download_async(fm_cuda *ctx, void *host, const void *dev, size_t bytes);
+
+/* fm_cuda_head_norm_rope with the position read from device memory: pos = *pos_dev (int64) is the
+ * position of token 0, and the output starts at out + pos * out_pos_stride (0: not moved), so one
+ * launch (captured in a graph) serves every position, e.g. writing k into the KV cache row of the
+ * current token. */
+fm_status fm_cuda_head_norm_rope_at(fm_cuda *ctx, float *out, int64_t out_pos_stride, int64_t out_stride,
+                                    const float *in, int64_t in_stride, const float *w, int64_t n_tokens, int n_heads,
+                                    int d, float eps, int rot_dim, const float *inv_freq, const int64_t *pos_dev);
+
+/* fm_cuda_attention with pos0 = *pos_dev (device memory). */
+fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float *q, const float *gate, int64_t gate_stride,
+                               const float *k_cache, const float *v_cache, int64_t n_tokens, const int64_t *pos_dev,
+                               int n_head, int n_head_kv, int d);
+
+/* dst[*pos_dev * pos_stride + i] = src[i] for i < n (e.g. v into its KV cache row). */
+fm_status fm_cuda_store_at(fm_cuda *ctx, float *dst, int64_t pos_stride, const float *src, int64_t n,
+                           const int64_t *pos_dev);
+
+/* fm_cuda_moe_combine with the router's output as it is: ids, w (n_tokens, k) on the device (ids of
+ * a token distinct), expert j of token t's output at row t * k + j of Y; the experts are added in
+ * ascending id (the CPU's order). k <= 64. */
+fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit,
+                                   const float *Y, const int32_t *ids, const float *w, int64_t n_tokens, int k,
+                                   int64_t H);
+
+/* One token's routed experts with the expert ids in device memory (no host round trip). Product j
+ * (j < n_parts * k) is part p = j / k of expert e = ids[j % k]: its weight (the launch's `shape`,
+ * in the stored layout) starts at table[e] + part_off[p] (device addresses, 16-byte aligned); its
+ * input is x + (j % k) * x_stride (cols floats), or, with x_up, silu(x) * x_up at the same offsets
+ * (the SwiGLU fused into the down projection); its output out[p] + (j % k) * out_stride (rows
+ * floats). Ids are clamped to [0, n_experts) (the router writes valid ones). */
+typedef struct fm_cuda_expert_mv {
+    const void *const *table; /* device: [n_experts] base address of each expert's block */
+    const int32_t *ids;       /* device: k expert ids */
+    int k, n_parts, n_experts;
+    int64_t part_off[2];      /* bytes from an expert's base to part 0 / 1 */
+    const float *x, *x_up;
+    int64_t x_stride;
+    float *out[2];
+    int64_t out_stride;
+} fm_cuda_expert_mv;
+
+/* True when fm_cuda_expert_matvec takes weights of this shape: F32, F16, BF16, Q8, Q4 (any group
+ * size and scale type fm_quant_check accepts), cols a multiple of a 16-byte chunk's values and x
+ * (cols floats) within 48 KB of shared memory (cols <= 12288 for float types, about 11900 for Q4).
+ * Otherwise false with the reason in fm_last_error(). */
+bool fm_cuda_expert_matvec_supported(const fm_weight *shape);
+
+/* Enqueues the products of `mv` (one launch). Results as fm_cuda_matmul (float32 sums in another
+ * order; quantized weights in the FMA form s * sum(q x) + b * sum(x) per group). Errors (nothing
+ * enqueued): FM_ERR_UNSUPPORTED for a shape fm_cuda_expert_matvec_supported refuses, FM_ERR_ARG
+ * for NULL pointers, part offsets not a multiple of 16, k < 1, n_parts not 1 or 2. */
+fm_status fm_cuda_expert_matvec(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv);
+
+/* CUDA graphs of the context's stream: between capture_begin and capture_end, the functions of
+ * this header record their work instead of running it (nothing that synchronises may be called:
+ * no fm_cuda_buf_upload / download / free / sync; host memory in uploads must be page-locked and is
+ * read when the graph runs). capture_end instantiates the graph; graph_launch enqueues one replay
+ * on the stream. After a failure inside a capture, fm_cuda_capture_abort ends it and leaves the
+ * stream usable. */
+typedef struct fm_cuda_graph fm_cuda_graph;
+fm_status fm_cuda_capture_begin(fm_cuda *ctx);
+fm_status fm_cuda_capture_end(fm_cuda *ctx, fm_cuda_graph **out);
+void fm_cuda_capture_abort(fm_cuda *ctx);
+fm_status fm_cuda_graph_launch(fm_cuda *ctx, fm_cuda_graph *g);
+/* Waits for the stream, then frees the graph (NULL is fine). */
+void fm_cuda_graph_free(fm_cuda *ctx, fm_cuda_graph *g);
+
 #ifdef __cplusplus
 }
 #endif

@@ -6,10 +6,17 @@
  * (and fm_cpu_rmsnorm, fm_cpu_rope_neox), except that sums over many values are reduced across
  * threads, so results differ from the CPU by float32 rounding only. No fast-math: expf, log1pf,
  * sqrtf, cosf, sinf and divisions are IEEE-accurate CUDA library calls. */
+#include <cuda_fp16.h>
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
 
 #include "backend/cuda/cuda_internal.h"
+
+extern "C" {
+#include "quant/quant.h"
+}
 
 namespace {
 
@@ -90,11 +97,17 @@ __global__ void __launch_bounds__(BLOCK) rmsnorm_gated_kernel(float *out, const 
 __global__ void __launch_bounds__(128) head_norm_rope_kernel(float *out, long long out_stride, const float *in,
                                                              long long in_stride, const float *w, int n_heads, int d,
                                                              float eps, int rot_dim, const float *inv_freq,
-                                                             long long pos0) {
+                                                             long long pos0, const long long *pos_dev,
+                                                             long long out_pos_stride) {
     extern __shared__ float sh[]; /* d floats */
     __shared__ float red[32];
     const long long r = blockIdx.x; /* t * n_heads + h */
     const long long t = r / n_heads;
+    if (pos_dev) { /* the position from device memory (a graph replays this launch at every position) */
+        const long long p = *pos_dev;
+        pos0 += p;
+        out += p * out_pos_stride;
+    }
     const float *src = in + r * in_stride;
     float *dst = out + r * out_stride;
     float ss = 0.f;
@@ -273,7 +286,7 @@ constexpr int ATT_PER_LANE = ATT_MAX_D / 32;
 __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, const float *q, const float *gate,
                                                                    long long gate_stride, const float *kc,
                                                                    const float *vc, long long pos0, int nh, int nkv,
-                                                                   int d, float scale) {
+                                                                   int d, float scale, const long long *pos_dev) {
     __shared__ float sm_m[ATT_WARPS], sm_s[ATT_WARPS];
     __shared__ float sm_o[ATT_WARPS][ATT_MAX_D];
     const long long r = blockIdx.x; /* t * nh + h */
@@ -289,7 +302,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, c
         o[i] = 0.f;
     }
     float m = -INFINITY, sum = 0.f;
-    const long long last = pos0 + t;
+    const long long last = pos0 + (pos_dev ? *pos_dev : 0) + t;
     for (long long p = wid; p <= last; p += ATT_WARPS) {
         const float *k = kc + (p * nkv + kvh) * d, *v = vc + (p * nkv + kvh) * d;
         float part = 0.f;
@@ -433,6 +446,235 @@ __global__ void moe_combine_kernel(float *x, const float *shared, const float *s
     }
 }
 
+
+/* ---- MoE combine + residual with the top-k ids on the device: as moe_combine_kernel, the k
+ * experts of token t taken in ascending id (the CPU's order); expert j's output is row t * k + j
+ * of Y. The order is sorted once per block in shared memory (k <= 64). ---- */
+__global__ void moe_combine_topk_kernel(float *x, const float *shared, const float *sl, const float *Y,
+                                        const int32_t *ids, const float *w, int k, long long H) {
+    __shared__ int ord[64];
+    const long long t = blockIdx.y;
+    if (threadIdx.x == 0) { /* insertion sort of 0..k-1 by id (ids of a token are distinct) */
+        for (int j = 0; j < k; j++) {
+            const int32_t e = ids[t * k + j];
+            int at = j;
+            while (at > 0 && ids[t * k + ord[at - 1]] > e) {
+                ord[at] = ord[at - 1];
+                at--;
+            }
+            ord[at] = j;
+        }
+    }
+    __syncthreads();
+    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < H; i += (long long)gridDim.x * blockDim.x) {
+        float acc = shared ? sg * shared[t * H + i] : 0.f;
+        for (int j = 0; j < k; j++) {
+            const int r = ord[j];
+            acc += w[t * k + r] * Y[(t * k + r) * H + i];
+        }
+        x[t * H + i] += acc;
+    }
+}
+
+/* ---- dst[pos * stride + i] = src[i], i < n, pos from device memory ---- */
+__global__ void store_at_kernel(float *dst, const float *src, long long n, long long stride, const long long *pos) {
+    float *d = dst + *pos * stride;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
+        d[i] = src[i];
+}
+
+/* ---- routed experts of one token with their ids on the device (fm_cuda_expert_matvec) ----
+ * Product j = blockIdx.y is part j / k (gate or up, or down) of expert ids[j % k]: the weight at
+ * table[id] + part_off[part]. The block stages its x (or silu(x) * x_up: the SwiGLU of the down
+ * projection, fused) in shared memory, transposed so that the float4 q of chunk c sits at
+ * xs4[q * C + c]: lanes reading consecutive chunks read consecutive 16-byte words (no bank
+ * conflicts). A row is cut into C 16-byte chunks; `lpr` lanes (a power of two <= 32, <= C) share a
+ * row and take chunks li, li + lpr, ...; each lane does two rows (ra, rb = ra + 32 / lpr) at once
+ * and two chunks of each per step, so 4 weight loads are in flight, and the x of a chunk is read
+ * once for both rows. Quantized chunks use the FMA form per group: s * sum(q x) + b * sum(x), the
+ * sums of x per chunk staged with x. q as float without a conversion: (bits | 0x4B000000) read as
+ * a float is 2^23 + bits exactly, and one subtraction leaves bits; Q4 nibbles are masked in place
+ * (bits = q 2^(4e), e < 5, or of the word shifted by 20), so the staged x carries the factor
+ * 2^(-4e) (exact). */
+enum { EK_F32 = 0, EK_F16, EK_BF16, EK_Q8, EK_Q4, EK_NONE };
+constexpr int EMV_WARPS = 8, EMV_PASSES = 2;
+
+struct ExpMv {
+    const unsigned char *const *table;
+    const int32_t *ids;
+    long long part_off[2];
+    const float *x, *x_up;
+    long long x_stride;
+    float *out[2];
+    long long out_stride;
+    long long rows, cols, scale_off, bias_off;
+    int k, n_experts, gs_log2, scale_kind, lpr, chunks;
+};
+
+template <int KIND> struct EKT {
+    static constexpr int VPC = KIND == EK_F32 ? 4 : KIND == EK_Q4 ? 32 : KIND == EK_Q8 ? 16 : 8; /* values a chunk */
+    static constexpr int NQ = VPC / 4;                                                        /* float4 of x */
+    static constexpr bool Q = KIND >= EK_Q8;
+};
+
+__device__ __forceinline__ float q_float(uint32_t bits) { return __uint_as_float(bits | 0x4B000000u) - 8388608.0f; }
+
+/* byte (sel & 3) of w as a float: PRMT puts it under the exponent bits 0x4B (2^23 + q exactly) */
+__device__ __forceinline__ float q8_float(uint32_t w, uint32_t sel) {
+    return __uint_as_float(__byte_perm(w, 0x4B000000u, sel)) - 8388608.0f;
+}
+
+__device__ __forceinline__ float load_sv(const unsigned char *p, long long idx, int kind) {
+    if (kind == 2) return __ldg((const float *)p + idx);
+    const unsigned short u = __ldg((const unsigned short *)p + idx);
+    return kind == 0 ? __uint_as_float((uint32_t)u << 16) : __half2float(__ushort_as_half(u));
+}
+
+__device__ __forceinline__ float2 half2_f(uint32_t w, int kind) {
+    if (kind == EK_BF16) return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
+    return __half22float2(*reinterpret_cast<const __half2 *>(&w));
+}
+
+/* da += chunk wa . x, db += chunk wb . x (x: the chunk's staged float4s, stride C) */
+template <int KIND>
+__device__ __forceinline__ void chunk_dot2(const uint4 &wa, const uint4 &wb, const float4 *xc, int C, float &da,
+                                           float &db) {
+    const uint32_t A[4] = {wa.x, wa.y, wa.z, wa.w}, B[4] = {wb.x, wb.y, wb.z, wb.w};
+    if constexpr (KIND == EK_F32) {
+        const float4 x = xc[0];
+        da = fmaf(__uint_as_float(A[0]), x.x, da), db = fmaf(__uint_as_float(B[0]), x.x, db);
+        da = fmaf(__uint_as_float(A[1]), x.y, da), db = fmaf(__uint_as_float(B[1]), x.y, db);
+        da = fmaf(__uint_as_float(A[2]), x.z, da), db = fmaf(__uint_as_float(B[2]), x.z, db);
+        da = fmaf(__uint_as_float(A[3]), x.w, da), db = fmaf(__uint_as_float(B[3]), x.w, db);
+    } else if constexpr (KIND == EK_F16 || KIND == EK_BF16) {
+#pragma unroll
+        for (int q = 0; q < 2; q++) {
+            const float4 x = xc[q * C];
+            const float2 a0 = half2_f(A[2 * q], KIND), a1 = half2_f(A[2 * q + 1], KIND);
+            const float2 b0 = half2_f(B[2 * q], KIND), b1 = half2_f(B[2 * q + 1], KIND);
+            da = fmaf(a0.x, x.x, da), db = fmaf(b0.x, x.x, db);
+            da = fmaf(a0.y, x.y, da), db = fmaf(b0.y, x.y, db);
+            da = fmaf(a1.x, x.z, da), db = fmaf(b1.x, x.z, db);
+            da = fmaf(a1.y, x.w, da), db = fmaf(b1.y, x.w, db);
+        }
+    } else if constexpr (KIND == EK_Q8) {
+#pragma unroll
+        for (int q = 0; q < 4; q++) {
+            const float4 x = xc[q * C];
+            const uint32_t a = A[q], b = B[q];
+            da = fmaf(q8_float(a, 0x7440), x.x, da), db = fmaf(q8_float(b, 0x7440), x.x, db);
+            da = fmaf(q8_float(a, 0x7441), x.y, da), db = fmaf(q8_float(b, 0x7441), x.y, db);
+            da = fmaf(q8_float(a, 0x7442), x.z, da), db = fmaf(q8_float(b, 0x7442), x.z, db);
+            da = fmaf(q8_float(a, 0x7443), x.w, da), db = fmaf(q8_float(b, 0x7443), x.w, db);
+        }
+    } else { /* Q4: word i holds values 8i..8i+7, nibble e at bit 4e */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            const float4 x0 = xc[(2 * i) * C], x1 = xc[(2 * i + 1) * C];
+            const uint32_t a = A[i], b = B[i], ah = a >> 20, bh = b >> 20;
+            da = fmaf(q_float(a & 0xFu), x0.x, da), db = fmaf(q_float(b & 0xFu), x0.x, db);
+            da = fmaf(q_float(a & 0xF0u), x0.y, da), db = fmaf(q_float(b & 0xF0u), x0.y, db);
+            da = fmaf(q_float(a & 0xF00u), x0.z, da), db = fmaf(q_float(b & 0xF00u), x0.z, db);
+            da = fmaf(q_float(a & 0xF000u), x0.w, da), db = fmaf(q_float(b & 0xF000u), x0.w, db);
+            da = fmaf(q_float(a & 0xF0000u), x1.x, da), db = fmaf(q_float(b & 0xF0000u), x1.x, db);
+            da = fmaf(q_float(ah & 0xFu), x1.y, da), db = fmaf(q_float(bh & 0xFu), x1.y, db);
+            da = fmaf(q_float(ah & 0xF0u), x1.z, da), db = fmaf(q_float(bh & 0xF0u), x1.z, db);
+            da = fmaf(q_float(ah & 0xF00u), x1.w, da), db = fmaf(q_float(bh & 0xF00u), x1.w, db);
+        }
+    }
+}
+
+template <int KIND> __global__ void __launch_bounds__(EMV_WARPS * 32) expert_mv_kernel(const __grid_constant__ ExpMv p) {
+    using T = EKT<KIND>;
+    extern __shared__ float4 emv_sm[];
+    const int C = p.chunks;
+    float4 *xs4 = emv_sm;
+    float *xs = reinterpret_cast<float *>(emv_sm);
+    float *xsum = reinterpret_cast<float *>(emv_sm + (size_t)T::NQ * C);
+    const int part = (int)blockIdx.y / p.k, slot = (int)blockIdx.y - part * p.k;
+    const int e = min(max(p.ids[slot], 0), p.n_experts - 1); /* the router writes valid ids; never read outside */
+    const unsigned char *base = p.table[e] + p.part_off[part];
+    const float *x = p.x + slot * p.x_stride;
+    const float *xu = p.x_up ? p.x_up + slot * p.x_stride : nullptr;
+    float *out = p.out[part] + slot * p.out_stride;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const long long cols = p.cols, rows = p.rows;
+
+    for (long long c0 = (long long)warp * 32; c0 < cols; c0 += EMV_WARPS * 32) { /* stage x */
+        const long long c = c0 + lane;
+        float v = 0.f;
+        if (c < cols) {
+            v = x[c];
+            if (xu) v = silu(v) * xu[c];
+            const int ch = (int)(c / T::VPC), vi = (int)(c % T::VPC);
+            float f = 1.f;
+            if (KIND == EK_Q4) {
+                const int e8 = vi & 7;
+                f = __uint_as_float((uint32_t)(127 - 4 * (e8 < 5 ? e8 : e8 - 5)) << 23); /* 2^(-4e), exact */
+            }
+            xs[((long long)(vi >> 2) * C + ch) * 4 + (vi & 3)] = v * f;
+        }
+        if (T::Q) { /* chunk sums of x: VPC consecutive lanes hold one chunk (chunks start at multiples of VPC) */
+#pragma unroll
+            for (int o = T::VPC / 2; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+            if ((lane & (T::VPC - 1)) == 0 && c < cols) xsum[c / T::VPC] = v;
+        }
+    }
+    __syncthreads();
+
+    const int lpr = p.lpr, rs = 32 / lpr, li = lane & (lpr - 1);
+    const long long ra = ((long long)blockIdx.x * EMV_WARPS + warp) * (EMV_PASSES * rs) + lane / lpr, rb = ra + rs;
+    const long long rca = min(ra, rows - 1), rcb = min(rb, rows - 1); /* clamped: read, never written */
+    const uint4 *wa = reinterpret_cast<const uint4 *>(base) + rca * C, *wb = reinterpret_cast<const uint4 *>(base) + rcb * C;
+    const long long groups = T::Q ? cols >> p.gs_log2 : 0;
+    const unsigned char *sbase = base + p.scale_off, *bbase = base + p.bias_off;
+    const int kind = p.scale_kind;
+    float acc_a = 0.f, acc_b = 0.f;
+    for (int c = li; c < C; c += 2 * lpr) {
+        const int c2 = c + lpr;
+        const bool has2 = c2 < C;
+        const uint4 a0 = __ldg(wa + c), b0 = __ldg(wb + c);
+        uint4 a1 = make_uint4(0, 0, 0, 0), b1 = a1;
+        if (has2) a1 = __ldg(wa + c2), b1 = __ldg(wb + c2);
+        if constexpr (T::Q) {
+            const long long g0 = ((long long)c * T::VPC) >> p.gs_log2, g2 = ((long long)c2 * T::VPC) >> p.gs_log2;
+            const float sa0 = load_sv(sbase, rca * groups + g0, kind), ba0 = load_sv(bbase, rca * groups + g0, kind);
+            const float sb0 = load_sv(sbase, rcb * groups + g0, kind), bb0 = load_sv(bbase, rcb * groups + g0, kind);
+            float sa2 = 0.f, ba2 = 0.f, sb2 = 0.f, bb2 = 0.f;
+            if (has2) {
+                sa2 = load_sv(sbase, rca * groups + g2, kind), ba2 = load_sv(bbase, rca * groups + g2, kind);
+                sb2 = load_sv(sbase, rcb * groups + g2, kind), bb2 = load_sv(bbase, rcb * groups + g2, kind);
+            }
+            float da = 0.f, db = 0.f;
+            chunk_dot2<KIND>(a0, b0, xs4 + c, C, da, db);
+            const float xs0 = xsum[c];
+            acc_a = fmaf(ba0, xs0, fmaf(sa0, da, acc_a));
+            acc_b = fmaf(bb0, xs0, fmaf(sb0, db, acc_b));
+            if (has2) {
+                da = 0.f, db = 0.f;
+                chunk_dot2<KIND>(a1, b1, xs4 + c2, C, da, db);
+                const float xs2 = xsum[c2];
+                acc_a = fmaf(ba2, xs2, fmaf(sa2, da, acc_a));
+                acc_b = fmaf(bb2, xs2, fmaf(sb2, db, acc_b));
+            }
+        } else {
+            chunk_dot2<KIND>(a0, b0, xs4 + c, C, acc_a, acc_b);
+            if (has2) chunk_dot2<KIND>(a1, b1, xs4 + c2, C, acc_a, acc_b);
+        }
+    }
+    for (int o = lpr >> 1; o > 0; o >>= 1) {
+        acc_a += __shfl_xor_sync(0xffffffffu, acc_a, o);
+        acc_b += __shfl_xor_sync(0xffffffffu, acc_b, o);
+    }
+    if (li == 0) {
+        if (ra < rows) out[ra] = acc_a;
+        if (rb < rows) out[rb] = acc_b;
+    }
+}
+
+typedef void (*emv_fn)(const ExpMv);
+
 unsigned blocks_for(long long n, int threads, long long cap) {
     long long b = (n + threads - 1) / threads;
     if (b < 1) b = 1;
@@ -524,7 +766,8 @@ extern "C" fm_status fm_cuda_head_norm_rope(fm_cuda *ctx, float *out, int64_t ou
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && in && w && (rot_dim == 0 || inv_freq), "CUDA head_norm_rope: NULL pointer");
     head_norm_rope_kernel<<<(unsigned)(n_tokens * n_heads), 128, sizeof(float) * (size_t)d, ctx->stream>>>(
-        out, (long long)out_stride, in, (long long)in_stride, w, n_heads, d, eps, rot_dim, inv_freq, (long long)pos0);
+        out, (long long)out_stride, in, (long long)in_stride, w, n_heads, d, eps, rot_dim, inv_freq, (long long)pos0, nullptr,
+        0);
     FM_CUDA_CHECK_LAUNCH("head_norm_rope_kernel");
     return FM_OK;
 }
@@ -577,7 +820,7 @@ extern "C" fm_status fm_cuda_attention(fm_cuda *ctx, float *out, const float *q,
     LAYER_ARG_CHECK(out && q && gate && k_cache && v_cache, "CUDA attention: NULL pointer");
     attention_kernel<<<(unsigned)(n_tokens * n_head), ATT_WARPS * 32, 0, ctx->stream>>>(
         out, q, gate, (long long)gate_stride, k_cache, v_cache, (long long)pos0, n_head, n_head_kv, d,
-        1.0f / sqrtf((float)d));
+        1.0f / sqrtf((float)d), nullptr);
     FM_CUDA_CHECK_LAUNCH("attention_kernel");
     return FM_OK;
 }
@@ -622,4 +865,252 @@ extern "C" fm_status fm_cuda_moe_combine(fm_cuda *ctx, float *x, const float *sh
     moe_combine_kernel<<<grid, BLOCK, 0, ctx->stream>>>(x, shared, shared_logit, Y, rows, w, k, (long long)H);
     FM_CUDA_CHECK_LAUNCH("moe_combine_kernel");
     return FM_OK;
+}
+
+
+/* ------------------------------------------------------------------------ decode without host syncs */
+
+extern "C" fm_status fm_cuda_download_async(fm_cuda *ctx, void *host, const void *dev, size_t bytes) {
+    FM_CUDA_CTX(ctx);
+    if (bytes == 0) return FM_OK;
+    if (!dev || !host) return fm_error_set(FM_ERR_ARG, "fm_cuda_download_async: NULL pointer");
+    FM_CUDA_CHECK(cudaMemcpyAsync(host, dev, bytes, cudaMemcpyDeviceToHost, ctx->stream));
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_head_norm_rope_at(fm_cuda *ctx, float *out, int64_t out_pos_stride, int64_t out_stride,
+                                               const float *in, int64_t in_stride, const float *w, int64_t n_tokens,
+                                               int n_heads, int d, float eps, int rot_dim, const float *inv_freq,
+                                               const int64_t *pos_dev) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_heads > 0 && d > 0 && d <= 8192 && n_tokens * n_heads <= INT32_MAX &&
+                        rot_dim >= 0 && rot_dim <= d && rot_dim % 2 == 0 && out_pos_stride >= 0 && out_stride >= d &&
+                        in_stride >= d,
+                    "CUDA head_norm_rope_at: bad shape (%lld tokens, %d heads of %d, rot %d, strides %lld/%lld/%lld)",
+                    (long long)n_tokens, n_heads, d, rot_dim, (long long)in_stride, (long long)out_stride,
+                    (long long)out_pos_stride);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && in && w && pos_dev && (rot_dim == 0 || inv_freq), "CUDA head_norm_rope_at: NULL pointer");
+    head_norm_rope_kernel<<<(unsigned)(n_tokens * n_heads), 128, sizeof(float) * (size_t)d, ctx->stream>>>(
+        out, (long long)out_stride, in, (long long)in_stride, w, n_heads, d, eps, rot_dim, inv_freq, 0LL,
+        (const long long *)pos_dev, (long long)out_pos_stride);
+    FM_CUDA_CHECK_LAUNCH("head_norm_rope_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float *q, const float *gate,
+                                          int64_t gate_stride, const float *k_cache, const float *v_cache,
+                                          int64_t n_tokens, const int64_t *pos_dev, int n_head, int n_head_kv, int d) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_head > 0 && n_head_kv > 0 && n_head % n_head_kv == 0 && d > 0 &&
+                        d <= ATT_MAX_D && gate_stride >= d && n_tokens * n_head <= INT32_MAX,
+                    "CUDA attention_at: bad shape (%lld tokens, %d/%d heads of %d; at most %d)", (long long)n_tokens,
+                    n_head, n_head_kv, d, ATT_MAX_D);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && q && gate && k_cache && v_cache && pos_dev, "CUDA attention_at: NULL pointer");
+    attention_kernel<<<(unsigned)(n_tokens * n_head), ATT_WARPS * 32, 0, ctx->stream>>>(
+        out, q, gate, (long long)gate_stride, k_cache, v_cache, 0LL, n_head, n_head_kv, d, 1.0f / sqrtf((float)d),
+        (const long long *)pos_dev);
+    FM_CUDA_CHECK_LAUNCH("attention_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_store_at(fm_cuda *ctx, float *dst, int64_t pos_stride, const float *src, int64_t n,
+                                      const int64_t *pos_dev) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n >= 0 && pos_stride >= 0, "CUDA store_at: bad shape (%lld values, stride %lld)", (long long)n,
+                    (long long)pos_stride);
+    if (n == 0) return FM_OK;
+    LAYER_ARG_CHECK(dst && src && pos_dev, "CUDA store_at: NULL pointer");
+    store_at_kernel<<<blocks_for(n, BLOCK, 64), BLOCK, 0, ctx->stream>>>(dst, src, (long long)n, (long long)pos_stride,
+                                                                        (const long long *)pos_dev);
+    FM_CUDA_CHECK_LAUNCH("store_at_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit,
+                                              const float *Y, const int32_t *ids, const float *w, int64_t n_tokens, int k,
+                                              int64_t H) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_tokens <= 65535 && k >= 1 && k <= 64 && H > 0,
+                    "CUDA moe_combine_topk: bad shape (%lld tokens, top-%d, %lld; at most 65535 tokens, top-64)",
+                    (long long)n_tokens, k, (long long)H);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(x && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_topk: NULL pointer");
+    dim3 grid(blocks_for(H, BLOCK, 64), (unsigned)n_tokens);
+    moe_combine_topk_kernel<<<grid, BLOCK, 0, ctx->stream>>>(x, shared, shared_logit, Y, ids, w, k, (long long)H);
+    FM_CUDA_CHECK_LAUNCH("moe_combine_topk_kernel");
+    return FM_OK;
+}
+
+namespace {
+
+int emv_kind(fm_dtype t) {
+    switch (t) {
+    case FM_DTYPE_F32: return EK_F32;
+    case FM_DTYPE_F16: return EK_F16;
+    case FM_DTYPE_BF16: return EK_BF16;
+    case FM_DTYPE_Q8: return EK_Q8;
+    case FM_DTYPE_Q4: return EK_Q4;
+    default: return EK_NONE;
+    }
+}
+
+const int emv_vpc[] = {4, 8, 8, 16, 32}; /* values per 16-byte chunk, by kind */
+
+/* Checks the shape for the expert matvec; fills the shape part of p and the shared memory size. */
+fm_status emv_shape(const fm_weight *w, ExpMv *p, int *kind, size_t *smem) {
+    if (!w) return fm_error_set(FM_ERR_ARG, "CUDA expert_matvec: NULL shape");
+    *kind = emv_kind(w->dtype);
+    if (*kind == EK_NONE)
+        return fm_error_set(FM_ERR_UNSUPPORTED, "CUDA expert_matvec: weight type %s is not supported (F32, F16, BF16, Q8, Q4)",
+                            fm_dtype_name(w->dtype));
+    const int vpc = emv_vpc[*kind];
+    if (w->rows <= 0 || w->cols <= 0 || w->cols % vpc || w->rows > (INT64_C(1) << 31))
+        return fm_error_set(FM_ERR_UNSUPPORTED, "CUDA expert_matvec: shape [%lld, %lld] (cols a multiple of %d)",
+                            (long long)w->rows, (long long)w->cols, vpc);
+    const long long C = w->cols / vpc;
+    const bool q = *kind >= EK_Q8;
+    const size_t need = (size_t)C * (size_t)vpc * 4 + (q ? (size_t)C * 4 : 0);
+    if (need > 48 * 1024)
+        return fm_error_set(FM_ERR_UNSUPPORTED, "CUDA expert_matvec: %lld columns: x does not fit in shared memory",
+                            (long long)w->cols);
+    memset(p, 0, sizeof *p);
+    p->rows = w->rows;
+    p->cols = w->cols;
+    p->chunks = (int)C;
+    int lpr = 32;
+    while (lpr > C) lpr >>= 1;
+    p->lpr = lpr;
+    if (q) {
+        fm_status st = fm_quant_check("CUDA expert_matvec weight", w->dtype, w->cols, w->group_size, w->scale_dtype);
+        if (st != FM_OK) return st;
+        const long long groups = w->cols / w->group_size, ss = w->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
+        const int bits = w->dtype == FM_DTYPE_Q8 ? 8 : 4;
+        p->gs_log2 = w->group_size == 32 ? 5 : w->group_size == 64 ? 6 : 7;
+        p->scale_kind = w->scale_dtype == FM_DTYPE_BF16 ? 0 : w->scale_dtype == FM_DTYPE_F16 ? 1 : 2;
+        p->scale_off = w->rows * w->cols * bits / 8;
+        p->bias_off = p->scale_off + w->rows * groups * ss;
+    }
+    *smem = need;
+    return FM_OK;
+}
+
+} // namespace
+
+extern "C" bool fm_cuda_expert_matvec_supported(const fm_weight *shape) {
+    ExpMv p;
+    int kind;
+    size_t smem;
+    return emv_shape(shape, &p, &kind, &smem) == FM_OK; /* a failure leaves its reason in fm_last_error() */
+}
+
+extern "C" fm_status fm_cuda_expert_matvec(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv) {
+    FM_CUDA_CTX(ctx);
+    ExpMv p;
+    int kind;
+    size_t smem;
+    fm_status st = emv_shape(shape, &p, &kind, &smem);
+    if (st != FM_OK) return st;
+    LAYER_ARG_CHECK(mv && mv->table && mv->ids && mv->x && mv->out[0] && (mv->n_parts == 1 || mv->out[1]),
+                    "CUDA expert_matvec: NULL pointer");
+    LAYER_ARG_CHECK(mv->k >= 1 && mv->n_parts >= 1 && mv->n_parts <= 2 && mv->k * mv->n_parts <= 65535 &&
+                        mv->n_experts >= 1 && mv->x_stride >= 0 && mv->out_stride >= 0,
+                    "CUDA expert_matvec: bad batch (top-%d, %d parts, %d experts)", mv->k, mv->n_parts, mv->n_experts);
+    for (int i = 0; i < mv->n_parts; i++)
+        LAYER_ARG_CHECK(mv->part_off[i] >= 0 && mv->part_off[i] % 16 == 0,
+                        "CUDA expert_matvec: part offset %lld is not a multiple of 16", (long long)mv->part_off[i]);
+    LAYER_ARG_CHECK((uintptr_t)mv->x % 4 == 0 && (!mv->x_up || (uintptr_t)mv->x_up % 4 == 0),
+                    "CUDA expert_matvec: x must be 4-byte aligned");
+    p.table = (const unsigned char *const *)mv->table;
+    p.ids = mv->ids;
+    p.part_off[0] = mv->part_off[0];
+    p.part_off[1] = mv->n_parts > 1 ? mv->part_off[1] : 0;
+    p.x = mv->x;
+    p.x_up = mv->x_up;
+    p.x_stride = mv->x_stride;
+    p.out[0] = mv->out[0];
+    p.out[1] = mv->n_parts > 1 ? mv->out[1] : mv->out[0];
+    p.out_stride = mv->out_stride;
+    p.k = mv->k;
+    p.n_experts = mv->n_experts;
+    static const emv_fn fns[] = {expert_mv_kernel<EK_F32>, expert_mv_kernel<EK_F16>, expert_mv_kernel<EK_BF16>,
+                                 expert_mv_kernel<EK_Q8>, expert_mv_kernel<EK_Q4>};
+    const long long rpb = (long long)EMV_WARPS * EMV_PASSES * (32 / p.lpr);
+    const dim3 grid((unsigned)((p.rows + rpb - 1) / rpb), (unsigned)(mv->k * mv->n_parts));
+    fns[kind]<<<grid, EMV_WARPS * 32, smem, ctx->stream>>>(p);
+    FM_CUDA_CHECK_LAUNCH("expert_mv_kernel");
+    return FM_OK;
+}
+
+/* ---- CUDA graphs of the context's stream ---- */
+
+struct fm_cuda_graph {
+    cudaGraphExec_t exec;
+};
+
+extern "C" fm_status fm_cuda_capture_begin(fm_cuda *ctx) {
+    FM_CUDA_CTX(ctx);
+    FM_CUDA_CHECK(cudaStreamBeginCapture(ctx->stream, cudaStreamCaptureModeThreadLocal));
+    return FM_OK;
+}
+
+extern "C" void fm_cuda_capture_abort(fm_cuda *ctx) {
+    if (!ctx) return;
+    cudaSetDevice(ctx->device);
+    cudaStreamCaptureStatus cs = cudaStreamCaptureStatusNone;
+    if (cudaStreamIsCapturing(ctx->stream, &cs) == cudaSuccess && cs != cudaStreamCaptureStatusNone) {
+        cudaGraph_t g = nullptr;
+        if (cudaStreamEndCapture(ctx->stream, &g) == cudaSuccess && g) cudaGraphDestroy(g);
+    }
+    (void)cudaGetLastError(); /* capture errors are not sticky */
+}
+
+extern "C" fm_status fm_cuda_capture_end(fm_cuda *ctx, fm_cuda_graph **out) {
+    if (!out) return fm_error_set(FM_ERR_ARG, "fm_cuda_capture_end: NULL argument");
+    *out = nullptr;
+    FM_CUDA_CTX(ctx);
+    cudaGraph_t g = nullptr;
+    cudaError_t e = cudaStreamEndCapture(ctx->stream, &g);
+    if (e != cudaSuccess) {
+        (void)cudaGetLastError();
+        return fm_cuda_fail(e, "cudaStreamEndCapture(ctx->stream, &g)", __FILE__, __LINE__);
+    }
+    fm_cuda_graph *gr = (fm_cuda_graph *)calloc(1, sizeof *gr);
+    if (!gr) {
+        cudaGraphDestroy(g);
+        return fm_error_set(FM_ERR_NOMEM, "out of memory");
+    }
+    e = cudaGraphInstantiate(&gr->exec, g, 0);
+    cudaGraphDestroy(g);
+    if (e != cudaSuccess) {
+        free(gr);
+        (void)cudaGetLastError();
+        return fm_cuda_fail(e, "cudaGraphInstantiate(&gr->exec, g, 0)", __FILE__, __LINE__);
+    }
+    e = cudaGraphUpload(gr->exec, ctx->stream);
+    if (e != cudaSuccess) {
+        cudaGraphExecDestroy(gr->exec);
+        free(gr);
+        return fm_cuda_fail(e, "cudaGraphUpload(gr->exec, ctx->stream)", __FILE__, __LINE__);
+    }
+    *out = gr;
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_graph_launch(fm_cuda *ctx, fm_cuda_graph *g) {
+    FM_CUDA_CTX(ctx);
+    if (!g) return fm_error_set(FM_ERR_ARG, "fm_cuda_graph_launch: NULL graph");
+    FM_CUDA_CHECK(cudaGraphLaunch(g->exec, ctx->stream));
+    return FM_OK;
+}
+
+extern "C" void fm_cuda_graph_free(fm_cuda *ctx, fm_cuda_graph *g) {
+    if (!g) return;
+    if (ctx) {
+        cudaSetDevice(ctx->device);
+        cudaStreamSynchronize(ctx->stream);
+    }
+    cudaGraphExecDestroy(g->exec);
+    free(g);
 }

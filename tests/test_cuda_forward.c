@@ -533,7 +533,8 @@ FM_TEST(cuda_layer_router_topk) {
     static const struct {
         int E, k;
         int ties;
-    } cases[] = {{6, 2, 0}, {8, 3, 1}, {256, 8, 0}, {512, 10, 1}, {64, 64, 0}, {300, 5, 1}};
+    } cases[] = {{6, 2, 0}, {8, 3, 1}, {256, 8, 0}, {512, 10, 1}, {64, 64, 0}, {300, 5, 1},
+                 {1024, 16, 1}, {1025, 8, 1}, {3000, 20, 0}}; /* up to 1024: the warp kernel; beyond: the block kernel */
     for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++)
         for (int norm = 0; norm < 2; norm++) {
             const int E = cases[ci].E, k = cases[ci].k;

@@ -55,15 +55,18 @@ __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
 __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
-/* ---- residual + RMSNorm: x += add (optional); xn = x / sqrt(mean(x^2) + eps) * w ---- */
-__global__ void __launch_bounds__(BLOCK) add_rmsnorm_kernel(float *x, float *xn, const float *add, const float *w,
-                                                            long long n, float eps) {
+/* ---- residual + RMSNorm: x += add (optional); xn = x / sqrt(mean(x^2) + eps) * w ----
+ * One block per row, of BLOCK threads, or up to 1024 for fewer rows than SMs (decode: one block,
+ * whose time is a chain of dependent loads per thread; 2 values a thread instead of 8 took it
+ * from 7.4 to 4.3 us at n = 2048 on an H200). */
+__global__ void __launch_bounds__(1024) add_rmsnorm_kernel(float *x, float *xn, const float *add, const float *w,
+                                                           long long n, float eps) {
     __shared__ float red[32];
     float *xr = x + (long long)blockIdx.x * n;
     float *orow = xn + (long long)blockIdx.x * n;
     const float *ar = add ? add + (long long)blockIdx.x * n : nullptr;
     float ss = 0.f;
-    for (long long i = threadIdx.x; i < n; i += BLOCK) {
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) {
         float v = xr[i];
         if (ar) {
             v += ar[i];
@@ -73,7 +76,7 @@ __global__ void __launch_bounds__(BLOCK) add_rmsnorm_kernel(float *x, float *xn,
     }
     const float tot = block_sum(ss, red);
     const float scale = 1.0f / sqrtf(tot / (float)n + eps);
-    for (long long i = threadIdx.x; i < n; i += BLOCK) orow[i] = xr[i] * scale * (w ? w[i] : 1.0f);
+    for (long long i = threadIdx.x; i < n; i += blockDim.x) orow[i] = xr[i] * scale * (w ? w[i] : 1.0f);
 }
 
 /* ---- gated RMSNorm (DeltaNet output): out = rmsnorm(x) * w * silu(z), per row of n ---- */
@@ -738,7 +741,12 @@ extern "C" fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, cons
                     (long long)n_tokens, (long long)n);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && xn, "CUDA add_rmsnorm: NULL pointer");
-    add_rmsnorm_kernel<<<(unsigned)n_tokens, BLOCK, 0, ctx->stream>>>(x, xn, add, w, (long long)n, eps);
+    int threads = BLOCK;
+    if (n_tokens < ctx->sm_count) { /* few rows: wider blocks, about 2 values a thread */
+        const long long want = (n / 2 + 31) / 32 * 32;
+        threads = (int)(want > 1024 ? 1024 : want < BLOCK ? BLOCK : want);
+    }
+    add_rmsnorm_kernel<<<(unsigned)n_tokens, threads, 0, ctx->stream>>>(x, xn, add, w, (long long)n, eps);
     FM_CUDA_CHECK_LAUNCH("add_rmsnorm_kernel");
     return FM_OK;
 }

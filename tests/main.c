@@ -63,6 +63,24 @@ const char *fm_test_tmpdir(const char *name, char *buf, size_t cap) {
     return buf;
 }
 
+static uint64_t rng_state = 0x9E3779B97F4A7C15ull;
+
+uint64_t fm_test_rng_seed(const char *env) {
+    const char *v = env ? getenv(env) : NULL;
+    uint64_t seed = v ? (uint64_t)atoll(v) : (uint64_t)time(NULL);
+    rng_state = seed * 0x9E3779B97F4A7C15ull | 1;
+    return seed;
+}
+
+uint64_t fm_test_rand_u64(void) {
+    rng_state ^= rng_state << 13;
+    rng_state ^= rng_state >> 7;
+    rng_state ^= rng_state << 17;
+    return rng_state;
+}
+
+double fm_test_rand(void) { return (double)(fm_test_rand_u64() >> 11) / (double)(1ull << 52) - 1.0; }
+
 const char *fm_test_bin(void) {
     const char *b = getenv("FLASHMOE_BIN");
     return b ? b : "build/flashmoe";

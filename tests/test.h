@@ -84,4 +84,11 @@ struct json_t *fm_test_load_jsonl(const char *path);
 /* Path of the flashmoe binary under test (set by tests/main.c from FLASHMOE_BIN or default). */
 const char *fm_test_bin(void);
 
+/* The tests' random numbers (xorshift64), for fresh inputs on every run: fm_test_rng_seed seeds
+ * from the environment variable `env` when it is set (to repeat a run) and from the clock
+ * otherwise, and returns the seed (print it with a failure). */
+uint64_t fm_test_rng_seed(const char *env);
+uint64_t fm_test_rand_u64(void);
+double fm_test_rand(void); /* uniform in [-1, 1) */
+
 #endif

@@ -98,19 +98,12 @@ NO_CUDA(cuda_forward_budget_errors)
 
 /* ------------------------------------------------------------------------ harness */
 
-static uint64_t seed0, rng_state;
-static void rng_seed(void) {
-    if (seed0) return;
-    seed0 = getenv("CUDA_SEED") ? (uint64_t)atoll(getenv("CUDA_SEED")) : (uint64_t)time(NULL);
-    rng_state = seed0 * 0x9E3779B97F4A7C15ull | 1;
+static uint64_t seed0;
+static void rng_seed(void) { /* once per process */
+    if (!seed0) seed0 = fm_test_rng_seed("CUDA_SEED");
 }
-static uint64_t rnd_u64(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
-}
-static float rnd(void) { return (float)((double)(rnd_u64() >> 11) / (double)(1ull << 52) - 1.0); } /* [-1, 1) */
+#define rnd_u64 fm_test_rand_u64
+static float rnd(void) { return (float)fm_test_rand(); } /* [-1, 1) */
 
 static fm_cuda *g_ctx;
 static bool g_tried;

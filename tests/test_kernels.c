@@ -9,14 +9,8 @@
 #include "test.h"
 #include "util/half.h"
 
-static uint64_t rng_state;
-static void rng_seed(void) { rng_state = (uint64_t)time(NULL) * 0x9E3779B97F4A7C15ull | 1; }
-static double rnd(void) { /* uniform in [-1, 1) */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / (double)(1ull << 52) - 1.0;
-}
+static void rng_seed(void) { fm_test_rng_seed(NULL); }
+#define rnd fm_test_rand
 
 static void check_matmul(fm_test_ctx *t, fm_pool *pool, fm_dtype dt, int64_t T, int64_t N, int64_t K) {
     size_t es = fm_dtype_size(dt);

@@ -15,17 +15,9 @@
 #include "backend/cpu/mixer_kernels.h"
 #include "test.h"
 
-static uint64_t seed0, rng_state;
-static void rng_seed(void) {
-    seed0 = getenv("MIXER_SEED") ? (uint64_t)atoll(getenv("MIXER_SEED")) : (uint64_t)time(NULL);
-    rng_state = seed0 * 0x9E3779B97F4A7C15ull | 1;
-}
-static double rnd(void) { /* [-1, 1) */
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (double)(rng_state >> 11) / (double)(1ull << 52) - 1.0;
-}
+static uint64_t seed0;
+static void rng_seed(void) { seed0 = fm_test_rng_seed("MIXER_SEED"); }
+#define rnd fm_test_rand
 
 #define GUARD 16
 static const float SENTINEL = 12345.5f;

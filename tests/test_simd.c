@@ -22,18 +22,10 @@
 #include "test.h"
 #include "util/half.h"
 
-static uint64_t seed0, rng_state;
-static void rng_seed(void) {
-    seed0 = getenv("SIMD_SEED") ? (uint64_t)atoll(getenv("SIMD_SEED")) : (uint64_t)time(NULL);
-    rng_state = seed0 * 0x9E3779B97F4A7C15ull | 1;
-}
-static uint64_t rnd_u64(void) {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return rng_state;
-}
-static double rnd(void) { return (double)(rnd_u64() >> 11) / (double)(1ull << 52) - 1.0; } /* [-1, 1) */
+static uint64_t seed0;
+static void rng_seed(void) { seed0 = fm_test_rng_seed("SIMD_SEED"); }
+#define rnd_u64 fm_test_rand_u64
+#define rnd fm_test_rand
 
 #define GUARD 16 /* floats of sentinel on each side of every output */
 

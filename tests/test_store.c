@@ -48,6 +48,20 @@ static fm_status run_model(const char *dir, const fm_model_params *p, float *log
     return st;
 }
 
+/* Sets (or, with set false, unsets) the variables of "NAME=VALUE NAME=VALUE ..." (NULL: none). */
+static void set_env_list(const char *list, bool set) {
+    char buf[256];
+    if (!list) return;
+    snprintf(buf, sizeof buf, "%s", list);
+    for (char *save = NULL, *kv = strtok_r(buf, " ", &save); kv; kv = strtok_r(NULL, " ", &save)) {
+        char *eq = strchr(kv, '=');
+        if (!eq) continue;
+        *eq = 0;
+        if (set) setenv(kv, eq + 1, 1);
+        else unsetenv(kv);
+    }
+}
+
 FM_TEST(store_engines_and_cache_agree) {
     char dir[512];
     if (!make_tiny(t, "store_engines", dir, sizeof dir)) return;
@@ -75,6 +89,9 @@ FM_TEST(store_engines_and_cache_agree) {
                  {FM_IO_URING, 0, true, "uring+prefetch", NULL},
                  {FM_IO_URING, 0, false, "uring, 4 KiB pieces", "FLASHMOE_URING_PIECE=4096"},
                  {FM_IO_URING, 1 << 20, false, "uring+cache, 8 KiB pieces", "FLASHMOE_URING_PIECE=8192"},
+                 {FM_IO_URING, 0, false, "uring, 4 KiB pieces, 3 in flight", "FLASHMOE_URING_PIECE=4096 FLASHMOE_URING_DEPTH=3"},
+                 {FM_IO_URING, 1 << 20, false, "uring+cache, 1 in flight", "FLASHMOE_URING_DEPTH=1"},
+                 {FM_IO_URING, 0, false, "uring, all at once", "FLASHMOE_URING_PIECE=0 FLASHMOE_URING_DEPTH=0"},
                  {FM_IO_URING, 0, false, "uring buffered", "FLASHMOE_URING_BUFFERED=1"},
                  {FM_IO_URING, 20 * 16384, false, "uring buffered+small cache", "FLASHMOE_URING_BUFFERED=1"}};
     for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
@@ -82,15 +99,10 @@ FM_TEST(store_engines_and_cache_agree) {
         p.cache_bytes = cases[i].cache;
         p.prefetch = cases[i].prefetch;
         p.io_threads = 1 + (int)i % 3;
-        char env[64] = "";
-        if (cases[i].env) {
-            snprintf(env, sizeof env, "%s", cases[i].env);
-            *strchr(env, '=') = 0;
-            setenv(env, strchr(cases[i].env, '=') + 1, 1);
-        }
+        set_env_list(cases[i].env, true);
         fm_model *m = NULL;
         fm_status st = run_model(dir, &p, got, &m);
-        if (cases[i].env) unsetenv(env);
+        set_env_list(cases[i].env, false);
         if (st != FM_OK && cases[i].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) {
             fprintf(stderr, "  %s: skipped, the file system refuses O_DIRECT: %s\n", cases[i].name, fm_last_error());
             continue;
@@ -224,20 +236,27 @@ FM_TEST(store_blocks_match_the_file) {
     static const struct {
         fm_io_engine e;
         uint64_t cache;
-        const char *piece;
+        const char *env;
         bool buffered;
-    } cases[] = {{FM_IO_PREAD, 0, NULL, false},        {FM_IO_PREAD, 1 << 20, NULL, false},
-                 {FM_IO_DIRECT, 1 << 20, NULL, false}, {FM_IO_MMAP, 0, NULL, false},
-                 {FM_IO_URING, 0, NULL, false},        {FM_IO_URING, 1 << 20, NULL, false},
-                 {FM_IO_URING, 1 << 20, "4096", false}, {FM_IO_URING, 0, "8192", true},
+    } cases[] = {{FM_IO_PREAD, 0, NULL, false},
+                 {FM_IO_PREAD, 1 << 20, NULL, false},
+                 {FM_IO_DIRECT, 1 << 20, NULL, false},
+                 {FM_IO_MMAP, 0, NULL, false},
+                 {FM_IO_URING, 0, NULL, false},
+                 {FM_IO_URING, 1 << 20, NULL, false},
+                 {FM_IO_URING, 1 << 20, "FLASHMOE_URING_PIECE=4096", false},
+                 {FM_IO_URING, 1 << 20, "FLASHMOE_URING_PIECE=4096 FLASHMOE_URING_DEPTH=3", false},
+                 {FM_IO_URING, 0, "FLASHMOE_URING_PIECE=8192 FLASHMOE_URING_DEPTH=1", false},
+                 {FM_IO_URING, 1 << 20, "FLASHMOE_URING_PIECE=0 FLASHMOE_URING_DEPTH=0", false},
+                 {FM_IO_URING, 0, "FLASHMOE_URING_PIECE=8192", true},
                  {FM_IO_URING, 1 << 20, NULL, true}};
     for (size_t c = 0; c < sizeof cases / sizeof *cases; c++) {
-        if (cases[c].piece) setenv("FLASHMOE_URING_PIECE", cases[c].piece, 1);
+        set_env_list(cases[c].env, true);
         if (cases[c].buffered) setenv("FLASHMOE_URING_BUFFERED", "1", 1);
         fm_store_options o = {.engine = cases[c].e, .io_threads = 3, .cache_bytes = cases[c].cache};
         fm_expert_store *st;
         fm_status rc = fm_store_open(pm, 4, &o, &st);
-        unsetenv("FLASHMOE_URING_PIECE");
+        set_env_list(cases[c].env, false);
         unsetenv("FLASHMOE_URING_BUFFERED");
         if (rc != FM_OK && cases[c].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) continue;
         CHECK_OK(rc);
@@ -271,15 +290,17 @@ FM_TEST(store_blocks_match_the_file) {
         fm_io_engine e;
         const char *piece;
         bool buffered;
-    } shorts[] = {{FM_IO_PREAD, NULL, false}, {FM_IO_DIRECT, NULL, false}, {FM_IO_URING, NULL, false},
-                  {FM_IO_URING, "4096", false}, {FM_IO_URING, NULL, true}};
+    } shorts[] = {{FM_IO_PREAD, NULL, false},  {FM_IO_DIRECT, NULL, false}, {FM_IO_URING, NULL, false},
+                  {FM_IO_URING, "4096", false}, {FM_IO_URING, "0", false},   {FM_IO_URING, NULL, true}};
     for (size_t c = 0; c < sizeof shorts / sizeof *shorts; c++) {
         if (shorts[c].piece) setenv("FLASHMOE_URING_PIECE", shorts[c].piece, 1);
+        if (shorts[c].piece) setenv("FLASHMOE_URING_DEPTH", "2", 1); /* fewer in flight than the request */
         if (shorts[c].buffered) setenv("FLASHMOE_URING_BUFFERED", "1", 1);
         fm_store_options o = {.engine = shorts[c].e, .io_threads = 2, .cache_bytes = 1 << 20};
         fm_expert_store *st;
         fm_status rc = fm_store_open(pm, 4, &o, &st);
         unsetenv("FLASHMOE_URING_PIECE");
+        unsetenv("FLASHMOE_URING_DEPTH");
         unsetenv("FLASHMOE_URING_BUFFERED");
         if (rc != FM_OK && shorts[c].e == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) continue;
         CHECK_OK(rc);

@@ -81,7 +81,10 @@ struct fm_expert_store {
     struct io_uring ring;
     bool ring_ok;
     char ring_broken[160];  /* set when the ring itself failed: every later read fails with it */
-    unsigned ring_depth;    /* most pieces in flight */
+    unsigned ring_depth;    /* the ring's size: most pieces in flight */
+    unsigned window;        /* most pieces in flight for a small request (0 = ring_depth) */
+    bool window_all;        /* the window applies to every request (FLASHMOE_URING_DEPTH) */
+    unsigned u_cap;         /* most pieces in flight for the current request */
     uint64_t piece_bytes;   /* a read covers at most this much of a block */
     int pieces_per_job;     /* for the largest stride */
     upiece *pieces;         /* [max_request * pieces_per_job] */
@@ -177,12 +180,23 @@ static void *reader(void *arg) {
 }
 
 /* ---- io_uring engine ----
- * fm_store_request queues the request's reads and sends all it may at once (each expert's block
+ * fm_store_request queues the request's reads and sends what it may at once (each expert's block
  * in pieces of at most piece_bytes; when streaming, only those whose ring buffer is free). The
  * model's thread reaps completions inside fm_store_wait, in whatever order they come, until the
  * expert it waits for is complete, sending further reads as buffers free up. Short reads are
  * sent again for the rest (with O_DIRECT from the last page boundary); a read that makes no
- * progress is a short read at the end of the file. */
+ * progress is a short read at the end of the file.
+ *
+ * Reads are split into pieces of URING_PIECE bytes, and a small request (at most URING_SMALL
+ * reads: a decode step) keeps only URING_WINDOW pieces in flight, sent in request order: its
+ * experts then arrive one after another at the disk's full rate, and the first ones compute while
+ * the rest load (sent all at once they arrive together, late). Larger requests (prefill) keep
+ * everything in flight: between two waits the model computes for long, and a window refilled
+ * only at fm_store_wait would leave the disk idle. docs/SPEED.md has the measurements;
+ * FLASHMOE_URING_PIECE / FLASHMOE_URING_DEPTH override both for experiments. */
+#define URING_PIECE ((uint64_t)1 << 20)
+#define URING_WINDOW 8u
+#define URING_SMALL 16
 
 static int job_pieces(const fm_expert_store *s, int jn) {
     uint64_t stride = s->pm->experts[s->queue[jn].layer].stride;
@@ -278,7 +292,7 @@ static bool real_reads_done(const fm_expert_store *s) {
  * the consumer has released and no earlier read still writes into, and speculative reads only
  * once the request's own reads are in. */
 static void uring_pump(fm_expert_store *s) {
-    while (s->u_job < s->q_tail && s->u_in_flight < s->ring_depth && !s->ring_broken[0]) {
+    while (s->u_job < s->q_tail && s->u_in_flight < s->u_cap && !s->ring_broken[0]) {
         int jn = s->u_job;
         const job *j = &s->queue[jn];
         if (s->u_piece == 0) { /* the job starts */
@@ -380,10 +394,10 @@ static bool uring_init(fm_expert_store *s, char *why, size_t cap) {
         snprintf(why, cap, "disabled by FLASHMOE_URING_DISABLE");
         return false;
     }
-    uint64_t piece = 0;
+    uint64_t piece = URING_PIECE;
     const char *ps = getenv("FLASHMOE_URING_PIECE"); /* tuning: bytes per read, rounded to 4 KiB; 0 = whole blocks */
     if (ps) piece = strtoull(ps, NULL, 10) & ~(uint64_t)4095;
-    s->piece_bytes = piece ? piece : s->pm->max_expert_stride;
+    s->piece_bytes = piece && piece < s->pm->max_expert_stride ? piece : s->pm->max_expert_stride;
     s->pieces_per_job = (int)((s->pm->max_expert_stride + s->piece_bytes - 1) / s->piece_bytes);
     uint64_t want = (uint64_t)s->capacity * (uint64_t)s->pieces_per_job;
     unsigned depth = 8;
@@ -402,7 +416,13 @@ static bool uring_init(fm_expert_store *s, char *why, size_t cap) {
         return false;
     }
     s->ring_ok = true;
-    s->ring_depth = depth;
+    s->ring_depth = s->u_cap = depth;
+    s->window = URING_WINDOW;
+    const char *ds = getenv("FLASHMOE_URING_DEPTH"); /* tuning: most pieces in flight for every request; 0 = all */
+    if (ds) {
+        s->window = (unsigned)strtoul(ds, NULL, 10);
+        s->window_all = true;
+    }
     return true;
 }
 
@@ -645,6 +665,7 @@ static void start_jobs(fm_expert_store *s, int n_jobs) {
         s->released = 0;
         s->q_tail = n_jobs;
         s->u_job = s->u_piece = 0;
+        s->u_cap = s->window && (s->window_all || n_jobs <= URING_SMALL) && s->window < s->ring_depth ? s->window : s->ring_depth;
         if (s->ring_broken[0]) uring_break(s, "", 0); /* fails the new jobs with the first message */
         uring_pump(s);
         return;

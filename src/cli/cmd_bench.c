@@ -464,7 +464,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
 static const char *engine_line(const bench_setup *b, const bench_run *r, char *buf, size_t cap) {
     const char *name = fm_io_engine_name(r->engine);
     if (r->engine == FM_IO_URING)
-        snprintf(buf, cap, "uring (%s), a request's reads sent at once", r->direct ? "O_DIRECT" : "buffered: O_DIRECT refused");
+        snprintf(buf, cap, "uring (%s), no reader threads", r->direct ? "O_DIRECT" : "buffered: O_DIRECT refused");
     else if (r->engine == FM_IO_MMAP)
         snprintf(buf, cap, "mmap");
     else

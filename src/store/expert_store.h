@@ -5,13 +5,16 @@
  * in-process RAM cache with frequency-weighted LRU replacement. Counters per layer feed
  * `flashmoe bench`. One request at a time; the model's thread calls it; the pread/direct engines
  * read on the store's own threads, io_uring has no threads: the model's thread sends a request's
- * reads at once and reaps their completions while it waits.
+ * reads and reaps their completions while it waits.
  *
  * io_uring (FM_IO_URING): one ring per store, sized for a request's reads; files opened with
  * O_DIRECT where the file system allows it (buffered reads otherwise). When the kernel or a
  * sandbox refuses io_uring (or FLASHMOE_URING_DISABLE=1 is set) the store falls back to the pread
- * engine and says so in one line on stderr. FLASHMOE_URING_PIECE=BYTES splits each expert's read
- * into pieces of that size (a tuning knob; default: one read per expert). */
+ * engine and says so in one line on stderr. Reads go in 1 MiB pieces; a decode-sized request (at
+ * most 16 experts) keeps 8 pieces in flight, in request order, so its experts arrive one after
+ * another; a larger one keeps all in flight. FLASHMOE_URING_PIECE=BYTES (0 = one read per expert)
+ * and FLASHMOE_URING_DEPTH=N (pieces in flight for every request, 0 = all) override these;
+ * FLASHMOE_URING_BUFFERED=1 skips O_DIRECT (tests, benchmarks). */
 #ifndef FM_STORE_EXPERT_STORE_H
 #define FM_STORE_EXPERT_STORE_H
 

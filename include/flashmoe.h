@@ -65,8 +65,9 @@ typedef struct fm_model_params {
     uint64_t cache_bytes;  /* in-process RAM cache for experts; 0 = none (the page cache still works) */
     uint64_t mem_budget;   /* bytes the process may keep (dense weights, caches, state, buffers); 0 = no
                             * limit. With a budget and no cache_bytes, the cache gets what is left. */
-    bool prefetch;         /* decode: guess layer l+1's experts with its router applied to layer l's
-                            * input and ask the kernel to start reading them (pread engine only) */
+    int prefetch;          /* decode: guess layer l+1's experts with its router applied to layer l's
+                            * output and read this many of the likeliest while layer l+1's mixer runs
+                            * (into the RAM cache; without one a page-cache hint, pread only); 0 = off */
     fm_backend backend;    /* FM_BACKEND_CUDA: dense weights and session state in VRAM, routed experts
                             * through a VRAM cache (fm_model_open fails if this build or machine has no GPU) */
     uint64_t vram_budget;  /* CUDA: device bytes for dense weights, session state and the expert cache;

@@ -1,6 +1,6 @@
 /* Speculative reads (fm_store_hint with a RAM cache): for each engine, experts hinted after a
  * request are read behind it into cache slots; the next request finds those read (spec_hits; all
- * of them with io_uring, which sends them as soon as the request's own reads are in), reads the
+ * of them with io_uring, which sends them all as soon as the request's own reads are in), reads the
  * others, and every block equals the file; a hint never evicts a block the current request uses;
  * a hinted expert not asked for costs nothing later (the next request's own reads are correct).
  * The model with --prefetch gives the same logits as without. */
@@ -64,6 +64,11 @@ FM_TEST(store_hint_reads_ahead_into_the_cache) {
         CHECK_MSG(s1.spec_reads == 4 && s1.spec_hits == want_hits && s1.spec_hits <= 2 && s1.hits == 0 && s1.requested == 3,
                   "%s: spec_reads %llu spec_hits %llu hits %llu", name, (unsigned long long)s1.spec_reads,
                   (unsigned long long)s1.spec_hits, (unsigned long long)s1.hits);
+        /* spec_done: the speculative reads that finished (io_uring sends all four at once, and the next
+         * request waits for them; reader threads may have been stopped before some) */
+        uint64_t want_done = fm_store_engine(st) == FM_IO_URING ? 4 : s1.spec_done;
+        CHECK_MSG(s1.spec_done == want_done && s1.spec_done >= s1.spec_hits && s1.spec_done <= 4, "%s: spec_done %llu", name,
+                  (unsigned long long)s1.spec_done);
         /* the hinted-but-unused 5 and 7 stay usable (hits, same bytes), or are read again if dropped */
         int32_t c2[2] = {5, 7};
         CHECK_OK(fm_store_request(st, 1, c2, 2));
@@ -100,8 +105,10 @@ FM_TEST(store_prefetch_keeps_the_logits) {
     int32_t ids[16];
     for (int i = 0; i < n; i++) ids[i] = (int32_t)((i * 53 + 5) % 512);
     float *ref = NULL;
-    for (int pf = 0; pf < 2; pf++)
+    const int n_ahead[] = {0, 1, 3, 64}; /* 64: more than the model's top-k, which caps it */
+    for (int pi = 0; pi < 4; pi++)
         for (int eng = 0; eng < 3; eng++) {
+            int pf = n_ahead[pi];
             fm_model_params p = fm_model_default_params();
             p.io_engine = eng == 0 ? FM_IO_PREAD : eng == 1 ? FM_IO_DIRECT : FM_IO_URING;
             p.cache_bytes = 4u << 20;
@@ -118,10 +125,17 @@ FM_TEST(store_prefetch_keeps_the_logits) {
             CHECK_OK(fm_session_init(m, n, &s));
             CHECK_OK(fm_session_eval(s, ids, 4, lg, true));
             for (int i = 4; i < n; i++) CHECK_OK(fm_session_eval(s, ids + i, 1, lg + i * V, true));
-            uint64_t spec = 0, spec_hits = 0;
+            uint64_t spec = 0, spec_hits = 0, spec_done = 0;
             for (int l = 0; l < m->cfg.n_layers; l++) {
-                spec += fm_store_layer_stats_get(m->store, l).spec_reads;
-                spec_hits += fm_store_layer_stats_get(m->store, l).spec_hits;
+                fm_store_layer_stats ls = fm_store_layer_stats_get(m->store, l);
+                spec += ls.spec_reads;
+                spec_hits += ls.spec_hits;
+                spec_done += ls.spec_done;
+                CHECK_MSG(ls.spec_hits <= ls.spec_done && ls.spec_done <= ls.spec_reads,
+                          "%s prefetch %d layer %d: %llu hits, %llu done, %llu started", fm_io_engine_name(p.io_engine), pf, l,
+                          (unsigned long long)ls.spec_hits, (unsigned long long)ls.spec_done, (unsigned long long)ls.spec_reads);
+                /* at most n a layer and token: the 12 one-token steps guess layers 1.. (none for layer 0) */
+                CHECK(ls.spec_reads <= (uint64_t)(12 * (pf < m->n_experts_used ? pf : m->n_experts_used)));
             }
             if (pf) fprintf(stderr, "  %s: %llu speculative reads, %llu used\n", fm_io_engine_name(p.io_engine),
                             (unsigned long long)spec, (unsigned long long)spec_hits);

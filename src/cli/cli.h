@@ -31,6 +31,7 @@ int fm_cli_detokenize(int argc, char **argv);
 int fm_cli_serve(int argc, char **argv);
 
 /* Options every command that opens a model shares (option codes 1000..1099). */
+#define FM_CLI_PREFETCH_DEFAULT 2 /* --prefetch without =N: experts read ahead per layer (docs/SPEED.md) */
 enum {
     FM_OPT_EXPERTS = 1000,
     FM_OPT_IO,
@@ -46,7 +47,7 @@ enum {
     {"threads", required_argument, 0, 't'}, {"experts", required_argument, 0, FM_OPT_EXPERTS},      \
         {"io", required_argument, 0, FM_OPT_IO}, {"io-threads", required_argument, 0, FM_OPT_IO_THREADS}, \
         {"cache", required_argument, 0, FM_OPT_CACHE}, {"mem-budget", required_argument, 0, FM_OPT_BUDGET}, \
-        {"prefetch", no_argument, 0, FM_OPT_PREFETCH}, {"backend", required_argument, 0, FM_OPT_BACKEND}, \
+        {"prefetch", optional_argument, 0, FM_OPT_PREFETCH}, {"backend", required_argument, 0, FM_OPT_BACKEND}, \
         {"vram-budget", required_argument, 0, FM_OPT_VRAM_BUDGET},                                 \
         {"vram-policy", required_argument, 0, FM_OPT_VRAM_POLICY}
 #define FM_CLI_MODEL_HELP                                                                          \
@@ -59,10 +60,10 @@ enum {
     "  --cache SIZE          in-process RAM cache for experts, e.g. 8G (default none)\n"           \
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
     "                        and buffers leave (refused up front if the dense weights do not fit)\n" \
-    "  --prefetch            decode: guess the next layer's experts (its router on this layer's\n"  \
-    "                        input) and read the 2 likeliest behind this layer's reads: into\n"  \
-    "                        the RAM cache (--cache/--mem-budget), or without one as a page-cache\n"  \
-    "                        hint (pread); bench prints how often the guesses were right\n"  \
+    "  --prefetch[=N]        decode: guess the next layer's experts (its router on this layer's\n"  \
+    "                        output) and read the N likeliest (default 2) while its mixer runs:\n"  \
+    "                        into the RAM cache (--cache/--mem-budget), or without one as a\n"  \
+    "                        page-cache hint (pread); bench prints how often guesses were right\n"  \
     "  --backend cpu|cuda    where the forward pass runs (default cpu; cuda needs a CUDA=1 build\n" \
     "                        and a GPU: dense weights in VRAM, experts through a VRAM cache)\n"   \
     "  --vram-budget SIZE    cuda: device memory for dense weights, state and the expert cache\n"  \

@@ -321,6 +321,7 @@ typedef struct bench_run {
     double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
     double mixer, route, shared, wait, compute; /* decode seconds summed over tokens and layers */
     uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes, spec_reads, spec_hits;
+    uint64_t spec_wasted_bytes;                /* speculative reads that reached RAM and were never used */
     fm_cuda_stats vram;                        /* --backend cuda: the VRAM expert cache during decode */
     double copy_gbs;                           /* --backend cuda: device copy bandwidth (0: not measured) */
     /* from the floors */
@@ -408,6 +409,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
         r->hits += st.hits;
         r->spec_reads += st.spec_reads;
         r->spec_hits += st.spec_hits;
+        if (st.spec_done > st.spec_hits) r->spec_wasted_bytes += (st.spec_done - st.spec_hits) * pm->experts[l].stride;
     }
 done:
     fm_session_free(s);
@@ -416,11 +418,14 @@ done:
     return rc;
 }
 
-/* ms per layer and token, and the floor: max(disk bytes / disk rate, bytes touched / RAM rate). */
+/* ms per layer and token, and the floor: max(disk bytes / disk rate, bytes touched / RAM rate). The
+ * disk bytes are those the experts that were used needed: what this process read, less speculative
+ * reads that were never used (they cost time, so they must not lower the ratio by raising the floor). */
 static void apply_floors(const bench_setup *b, int n_layers, bench_run *r) {
     double per = 1e3 / (double)b->n_gen / n_layers; /* seconds summed over tokens and layers -> ms per layer */
     r->layer_ms = (r->mixer + r->route + r->shared + r->wait + r->compute) * per;
-    double touched_layer = (double)b->touched_token / n_layers, missed_layer = (double)r->disk_bytes / (double)b->n_gen / n_layers;
+    double needed = r->disk_bytes > r->spec_wasted_bytes ? (double)(r->disk_bytes - r->spec_wasted_bytes) : 0.0;
+    double touched_layer = (double)b->touched_token / n_layers, missed_layer = needed / (double)b->n_gen / n_layers;
     r->floor_ram_ms = touched_layer / (b->ram_gbs * 1e9) * 1e3;
     r->floor_disk_ms = missed_layer / (b->disk_gbs * 1e9) * 1e3;
     r->floor_ms = r->floor_ram_ms > r->floor_disk_ms ? r->floor_ram_ms : r->floor_disk_ms;
@@ -437,7 +442,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
            "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
            "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
-           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu",
+           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu, \"spec_wasted_bytes\": %llu",
            b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->ram_gbs,
@@ -447,7 +452,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            (unsigned long long)r->prefill_max_layer_reads, (unsigned long long)r->rss, (unsigned long long)p->mem_budget,
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
            fm_io_engine_name(r->asked), r->direct ? "true" : "false",
-           (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits);
+           (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits, (unsigned long long)r->spec_wasted_bytes);
     if (m->gpu) { /* --backend cuda; roofline = copy bandwidth / device bytes a token reads */
         double roof = r->vram.token_bytes ? r->copy_gbs * 1e9 / (double)r->vram.token_bytes : 0;
         printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu, \"resident\": %s, \"graph_steps\": %llu, "
@@ -515,9 +520,10 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
                (long long)b->n_gen);
     }
     if (r->guessed)
-        printf("prefetch     %.1f%% of the guessed next-layer experts were used; %llu read ahead, %llu of them used\n",
+        printf("prefetch     %.1f%% of the guessed next-layer experts were used; %llu read ahead, %llu of them used, "
+               "%s read and never used (left out of the disk floor)\n",
                100.0 * (double)r->guessed_right / (double)r->guessed, (unsigned long long)r->spec_reads,
-               (unsigned long long)r->spec_hits);
+               (unsigned long long)r->spec_hits, fm_human_bytes((double)r->spec_wasted_bytes, b1, sizeof b1));
     printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)r->rss, b1, sizeof b1),
            p->mem_budget ? " within a budget of " : "", p->mem_budget ? fm_human_bytes((double)p->mem_budget, b2, sizeof b2) : "");
 }

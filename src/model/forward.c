@@ -17,7 +17,6 @@
 #include "util/progress.h"
 
 #define FM_MAX_CHUNK 512 /* tokens per prefill chunk: each expert is read at most once per chunk */
-#define FM_PREFETCH_EXPERTS 2 /* --prefetch: next-layer experts read speculatively (the top guesses) */
 
 struct fm_session {
     fm_model *m;
@@ -44,7 +43,7 @@ struct fm_session {
     int64_t *expert_fill;  /* (n_experts) */
     int32_t *expert_uniq;  /* (n_experts) */
     fm_layer_timing *timing; /* (n_layers) */
-    float *guess_logits;     /* (n_experts) prefetch: the next layer's router on this layer's input */
+    float *guess_logits;     /* (n_experts) prefetch: the next layer's router on this layer's output */
     int32_t *guess;          /* (n_experts_used) the guessed experts */
     int64_t n_guess;
     int guess_layer;         /* the layer guessed for, -1 if none */
@@ -393,6 +392,29 @@ static fm_status full_attention(fm_session *s, int l, int64_t T, const float *xn
 
 /* ------------------------------------------------------------------------ MoE */
 
+/* Decode with --prefetch: guesses layer l+1's experts by applying its router to xn (layer l's output
+ * normed with layer l+1's post-attention norm: the next mixer's contribution is not known yet), the
+ * m->prefetch likeliest into s->guess, for fm_store_hint. */
+static void guess_next_layer(fm_session *s, int l, const float *xn) {
+    fm_model *m = s->m;
+    const fm_config *c = &m->cfg;
+    if (l + 1 >= c->n_layers) return;
+    int64_t E = c->n_experts, n = m->prefetch < m->n_experts_used ? m->prefetch : m->n_experts_used;
+    float *g = s->guess_logits;
+    fm_cpu_matmul(m->pool, g, xn, 1, &m->layers[l + 1].router);
+    for (int64_t i = 0; i < n; i++) { /* the top n of the logits = the top n of the softmax */
+        int32_t best = -1;
+        for (int64_t e = 0; e < E; e++) {
+            bool taken = false;
+            for (int64_t q = 0; q < i; q++) taken |= s->guess[q] == e;
+            if (!taken && (best < 0 || g[e] > g[best])) best = (int32_t)e;
+        }
+        s->guess[i] = best;
+    }
+    s->n_guess = n;
+    s->guess_layer = l + 1;
+}
+
 /* out (T, H) = sum over each token's top-k experts of w * SwiGLU_e(xn) + sigmoid(xn . g_s) SwiGLU_shared(xn). */
 static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *out) {
     fm_model *m = s->m;
@@ -434,23 +456,6 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
         s->timing[l].guessed += (uint64_t)s->n_guess;
     }
     s->guess_layer = -1;
-    /* decode: guess layer l+1's experts from its router on this layer's input (their reads start
-     * once this layer's request is made, below) */
-    if (T == 1 && m->prefetch && l + 1 < c->n_layers) {
-        float *g = s->guess_logits;
-        fm_cpu_matmul(pool, g, xn, 1, &m->layers[l + 1].router);
-        for (int64_t i = 0; i < k; i++) { /* top-k of the logits = top-k of the softmax */
-            int32_t best = -1;
-            for (int64_t e = 0; e < E; e++) {
-                bool taken = false;
-                for (int64_t q = 0; q < i; q++) taken |= s->guess[q] == e;
-                if (!taken && (best < 0 || g[e] > g[best])) best = (int32_t)e;
-            }
-            s->guess[i] = best;
-        }
-        s->n_guess = k;
-        s->guess_layer = l + 1;
-    }
     double t_routed = fm_time_now();
     s->timing[l].route += t_routed - t_start;
 
@@ -477,9 +482,6 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     int cap = fm_store_capacity(m->store);
     fm_status st = n_uniq ? fm_store_request(m->store, l, uniq, n_uniq < cap ? n_uniq : cap) : FM_OK;
     if (st != FM_OK) return st;
-    /* speculative reads of the most likely next-layer experts, behind this layer's own: only as
-     * many as the disk can bring in while the next mixer runs (a wrong guess costs disk time) */
-    if (s->guess_layer == l + 1) fm_store_hint(m->store, l + 1, s->guess, (int)(k < FM_PREFETCH_EXPERTS ? k : FM_PREFETCH_EXPERTS));
 
     /* shared expert: out = sigmoid(xn . g_s) * down(silu(gate(xn)) * up(xn)) */
     if (c->n_ff_shared > 0) {
@@ -560,6 +562,13 @@ static fm_status eval_chunk(fm_session *s, const int32_t *ids, int64_t T, float 
         st = moe(s, l, T, s->xn, s->mix);
         if (st != FM_OK) return st;
         for (int64_t i = 0; i < T * H; i++) s->x[i] += s->mix[i];
+        if (T == 1 && m->prefetch > 0 && l + 1 < c->n_layers) {
+            /* --prefetch: guess the next layer's experts from this layer's output and start reading
+             * them, so the disk works while the next mixer runs (its router names them only after) */
+            fm_cpu_rmsnorm(s->xn, s->x, m->layers[l + 1].post_attn_norm, H, c->norm_eps);
+            guess_next_layer(s, l, s->xn);
+            fm_store_hint(m->store, l + 1, s->guess, (int)s->n_guess);
+        }
     }
     s->n_past += T;
     if (!logits) return FM_OK;

@@ -47,7 +47,7 @@ struct fm_model {
     fm_expert_store *store;
     fm_pool *pool;
     uint64_t dense_bytes; /* resident weights */
-    bool prefetch;        /* fm_model_params.prefetch */
+    int prefetch;         /* fm_model_params.prefetch: next-layer experts read speculatively (0: off) */
     struct fm_cuda_model *gpu; /* --backend cuda: VRAM weights and expert cache (forward_cuda.c); NULL on the CPU */
 };
 

@@ -169,6 +169,7 @@ static void *reader(void *arg) {
             s->done[j.idx] = 1;
             s->stats[j.layer].read_seconds += secs;
             s->stats[j.layer].bytes_read += s->pm->experts[j.layer].stride;
+            s->stats[j.layer].spec_done += j.idx >= s->req_n;
         } else {
             s->done[j.idx] = 2;
             memcpy(s->err[j.idx], err, sizeof err);
@@ -211,6 +212,7 @@ static void uring_piece_done(fm_expert_store *s, int jn) {
     if (s->done[j->idx] == 0) {
         s->done[j->idx] = 1;
         s->stats[j->layer].bytes_read += s->pm->experts[j->layer].stride;
+        s->stats[j->layer].spec_done += j->idx >= s->req_n;
         s->stats[j->layer].read_seconds += fm_time_now() - s->job_t0[jn]; /* sent to reaped */
     }
 }
@@ -290,8 +292,11 @@ static bool real_reads_done(const fm_expert_store *s) {
 
 /* Sends every read that may start now: within the ring's depth, when streaming only into buffers
  * the consumer has released and no earlier read still writes into, and speculative reads only
- * once the request's own reads are in. */
+ * once the request's own reads are in (then all of them). */
 static void uring_pump(fm_expert_store *s) {
+    /* speculative reads all go at once: nothing reaps or sends on this ring until the model's thread
+     * comes back, which may be only at the next request (the window is for the request's own order) */
+    if (s->u_job < s->q_tail && s->queue[s->u_job].idx >= s->req_n && real_reads_done(s)) s->u_cap = s->ring_depth;
     while (s->u_job < s->q_tail && s->u_in_flight < s->u_cap && !s->ring_broken[0]) {
         int jn = s->u_job;
         const job *j = &s->queue[jn];

@@ -37,6 +37,7 @@ typedef struct fm_store_layer_stats {
     uint64_t hits;      /* served from the RAM cache (not counting speculative reads) */
     uint64_t spec_reads; /* speculative reads started by fm_store_hint */
     uint64_t spec_hits;  /* requested experts that a speculative read had brought in */
+    uint64_t spec_done;  /* speculative reads that reached RAM (the rest were dropped unstarted) */
     uint64_t bytes_read;
     double read_seconds; /* summed over reads (reads run in parallel: can exceed wall time) */
     double wait_seconds; /* time the model's thread waited for bytes */

@@ -398,7 +398,10 @@ uint64_t fm_kern_avx512_read(const void *p, size_t n) {
         s2 = _mm512_add_epi64(s2, _mm512_loadu_si512(c + i + 128));
         s3 = _mm512_add_epi64(s3, _mm512_loadu_si512(c + i + 192));
     }
-    uint64_t r = (uint64_t)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+    /* the lanes added as unsigned (_mm512_reduce_add_epi64 adds signed lanes in C: overflow is UB) */
+    uint64_t lane[8], r = 0;
+    _mm512_storeu_si512(lane, _mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3)));
+    for (int k = 0; k < 8; k++) r += lane[k];
     for (; i < n; i++) r += c[i];
     return r;
 }

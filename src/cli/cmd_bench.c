@@ -54,6 +54,46 @@ static uint64_t storage_read_bytes(void) {
     return v;
 }
 
+/* CPU time of the whole machine (/proc/stat's "cpu" line: busy and steal apart, and the total) and of
+ * this process (/proc/self/stat utime + stime), in clock ticks: other processes' share of the CPUs
+ * during a measurement says how contended the machine was (on a shared machine, the figures move). */
+typedef struct cpu_sample {
+    unsigned long long busy, steal, total, self;
+} cpu_sample;
+
+static cpu_sample cpu_sample_now(void) {
+    cpu_sample c = {0};
+    unsigned long long v[8] = {0}; /* user nice system idle iowait irq softirq steal */
+    FILE *f = fopen("/proc/stat", "r");
+    if (f) {
+        if (fscanf(f, "cpu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5], &v[6], &v[7]) == 8) {
+            c.busy = v[0] + v[1] + v[2] + v[5] + v[6];
+            c.steal = v[7];
+            c.total = c.busy + v[3] + v[4] + v[7];
+        }
+        fclose(f);
+    }
+    char buf[1024];
+    f = fopen("/proc/self/stat", "r");
+    if (f) {
+        size_t n = fread(buf, 1, sizeof buf - 1, f);
+        buf[n] = 0;
+        fclose(f);
+        const char *p = strrchr(buf, ')'); /* the fields after the command name: state is field 3 */
+        unsigned long long ut = 0, st = 0;
+        if (p && sscanf(p + 1, " %*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut, &st) == 2) c.self = ut + st;
+    }
+    return c;
+}
+
+/* Other processes' busy time and the hypervisor's steal time from a to b, as fractions of all CPU time. */
+static void cpu_shares(cpu_sample a, cpu_sample b, double *other, double *steal) {
+    double total = b.total > a.total ? (double)(b.total - a.total) : 0;
+    double busy = (double)(b.busy - a.busy) - (double)(b.self - a.self);
+    *other = total > 0 && busy > 0 ? busy / total : 0;
+    *steal = total > 0 ? (double)(b.steal - a.steal) / total : 0;
+}
+
 /* Peak resident set of this process (/proc/self/status VmHWM), bytes; 0 if unknown. */
 static uint64_t peak_rss(void) {
     FILE *f = fopen("/proc/self/status", "r");
@@ -316,6 +356,7 @@ typedef struct bench_run {
     fm_io_engine asked, engine; /* the engine asked for, the one the store reads with */
     bool direct;
     uint64_t store_mem, rss;
+    double cpu_other, cpu_steal;               /* decode: other processes' and the hypervisor's share of the CPUs */
     double prefill_s, decode_s, head_s;
     uint64_t prefill_reads, prefill_max_layer_reads;
     double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
@@ -379,6 +420,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     fm_session_reset_timing(s);
     uint64_t disk0 = storage_read_bytes();
     int32_t next = argmax(logits, V);
+    cpu_sample cpu0 = cpu_sample_now();
     t0 = fm_time_now();
     for (int64_t i = 0; i < b->n_gen; i++) {
         if (fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
@@ -388,6 +430,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
         next = argmax(logits, V);
     }
     r->decode_s = fm_time_now() - t0;
+    cpu_shares(cpu0, cpu_sample_now(), &r->cpu_other, &r->cpu_steal);
     r->vram = fm_forward_cuda_stats(m);
     if (m->gpu && fm_forward_cuda_copy_gbs(m, &r->copy_gbs) != FM_OK) /* for the roofline; 0 if it does not fit */
         fprintf(stderr, "bench: no device copy bandwidth (%s)\n", fm_last_error());
@@ -442,7 +485,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
            "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
            "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
-           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu, \"spec_wasted_bytes\": %llu",
+           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu, \"spec_wasted_bytes\": %llu, \"cpu_other\": %.4f, \"cpu_steal\": %.4f",
            b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->ram_gbs,
@@ -452,7 +495,8 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            (unsigned long long)r->prefill_max_layer_reads, (unsigned long long)r->rss, (unsigned long long)p->mem_budget,
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
            fm_io_engine_name(r->asked), r->direct ? "true" : "false",
-           (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits, (unsigned long long)r->spec_wasted_bytes);
+           (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits, (unsigned long long)r->spec_wasted_bytes,
+           r->cpu_other, r->cpu_steal);
     if (m->gpu) { /* --backend cuda; roofline = copy bandwidth / device bytes a token reads */
         double roof = r->vram.token_bytes ? r->copy_gbs * 1e9 / (double)r->vram.token_bytes : 0;
         printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu, \"resident\": %s, \"graph_steps\": %llu, "
@@ -526,6 +570,8 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
                (unsigned long long)r->spec_hits, fm_human_bytes((double)r->spec_wasted_bytes, b1, sizeof b1));
     printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)r->rss, b1, sizeof b1),
            p->mem_budget ? " within a budget of " : "", p->mem_budget ? fm_human_bytes((double)p->mem_budget, b2, sizeof b2) : "");
+    printf("machine      during decode other processes used %.0f%% of the CPUs and the hypervisor took %.0f%%%s\n",
+           100 * r->cpu_other, 100 * r->cpu_steal, r->cpu_other + r->cpu_steal > 0.1 ? ": the figures above are contended" : "");
 }
 
 /* Parses "pread,direct,uring" into engines[]; returns the count, 0 on a bad name. */

@@ -401,6 +401,10 @@ FM_TEST(store_bench_rows_per_engine) {
     CHECK_MSG(json_is_object(o) && json_number_value(json_object_get(o, "floor_ratio")) > 0 &&
                   json_object_get(o, "prefill_wait_s") && json_object_get(o, "peak_rss"),
               "single run: %s", out);
+    for (int k = 0; k < 2; k++) { /* shares of the machine's CPU time during decode */
+        json_t *v = json_object_get(o, k ? "cpu_steal" : "cpu_other");
+        CHECK_MSG(json_is_number(v) && json_number_value(v) >= 0 && json_number_value(v) <= 1, "%s: %s", k ? "cpu_steal" : "cpu_other", out);
+    }
     json_decref(o);
     snprintf(cmd, sizeof cmd, "%s bench -m '%s' --io-bench --json 2>/dev/null", fm_test_bin(), dir);
     CHECK_MSG(fm_test_run_cmd(cmd, out, sizeof out) == 0, "%s", out);

@@ -264,6 +264,13 @@ FM_TEST(store_blocks_match_the_file) {
         if (cases[c].e == FM_IO_URING && !cases[c].buffered && fm_store_engine(st) == FM_IO_URING && !fm_store_direct(st))
             fprintf(stderr, "  uring: the file system refuses O_DIRECT here, buffered reads\n");
         int cap = fm_store_capacity(st), per = n < cap ? n : cap;
+        void *mem; /* every block lies in the store's one buffer block (none for mmap) */
+        uint64_t mem_bytes;
+        fm_store_buffer_memory(st, &mem, &mem_bytes);
+        CHECK_MSG(cases[c].e == FM_IO_MMAP ? !mem && !mem_bytes
+                                           : mem && (uintptr_t)mem % 4096 == 0 && mem_bytes >= 4 * stride &&
+                                                 mem_bytes == fm_store_memory_bytes(st),
+                  "%s (case %zu): buffer memory %p, %llu bytes", name, c, mem, (unsigned long long)mem_bytes);
         for (int round = 0; round < 2; round++) /* the second round hits the cache where there is one */
             for (int g0 = 0; g0 < n; g0 += per) {
                 int m = n - g0 < per ? n - g0 : per;
@@ -275,6 +282,9 @@ FM_TEST(store_blocks_match_the_file) {
                     CHECK_OK(fm_store_wait(st, i, &b));
                     CHECK_MSG(memcmp(b, file + (uint64_t)ids[g0 + i] * stride, stride) == 0,
                               "%s (case %zu): expert %d differs from the file", name, c, ids[g0 + i]);
+                    if (mem)
+                        CHECK_MSG(b >= (const uint8_t *)mem && b + stride <= (const uint8_t *)mem + mem_bytes,
+                                  "%s (case %zu): a block outside the buffer memory", name, c);
                 }
             }
         fm_store_layer_stats ls = fm_store_layer_stats_get(st, layer);

@@ -92,6 +92,12 @@ bool fm_store_direct(const fm_expert_store *s);
 /* The engine's name ("pread", "direct", "mmap", "uring"). */
 const char *fm_io_engine_name(fm_io_engine e);
 
+/* The one block of memory every block that fm_store_wait hands out lies in (the read buffers and
+ * the RAM cache's slots: *base, *bytes, page-aligned), so that a caller may page-lock it for DMA
+ * (the CUDA backend registers it). The mmap engine has none (*base NULL, *bytes 0): its blocks are
+ * in the file mappings. The block stays valid and in place until fm_store_free. */
+void fm_store_buffer_memory(const fm_expert_store *s, void **base, uint64_t *bytes);
+
 /* Bytes the store keeps in memory (buffers and cache). */
 uint64_t fm_store_memory_bytes(const fm_expert_store *s);
 

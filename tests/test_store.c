@@ -411,6 +411,11 @@ FM_TEST(store_bench_rows_per_engine) {
     CHECK_MSG(json_is_object(o) && json_number_value(json_object_get(o, "floor_ratio")) > 0 &&
                   json_object_get(o, "prefill_wait_s") && json_object_get(o, "peak_rss"),
               "single run: %s", out);
+    { /* the disk floor's rate is the faster of the probes before and after decoding */
+        double d = json_number_value(json_object_get(o, "disk_gbs")), d0 = json_number_value(json_object_get(o, "disk_gbs_before")),
+               d1 = json_number_value(json_object_get(o, "disk_gbs_after"));
+        CHECK_MSG(d0 > 0 && d1 > 0 && d == (d0 > d1 ? d0 : d1), "disk_gbs %g, before %g, after %g", d, d0, d1);
+    }
     for (int k = 0; k < 2; k++) { /* shares of the machine's CPU time during decode */
         json_t *v = json_object_get(o, k ? "cpu_steal" : "cpu_other");
         CHECK_MSG(json_is_number(v) && json_number_value(v) >= 0 && json_number_value(v) <= 1, "%s: %s", k ? "cpu_steal" : "cpu_other", out);

@@ -416,6 +416,203 @@ FM_TEST(cuda_matmul_batch) {
     stats_print("batches", &st);
 }
 
+/* fm_cuda_matvec: n one-token products of random types (F32, F16, BF16, Q8, Q4 and Q2, which takes
+ * the fallback), group sizes, scale types and shapes (rows of 1 to 1025, 1 to 520 chunks: one or
+ * several chunks a lane; rows that are not whole chunks take the fallback) in one call, some sharing
+ * x, some with x 4 bytes past 16-byte alignment (the fallback); n > FM_CUDA_MV_MAX splits a type's
+ * launches. Outputs poisoned and guarded as check_matmul's; the same bounds. */
+static void check_matvec(fm_test_ctx *t, fm_cuda *c, stats *st, int n) {
+    static const fm_dtype types[] = {FM_DTYPE_F32, FM_DTYPE_F16, FM_DTYPE_BF16, FM_DTYPE_Q8, FM_DTYPE_Q4, FM_DTYPE_Q2};
+    static const fm_dtype scales[] = {FM_DTYPE_BF16, FM_DTYPE_F16, FM_DTYPE_F32};
+    static const int groups[] = {32, 64, 128};
+    hweight *h = calloc((size_t)n, sizeof *h);
+    fm_cuda_mv *mv = calloc((size_t)n, sizeof *mv);
+    fm_weight *dw_shape = calloc((size_t)n, sizeof *dw_shape);
+    float **x = calloc((size_t)n, sizeof *x), **out = calloc((size_t)n, sizeof *out);
+    void **dw = calloc((size_t)n, sizeof *dw), **dx = calloc((size_t)n, sizeof *dx), **dout = calloc((size_t)n, sizeof *dout);
+    char what[200];
+    if (!h || !mv || !dw_shape || !x || !out || !dw || !dx || !dout) {
+        t->failures++;
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        const fm_dtype dt = types[rnd_u64() % 6];
+        const bool q = fm_dtype_is_quant(dt);
+        const int gs = q ? groups[rnd_u64() % 3] : 0;
+        const fm_dtype sd = q ? scales[rnd_u64() % 3] : FM_DTYPE_UNKNOWN;
+        const int64_t unit = q ? gs : 4;
+        /* {rows, cols in units}: float units of 4 columns (9 units of BF16/F16 are not whole chunks) */
+        static const int64_t shapes[][2] = {{1, 1}, {37, 3}, {300, 16}, {1025, 4}, {9, 65}, {2, 32}, {77, 9}, {5, 520}};
+        const int si = (int)(rnd_u64() % 8);
+        const int64_t N = shapes[si][0], K = shapes[si][1] * unit;
+        const bool share = i > 0 && h[i - 1].w.cols == K && rnd_u64() % 2;
+        const int x_off = !share && rnd_u64() % 6 == 0 ? 1 : 0; /* 4 bytes past alignment: the fallback */
+        x[i] = malloc(sizeof(float) * (size_t)K);
+        out[i] = poisoned(N);
+        if (!make_hweight(&h[i], dt, N, K, gs, sd) || !x[i] || !out[i]) {
+            t->failures++;
+            goto done;
+        }
+        if (share) memcpy(x[i], x[i - 1], sizeof(float) * (size_t)K);
+        else
+            for (int64_t j = 0; j < K; j++) x[i][j] = (float)rnd() * (rnd_u64() % 16 == 0 ? 8.0f : 1.0f);
+        if (fm_cuda_buf_alloc(c, h[i].bytes, &dw[i]) || fm_cuda_buf_upload(c, dw[i], h[i].data, h[i].bytes) ||
+            (!share && (fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(K + 4), &dx[i]) ||
+                        fm_cuda_buf_upload(c, (float *)dx[i] + x_off, x[i], sizeof(float) * (size_t)K))) ||
+            fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(N + 2 * GUARD), &dout[i]) ||
+            fm_cuda_buf_upload(c, dout[i], out[i], sizeof(float) * (size_t)(N + 2 * GUARD))) {
+            t->failures++;
+            fprintf(stderr, "  matvec: %s\n", fm_last_error());
+            goto done;
+        }
+        dw_shape[i] = h[i].w;
+        dw_shape[i].data = dw[i];
+        mv[i] = (fm_cuda_mv){&dw_shape[i], share ? mv[i - 1].x : (float *)dx[i] + x_off, (float *)dout[i] + GUARD, NULL};
+    }
+    if (fm_cuda_matvec(c, mv, n) != FM_OK) {
+        t->failures++;
+        fprintf(stderr, "  matvec: %s\n", fm_last_error());
+        goto done;
+    }
+    for (int i = 0; i < n; i++) {
+        const int64_t N = h[i].w.rows;
+        if (fm_cuda_buf_download(c, out[i], dout[i], sizeof(float) * (size_t)(N + 2 * GUARD)) != FM_OK) {
+            t->failures++;
+            fprintf(stderr, "  matvec: %s\n", fm_last_error());
+            goto done;
+        }
+        snprintf(what, sizeof what, "matvec %s g%d %s [%lld, %lld] product %d of %d", fm_dtype_name(h[i].w.dtype),
+                 h[i].w.group_size, fm_dtype_is_quant(h[i].w.dtype) ? fm_dtype_name(h[i].w.scale_dtype) : "",
+                 (long long)N, (long long)h[i].w.cols, i, n);
+        for (int64_t j = 0; j < GUARD; j++)
+            if (out[i][j] != SENTINEL || out[i][GUARD + N + j] != SENTINEL) {
+                t->failures++;
+                fprintf(stderr, "  %s: wrote outside the output\n", what);
+                goto done;
+            }
+        if (!compare_out(t, st, what, &h[i], x[i], 1, out[i] + GUARD)) goto done;
+        st->cases++;
+    }
+done:
+    for (int i = 0; h && i < n; i++) {
+        hweight_free(&h[i]);
+        if (x) free(x[i]);
+        if (out) free(out[i]);
+        if (dw) fm_cuda_buf_free(c, dw[i]);
+        if (dx) fm_cuda_buf_free(c, dx[i]);
+        if (dout) fm_cuda_buf_free(c, dout[i]);
+    }
+    free(h), free(mv), free(dw_shape), free(x), free(out), free(dw), free(dx), free(dout);
+}
+
+/* fm_cuda_matvec's pair mode (w_up): out = silu(W x) * (W_up x) against float64 sums, held to the
+ * bound carried through silu (|silu'| <= 1.1): 1e-5 (1.1 mag_g |u| + |silu(g)| mag_u) + 1e-6 |out|,
+ * with mag as compare_out's; next to an ordinary product in the same launch. */
+static void check_matvec_pair(fm_test_ctx *t, fm_cuda *c, double *worst, fm_dtype dt, int gs, fm_dtype sd, int64_t N,
+                              int64_t K) {
+    hweight hg, hu, ho;
+    float *x = malloc(sizeof(float) * (size_t)K), *got = poisoned(N), *got2 = poisoned(N);
+    void *dg = NULL, *du = NULL, *dox = NULL, *dx = NULL, *dout = NULL, *dout2 = NULL;
+    const bool okh = make_hweight(&hg, dt, N, K, gs, sd) & make_hweight(&hu, dt, N, K, gs, sd) &
+                     make_hweight(&ho, dt, N, K, gs, sd);
+    if (!okh || !x || !got || !got2) {
+        t->failures++;
+        goto done;
+    }
+    for (int64_t j = 0; j < K; j++) x[j] = (float)rnd();
+    if (fm_cuda_buf_alloc(c, hg.bytes, &dg) || fm_cuda_buf_alloc(c, hu.bytes, &du) || fm_cuda_buf_alloc(c, ho.bytes, &dox) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)K, &dx) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(N + 2 * GUARD), &dout) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(N + 2 * GUARD), &dout2) ||
+        fm_cuda_buf_upload(c, dg, hg.data, hg.bytes) || fm_cuda_buf_upload(c, du, hu.data, hu.bytes) ||
+        fm_cuda_buf_upload(c, dox, ho.data, ho.bytes) || fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)K) ||
+        fm_cuda_buf_upload(c, dout, got, sizeof(float) * (size_t)(N + 2 * GUARD)) ||
+        fm_cuda_buf_upload(c, dout2, got2, sizeof(float) * (size_t)(N + 2 * GUARD))) {
+        t->failures++;
+        fprintf(stderr, "  matvec pair: %s\n", fm_last_error());
+        goto done;
+    }
+    fm_weight wg = hg.w, wu = hu.w, wo = ho.w;
+    wg.data = dg, wu.data = du, wo.data = dox;
+    CHECK(fm_cuda_matvec_takes(&wg, dx));
+    fm_cuda_mv mv[2] = {{&wo, dx, (float *)dout2 + GUARD, NULL}, {&wg, dx, (float *)dout + GUARD, &wu}};
+    if (fm_cuda_matvec(c, mv, 2) != FM_OK || fm_cuda_buf_download(c, got, dout, sizeof(float) * (size_t)(N + 2 * GUARD)) ||
+        fm_cuda_buf_download(c, got2, dout2, sizeof(float) * (size_t)(N + 2 * GUARD))) {
+        t->failures++;
+        fprintf(stderr, "  matvec pair: %s\n", fm_last_error());
+        goto done;
+    }
+    for (int64_t j = 0; j < GUARD; j++)
+        if (got[j] != SENTINEL || got[GUARD + N + j] != SENTINEL) {
+            t->failures++;
+            fprintf(stderr, "  matvec pair: wrote outside the output\n");
+            goto done;
+        }
+    stats st = {0};
+    char what[160];
+    snprintf(what, sizeof what, "matvec pair's neighbour %s g%d [%lld, %lld]", fm_dtype_name(dt), gs, (long long)N,
+             (long long)K);
+    compare_out(t, &st, what, &ho, x, 1, got2 + GUARD);
+    for (int64_t r = 0; r < N; r++) {
+        double gv = 0, gm = 0, uv = 0, um = 0;
+        for (int64_t k = 0; k < K; k++) {
+            gv += (double)hg.deq[r * K + k] * x[k];
+            gm += (fabs((double)hg.deq[r * K + k]) + 2.0 * hg.absb[r * K + k]) * fabs((double)x[k]);
+            uv += (double)hu.deq[r * K + k] * x[k];
+            um += (fabs((double)hu.deq[r * K + k]) + 2.0 * hu.absb[r * K + k]) * fabs((double)x[k]);
+        }
+        const double sg = gv / (1.0 + exp(-gv)), ref = sg * uv;
+        const double tol = 1e-5 * (1.1 * gm * fabs(uv) + fabs(sg) * um) + 1e-6 * fabs(ref) + 1e-30;
+        const double err = isnan(got[GUARD + r]) ? INFINITY : fabs((double)got[GUARD + r] - ref);
+        if (err / tol * 1e-5 > *worst) *worst = err / tol * 1e-5;
+        if (!(err <= tol)) {
+            t->failures++;
+            fprintf(stderr, "  matvec pair %s g%d [%lld, %lld]: out[%lld] = %.9g, float64 %.9g, tol %.3g (seed %llu)\n",
+                    fm_dtype_name(dt), gs, (long long)N, (long long)K, (long long)r, got[GUARD + r], ref, tol,
+                    (unsigned long long)seed0);
+            break;
+        }
+    }
+done:
+    fm_cuda_buf_free(c, dg), fm_cuda_buf_free(c, du), fm_cuda_buf_free(c, dox), fm_cuda_buf_free(c, dx);
+    fm_cuda_buf_free(c, dout), fm_cuda_buf_free(c, dout2);
+    hweight_free(&hg), hweight_free(&hu), hweight_free(&ho);
+    free(x), free(got), free(got2);
+}
+
+FM_TEST(cuda_matvec_one_token) {
+    CUDA_OR_SKIP(c);
+    stats st = {0};
+    static const char *const rpt[] = {NULL, "2", "4", "8"}; /* the launch's choice, then forced */
+    for (int ri = 0; ri < 4; ri++) {
+        if (rpt[ri]) setenv("FLASHMOE_CUDA_MV_RPT", rpt[ri], 1);
+        else unsetenv("FLASHMOE_CUDA_MV_RPT");
+        for (int rep = 0; rep < 6; rep++) check_matvec(t, c, &st, rep == 0 ? 40 : 1 + (int)(rnd_u64() % 12));
+    }
+    double worst_pair = 0;
+    static const fm_dtype ptypes[] = {FM_DTYPE_F32, FM_DTYPE_BF16, FM_DTYPE_F16, FM_DTYPE_Q8, FM_DTYPE_Q4};
+    for (int ri = 0; ri < 4; ri++) {
+        if (rpt[ri]) setenv("FLASHMOE_CUDA_MV_RPT", rpt[ri], 1);
+        else unsetenv("FLASHMOE_CUDA_MV_RPT");
+        for (int ti = 0; ti < 5; ti++) {
+            const bool q = fm_dtype_is_quant(ptypes[ti]);
+            check_matvec_pair(t, c, &worst_pair, ptypes[ti], q ? 64 : 0, q ? FM_DTYPE_BF16 : FM_DTYPE_UNKNOWN, 512, 2048);
+            check_matvec_pair(t, c, &worst_pair, ptypes[ti], q ? 32 : 0, q ? FM_DTYPE_F16 : FM_DTYPE_UNKNOWN, 37, 96);
+        }
+    }
+    unsetenv("FLASHMOE_CUDA_MV_RPT");
+    fprintf(stderr, "  matvec pair: worst error / bound * 1e-5 = %.2e\n", worst_pair);
+    /* errors: nothing enqueued */
+    fm_weight q2 = {.dtype = FM_DTYPE_Q2, .rows = 8, .cols = 64, .data = (void *)16, .group_size = 32,
+                    .scale_dtype = FM_DTYPE_BF16};
+    fm_cuda_mv bad = {&q2, NULL, (float *)16, NULL};
+    CHECK(fm_cuda_matvec(c, &bad, 1) == FM_ERR_ARG);
+    CHECK(fm_cuda_matvec(c, NULL, 1) == FM_ERR_ARG);
+    CHECK_OK(fm_cuda_matvec(c, NULL, 0));
+    CHECK_OK(fm_cuda_sync(c));
+    stats_print("one-token matvec", &st);
+}
+
 FM_TEST(cuda_matmul_errors) {
     CUDA_OR_SKIP(c);
     void *d = NULL;

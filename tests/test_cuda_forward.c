@@ -659,9 +659,11 @@ static void rnd_weight(unsigned char *d, fm_dtype dt, int64_t N, int64_t K, int 
 /* One case: E experts whose blocks hold n_parts weights [rows, cols] of type dt; k distinct random
  * ids; products checked against a float64 sum over the decoded weights (fm_cpu_get_row), bound
  * |gpu - f64| <= 1e-5 * sum_c (|w_c| + 2 |b_c|) |x_c| (test_cuda.c's bound for the FMA form). With
- * swiglu, x is silu(x) * x_up per product (the down projection's input). */
+ * swiglu, x is silu(x) * x_up per product (the down projection's input). With pair (swiglu_out,
+ * n_parts = 2) the output is silu(g) * u of the two parts' products g, u, held to the bound carried
+ * through: 1e-5 (1.1 mag_g |u| + |silu(g)| mag_u) + 1e-6 |silu(g) u| (|silu'| <= 1.1). */
 static void emv_case(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int gs, fm_dtype sd, int64_t rows, int64_t cols, int E,
-                     int k, int n_parts, bool swiglu, double *worst) {
+                     int k, int n_parts, bool swiglu, bool pair, double *worst) {
     const bool quant = fm_dtype_is_quant(dt);
     const size_t wbytes = quant ? (size_t)fm_quant_nbytes(dt, rows, cols, gs, sd) : (size_t)(rows * cols) * fm_dtype_size(dt);
     const size_t part = (wbytes + 15) / 16 * 16, stride = (n_parts * part + 255) / 256 * 256;
@@ -698,11 +700,13 @@ static void emv_case(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int gs, fm_dtype s
     fm_weight shape = {.dtype = dt, .rows = rows, .cols = cols, .group_size = gs, .scale_dtype = sd};
     fm_cuda_expert_mv mv = {.table = (const void *const *)dtable, .ids = dids, .k = k, .n_parts = n_parts,
                             .n_experts = E, .part_off = {0, (int64_t)part}, .x = dx, .x_up = swiglu ? dxu : NULL,
-                            .x_stride = xs, .out = {dout, dout + k * rows}, .out_stride = rows};
+                            .x_stride = xs, .out = {dout, dout + k * rows}, .out_stride = rows, .swiglu_out = pair};
     CHECK(fm_cuda_expert_matvec_supported(&shape));
     CHECK_OK(fm_cuda_expert_matvec(c, &shape, &mv));
     if (!down(t, c, got, dout, sizeof(float) * (size_t)(n_parts * k * rows))) goto done;
     int64_t bad = 0;
+    double *refs = malloc(sizeof(double) * (size_t)(2 * n_parts * k * rows)); /* ref, mag per output */
+    REQUIRE(refs);
     for (int p = 0; p < n_parts; p++)
         for (int j = 0; j < k; j++) {
             const float *xj = x + j * xs;
@@ -723,15 +727,29 @@ static void emv_case(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int gs, fm_dtype s
                     ref += (double)deq[i] * xe[i];
                     mag += (fabs(deq[i]) + 2.0 * babs[i]) * fabs(xe[i]);
                 }
+                refs[2 * ((p * k + j) * rows + r)] = ref;
+                refs[2 * ((p * k + j) * rows + r) + 1] = mag;
+                if (pair) continue; /* checked below */
                 const float g = got[(p * k + j) * rows + r];
                 const double err = isnan(g) ? INFINITY : fabs(g - ref) / (mag > 0 ? mag : 1);
                 if (err > *worst) *worst = err;
                 bad += !(err <= 1e-5);
             }
         }
-    CHECK_MSG(bad == 0, "expert_matvec %s g%d %s [%lld, %lld] k=%d parts=%d swiglu=%d: %lld wrong outputs (seed %llu)",
-              fm_dtype_name(dt), gs, fm_dtype_name(sd), (long long)rows, (long long)cols, k, n_parts, swiglu,
-              (long long)bad, (unsigned long long)seed0);
+    for (int64_t i = 0; pair && i < k * rows; i++) {
+        const double gv = refs[2 * i], gm = refs[2 * i + 1], uv = refs[2 * (k * rows + i)], um = refs[2 * (k * rows + i) + 1];
+        const double sg = gv / (1.0 + exp(-gv)), ref = sg * uv;
+        const double tol = 1e-5 * (1.1 * gm * fabs(uv) + fabs(sg) * um) + 1e-6 * fabs(ref) + 1e-30;
+        const float g = got[i];
+        const double err = isnan(g) ? INFINITY : fabs(g - ref);
+        if (err / tol * 1e-5 > *worst) *worst = err / tol * 1e-5;
+        bad += !(err <= tol);
+    }
+    free(refs);
+    CHECK_MSG(bad == 0,
+              "expert_matvec %s g%d %s [%lld, %lld] k=%d parts=%d swiglu=%d pair=%d old=%d: %lld wrong outputs (seed %llu)",
+              fm_dtype_name(dt), gs, fm_dtype_name(sd), (long long)rows, (long long)cols, k, n_parts, swiglu, pair,
+              getenv("FLASHMOE_CUDA_EMV_OLD") != NULL, (long long)bad, (unsigned long long)seed0);
 done:
     dev_free_all(c);
     free(blocks), free(deq), free(babs), free(x), free(xu), free(got);
@@ -754,14 +772,30 @@ FM_TEST(cuda_layer_expert_matvec) {
     } shapes[] = {{64, 128, 8, 3}, {37, 256, 16, 5}, {512, 2048, 32, 8}, {2048, 512, 32, 8}, {5, 4096, 4, 4},
                   {100, 384, 64, 10}};
     double worst = 0;
-    for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
-        for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
-            if (types[ti].gs && shapes[si].cols % types[ti].gs) continue;
-            emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols, shapes[si].E,
-                     shapes[si].k, 2, false, &worst); /* gate + up */
-            emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols, shapes[si].E,
-                     shapes[si].k, 1, true, &worst); /* down with the SwiGLU fused */
-        }
+    /* matmul.cu's one-token kernel (the default), and the earlier kernel (FLASHMOE_CUDA_EMV_OLD; pair
+     * always runs on the first); rows per thread by the launch's choice and forced to 2, 4, 8 */
+    static const char *const modes[][2] = {{NULL, NULL}, {"1", NULL}, {NULL, "2"}, {NULL, "4"}, {NULL, "8"}};
+    for (int mi = 0; mi < 5; mi++) {
+        if (modes[mi][0]) setenv("FLASHMOE_CUDA_EMV_OLD", modes[mi][0], 1);
+        else unsetenv("FLASHMOE_CUDA_EMV_OLD");
+        if (modes[mi][1]) setenv("FLASHMOE_CUDA_MV_RPT", modes[mi][1], 1);
+        else unsetenv("FLASHMOE_CUDA_MV_RPT");
+        for (size_t ti = 0; ti < sizeof types / sizeof *types; ti++)
+            for (size_t si = 0; si < sizeof shapes / sizeof *shapes; si++) {
+                if (types[ti].gs && shapes[si].cols % types[ti].gs) continue;
+                /* the forced modes on the smaller shapes only (the float64 oracle dominates the time) */
+                if (mi >= 2 && shapes[si].rows * shapes[si].cols > 262144) continue;
+                emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols, shapes[si].E,
+                         shapes[si].k, 2, false, false, &worst); /* gate + up */
+                emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols, shapes[si].E,
+                         shapes[si].k, 1, true, false, &worst); /* down with the SwiGLU fused into x */
+                if (mi != 1) /* (pair always runs on the one-token kernel) */
+                    emv_case(t, c, types[ti].dt, types[ti].gs, types[ti].sd, shapes[si].rows, shapes[si].cols,
+                             shapes[si].E, shapes[si].k, 2, false, true, &worst); /* SwiGLU in the output */
+            }
+    }
+    unsetenv("FLASHMOE_CUDA_EMV_OLD");
+    unsetenv("FLASHMOE_CUDA_MV_RPT");
     fprintf(stderr, "  expert_matvec: worst |gpu - f64| / mag = %.2e\n", worst);
     /* refusals */
     fm_weight q2 = {.dtype = FM_DTYPE_Q2, .rows = 8, .cols = 64, .group_size = 32, .scale_dtype = FM_DTYPE_BF16};

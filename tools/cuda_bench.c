@@ -3,7 +3,7 @@
  * copy bandwidth measured in the same run. Built by `make CUDA=1` as build/cuda/cuda_bench; needs a
  * GPU. docs/CUDA.md records its output.
  *
- *   cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16]
+ *   cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16] [--decode-only]
  *
  * Before timing each type, the product of one gate/up and one down matrix for T = 1, 3, 16 is
  * checked against fm_cpu_matmul (worst error <= 1e-5 of sum |w x|; --no-check skips it).
@@ -18,7 +18,17 @@
  * bytes read plus bytes written. Each figure is the median of --reps timed passes (CUDA events)
  * after 2 untimed ones. After the stream and decode passes with T = 1, every output of the pass's
  * last group of launches (the batched kernels exactly as timed) is checked against fm_cpu_matmul
- * too (worst error <= 1e-5 of sum |w x|; --no-check skips it). */
+ * too (worst error <= 1e-5 of sum |w x|; --no-check skips it).
+ *
+ * Then (or alone, with --decode-only) the products of one decode step of the qwen3.5-35b-a3b
+ * geometry (hidden 2048, Q8 g64 dense, Q4 g64 experts, top-8), each row one group of products
+ * as the resident step launches them: "old" the way the step ran before 2026-11-22's one-token
+ * kernel (fm_cuda_matmul per product, pairs of one shape batched; the experts through
+ * fm_cuda_expert_matvec's first kernel, FLASHMOE_CUDA_EMV_OLD, SwiGLU fused into down's input),
+ * "new" through fm_cuda_matvec (one launch per group) and the experts' one-token kernel (SwiGLU in
+ * the gate+up output). Each group has enough copies of its weights (>= 256 MiB together,
+ * replicated by device copies) that consecutive launches stream from HBM; us is the median of
+ * --reps passes over all copies divided by the copies; GB/s counts the weight bytes once. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -205,17 +215,191 @@ done:
     return worst;
 }
 
+/* ---- the decode step's products (qwen3.5-35b-a3b) ---- */
+
+typedef struct dgroup {
+    const char *name;
+    int n;             /* products */
+    int64_t rows[4], cols;
+} dgroup;
+
+/* Times `copies` launches of the group (old or new way) over distinct weight copies; *us per launch. */
+static int time_group(fm_cuda *c, const dgroup *g, unsigned char *w, size_t gbytes, int copies, const size_t off[4],
+                      const float *x, float *out, bool is_new, int reps, double *us) {
+    double t[64];
+    if (reps > 64) reps = 64;
+    for (int it = 0; it < 2 + reps; it++) {
+        if (fm_cuda_timer_start(c)) return die("timer");
+        for (int cp = 0; cp < copies; cp++) {
+            fm_weight ws[4];
+            fm_cuda_mv mv[4];
+            for (int i = 0; i < g->n; i++) {
+                ws[i] = (fm_weight){.dtype = FM_DTYPE_Q8, .rows = g->rows[i], .cols = g->cols,
+                                    .data = w + (size_t)cp * gbytes + off[i], .group_size = 64,
+                                    .scale_dtype = FM_DTYPE_BF16};
+                mv[i] = (fm_cuda_mv){&ws[i], x, out + (size_t)i * 8192, NULL};
+            }
+            if (is_new) {
+                if (fm_cuda_matvec(c, mv, g->n)) return die("matvec");
+                continue;
+            }
+            for (int i = 0; i < g->n; i++) { /* the earlier step: one launch a product, pairs of one shape batched */
+                if (i + 1 < g->n && g->rows[i + 1] == g->rows[i]) {
+                    fm_cuda_mat m[2] = {{ws[i].data, x, mv[i].out, 1}, {ws[i + 1].data, x, mv[i + 1].out, 1}};
+                    if (fm_cuda_matmul_batch(c, &ws[i], m, 2)) return die("matmul batch");
+                    i++;
+                } else if (fm_cuda_matmul(c, mv[i].out, x, 1, &ws[i])) {
+                    return die("matmul");
+                }
+            }
+        }
+        double v;
+        if (fm_cuda_timer_stop(c, &v)) return die("timer");
+        if (it >= 2) t[it - 2] = v;
+    }
+    qsort(t, (size_t)reps, sizeof t[0], cmp_double);
+    *us = t[reps / 2] * 1e3 / copies;
+    return 0;
+}
+
+static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
+    static const dgroup groups[] = {
+        {"in_proj qkv+z+b+a", 4, {8192, 4096, 32, 32}, 2048},
+        {"out_proj", 1, {2048}, 4096},
+        {"attn q+k+v", 3, {8192, 512, 512}, 2048},
+        {"o_proj", 1, {2048}, 4096},
+        {"router+sh gate/up+gate", 4, {256, 512, 512, 1}, 2048},
+        {"sh_down", 1, {2048}, 512},
+        {"lm_head", 1, {248320}, 2048},
+    };
+    const size_t pool_bytes = (size_t)256 << 20;
+    void *x, *out;
+    if (fm_cuda_buf_alloc(c, sizeof(float) * 8192, &x) || fm_cuda_buf_alloc(c, sizeof(float) * (4 * 8192 + 248320), &out))
+        return die("alloc");
+    float hx[8192];
+    for (int i = 0; i < 8192; i++) hx[i] = (float)rnd();
+    if (fm_cuda_buf_upload(c, x, hx, sizeof hx)) return die("upload");
+    printf("\ndecode step, qwen3.5-35b-a3b shapes (Q8 g64 dense; one token)\n");
+    printf("%-24s %8s %6s %9s %8s %9s %8s %7s\n", "group", "MB", "copies", "old us", "old GB/s", "new us", "new GB/s",
+           "of D2D");
+    double sum_old = 0, sum_new = 0, sum_mb = 0;
+    for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++) {
+        const dgroup *g = &groups[gi];
+        size_t off[4], gbytes = 0;
+        for (int i = 0; i < g->n; i++) {
+            off[i] = gbytes;
+            gbytes += (wbytes(FM_DTYPE_Q8, g->rows[i], g->cols) + 255) / 256 * 256;
+        }
+        int copies = (int)((pool_bytes + gbytes - 1) / gbytes);
+        if (copies < 2) copies = 2;
+        void *w;
+        unsigned char *hw = malloc(gbytes);
+        if (!hw || fm_cuda_buf_alloc(c, gbytes * (size_t)copies, &w)) return die("alloc");
+        for (int i = 0; i < g->n; i++) fill_weight(hw + off[i], FM_DTYPE_Q8, g->rows[i], g->cols);
+        if (fm_cuda_buf_upload(c, w, hw, gbytes)) return die("upload");
+        for (int cp = 1; cp < copies; cp++)
+            if (fm_cuda_buf_copy(c, (unsigned char *)w + (size_t)cp * gbytes, w, gbytes)) return die("copy");
+        free(hw);
+        double us_old, us_new;
+        if (time_group(c, g, w, gbytes, copies, off, x, out, false, reps, &us_old) ||
+            time_group(c, g, w, gbytes, copies, off, x, out, true, reps, &us_new))
+            return 1;
+        size_t bytes = 0;
+        for (int i = 0; i < g->n; i++) bytes += wbytes(FM_DTYPE_Q8, g->rows[i], g->cols);
+        const double mb = (double)bytes / 1e6, go = mb / 1e3 / (us_old * 1e-6), gn = mb / 1e3 / (us_new * 1e-6);
+        printf("%-24s %8.2f %6d %9.2f %8.0f %9.2f %8.0f %6.1f%%\n", g->name, mb, copies, us_old, go, us_new, gn,
+               100.0 * gn / copy_gbs);
+        fflush(stdout);
+        /* a layer's dense part: 3 DeltaNet layers (in_proj, out_proj) per attention layer (q/k/v,
+         * o_proj), and router + shared expert in each */
+        const double wl = gi == 0 || gi == 1 ? 0.75 : gi == 2 || gi == 3 ? 0.25 : gi == 6 ? 0 : 1;
+        sum_old += wl * us_old, sum_new += wl * us_new, sum_mb += wl * mb;
+        fm_cuda_buf_free(c, w);
+    }
+    printf("%-24s %8.2f %6s %9.2f %8.0f %9.2f %8.0f %6.1f%%   (3/4 DeltaNet + 1/4 attention + MoE dense)\n",
+           "mean layer, dense", sum_mb, "", sum_old, sum_mb / 1e3 / (sum_old * 1e-6), sum_new,
+           sum_mb / 1e3 / (sum_new * 1e-6), 100.0 * sum_mb / 1e3 / (sum_new * 1e-6) / copy_gbs);
+
+    /* routed experts: top-8 of 256 Q4 g64 experts, gate+up [512, 2048] and down [2048, 512] */
+    const int E = 256, K = 8, NSETS = 64;
+    const size_t gb = wbytes(FM_DTYPE_Q4, 512, 2048), db = wbytes(FM_DTYPE_Q4, 2048, 512);
+    const size_t gpart = (gb + 255) / 256 * 256, blk = 2 * gpart + (db + 255) / 256 * 256;
+    void *ew, *tab, *ids, *G, *U, *Y;
+    if (fm_cuda_buf_alloc(c, blk * E, &ew) || fm_cuda_buf_alloc(c, sizeof(void *) * E, &tab) ||
+        fm_cuda_buf_alloc(c, sizeof(int32_t) * K * NSETS, &ids) || fm_cuda_buf_alloc(c, sizeof(float) * K * 512, &G) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * K * 512, &U) || fm_cuda_buf_alloc(c, sizeof(float) * K * 2048, &Y))
+        return die("alloc");
+    unsigned char *hb = malloc(blk);
+    if (!hb) return 1;
+    fill_weight(hb, FM_DTYPE_Q4, 512, 2048);
+    fill_weight(hb + gpart, FM_DTYPE_Q4, 512, 2048);
+    fill_weight(hb + 2 * gpart, FM_DTYPE_Q4, 2048, 512);
+    if (fm_cuda_buf_upload(c, ew, hb, blk)) return die("upload");
+    free(hb);
+    void *htab[256];
+    for (int e = 0; e < E; e++) {
+        htab[e] = (unsigned char *)ew + (size_t)e * blk;
+        if (e && fm_cuda_buf_copy(c, htab[e], ew, blk)) return die("copy");
+    }
+    int32_t hids[8 * 64];
+    for (int s = 0; s < NSETS; s++)
+        for (int j = 0; j < K; j++) hids[s * K + j] = (s * 37 + j * 29) % E; /* distinct within a set */
+    if (fm_cuda_buf_upload(c, tab, htab, sizeof(void *) * E) || fm_cuda_buf_upload(c, ids, hids, sizeof hids))
+        return die("upload");
+    fm_weight sg = {.dtype = FM_DTYPE_Q4, .rows = 512, .cols = 2048, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight sd = sg;
+    sd.rows = 2048, sd.cols = 512;
+    const double emb = (double)K * (2 * gb + db) / 1e6;
+    for (int is_new = 0; is_new < 2; is_new++) {
+        if (is_new) unsetenv("FLASHMOE_CUDA_EMV_OLD");
+        else setenv("FLASHMOE_CUDA_EMV_OLD", "1", 1);
+        double t[64], tg[64];
+        const int r = reps > 64 ? 64 : reps;
+        for (int pass = 0; pass < 2; pass++) /* pass 0: gate+up alone, pass 1: gate+up and down */
+            for (int it = 0; it < 2 + r; it++) {
+                if (fm_cuda_timer_start(c)) return die("timer");
+                for (int s = 0; s < NSETS; s++) {
+                    fm_cuda_expert_mv gu = {.table = tab, .ids = (int32_t *)ids + s * K, .k = K, .n_parts = 2,
+                                            .n_experts = E, .part_off = {0, (int64_t)gpart}, .x = x,
+                                            .out = {G, U}, .out_stride = 512, .swiglu_out = is_new};
+                    if (fm_cuda_expert_matvec(c, &sg, &gu)) return die("expert matvec");
+                    if (!pass) continue;
+                    fm_cuda_expert_mv dn = {.table = tab, .ids = (int32_t *)ids + s * K, .k = K, .n_parts = 1,
+                                            .n_experts = E, .part_off = {(int64_t)(2 * gpart), 0}, .x = G,
+                                            .x_up = is_new ? NULL : U, .x_stride = 512, .out = {Y, NULL},
+                                            .out_stride = 2048};
+                    if (fm_cuda_expert_matvec(c, &sd, &dn)) return die("expert matvec");
+                }
+                double v;
+                if (fm_cuda_timer_stop(c, &v)) return die("timer");
+                if (it >= 2) (pass ? t : tg)[it - 2] = v;
+            }
+        qsort(t, (size_t)r, sizeof t[0], cmp_double);
+        qsort(tg, (size_t)r, sizeof tg[0], cmp_double);
+        const double us = t[r / 2] * 1e3 / NSETS, usg = tg[r / 2] * 1e3 / NSETS;
+        printf("experts top-8 %-10s %8.2f MB   gate+up %7.2f us (%5.0f GB/s)   + down %7.2f us (%5.0f GB/s)   all %5.0f GB/s = %5.1f%% of D2D\n",
+               is_new ? "new" : "old", emb, usg, (double)K * 2 * gb / 1e3 / usg, us - usg,
+               (double)K * db / 1e3 / (us - usg), emb * 1e3 / us, 100.0 * emb * 1e3 / us / copy_gbs);
+    }
+    unsetenv("FLASHMOE_CUDA_EMV_OLD");
+    fm_cuda_buf_free(c, ew), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids);
+    fm_cuda_buf_free(c, G), fm_cuda_buf_free(c, U), fm_cuda_buf_free(c, Y);
+    fm_cuda_buf_free(c, x), fm_cuda_buf_free(c, out);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     long pool_mib = 2048;
-    int reps = 10, check = 1, failed = 0;
+    int reps = 10, check = 1, failed = 0, decode_only = 0;
     const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--pool-mib") && i + 1 < argc) pool_mib = atol(argv[++i]);
         else if (!strcmp(argv[i], "--reps") && i + 1 < argc) reps = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--no-check")) check = 0;
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
+        else if (!strcmp(argv[i], "--decode-only")) decode_only = 1;
         else {
-            fprintf(stderr, "usage: cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16]\n");
+            fprintf(stderr, "usage: cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16] [--decode-only]\n");
             return 2;
         }
     }
@@ -249,6 +433,11 @@ int main(int argc, char **argv) {
     printf("D2D copy (cudaMemcpyAsync, 1 GiB, read + write): %.0f GB/s\n\n", copy_gbs);
     fm_cuda_buf_free(c, src);
     fm_cuda_buf_free(c, dst);
+    if (decode_only) {
+        const int rc = decode_shapes(c, copy_gbs, reps);
+        fm_cuda_free(c);
+        return rc;
+    }
 
     printf("%-5s %-7s %3s %8s %9s %8s %7s %10s\n", "type", "mode", "T", "MiB", "ms/pass", "GB/s", "of D2D",
            "us/10 exp");
@@ -336,6 +525,7 @@ int main(int argc, char **argv) {
         fm_cuda_buf_free(c, g), fm_cuda_buf_free(c, u), fm_cuda_buf_free(c, d);
         fm_cuda_buf_free(c, xg), fm_cuda_buf_free(c, xd), fm_cuda_buf_free(c, o);
     }
+    if (decode_shapes(c, copy_gbs, reps)) return 1;
     fm_cuda_free(c);
     if (failed) fprintf(stderr, "cuda_bench: a check against the CPU oracle FAILED\n");
     return failed;

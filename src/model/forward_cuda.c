@@ -978,21 +978,46 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
 
 /* ---- one token without host synchronisation (resident mode): the position in s->pos_dev ---- */
 
+/* out = W x for one token through the one-token kernel (fm_cuda_matvec). */
+static fm_status matvec1(fm_cuda *ctx, float *out, const fm_weight *w, const float *x) {
+    fm_cuda_mv mv = {w, x, out, NULL};
+    return fm_cuda_matvec(ctx, &mv, 1);
+}
+
+/* linear_attention for one token: the four input projections in one launch (they share xn). */
+static fm_status linear_attention_dev(fm_cuda_session *s, int l) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w = &s->g->layers[l];
+    fm_cuda *ctx = s->ctx;
+    int64_t cd = fm_config_conv_dim(c), nv = c->lin_n_v_heads;
+    float *qkv = s->a, *conv_out = s->b, *z = s->c, *core = s->d, *bb = s->small, *aa = s->small + nv;
+    fm_cuda_mv mv[4] = {{&w->in_qkv, s->xn, qkv, NULL}, {&w->in_z, s->xn, z, NULL}, {&w->in_b, s->xn, bb, NULL},
+                        {&w->in_a, s->xn, aa, NULL}};
+    TRY(fm_cuda_matvec(ctx, mv, 4));
+    TRY(fm_cuda_conv1d_silu(ctx, conv_out, qkv, s->conv[l], w->conv, 1, cd, c->conv_kernel));
+    TRY(fm_cuda_delta_rule(ctx, core, conv_out, bb, aa, s->ssm[l], w->A_log, w->dt_bias, 1, c->lin_n_k_heads, (int)nv,
+                           c->lin_k_dim, c->lin_v_dim));
+    TRY(fm_cuda_rmsnorm_gated(ctx, core, core, z, w->ssm_norm, nv, c->lin_v_dim, (float)c->norm_eps));
+    return matvec1(ctx, s->mix, &w->out_proj, core);
+}
+
 static fm_status full_attention_dev(fm_cuda_session *s, int l) {
     const fm_config *c = &s->m->cfg;
     const fm_layer_weights *w = &s->g->layers[l];
     fm_cuda *ctx = s->ctx;
     int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
     float *qg = s->a, *kv = s->b, *q = s->c, *att = s->d, eps = (float)c->norm_eps;
-    TRY(fm_cuda_matmul(ctx, qg, s->xn, 1, &w->q_proj)); /* per head [query (d) | gate (d)] */
-    TRY(matmul_pair(ctx, kv, &w->k_proj, kv + nkv * d, &w->v_proj, s->xn, 1));
+    /* q (per head [query (d) | gate (d)]), k and v: one launch */
+    fm_cuda_mv mv[3] = {{&w->q_proj, s->xn, qg, NULL}, {&w->k_proj, s->xn, kv, NULL},
+                        {&w->v_proj, s->xn, kv + nkv * d, NULL}};
+    TRY(fm_cuda_matvec(ctx, mv, 3));
     TRY(fm_cuda_head_norm_rope_at(ctx, q, 0, d, qg, 2 * d, w->q_norm, 1, (int)nh, (int)d, eps, c->rot_dim, s->inv_freq,
                                   s->pos_dev));
     TRY(fm_cuda_head_norm_rope_at(ctx, s->kc[l], nkv * d, d, kv, d, w->k_norm, 1, (int)nkv, (int)d, eps, c->rot_dim,
                                   s->inv_freq, s->pos_dev));
     TRY(fm_cuda_store_at(ctx, s->vc[l], nkv * d, kv + nkv * d, nkv * d, s->pos_dev));
     TRY(fm_cuda_attention_at(ctx, att, q, qg + d, 2 * d, s->kc[l], s->vc[l], 1, s->pos_dev, (int)nh, (int)nkv, (int)d));
-    return fm_cuda_matmul(ctx, s->mix, att, 1, &w->o_proj);
+    return matvec1(ctx, s->mix, &w->o_proj, att);
 }
 
 /* x += moe(xn) for one token, the expert ids staying on the device. */
@@ -1005,28 +1030,41 @@ static fm_status moe_dev(fm_cuda_session *s, int l) {
     int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used, I = c->n_ff_expert;
     int32_t *ids = s->rt;
     float *tw = (float *)(s->rt + k);
-    TRY(fm_cuda_matmul(ctx, s->small, s->xn, 1, &w->router));
+    /* the router and the shared expert's gate, up and gate logit share xn: one launch (per type),
+     * the shared expert's SwiGLU in its output when the one-token kernel takes gate/up as a pair */
+    float *ysh = NULL, *gs = s->a, *us = s->b;
+    fm_cuda_mv mv[4] = {{&w->router, s->xn, s->small, NULL}};
+    int nmv = 1;
+    bool pair = false;
+    if (c->n_ff_shared > 0) {
+        pair = same_shape(&w->sh_gate, &w->sh_up) && fm_cuda_matvec_takes(&w->sh_gate, s->xn) &&
+               fm_cuda_matvec_takes(&w->sh_up, s->xn);
+        mv[nmv++] = (fm_cuda_mv){&w->sh_gate, s->xn, gs, pair ? &w->sh_up : NULL};
+        if (!pair) mv[nmv++] = (fm_cuda_mv){&w->sh_up, s->xn, us, NULL};
+        mv[nmv++] = (fm_cuda_mv){&w->sh_router, s->xn, s->shl, NULL};
+    }
+    TRY(fm_cuda_matvec(ctx, mv, nmv));
     TRY(fm_cuda_router_topk(ctx, ids, tw, s->small, 1, (int)E, (int)k, c->norm_topk_prob));
-    float *ysh = NULL;
     if (c->n_ff_shared > 0) { /* as moe() */
-        float *gs = s->a, *us = s->b;
         ysh = s->c;
-        TRY(matmul_pair(ctx, gs, &w->sh_gate, us, &w->sh_up, s->xn, 1));
-        TRY(fm_cuda_swiglu(ctx, gs, gs, us, c->n_ff_shared));
-        TRY(fm_cuda_matmul(ctx, ysh, gs, 1, &w->sh_down));
-        TRY(fm_cuda_matmul(ctx, s->shl, s->xn, 1, &w->sh_router));
+        if (!pair) TRY(fm_cuda_swiglu(ctx, gs, gs, us, c->n_ff_shared));
+        TRY(matvec1(ctx, ysh, &w->sh_down, gs));
     }
     const fm_packed_expert_layer *L = &m->packed->experts[l];
     const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
     fm_weight sg = fm_packed_weight(pg, g->slots_mem), sd = fm_packed_weight(pd, g->slots_mem); /* shapes */
     const void *const *table = (const void *const *)(g->table + (size_t)l * (size_t)E);
+    /* gate and up of the k experts with the SwiGLU in their output (G = silu(gate) * up), then down;
+     * FLASHMOE_CUDA_EMV_OLD=1 keeps the earlier kernel with the SwiGLU in down's input staging */
+    static int old_emv = -1;
+    if (old_emv < 0) old_emv = getenv("FLASHMOE_CUDA_EMV_OLD") != NULL;
     fm_cuda_expert_mv gu = {.table = table, .ids = ids, .k = (int)k, .n_parts = 2, .n_experts = (int)E,
                             .part_off = {(int64_t)pg->offset, (int64_t)pu->offset}, .x = s->xn, .x_stride = 0,
-                            .out = {s->G, s->U}, .out_stride = I};
+                            .out = {s->G, s->U}, .out_stride = I, .swiglu_out = !old_emv};
     TRY(fm_cuda_expert_matvec(ctx, &sg, &gu));
     fm_cuda_expert_mv dn = {.table = table, .ids = ids, .k = (int)k, .n_parts = 1, .n_experts = (int)E,
-                            .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = s->U, .x_stride = I,
-                            .out = {s->Y, NULL}, .out_stride = H};
+                            .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = old_emv ? s->U : NULL,
+                            .x_stride = I, .out = {s->Y, NULL}, .out_stride = H};
     TRY(fm_cuda_expert_matvec(ctx, &sd, &dn));
     return fm_cuda_moe_combine_topk(ctx, s->x, ysh, s->shl, s->Y, ids, tw, 1, (int)k, H);
 }
@@ -1047,14 +1085,14 @@ static fm_status step_dev(fm_cuda_session *s, bool head) {
         const fm_layer_weights *w = &g->layers[l];
         double t0 = fm_time_now();
         TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, w->input_norm, 1, H, eps));
-        TRY(c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention(s, l, 1) : full_attention_dev(s, l));
+        TRY(c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention_dev(s, l) : full_attention_dev(s, l));
         TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, s->mix, w->post_attn_norm, 1, H, eps));
         TRY(moe_dev(s, l));
         s->timing[l].mixer += fm_time_now() - t0; /* enqueueing only: the GPU time shows in the head's wait */
     }
     if (!head) return FM_OK;
     TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, g->out_norm, 1, H, eps));
-    return fm_cuda_matmul(ctx, s->logits, s->xn, 1, &g->lm_head);
+    return fm_cuda_matmul(ctx, s->logits, s->xn, 1, &g->lm_head); /* mm_fast: faster than the one-token kernel here */
 }
 
 /* One token at pos0 in resident mode: eagerly at the session's first such step, then as a replay

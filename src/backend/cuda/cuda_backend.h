@@ -22,6 +22,7 @@
 #ifndef FM_BACKEND_CUDA_BACKEND_H
 #define FM_BACKEND_CUDA_BACKEND_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -113,6 +114,35 @@ fm_status fm_cuda_matmul(fm_cuda *ctx, float *out, const float *x, int64_t n_tok
  * fm_cuda_matmul for each product; a launch takes the fast kernel only if all of its products
  * qualify. */
 fm_status fm_cuda_matmul_batch(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_mat *mats, int n_mats);
+
+/* ---- one-token matvecs (decode) ---- */
+
+/* One product of fm_cuda_matvec: out (w->rows floats) = W x (x: w->cols floats), w->data on the
+ * device. With w_up (NULL for none; the same type and shape as w, on the device): out = silu(W x) *
+ * (W_up x), the SwiGLU of a gate/up pair in one product (needs fm_cuda_matvec_takes(w, x) and
+ * w_up->data 16-byte aligned, else FM_ERR_UNSUPPORTED). */
+typedef struct fm_cuda_mv {
+    const fm_weight *w;
+    const float *x;
+    float *out;
+    const fm_weight *w_up;
+} fm_cuda_mv;
+
+/* Products per launch of fm_cuda_matvec's kernel. */
+#define FM_CUDA_MV_MAX 16
+
+/* n one-token products, each with its own weight (any shape and type fm_cuda_matmul takes), x and
+ * output: as n calls of fm_cuda_matmul with n_tokens = 1, but the products of one weight type whose
+ * weight and x are 16-byte aligned and whose rows are whole 16-byte chunks (every type but Q2) run
+ * in one launch per FM_CUDA_MV_MAX of a kernel made for one token (docs/CUDA.md "One-token
+ * matvecs"); the others go through fm_cuda_matmul. Products sharing x (a layer's projections of one
+ * input) are the intended use. Enqueued. Same checks (nothing is enqueued on an error) and the same
+ * accuracy contract as fm_cuda_matmul; results are deterministic. FLASHMOE_CUDA_MV_RPT=2|4|8 fixes
+ * the rows a thread takes (for measurements; by default chosen per launch). */
+fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n);
+
+/* True when fm_cuda_matvec runs W x in its one-token kernel (not the fm_cuda_matmul fallback). */
+bool fm_cuda_matvec_takes(const fm_weight *w, const float *x);
 
 /* ---- elementwise ---- */
 
@@ -258,6 +288,10 @@ typedef struct fm_cuda_expert_mv {
     int64_t x_stride;
     float *out[2];
     int64_t out_stride;
+    /* swiglu_out (with n_parts = 2): out[0] + (j % k) * out_stride = silu(part 0) * part 1, rows
+     * floats (the SwiGLU fused into the gate+up launch; out[1] is not used). Needs x 16-byte aligned
+     * and x_stride a multiple of 4 (FM_ERR_ARG otherwise). */
+    int swiglu_out;
 } fm_cuda_expert_mv;
 
 /* True when fm_cuda_expert_matvec takes weights of this shape: F32, F16, BF16, Q8, Q4 (any group

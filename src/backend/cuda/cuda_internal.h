@@ -3,6 +3,9 @@
 #define FM_BACKEND_CUDA_INTERNAL_H
 
 #include <cuda_runtime.h>
+#include <stdlib.h>
+
+#include <utility>
 
 #include "backend/cuda/cuda_backend.h"
 
@@ -42,5 +45,45 @@ fm_status fm_cuda_fail(cudaError_t e, const char *call, const char *file, int li
         if (!(ctx)) return fm_error_set(FM_ERR_ARG, "CUDA: NULL context");                         \
         FM_CUDA_CHECK(cudaSetDevice((ctx)->device));                                               \
     } while (0)
+
+/* Programmatic dependent launch (docs/CUDA.md "One-token matvecs"): fm_pdl_trigger() at the start
+ * of a kernel lets a successor launched with the programmatic-serialization attribute start its
+ * blocks early; such a successor calls fm_pdl_wait() before it reads anything its predecessors
+ * wrote (it returns once they have completed and their writes are visible). Both are no-ops
+ * before sm_90 and for kernels launched without the attribute. */
+__device__ __forceinline__ void fm_pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void fm_pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+/* Launches k on the context's stream with programmatic stream serialization (it may start while the
+ * previous kernel runs, and must call fm_pdl_wait() before reading what that kernel wrote), or as
+ * an ordinary launch with FLASHMOE_CUDA_PDL=0 (for measurements). */
+template <typename... KArgs, typename... Args>
+cudaError_t fm_launch_pdl(fm_cuda *ctx, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args &&...args) {
+    const char *e = getenv("FLASHMOE_CUDA_PDL");
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = grid;
+    cfg.blockDim = block;
+    cfg.dynamicSmemBytes = smem;
+    cfg.stream = ctx->stream;
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = e && e[0] == '0' && !e[1] ? 0 : 1;
+    return cudaLaunchKernelEx(&cfg, k, std::forward<Args>(args)...);
+}
+
+/* matmul.cu's one-token kernel for fm_cuda_expert_matvec (arguments already checked): enqueues the
+ * products and sets *done, or leaves *done false and enqueues nothing when it does not take them
+ * (a shape mv_shape refuses, x or x_up not 16-byte aligned, x_stride not a multiple of 4). */
+fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv, bool *done);
 
 #endif

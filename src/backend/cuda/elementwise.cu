@@ -36,6 +36,8 @@ __global__ void __launch_bounds__(NORM_THREADS) rmsnorm_kernel(float *out, const
 }
 
 __global__ void swiglu_kernel(float *out, const float *gate, const float *up, long long n) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
@@ -63,7 +65,7 @@ extern "C" fm_status fm_cuda_swiglu(fm_cuda *ctx, float *out, const float *gate,
     if (!out || !gate || !up) return fm_error_set(FM_ERR_ARG, "CUDA swiglu: NULL pointer");
     long long blocks = (n + 255) / 256;
     if (blocks > 65536) blocks = 65536;
-    swiglu_kernel<<<(unsigned)blocks, 256, 0, ctx->stream>>>(out, gate, up, (long long)n);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, swiglu_kernel, dim3((unsigned)blocks), dim3(256), 0, out, gate, up, (long long)n));
     FM_CUDA_CHECK_LAUNCH("swiglu_kernel");
     return FM_OK;
 }

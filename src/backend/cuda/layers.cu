@@ -61,6 +61,8 @@ __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1
  * from 7.4 to 4.3 us at n = 2048 on an H200). */
 __global__ void __launch_bounds__(1024) add_rmsnorm_kernel(float *x, float *xn, const float *add, const float *w,
                                                            long long n, float eps) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     __shared__ float red[32];
     float *xr = x + (long long)blockIdx.x * n;
     float *orow = xn + (long long)blockIdx.x * n;
@@ -82,6 +84,8 @@ __global__ void __launch_bounds__(1024) add_rmsnorm_kernel(float *x, float *xn, 
 /* ---- gated RMSNorm (DeltaNet output): out = rmsnorm(x) * w * silu(z), per row of n ---- */
 __global__ void __launch_bounds__(BLOCK) rmsnorm_gated_kernel(float *out, const float *x, const float *z,
                                                               const float *w, long long n, float eps) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     __shared__ float red[32];
     const long long r = blockIdx.x;
     const float *xr = x + r * n, *zr = z + r * n;
@@ -102,6 +106,8 @@ __global__ void __launch_bounds__(128) head_norm_rope_kernel(float *out, long lo
                                                              float eps, int rot_dim, const float *inv_freq,
                                                              long long pos0, const long long *pos_dev,
                                                              long long out_pos_stride) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     extern __shared__ float sh[]; /* d floats */
     __shared__ float red[32];
     const long long r = blockIdx.x; /* t * n_heads + h */
@@ -136,6 +142,8 @@ __global__ void __launch_bounds__(128) head_norm_rope_kernel(float *out, long lo
  * One thread per channel: everything it reads and writes is its own channel. */
 __global__ void conv1d_silu_kernel(float *out, const float *in, float *state, const float *w, long long T,
                                    long long C, int K) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     const long long ch = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (ch >= C) return;
     const float *wc = w + ch * K;
@@ -161,6 +169,8 @@ __global__ void conv1d_silu_kernel(float *out, const float *in, float *state, co
  *   S = decay S; d = beta (v - S^T k); S += k d^T; o = S^T q   (o before the gated norm) */
 __global__ void delta_rule_kernel(float *o, const float *qkv, const float *bb, const float *aa, float *S, const float *A_log,
                                   const float *dt_bias, long long T, int nk, int nv, int dk, int dv) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     extern __shared__ float sh[]; /* qn (dk) | kn (dk) */
     __shared__ float red[32];
     float *qn = sh, *kn = sh + dk;
@@ -218,6 +228,8 @@ __global__ void __launch_bounds__(128) delta_rule_reg_kernel(float *o, const flo
                                                              const float *aa, float *S, const float *A_log,
                                                              const float *dt_bias, long long T, int nk, int nv,
                                                              int dk, int dv) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     extern __shared__ float sh[]; /* qn (dk) | kn (dk) */
     __shared__ float red[32];
     float *qn = sh, *kn = sh + dk;
@@ -290,6 +302,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, c
                                                                    long long gate_stride, const float *kc,
                                                                    const float *vc, long long pos0, int nh, int nkv,
                                                                    int d, float scale, const long long *pos_dev) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     __shared__ float sm_m[ATT_WARPS], sm_s[ATT_WARPS];
     __shared__ float sm_o[ATT_WARPS][ATT_MAX_D];
     const long long r = blockIdx.x; /* t * nh + h */
@@ -361,6 +375,8 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, c
  * optional renormalisation. One block per token; p in shared memory. ---- */
 __global__ void __launch_bounds__(BLOCK) router_topk_kernel(int32_t *ids, float *weights, const float *logits, int E,
                                                             int k, int norm) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     extern __shared__ float p[]; /* E floats, then E taken flags (as floats) */
     __shared__ float red[32];
     __shared__ int red_id[32];
@@ -455,6 +471,8 @@ __global__ void moe_combine_kernel(float *x, const float *shared, const float *s
  * of Y. The order is sorted once per block in shared memory (k <= 64). ---- */
 __global__ void moe_combine_topk_kernel(float *x, const float *shared, const float *sl, const float *Y,
                                         const int32_t *ids, const float *w, int k, long long H) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     __shared__ int ord[64];
     const long long t = blockIdx.y;
     if (threadIdx.x == 0) { /* insertion sort of 0..k-1 by id (ids of a token are distinct) */
@@ -482,6 +500,8 @@ __global__ void moe_combine_topk_kernel(float *x, const float *shared, const flo
 
 /* ---- dst[pos * stride + i] = src[i], i < n, pos from device memory ---- */
 __global__ void store_at_kernel(float *dst, const float *src, long long n, long long stride, const long long *pos) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
     float *d = dst + *pos * stride;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (long long)gridDim.x * blockDim.x)
         d[i] = src[i];
@@ -746,7 +766,8 @@ extern "C" fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, cons
         const long long want = (n / 2 + 31) / 32 * 32;
         threads = (int)(want > 1024 ? 1024 : want < BLOCK ? BLOCK : want);
     }
-    add_rmsnorm_kernel<<<(unsigned)n_tokens, threads, 0, ctx->stream>>>(x, xn, add, w, (long long)n, eps);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, add_rmsnorm_kernel, dim3((unsigned)n_tokens), dim3(threads), 0, x, xn, add, w,
+                                (long long)n, eps));
     FM_CUDA_CHECK_LAUNCH("add_rmsnorm_kernel");
     return FM_OK;
 }
@@ -758,7 +779,8 @@ extern "C" fm_status fm_cuda_rmsnorm_gated(fm_cuda *ctx, float *out, const float
                     (long long)n_rows, (long long)n);
     if (n_rows == 0) return FM_OK;
     LAYER_ARG_CHECK(out && x && z && w, "CUDA rmsnorm_gated: NULL pointer");
-    rmsnorm_gated_kernel<<<(unsigned)n_rows, BLOCK, 0, ctx->stream>>>(out, x, z, w, (long long)n, eps);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, rmsnorm_gated_kernel, dim3((unsigned)n_rows), dim3(BLOCK), 0, out, x, z, w,
+                                (long long)n, eps));
     FM_CUDA_CHECK_LAUNCH("rmsnorm_gated_kernel");
     return FM_OK;
 }
@@ -773,9 +795,9 @@ extern "C" fm_status fm_cuda_head_norm_rope(fm_cuda *ctx, float *out, int64_t ou
                     (long long)n_tokens, n_heads, d, rot_dim, (long long)in_stride, (long long)out_stride);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && in && w && (rot_dim == 0 || inv_freq), "CUDA head_norm_rope: NULL pointer");
-    head_norm_rope_kernel<<<(unsigned)(n_tokens * n_heads), 128, sizeof(float) * (size_t)d, ctx->stream>>>(
-        out, (long long)out_stride, in, (long long)in_stride, w, n_heads, d, eps, rot_dim, inv_freq, (long long)pos0, nullptr,
-        0);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, head_norm_rope_kernel, dim3((unsigned)(n_tokens * n_heads)), dim3(128),
+                                sizeof(float) * (size_t)d, out, (long long)out_stride, in, (long long)in_stride, w,
+                                n_heads, d, eps, rot_dim, inv_freq, (long long)pos0, nullptr, 0));
     FM_CUDA_CHECK_LAUNCH("head_norm_rope_kernel");
     return FM_OK;
 }
@@ -787,9 +809,8 @@ extern "C" fm_status fm_cuda_conv1d_silu(fm_cuda *ctx, float *out, const float *
                     (long long)n_tokens, (long long)channels, K);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && in && w && (state || K == 1), "CUDA conv1d_silu: NULL pointer");
-    conv1d_silu_kernel<<<blocks_for(channels, 128, INT32_MAX), 128, 0, ctx->stream>>>(out, in, state, w,
-                                                                                      (long long)n_tokens,
-                                                                                      (long long)channels, K);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, conv1d_silu_kernel, dim3(blocks_for(channels, 128, INT32_MAX)), dim3(128), 0, out,
+                                in, state, w, (long long)n_tokens, (long long)channels, K));
     FM_CUDA_CHECK_LAUNCH("conv1d_silu_kernel");
     return FM_OK;
 }
@@ -805,13 +826,15 @@ extern "C" fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv
     LAYER_ARG_CHECK(o && qkv && b && a && S && A_log && dt_bias, "CUDA delta_rule: NULL pointer");
     const int threads = (dv + 31) / 32 * 32;
     if (dk <= DELTA_REG_DK && dv <= 128) {
-        delta_rule_reg_kernel<<<(unsigned)nv, threads, sizeof(float) * 2 * (size_t)dk, ctx->stream>>>(
-            o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens, nk, nv, dk, dv);
+        FM_CUDA_CHECK(fm_launch_pdl(ctx, delta_rule_reg_kernel, dim3((unsigned)nv), dim3(threads),
+                                    sizeof(float) * 2 * (size_t)dk, o, qkv, b, a, S, A_log, dt_bias,
+                                    (long long)n_tokens, nk, nv, dk, dv));
         FM_CUDA_CHECK_LAUNCH("delta_rule_reg_kernel");
         return FM_OK;
     }
-    delta_rule_kernel<<<(unsigned)nv, threads, sizeof(float) * 2 * (size_t)dk, ctx->stream>>>(
-        o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens, nk, nv, dk, dv);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, delta_rule_kernel, dim3((unsigned)nv), dim3(threads),
+                                sizeof(float) * 2 * (size_t)dk, o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens,
+                                nk, nv, dk, dv));
     FM_CUDA_CHECK_LAUNCH("delta_rule_kernel");
     return FM_OK;
 }
@@ -826,9 +849,9 @@ extern "C" fm_status fm_cuda_attention(fm_cuda *ctx, float *out, const float *q,
                     (long long)pos0, n_head, n_head_kv, d, ATT_MAX_D);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && q && gate && k_cache && v_cache, "CUDA attention: NULL pointer");
-    attention_kernel<<<(unsigned)(n_tokens * n_head), ATT_WARPS * 32, 0, ctx->stream>>>(
-        out, q, gate, (long long)gate_stride, k_cache, v_cache, (long long)pos0, n_head, n_head_kv, d,
-        1.0f / sqrtf((float)d), nullptr);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, attention_kernel, dim3((unsigned)(n_tokens * n_head)), dim3(ATT_WARPS * 32), 0,
+                                out, q, gate, (long long)gate_stride, k_cache, v_cache, (long long)pos0, n_head,
+                                n_head_kv, d, 1.0f / sqrtf((float)d), nullptr));
     FM_CUDA_CHECK_LAUNCH("attention_kernel");
     return FM_OK;
 }
@@ -841,8 +864,9 @@ extern "C" fm_status fm_cuda_router_topk(fm_cuda *ctx, int32_t *ids, float *weig
                     "CUDA router_topk: bad shape (%lld tokens, %d experts, top-%d)", (long long)n_tokens, n_experts, k);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(ids && weights && logits, "CUDA router_topk: NULL pointer");
-    router_topk_kernel<<<(unsigned)n_tokens, BLOCK, sizeof(float) * 2 * (size_t)n_experts, ctx->stream>>>(
-        ids, weights, logits, n_experts, k, norm ? 1 : 0);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, router_topk_kernel, dim3((unsigned)n_tokens), dim3(BLOCK),
+                                sizeof(float) * 2 * (size_t)n_experts, ids, weights, logits, n_experts, k,
+                                norm ? 1 : 0));
     FM_CUDA_CHECK_LAUNCH("router_topk_kernel");
     return FM_OK;
 }
@@ -899,9 +923,10 @@ extern "C" fm_status fm_cuda_head_norm_rope_at(fm_cuda *ctx, float *out, int64_t
                     (long long)out_pos_stride);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && in && w && pos_dev && (rot_dim == 0 || inv_freq), "CUDA head_norm_rope_at: NULL pointer");
-    head_norm_rope_kernel<<<(unsigned)(n_tokens * n_heads), 128, sizeof(float) * (size_t)d, ctx->stream>>>(
-        out, (long long)out_stride, in, (long long)in_stride, w, n_heads, d, eps, rot_dim, inv_freq, 0LL,
-        (const long long *)pos_dev, (long long)out_pos_stride);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, head_norm_rope_kernel, dim3((unsigned)(n_tokens * n_heads)), dim3(128),
+                                sizeof(float) * (size_t)d, out, (long long)out_stride, in, (long long)in_stride, w,
+                                n_heads, d, eps, rot_dim, inv_freq, 0LL, (const long long *)pos_dev,
+                                (long long)out_pos_stride));
     FM_CUDA_CHECK_LAUNCH("head_norm_rope_kernel");
     return FM_OK;
 }
@@ -916,9 +941,9 @@ extern "C" fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float 
                     n_head, n_head_kv, d, ATT_MAX_D);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && q && gate && k_cache && v_cache && pos_dev, "CUDA attention_at: NULL pointer");
-    attention_kernel<<<(unsigned)(n_tokens * n_head), ATT_WARPS * 32, 0, ctx->stream>>>(
-        out, q, gate, (long long)gate_stride, k_cache, v_cache, 0LL, n_head, n_head_kv, d, 1.0f / sqrtf((float)d),
-        (const long long *)pos_dev);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, attention_kernel, dim3((unsigned)(n_tokens * n_head)), dim3(ATT_WARPS * 32), 0,
+                                out, q, gate, (long long)gate_stride, k_cache, v_cache, 0LL, n_head, n_head_kv, d,
+                                1.0f / sqrtf((float)d), (const long long *)pos_dev));
     FM_CUDA_CHECK_LAUNCH("attention_kernel");
     return FM_OK;
 }
@@ -930,8 +955,8 @@ extern "C" fm_status fm_cuda_store_at(fm_cuda *ctx, float *dst, int64_t pos_stri
                     (long long)pos_stride);
     if (n == 0) return FM_OK;
     LAYER_ARG_CHECK(dst && src && pos_dev, "CUDA store_at: NULL pointer");
-    store_at_kernel<<<blocks_for(n, BLOCK, 64), BLOCK, 0, ctx->stream>>>(dst, src, (long long)n, (long long)pos_stride,
-                                                                        (const long long *)pos_dev);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, store_at_kernel, dim3(blocks_for(n, BLOCK, 64)), dim3(BLOCK), 0, dst, src,
+                                (long long)n, (long long)pos_stride, (const long long *)pos_dev));
     FM_CUDA_CHECK_LAUNCH("store_at_kernel");
     return FM_OK;
 }
@@ -946,7 +971,8 @@ extern "C" fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const floa
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_topk: NULL pointer");
     dim3 grid(blocks_for(H, BLOCK, 64), (unsigned)n_tokens);
-    moe_combine_topk_kernel<<<grid, BLOCK, 0, ctx->stream>>>(x, shared, shared_logit, Y, ids, w, k, (long long)H);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, moe_combine_topk_kernel, dim3(grid), dim3(BLOCK), 0, x, shared, shared_logit, Y,
+                                ids, w, k, (long long)H));
     FM_CUDA_CHECK_LAUNCH("moe_combine_topk_kernel");
     return FM_OK;
 }
@@ -1030,6 +1056,14 @@ extern "C" fm_status fm_cuda_expert_matvec(fm_cuda *ctx, const fm_weight *shape,
                         "CUDA expert_matvec: part offset %lld is not a multiple of 16", (long long)mv->part_off[i]);
     LAYER_ARG_CHECK((uintptr_t)mv->x % 4 == 0 && (!mv->x_up || (uintptr_t)mv->x_up % 4 == 0),
                     "CUDA expert_matvec: x must be 4-byte aligned");
+    LAYER_ARG_CHECK(!mv->swiglu_out || (mv->n_parts == 2 && (uintptr_t)mv->x % 16 == 0 && mv->x_stride % 4 == 0),
+                    "CUDA expert_matvec: swiglu_out needs 2 parts, x 16-byte aligned and x_stride a multiple of 4");
+    if (!getenv("FLASHMOE_CUDA_EMV_OLD") || mv->swiglu_out) { /* matmul.cu's one-token kernel */
+        bool done = false;
+        if ((st = fm_cuda_mv_experts(ctx, shape, mv, &done)) != FM_OK) return st;
+        if (done) return FM_OK;
+        if (mv->swiglu_out) return fm_error_set(FM_ERR_UNSUPPORTED, "CUDA expert_matvec: swiglu_out: shape not taken");
+    }
     p.table = (const unsigned char *const *)mv->table;
     p.ids = mv->ids;
     p.part_off[0] = mv->part_off[0];

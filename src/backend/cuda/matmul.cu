@@ -25,6 +25,7 @@
  * one-token Q4 with groups of 64 or 128 on tensor cores (mma.sync, exact; see its comment). */
 #include <cuda_fp16.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <type_traits>
 #include <utility>
@@ -930,4 +931,379 @@ extern "C" fm_status fm_cuda_matmul(fm_cuda *ctx, float *out, const float *x, in
     if (!w) return fm_error_set(FM_ERR_ARG, "CUDA matmul: NULL weight");
     fm_cuda_mat m = {w->data, x, out, n_tokens};
     return fm_cuda_matmul_batch(ctx, w, &m, 1);
+}
+
+/* ==== One-token matvecs: fm_cuda_matvec and the routed experts of fm_cuda_expert_matvec ====
+ *
+ * A decode step's dense products are small (0.06 to 18 MB) and each was one launch of mm_fast with
+ * 32 rows a block: 64 to 256 blocks, one partial wave, so a product spent most of its time ramping
+ * up and draining. Here (mv_block) a block of 256 threads splits each row over its columns: the
+ * threads form G = 256 / L groups of L lanes (L the power of two >= the row's 16-byte chunks, at
+ * most 256), lane l of a group takes chunks l, l + L, ... of NR rows at once (NR = 2, 4 or 8, a
+ * template parameter chosen per launch so that the grid has >= 2 blocks per SM), and reads the
+ * chunk's x straight from global memory (16-byte loads, L1-cached: every group and block of the SM
+ * reads the same x) once for its NR rows. With the model's shapes (<= 256 chunks a row) a thread
+ * issues all its loads at once: NR weight chunks (16 bytes each, ld.global.nc, no L1 allocation),
+ * their scales and biases, and its x. The group's partial sums meet by shuffles (L <= 32) or
+ * shuffles and shared memory (L > 32): a fixed order, so results are deterministic. The arithmetic
+ * per chunk is mm_fast's (q as a float by the 2^23 trick, the FMA form s * sum(q x) + b * sum(x)).
+ *
+ * One launch takes up to FM_CUDA_MV_MAX products of one weight type with their own shapes,
+ * activations and outputs (a block finds its product by a scan of the products' first blocks), so
+ * the products of a layer that share an input (in_proj_qkv/z/b/a; q/k/v; router, shared gate/up,
+ * shared-expert gate) are one launch. The expert form reads its weights through the device table
+ * of expert addresses (fm_cuda_expert_mv) and can fuse the SwiGLU either into its input (x =
+ * silu(x) * x_up) or into its output (pair: a thread's rows are NR / 2 rows of part 0 and the same
+ * rows of part 1, and the output is silu(part 0) * part 1). */
+namespace {
+
+struct MvShape {
+    long long scale_off, bias_off; /* bytes from w to its scales / biases (quantized) */
+    int rows, cols, chunks;        /* chunks: 16-byte chunks of a row */
+    int lpr_log2;                  /* log2 of L, the lanes of a row group */
+    int gs_log2, scale_kind;       /* quantized: log2 of the group size; 0 BF16, 1 F16, 2 F32 */
+};
+
+struct MvProd {
+    const unsigned char *w, *w_up; /* w_up: pair mode (out = silu(W x) * (W_up x)), else NULL */
+    const float *x;
+    float *out;
+    MvShape s;
+    int blk0; /* the product's first block in the launch */
+};
+
+struct MvParams {
+    int n;
+    MvProd m[FM_CUDA_MV_MAX];
+};
+
+struct MvExpParams {
+    const unsigned char *const *table;
+    const int32_t *ids;
+    long long part_off[2];
+    const float *x, *x_up;
+    long long x_stride, out_stride;
+    float *out[2];
+    MvShape s;
+    int k, n_experts, pair;
+};
+
+__device__ __forceinline__ float mv_silu(float x) { return x / (1.0f + expf(-x)); }
+
+/* Row block rblk of one product: rows (rblk * G + group) * RO + r, RO = NR (or NR / 2 with pair,
+ * whose rows r >= NR / 2 are the same rows of wb). x: cols floats, 16-byte aligned (xu: silu(x) *
+ * xu is the input). Every thread of the block calls it. */
+template <int KIND, int NR>
+__device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *wa, const unsigned char *wb,
+                                         const float *x, const float *xu, float *out, int rblk, bool pair) {
+    using T = KT<KIND>;
+    constexpr int VPW = T::VPW, VPC = 4 * VPW, NQ = VPC / 4, H = NR / 2;
+    __shared__ float red[WARPS][NR];
+    const int lg = s.lpr_log2, L = 1 << lg, G = THREADS >> lg;
+    const int grp = (int)threadIdx.x >> lg, lt = (int)threadIdx.x & (L - 1);
+    const int RO = pair ? H : NR;
+    const int rows = s.rows, C = s.chunks;
+    const int row0 = (rblk * G + grp) * RO;
+    const long long groups = T::Q ? (long long)s.cols >> s.gs_log2 : 0;
+    const int sk = s.scale_kind;
+    float acc[NR];
+#pragma unroll
+    for (int r = 0; r < NR; r++) acc[r] = 0.f;
+    for (int c = lt; c < C; c += L) {
+        uint4 q[NR];
+        uint32_t sr[NR], br[NR];
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            const bool second = pair && r >= H;
+            const unsigned char *w = second ? wb : wa;
+            const long long row = min(row0 + (second ? r - H : r), rows - 1); /* clamped: read, never stored */
+            q[r] = ld_stream((const uint4 *)w + row * C + c);
+            if constexpr (T::Q) {
+                const long long gi = row * groups + (((long long)c * VPC) >> s.gs_log2);
+                if (sk == 2) {
+                    sr[r] = __ldg((const unsigned int *)(w + s.scale_off) + gi);
+                    br[r] = __ldg((const unsigned int *)(w + s.bias_off) + gi);
+                } else {
+                    sr[r] = __ldg((const unsigned short *)(w + s.scale_off) + gi);
+                    br[r] = __ldg((const unsigned short *)(w + s.bias_off) + gi);
+                }
+            }
+        }
+        fm_pdl_wait(); /* the weights are constant; x is the predecessor's output */
+        float4 xv[NQ];
+        const float4 *x4 = (const float4 *)x + (long long)c * NQ;
+#pragma unroll
+        for (int j = 0; j < NQ; j++) xv[j] = __ldg(x4 + j);
+        if (xu) {
+            const float4 *u4 = (const float4 *)xu + (long long)c * NQ;
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                const float4 u = __ldg(u4 + j);
+                xv[j] = make_float4(mv_silu(xv[j].x) * u.x, mv_silu(xv[j].y) * u.y, mv_silu(xv[j].z) * u.z,
+                                    mv_silu(xv[j].w) * u.w);
+            }
+        }
+        float xsum = 0.f;
+        if constexpr (T::Q) {
+#pragma unroll
+            for (int j = 0; j < NQ; j++) xsum += (xv[j].x + xv[j].y) + (xv[j].z + xv[j].w);
+            if constexpr (KIND != K_Q8) {
+#pragma unroll
+                for (int j = 0; j < NQ; j++) { /* x carries 2^-k of its element's unpacked value */
+                    const int e0 = (4 * j) % VPW;
+                    xv[j].x *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0)) << 23);
+                    xv[j].y *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 1)) << 23);
+                    xv[j].z *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 2)) << 23);
+                    xv[j].w *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 3)) << 23);
+                }
+            }
+        }
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            float part = 0.f;
+            static_for<NQ>([&](auto J) {
+                constexpr int j = decltype(J)::value;
+                static_for<4>([&](auto CC) {
+                    constexpr int v = 4 * j + decltype(CC)::value, i = v / VPW, e = v % VPW;
+                    part = fmaf(unpack<KIND, e>(word_of(q[r], i)), comp_of(xv[j], decltype(CC)::value), part);
+                });
+            });
+            if constexpr (T::Q)
+                acc[r] = fmaf(scale_value(sr[r], sk), part, fmaf(scale_value(br[r], sk), xsum, acc[r]));
+            else
+                acc[r] += part;
+        }
+    }
+    fm_pdl_wait(); /* threads without a chunk: before any store */
+    if (L <= 32) {
+#pragma unroll
+        for (int r = 0; r < NR; r++)
+            for (int o = L >> 1; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        if (lt == 0) {
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                if (r >= RO || row0 + r >= rows) continue;
+                out[row0 + r] = pair ? mv_silu(acc[r]) * acc[(r + H) % NR] : acc[r];
+            }
+        }
+    } else {
+        const int warp = (int)threadIdx.x >> 5;
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[r] = warp_sum(acc[r]);
+        if ((threadIdx.x & 31) == 0) {
+#pragma unroll
+            for (int r = 0; r < NR; r++) red[warp][r] = acc[r];
+        }
+        __syncthreads();
+        const int wpg = L >> 5; /* warps of a group */
+        if ((int)threadIdx.x < G * RO) {
+            const int g = (int)threadIdx.x / RO, r = (int)threadIdx.x - g * RO, row = (rblk * G + g) * RO + r;
+            float v = 0.f, u = 0.f;
+            for (int i = 0; i < wpg; i++) {
+                v += red[g * wpg + i][r];
+                if (pair) u += red[g * wpg + i][r + H];
+            }
+            if (row < rows) out[row] = pair ? mv_silu(v) * u : v;
+        }
+    }
+}
+
+template <int KIND, int NR> __global__ void __launch_bounds__(THREADS) mv_dense(const __grid_constant__ MvParams p) {
+    fm_pdl_trigger();
+    int i = 0;
+    while (i + 1 < p.n && (int)blockIdx.x >= p.m[i + 1].blk0) i++;
+    const MvProd &d = p.m[i];
+    mv_block<KIND, NR>(d.s, d.w, d.w_up, d.x, nullptr, d.out, (int)blockIdx.x - d.blk0, d.w_up != nullptr);
+}
+
+/* blockIdx.y = part * k + slot (pair: slot only) */
+template <int KIND, int NR> __global__ void __launch_bounds__(THREADS) mv_expert(const __grid_constant__ MvExpParams p) {
+    fm_pdl_trigger();
+    fm_pdl_wait(); /* the ids (and x) come from the predecessors */
+    const int slot = (int)blockIdx.y % p.k, part = (int)blockIdx.y / p.k;
+    const int e = min(max(p.ids[slot], 0), p.n_experts - 1); /* the router writes valid ids; never read outside */
+    const unsigned char *base = p.table[e];
+    const float *x = p.x + slot * p.x_stride, *xu = p.x_up ? p.x_up + slot * p.x_stride : nullptr;
+    mv_block<KIND, NR>(p.s, base + p.part_off[part], base + p.part_off[1], x, xu, p.out[part] + slot * p.out_stride,
+                       (int)blockIdx.x, p.pair != 0);
+}
+
+typedef void (*mv_dense_fn)(const MvParams);
+typedef void (*mv_exp_fn)(const MvExpParams);
+
+template <int KIND> mv_dense_fn mv_dense_for(int nr) {
+    return nr == 8 ? mv_dense<KIND, 8> : nr == 4 ? mv_dense<KIND, 4> : mv_dense<KIND, 2>;
+}
+mv_dense_fn mv_dense_kernel(int kind, int nr) {
+    switch (kind) {
+    case K_F32: return mv_dense_for<K_F32>(nr);
+    case K_F16: return mv_dense_for<K_F16>(nr);
+    case K_BF16: return mv_dense_for<K_BF16>(nr);
+    case K_Q8: return mv_dense_for<K_Q8>(nr);
+    default: return mv_dense_for<K_Q4>(nr);
+    }
+}
+template <int KIND> mv_exp_fn mv_exp_for(int nr) {
+    return nr == 8 ? mv_expert<KIND, 8> : nr == 4 ? mv_expert<KIND, 4> : mv_expert<KIND, 2>;
+}
+mv_exp_fn mv_exp_kernel(int kind, int nr) {
+    switch (kind) {
+    case K_F32: return mv_exp_for<K_F32>(nr);
+    case K_F16: return mv_exp_for<K_F16>(nr);
+    case K_BF16: return mv_exp_for<K_BF16>(nr);
+    case K_Q8: return mv_exp_for<K_Q8>(nr);
+    default: return mv_exp_for<K_Q4>(nr);
+    }
+}
+
+/* The shape part of a one-token product; false when the kernel does not take the weight (Q2, a
+ * row not whole chunks, sizes past int). w must have passed check_shape. */
+bool mv_shape(const fm_weight *w, int kind, MvShape *s) {
+    if (kind == K_Q2 || kind == K_NONE) return false;
+    const long long vpc = 4 * (32 / bits_of(kind));
+    if (w->rows <= 0 || w->cols % vpc || w->rows > (1LL << 30) || w->cols > (1LL << 30)) return false;
+    memset(s, 0, sizeof *s);
+    s->rows = (int)w->rows;
+    s->cols = (int)w->cols;
+    s->chunks = (int)(w->cols / vpc);
+    int lg = 0;
+    while ((1 << lg) < s->chunks && (1 << lg) < THREADS) lg++;
+    s->lpr_log2 = lg;
+    if (kind >= K_Q8) {
+        const long long groups = w->cols / w->group_size, ss = w->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
+        s->gs_log2 = w->group_size == 32 ? 5 : w->group_size == 64 ? 6 : 7;
+        s->scale_kind = w->scale_dtype == FM_DTYPE_BF16 ? 0 : w->scale_dtype == FM_DTYPE_F16 ? 1 : 2;
+        s->scale_off = w->rows * w->cols * bits_of(kind) / 8;
+        s->bias_off = s->scale_off + w->rows * groups * ss;
+    }
+    return true;
+}
+
+/* Row blocks of a product with NR rows a thread (RO output rows: NR, or NR / 2 in pair mode). */
+long long mv_blocks(const MvShape &s, int ro) {
+    const long long per = (long long)(THREADS >> s.lpr_log2) * ro;
+    return (s.rows + per - 1) / per;
+}
+
+/* NR for a launch: FLASHMOE_CUDA_MV_RPT (2, 4 or 8) if set, else the largest whose grid has at
+ * least 2 blocks per SM (blocks_of(nr) gives the launch's blocks). */
+template <typename F> int mv_pick_nr(const fm_cuda *ctx, F blocks_of) {
+    const char *e = getenv("FLASHMOE_CUDA_MV_RPT"); /* read per launch (tests switch it) */
+    const int forced = e ? atoi(e) : 0;
+    if (forced == 2 || forced == 4 || forced == 8) return forced;
+    for (int nr = 8; nr > 2; nr >>= 1)
+        if (blocks_of(nr) >= 2LL * ctx->sm_count) return nr;
+    return 2;
+}
+
+fm_status mv_launch(fm_cuda *ctx, int kind, MvParams &P) {
+    if (P.n == 0) return FM_OK;
+    const int nr = mv_pick_nr(ctx, [&](int r) {
+        long long b = 0;
+        for (int i = 0; i < P.n; i++) b += mv_blocks(P.m[i].s, P.m[i].w_up ? r / 2 : r);
+        return b;
+    });
+    long long b = 0;
+    for (int i = 0; i < P.n; i++) {
+        P.m[i].blk0 = (int)b;
+        b += mv_blocks(P.m[i].s, P.m[i].w_up ? nr / 2 : nr);
+    }
+    if (b > 0x7fffffffLL) return fm_error_set(FM_ERR_ARG, "CUDA matvec: too many rows in one launch");
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_dense_kernel(kind, nr), dim3((unsigned)b), dim3(THREADS), 0, P));
+    FM_CUDA_CHECK_LAUNCH("the CUDA one-token matvec kernel");
+    P.n = 0;
+    return FM_OK;
+}
+
+} // namespace
+
+extern "C" bool fm_cuda_matvec_takes(const fm_weight *w, const float *x) {
+    Params p;
+    int kind = K_NONE;
+    MvShape s;
+    if (!w || !w->data || check_shape(w, &p, &kind) != FM_OK) return false;
+    return (uintptr_t)w->data % 16 == 0 && (uintptr_t)x % 16 == 0 && mv_shape(w, kind, &s);
+}
+
+extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
+    FM_CUDA_CTX(ctx);
+    if (n < 0 || (n > 0 && !mv)) return fm_error_set(FM_ERR_ARG, "CUDA matvec: bad batch (%d products)", n);
+    /* validate everything before enqueuing anything */
+    for (int i = 0; i < n; i++) {
+        Params p;
+        int kind = K_NONE;
+        fm_status st = check_shape(mv[i].w, &p, &kind);
+        if (st != FM_OK) return st;
+        const fm_cuda_mat m = {mv[i].w->data, mv[i].x, mv[i].out, 1};
+        bool fast = true;
+        if ((st = check_mat(&m, i, kind, p.cols, &fast)) != FM_OK) return st;
+        if (mv[i].w_up) {
+            const fm_weight *a = mv[i].w, *u = mv[i].w_up;
+            if (u->dtype != a->dtype || u->rows != a->rows || u->cols != a->cols ||
+                (fm_dtype_is_quant(a->dtype) && (u->group_size != a->group_size || u->scale_dtype != a->scale_dtype)))
+                return fm_error_set(FM_ERR_ARG, "CUDA matvec: product %d: w_up has another shape than w", i);
+            if (!u->data) return fm_error_set(FM_ERR_ARG, "CUDA matvec: product %d: NULL pointer", i);
+            if (!fm_cuda_matvec_takes(a, mv[i].x) || (uintptr_t)u->data % 16)
+                return fm_error_set(FM_ERR_UNSUPPORTED,
+                                    "CUDA matvec: product %d: w_up (SwiGLU pair) needs the one-token kernel (16-byte "
+                                    "aligned weights and x, rows of whole 16-byte chunks, not Q2)", i);
+        }
+    }
+    for (int kind = 0; kind < K_NONE; kind++) {
+        MvParams P;
+        P.n = 0;
+        for (int i = 0; i < n; i++) {
+            const fm_weight *w = mv[i].w;
+            if (kind_of(w->dtype) != kind || w->rows == 0) continue;
+            MvShape s;
+            const bool ok = (uintptr_t)w->data % 16 == 0 && (uintptr_t)mv[i].x % 16 == 0 && mv_shape(w, kind, &s);
+            if (!ok) { /* the general path */
+                fm_status st = fm_cuda_matmul(ctx, mv[i].out, mv[i].x, 1, w);
+                if (st != FM_OK) return st;
+                continue;
+            }
+            P.m[P.n++] = MvProd{(const unsigned char *)w->data, (const unsigned char *)(mv[i].w_up ? mv[i].w_up->data : nullptr),
+                                mv[i].x, mv[i].out, s, 0};
+            if (P.n == FM_CUDA_MV_MAX) {
+                fm_status st = mv_launch(ctx, kind, P);
+                if (st != FM_OK) return st;
+            }
+        }
+        fm_status st = mv_launch(ctx, kind, P);
+        if (st != FM_OK) return st;
+    }
+    return FM_OK;
+}
+
+fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv, bool *done) {
+    *done = false;
+    Params p;
+    int kind = K_NONE;
+    MvShape s;
+    if (check_shape(shape, &p, &kind) != FM_OK || !mv_shape(shape, kind, &s)) return FM_OK;
+    if ((uintptr_t)mv->x % 16 || mv->x_stride % 4 || (mv->x_up && (uintptr_t)mv->x_up % 16)) return FM_OK;
+    const bool pair = mv->swiglu_out != 0;
+    MvExpParams P;
+    memset(&P, 0, sizeof P);
+    P.table = (const unsigned char *const *)mv->table;
+    P.ids = mv->ids;
+    P.part_off[0] = mv->part_off[0];
+    P.part_off[1] = mv->n_parts > 1 ? mv->part_off[1] : mv->part_off[0];
+    P.x = mv->x;
+    P.x_up = mv->x_up;
+    P.x_stride = mv->x_stride;
+    P.out_stride = mv->out_stride;
+    P.out[0] = mv->out[0];
+    P.out[1] = mv->n_parts > 1 && mv->out[1] ? mv->out[1] : mv->out[0];
+    P.s = s;
+    P.k = mv->k;
+    P.n_experts = mv->n_experts;
+    P.pair = pair;
+    const int ny = pair ? mv->k : mv->k * mv->n_parts;
+    const int nr = mv_pick_nr(ctx, [&](int r) { return mv_blocks(s, pair ? r / 2 : r) * ny; });
+    const long long bx = mv_blocks(s, pair ? nr / 2 : nr);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_exp_kernel(kind, nr), dim3((unsigned)bx, (unsigned)ny), dim3(THREADS), 0, P));
+    FM_CUDA_CHECK_LAUNCH("the CUDA one-token expert matvec kernel");
+    *done = true;
+    return FM_OK;
 }

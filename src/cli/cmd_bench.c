@@ -374,7 +374,10 @@ typedef struct bench_run {
     uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes, spec_reads, spec_hits;
     uint64_t spec_wasted_bytes;                /* speculative reads that reached RAM and were never used */
     fm_cuda_stats vram;                        /* --backend cuda: the VRAM expert cache during decode */
+    fm_cuda_stats pf_vram;                     /* --backend cuda: the same during prefill */
     double copy_gbs;                           /* --backend cuda: device copy bandwidth (0: not measured) */
+    double h2d_gbs;                            /* --backend cuda: pinned host-to-device bandwidth (0: not measured) */
+    double floor_h2d_ms, floor_gpu_ms;         /* --backend cuda: the copy and GPU-compute parts of the floor */
     /* from the floors */
     double layer_ms, floor_ms, floor_disk_ms, floor_ram_ms;
 } bench_run;
@@ -416,12 +419,14 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
 
     /* prefill */
     fm_store_reset_stats(m->store);
+    fm_forward_cuda_reset_stats(m);
     double t0 = fm_time_now();
     if (fm_session_eval(s, ids, b->n_prompt, logits, false) != FM_OK) {
         rc = fm_cli_fail("bench");
         goto done;
     }
     r->prefill_s = fm_time_now() - t0;
+    r->pf_vram = fm_forward_cuda_stats(m);
     for (int l = 0; l < cf->n_layers; l++) {
         uint64_t n = fm_store_layer_stats_get(m->store, l).requested;
         r->prefill_reads += n;
@@ -452,6 +457,8 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     r->vram = fm_forward_cuda_stats(m);
     if (m->gpu && fm_forward_cuda_copy_gbs(m, &r->copy_gbs) != FM_OK) /* for the roofline; 0 if it does not fit */
         fprintf(stderr, "bench: no device copy bandwidth (%s)\n", fm_last_error());
+    if (m->gpu && fm_forward_cuda_h2d_gbs(m, &r->h2d_gbs) != FM_OK) /* for the floor; 0 if it does not fit */
+        fprintf(stderr, "bench: no host-to-device bandwidth (%s)\n", fm_last_error());
     r->disk_bytes = storage_read_bytes() - disk0;
     r->rss = peak_rss(); /* before the RAM probe's 1 GiB buffer */
     r->head_s = fm_session_head_seconds(s);
@@ -490,6 +497,17 @@ static void apply_floors(const bench_setup *b, int n_layers, bench_run *r) {
     r->floor_ram_ms = touched_layer / (b->ram_gbs * 1e9) * 1e3;
     r->floor_disk_ms = missed_layer / (b->disk_gbs * 1e9) * 1e3;
     r->floor_ms = r->floor_ram_ms > r->floor_disk_ms ? r->floor_ram_ms : r->floor_disk_ms;
+    if (r->copy_gbs > 0 || r->h2d_gbs > 0) { /* --backend cuda: the floor of streaming experts to the GPU */
+        /* the time per layer is the whole decode's wall time (lm_head and embedding included): the
+         * host's per-layer counters do not see the GPU's time, which overlaps them */
+        r->layer_ms = r->decode_s * per;
+        double h2d_layer = (double)r->vram.h2d_bytes / (double)b->n_gen / n_layers;
+        r->floor_h2d_ms = r->h2d_gbs > 0 ? h2d_layer / (r->h2d_gbs * 1e9) * 1e3 : 0;
+        r->floor_gpu_ms = r->copy_gbs > 0 ? (double)r->vram.token_bytes / n_layers / (r->copy_gbs * 1e9) * 1e3 : 0;
+        r->floor_ms = r->floor_disk_ms;
+        if (r->floor_h2d_ms > r->floor_ms) r->floor_ms = r->floor_h2d_ms;
+        if (r->floor_gpu_ms > r->floor_ms) r->floor_ms = r->floor_gpu_ms;
+    }
 }
 
 static void print_json(const bench_setup *b, const fm_model *m, const fm_model_params *p, const bench_run *r) {
@@ -523,6 +541,19 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
                (unsigned long long)r->vram.h2d_bytes, r->vram.resident ? "true" : "false",
                (unsigned long long)r->vram.graph_steps, (unsigned long long)r->vram.token_bytes, r->copy_gbs, roof,
                roof > 0 ? (double)b->n_gen / r->decode_s / roof : 0.0);
+        int64_t chunks = (b->n_prompt + 511) / 512; /* fm_session_eval's chunks of at most 512 tokens */
+        printf(", \"floor_h2d_ms\": %.4f, \"floor_gpu_ms\": %.4f, \"h2d_gbs\": %.3f, \"vram_policy\": \"%s\", "
+               "\"vram_slots\": %d, \"slot_bytes\": %llu, \"gpu_dense_bytes\": %llu, \"gpu_state_bytes\": %llu, "
+               "\"vram_budget\": %llu, \"vram_misses\": %llu, \"vram_evictions\": %llu, \"overlap\": %s, "
+               "\"pinned_bytes\": %llu, \"copy_busy_ms\": %.4f, \"prefill_chunks\": %lld, \"prefill_vram_requested\": %llu, "
+               "\"prefill_vram_misses\": %llu, \"prefill_h2d_bytes\": %llu, \"prefill_copy_busy_s\": %.4f",
+               r->floor_h2d_ms, r->floor_gpu_ms, r->h2d_gbs, p->vram_policy == FM_VRAM_FLRU ? "flru" : "lru", r->vram.slots,
+               (unsigned long long)r->vram.slot_bytes, (unsigned long long)r->vram.dense_bytes,
+               (unsigned long long)r->pf_vram.state_bytes, (unsigned long long)r->vram.budget,
+               (unsigned long long)r->vram.misses, (unsigned long long)r->vram.evictions, r->vram.overlap ? "true" : "false",
+               (unsigned long long)r->vram.pinned_bytes, r->vram.copy_seconds * per, (long long)chunks,
+               (unsigned long long)r->pf_vram.requested, (unsigned long long)r->pf_vram.misses,
+               (unsigned long long)r->pf_vram.h2d_bytes, r->pf_vram.copy_seconds);
     }
     printf("}");
 }
@@ -568,13 +599,26 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
            fm_human_bytes((double)r->store_bytes, b1, sizeof b1), fm_human_bytes((double)r->disk_bytes, b2, sizeof b2),
            r->requested ? 100.0 * (double)r->hits / (double)r->requested : 0.0,
            fm_human_bytes((double)b->touched_token, b3, sizeof b3));
-    printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", r->floor_ms, r->floor_disk_ms,
-           r->floor_ram_ms, r->layer_ms / r->floor_ms);
+    if (m->gpu)
+        printf("floor        %.2f ms per layer = max(disk %.2f, host->GPU copies %.2f at %.1f GB/s pinned, GPU %.3f at %.0f GB/s):"
+               " decode wall time per layer %.2f ms, / floor = %.2f\n",
+               r->floor_ms, r->floor_disk_ms, r->floor_h2d_ms, r->h2d_gbs, r->floor_gpu_ms, r->copy_gbs, r->layer_ms,
+               r->layer_ms / r->floor_ms);
+    else
+        printf("floor        %.2f ms per layer (disk %.2f, RAM %.2f): time / floor = %.2f\n", r->floor_ms, r->floor_disk_ms,
+               r->floor_ram_ms, r->layer_ms / r->floor_ms);
     if (m->gpu) {
         printf("vram         %s: expert cache of %d slots%s, decode hit rate %.1f%%, %s copied to the GPU\n",
                fm_forward_cuda_device(m), r->vram.slots, r->vram.resident ? " (all experts resident)" : "",
                r->vram.requested ? 100.0 * (double)r->vram.hits / (double)r->vram.requested : 0.0,
                fm_human_bytes((double)r->vram.h2d_bytes, b1, sizeof b1));
+        printf("copies       %s: %llu copies on the copy stream, busy %.2f ms per layer; store buffers %s; prefill %s"
+               " copied for %llu experts needed (per chunk and layer, summed), %llu misses\n",
+               r->vram.overlap ? "overlapped" : "synchronous (FLASHMOE_CUDA_OVERLAP=0)", (unsigned long long)r->vram.copies,
+               r->vram.copy_seconds * per,
+               r->vram.pinned_bytes ? fm_human_bytes((double)r->vram.pinned_bytes, b2, sizeof b2) : "pageable",
+               fm_human_bytes((double)r->pf_vram.h2d_bytes, b3, sizeof b3), (unsigned long long)r->pf_vram.requested,
+               (unsigned long long)r->pf_vram.misses);
         double roof = r->vram.token_bytes ? r->copy_gbs * 1e9 / (double)r->vram.token_bytes : 0;
         printf("roofline     %s read per token on the GPU, copy %.0f GB/s: %.0f tok/s; decode at %.1f%% of it"
                " (%llu of %lld tokens as CUDA graph replays)\n",

@@ -69,6 +69,11 @@ fm_status fm_forward_cuda_copy_gbs(fm_model *m, double *gbs) {
     *gbs = 0;
     return no_cuda();
 }
+fm_status fm_forward_cuda_h2d_gbs(fm_model *m, double *gbs) {
+    (void)m;
+    *gbs = 0;
+    return no_cuda();
+}
 
 #else /* FM_HAVE_CUDA */
 
@@ -118,6 +123,11 @@ struct fm_cuda_model {
     uint64_t step;
     fm_cuda_stats stats;
     int sessions;
+
+    /* misses (docs/CUDA.md "Streaming misses") */
+    bool overlap;             /* FLASHMOE_CUDA_OVERLAP (default on): copy stream, per-expert events */
+    void *pinned;             /* the store's buffer memory, page-locked (NULL: pageable or none) */
+    int store_ring;           /* blocks the store's buffer memory holds (0: mmap, no buffers) */
 
     /* resident mode */
     bool want_resident, want_graph; /* FLASHMOE_CUDA_RESIDENT / _GRAPH (default on) */
@@ -211,6 +221,7 @@ void fm_forward_cuda_close(fm_model *m) {
     fm_cuda_buf_free(g->ctx, g->table);
     fm_cuda_buf_free(g->ctx, g->slots_mem);
     fm_cuda_buf_free(g->ctx, g->dense);
+    fm_cuda_host_unregister(g->ctx, g->pinned); /* before the store frees the memory */
     fm_cuda_free(g->ctx);
     free(g->map);
     free(g->layers);
@@ -242,7 +253,20 @@ fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
     g->want_resident = !(ev && !strcmp(ev, "0"));
     ev = getenv("FLASHMOE_CUDA_GRAPH");
     g->want_graph = !(ev && !strcmp(ev, "0"));
+    ev = getenv("FLASHMOE_CUDA_OVERLAP");
+    g->overlap = !(ev && !strcmp(ev, "0"));
     if ((st = fm_cuda_init(0, &g->ctx)) != FM_OK) goto fail;
+    { /* the store's read buffers (and RAM cache) page-locked: misses then go up by DMA from them */
+        void *mem = NULL;
+        uint64_t mem_bytes = 0;
+        fm_store_buffer_memory(m->store, &mem, &mem_bytes);
+        g->store_ring = (int)(mem_bytes / pm->max_expert_stride);
+        if (g->overlap && mem && fm_cuda_host_register(g->ctx, mem, (size_t)mem_bytes) == FM_OK) g->pinned = mem;
+        else if (g->overlap && mem)
+            fprintf(stderr, "flashmoe: --backend cuda: the expert buffers stay pageable (%s)\n", fm_last_error());
+        g->stats.overlap = g->overlap;
+        g->stats.pinned_bytes = g->pinned ? mem_bytes : 0;
+    }
 
     /* the dense tensors but the embedding table, each 256-byte aligned */
     const fm_packed_tensor *emb = fm_packed_find(pm, "embed_tokens");
@@ -348,9 +372,21 @@ fm_status fm_forward_cuda_copy_gbs(fm_model *m, double *gbs) {
     return FM_OK;
 }
 
+fm_status fm_forward_cuda_h2d_gbs(fm_model *m, double *gbs) {
+    *gbs = 0;
+    if (!m || !m->gpu) return fm_error_set(FM_ERR_ARG, "the model was not opened with --backend cuda");
+    return fm_cuda_h2d_gbs(m->gpu->ctx, 256u << 20, 5, gbs);
+}
+
 fm_cuda_stats fm_forward_cuda_stats(const fm_model *m) {
     fm_cuda_stats s = {0};
-    if (m && m->gpu) s = m->gpu->stats;
+    if (!m || !m->gpu) return s;
+    s = m->gpu->stats;
+    fm_cuda_copy_totals ct;
+    if (fm_cuda_copy_stats(m->gpu->ctx, &ct) == FM_OK) { /* waits for the copy stream */
+        s.copy_seconds = ct.busy_ms * 1e-3;
+        s.copies = ct.copies;
+    }
     return s;
 }
 
@@ -359,6 +395,7 @@ void fm_forward_cuda_reset_stats(fm_model *m) {
     fm_cuda_stats *s = &m->gpu->stats;
     s->requested = s->hits = s->misses = s->evictions = s->h2d_bytes = s->dev_steps = s->graph_steps = 0;
     s->upload_seconds = 0;
+    (void)fm_cuda_copy_stats_reset(m->gpu->ctx);
 }
 
 /* ------------------------------------------------------------------------ session */
@@ -716,18 +753,36 @@ static int pick_victim(fm_cuda_model *g) {
     return best;
 }
 
-/* Makes experts ids[0..n) of layer l resident (n <= n_slots and <= the store's capacity); their
- * slot indices go to slot_of[0..n). */
-static fm_status make_resident(fm_cuda_session *s, int l, const int32_t *ids, int n, int32_t *slot_of, double *waited) {
+/* Misses j0..n_miss of the current group will not be filled: their slots become empty. */
+static void forget_misses(fm_cuda_session *s, int j0, int n_miss) {
+    fm_cuda_model *g = s->g;
+    for (int i = j0; i < n_miss; i++) {
+        vslot *sl = &g->slots[s->miss_slot[i]];
+        if (sl->key >= 0) g->index[sl->key] = -1;
+        sl->key = -1;
+    }
+}
+
+/* Places experts ids[0..n) of layer l (n <= n_slots and <= the store's capacity): a hit is used in
+ * place; each miss gets a slot (an empty one, else the policy's victim) and is requested from the
+ * store, in order: miss j is s->miss_ids[j] -> slot s->miss_slot[j], filled by fetch_miss. slot_of[i]
+ * = the slot of ids[i], missed[i] whether it is a miss; *n_miss = the misses. step0: g->step at the layer's host synchronisation;
+ * a victim that a group enqueued since then still needs (its kernels may not have run) makes the
+ * copy stream wait for the compute stream first. Before the request, the copies of the previous
+ * one must be done: they read the store's buffers, which the new request refills. */
+static fm_status plan_group(fm_cuda_session *s, int l, const int32_t *ids, int n, int32_t *slot_of, bool *missed,
+                            int *n_miss_out, uint64_t step0) {
     fm_model *m = s->m;
     fm_cuda_model *g = s->g;
     const fm_config *c = &m->cfg;
     g->step++;
     int n_miss = 0;
+    *n_miss_out = 0;
     for (int i = 0; i < n; i++) {
         int32_t key = (int32_t)(l * c->n_experts + ids[i]);
         int sl = g->index[key];
         g->stats.requested++;
+        missed[i] = sl < 0;
         if (sl >= 0) {
             g->stats.hits++;
             touch(g, sl);
@@ -738,6 +793,7 @@ static fm_status make_resident(fm_cuda_session *s, int l, const int32_t *ids, in
         }
     }
     if (!n_miss) return FM_OK;
+    bool in_use = false;
     for (int i = 0; i < n_miss; i++) {
         int v = pick_victim(g);
         if (v < 0) return fm_error_set(FM_ERR_ARG, "--backend cuda: no free expert slot (internal error)");
@@ -745,6 +801,7 @@ static fm_status make_resident(fm_cuda_session *s, int l, const int32_t *ids, in
         if (sl->key >= 0) {
             g->index[sl->key] = -1;
             g->stats.evictions++;
+            in_use = in_use || sl->pinned > step0;
         }
         sl->key = (int32_t)(l * c->n_experts + s->miss_ids[i]);
         sl->uses = 0;
@@ -752,35 +809,50 @@ static fm_status make_resident(fm_cuda_session *s, int l, const int32_t *ids, in
         touch(g, v);
         s->miss_slot[i] = v;
     }
-    const fm_packed_expert_layer *L = &m->packed->experts[l];
-    uint64_t bytes = 0;
-    for (int q = 0; q < FM_PART_COUNT; q++)
-        if (L->parts[q].offset + L->parts[q].n_bytes > bytes) bytes = L->parts[q].offset + L->parts[q].n_bytes;
-    fm_status st = fm_store_request(m->store, l, s->miss_ids, n_miss);
-    int i = 0;
-    for (; st == FM_OK && i < n_miss; i++) {
-        const uint8_t *block;
-        double t0 = fm_time_now();
-        st = fm_store_wait(m->store, i, &block);
-        double t1 = fm_time_now();
-        *waited += t1 - t0;
-        if (st != FM_OK) break;
-        st = fm_cuda_buf_upload(s->ctx, g->slots_mem + (uint64_t)s->miss_slot[i] * g->slot_bytes, block, bytes);
-        g->stats.upload_seconds += fm_time_now() - t1;
-        if (st != FM_OK) break;
-        g->stats.misses++;
-        g->stats.h2d_bytes += bytes;
-    }
-    if (st != FM_OK) { /* the slots not filled hold nothing */
-        for (; i < n_miss; i++) {
-            vslot *sl = &g->slots[s->miss_slot[i]];
-            g->index[sl->key] = -1;
-            sl->key = -1;
-        }
-        return st;
-    }
     for (int a = 0, b = 0; a < n; a++)
         if (slot_of[a] < 0) slot_of[a] = s->miss_slot[b++];
+    *n_miss_out = n_miss;
+    fm_status st = FM_OK;
+    if (g->overlap) {
+        st = fm_cuda_copy_sync(s->ctx);
+        if (st == FM_OK && in_use) st = fm_cuda_copies_wait_compute(s->ctx);
+    }
+    if (st == FM_OK) st = fm_store_request(m->store, l, s->miss_ids, n_miss);
+    if (st != FM_OK) { /* the new slots hold nothing */
+        forget_misses(s, 0, n_miss);
+        *n_miss_out = 0;
+    }
+    return st;
+}
+
+/* Waits for miss j of the current group and copies it into its slot: with overlap an enqueued copy
+ * on the copy stream (the compute stream waits for it before the expert's kernels), else a
+ * synchronous upload. On failure, misses j.. are forgotten (their slots hold nothing). */
+static fm_status fetch_miss(fm_cuda_session *s, int l, int j, int n_miss, double *waited) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    uint64_t bytes = block_bytes(&m->packed->experts[l]);
+    const uint8_t *block;
+    double t0 = fm_time_now();
+    fm_status st = fm_store_wait(m->store, j, &block);
+    double t1 = fm_time_now();
+    *waited += t1 - t0;
+    uint8_t *dst = g->slots_mem + (uint64_t)s->miss_slot[j] * g->slot_bytes;
+    if (st == FM_OK) {
+        if (g->overlap) {
+            st = fm_cuda_copy_upload(s->ctx, dst, block, bytes);
+            if (st == FM_OK) st = fm_cuda_compute_wait_copies(s->ctx);
+        } else {
+            st = fm_cuda_buf_upload(s->ctx, dst, block, bytes);
+        }
+    }
+    g->stats.upload_seconds += fm_time_now() - t1;
+    if (st != FM_OK) {
+        forget_misses(s, j, n_miss);
+        return st;
+    }
+    g->stats.misses++;
+    g->stats.h2d_bytes += bytes;
     return FM_OK;
 }
 
@@ -841,6 +913,54 @@ static fm_status full_attention(fm_cuda_session *s, int l, int64_t T, int64_t po
     return fm_cuda_matmul(ctx, s->mix, att, T, &w->o_proj);
 }
 
+/* Enqueues the routed experts es[0..n) of layer l (their blocks in slots ss[0..n), ascending id, so
+ * their rows s->start[e].. are in ascending order) for the rows gathered in s->X: gate and up in one
+ * batched launch (two when their shapes differ), SwiGLU over each run of adjacent rows, down in one
+ * batched launch, into s->Y. */
+static fm_status experts_compute(fm_cuda_session *s, int l, const int32_t *es, const int32_t *ss, int n) {
+    fm_model *m = s->m;
+    fm_cuda_model *g = s->g;
+    fm_cuda *ctx = s->ctx;
+    int64_t H = m->cfg.n_embd, I = m->cfg.n_ff_expert;
+    const int64_t *start = s->start;
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
+    const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
+    /* shapes only (fm_cuda_matmul_batch ignores their data pointers) */
+    fm_weight sg = fm_packed_weight(pg, g->slots_mem), su = fm_packed_weight(pu, g->slots_mem),
+              sd = fm_packed_weight(pd, g->slots_mem);
+    bool fused = same_shape(&sg, &su);
+    fm_cuda_mat mats[FM_CUDA_BATCH_MAX];
+    int nm = 0;
+    for (int i = 0; i < n; i++) {
+        const uint8_t *base = g->slots_mem + (uint64_t)ss[i] * g->slot_bytes;
+        int64_t r0 = start[es[i]], nt = start[es[i] + 1] - r0;
+        mats[nm++] = (fm_cuda_mat){base + pg->offset, s->X + r0 * H, s->G + r0 * I, nt};
+        if (fused) mats[nm++] = (fm_cuda_mat){base + pu->offset, s->X + r0 * H, s->U + r0 * I, nt};
+    }
+    TRY(fm_cuda_matmul_batch(ctx, &sg, mats, nm));
+    if (!fused) {
+        for (int i = 0; i < n; i++) {
+            int64_t r0 = start[es[i]];
+            mats[i] = (fm_cuda_mat){g->slots_mem + (uint64_t)ss[i] * g->slot_bytes + pu->offset, s->X + r0 * H,
+                                    s->U + r0 * I, start[es[i] + 1] - r0};
+        }
+        TRY(fm_cuda_matmul_batch(ctx, &su, mats, n));
+    }
+    for (int i = 0; i < n;) { /* SwiGLU over runs of adjacent rows */
+        int j = i + 1;
+        while (j < n && start[es[j]] == start[es[j - 1] + 1]) j++;
+        int64_t r_lo = start[es[i]], r_hi = start[es[j - 1] + 1];
+        TRY(fm_cuda_swiglu(ctx, s->G + r_lo * I, s->G + r_lo * I, s->U + r_lo * I, (r_hi - r_lo) * I));
+        i = j;
+    }
+    for (int i = 0; i < n; i++) {
+        int64_t r0 = start[es[i]];
+        mats[i] = (fm_cuda_mat){g->slots_mem + (uint64_t)ss[i] * g->slot_bytes + pd->offset, s->G + r0 * I, s->Y + r0 * H,
+                                start[es[i] + 1] - r0};
+    }
+    return fm_cuda_matmul_batch(ctx, &sd, mats, n);
+}
+
 /* x += moe(xn) for the chunk (xn already holds the post-attention norm). */
 static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     fm_model *m = s->m;
@@ -848,7 +968,7 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     const fm_config *c = &m->cfg;
     const fm_layer_weights *w = &g->layers[l];
     fm_cuda *ctx = s->ctx;
-    int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used, I = c->n_ff_expert;
+    int64_t H = c->n_embd, E = c->n_experts, k = m->n_experts_used;
     fm_layer_timing *tm = &s->timing[l];
     double t_start = fm_time_now();
 
@@ -924,48 +1044,34 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     double t_grouped = fm_time_now();
     tm->route += t_grouped - t_routed;
 
-    /* routed experts, in groups that fit the cache and the store */
-    const fm_packed_expert_layer *L = &m->packed->experts[l];
-    const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
-    /* shapes only (fm_cuda_matmul_batch ignores their data pointers) */
-    fm_weight sg = fm_packed_weight(pg, g->slots_mem), su = fm_packed_weight(pu, g->slots_mem),
-              sd = fm_packed_weight(pd, g->slots_mem);
-    bool fused = same_shape(&sg, &su);
+    /* routed experts, in groups that fit the cache and the store. With overlap (the default), a
+     * group's hits are computed first, in one batch, while the store reads its misses; then miss j
+     * is copied on the copy stream as soon as its bytes are in, and its kernels wait for that copy
+     * only, so expert j computes while j + 1 is copied and later ones are still being read. */
     int group = g->n_slots < fm_store_capacity(m->store) ? g->n_slots : fm_store_capacity(m->store);
     if (group > FM_CUDA_BATCH_MAX / 2) group = FM_CUDA_BATCH_MAX / 2;
-    int32_t slot_of[FM_CUDA_BATCH_MAX / 2];
-    fm_cuda_mat mats[FM_CUDA_BATCH_MAX];
+    if (g->overlap && g->store_ring > 0 && group > g->store_ring) group = g->store_ring; /* no buffer reused under a copy */
+    int32_t slot_of[FM_CUDA_BATCH_MAX / 2], hit_e[FM_CUDA_BATCH_MAX / 2], hit_s[FM_CUDA_BATCH_MAX / 2];
+    bool missed[FM_CUDA_BATCH_MAX / 2];
     double waited = 0;
+    uint64_t step0 = g->step; /* every kernel enqueued before this layer's download has run */
     for (int g0 = 0; g0 < n_uniq; g0 += group) {
-        int n = n_uniq - g0 < group ? n_uniq - g0 : group;
-        TRY(make_resident(s, l, uniq + g0, n, slot_of, &waited));
-        int nm = 0;
-        for (int i = 0; i < n; i++) {
-            int32_t e = uniq[g0 + i];
-            const uint8_t *base = g->slots_mem + (uint64_t)slot_of[i] * g->slot_bytes;
-            int64_t r0 = start[e], nt = start[e + 1] - start[e];
-            mats[nm++] = (fm_cuda_mat){base + pg->offset, s->X + r0 * H, s->G + r0 * I, nt};
-            if (fused) mats[nm++] = (fm_cuda_mat){base + pu->offset, s->X + r0 * H, s->U + r0 * I, nt};
+        int n = n_uniq - g0 < group ? n_uniq - g0 : group, n_miss = 0;
+        TRY(plan_group(s, l, uniq + g0, n, slot_of, missed, &n_miss, step0));
+        if (!g->overlap) {
+            for (int j = 0; j < n_miss; j++) TRY(fetch_miss(s, l, j, n_miss, &waited));
+            TRY(experts_compute(s, l, uniq + g0, slot_of, n));
+            continue;
         }
-        TRY(fm_cuda_matmul_batch(ctx, &sg, mats, nm));
-        if (!fused) {
-            for (int i = 0; i < n; i++) {
-                int32_t e = uniq[g0 + i];
-                int64_t r0 = start[e];
-                mats[i] = (fm_cuda_mat){g->slots_mem + (uint64_t)slot_of[i] * g->slot_bytes + pu->offset, s->X + r0 * H,
-                                        s->U + r0 * I, start[e + 1] - r0};
-            }
-            TRY(fm_cuda_matmul_batch(ctx, &su, mats, n));
+        int nh = 0;
+        for (int i = 0; i < n; i++)
+            if (!missed[i]) hit_e[nh] = uniq[g0 + i], hit_s[nh++] = slot_of[i];
+        fm_status st = nh ? experts_compute(s, l, hit_e, hit_s, nh) : FM_OK;
+        for (int j = 0; st == FM_OK && j < n_miss; j++) {
+            if ((st = fetch_miss(s, l, j, n_miss, &waited)) != FM_OK) break;
+            if ((st = experts_compute(s, l, s->miss_ids + j, s->miss_slot + j, 1)) != FM_OK) forget_misses(s, j + 1, n_miss);
         }
-        int64_t r_lo = start[uniq[g0]], r_hi = start[uniq[g0 + n - 1] + 1];
-        TRY(fm_cuda_swiglu(ctx, s->G + r_lo * I, s->G + r_lo * I, s->U + r_lo * I, (r_hi - r_lo) * I));
-        for (int i = 0; i < n; i++) {
-            int32_t e = uniq[g0 + i];
-            int64_t r0 = start[e];
-            mats[i] = (fm_cuda_mat){g->slots_mem + (uint64_t)slot_of[i] * g->slot_bytes + pd->offset, s->G + r0 * I,
-                                    s->Y + r0 * H, start[e + 1] - r0};
-        }
-        TRY(fm_cuda_matmul_batch(ctx, &sd, mats, n));
+        if (st != FM_OK) return st; /* misses not filled were forgotten */
     }
     TRY(fm_cuda_moe_combine(ctx, s->x, ysh, s->shl, s->Y, s->tab + T * k, (const float *)(s->tab + 2 * T * k), T, (int)k,
                             H));

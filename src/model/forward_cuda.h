@@ -45,6 +45,11 @@ typedef struct fm_cuda_stats {
     bool graphs;         /* resident one-token steps without host syncs, replayed as a CUDA graph */
     uint64_t dev_steps;  /* one-token steps run with the expert ids on the device (no host sync) */
     uint64_t graph_steps;/* of those, replays of the session's CUDA graph */
+    bool overlap;        /* misses copied on a copy stream, each expert's kernels waiting for its copy
+                            only (FLASHMOE_CUDA_OVERLAP=0: synchronous copies, as before) */
+    uint64_t pinned_bytes;/* the store's buffers page-locked for DMA (0: pageable, or the mmap engine) */
+    uint64_t copies;     /* copies on the copy stream */
+    double copy_seconds; /* their summed device time (each copy's own events: the copy engine busy) */
 } fm_cuda_stats;
 
 /* Opens the GPU side of model `m` (device 0): checks that the dense weights fit the budget
@@ -80,6 +85,10 @@ void fm_forward_cuda_reset_stats(fm_model *m);
 /* The device's copy bandwidth in GB/s (bytes read + written), for a roofline: the median of 5
  * device-to-device copies of 256 MiB (FM_ERR_NOMEM when the two buffers do not fit on the device). */
 fm_status fm_forward_cuda_copy_gbs(fm_model *m, double *gbs);
+
+/* Host-to-device bandwidth from page-locked memory in GB/s, for the streaming floor: the median of
+ * 5 copies of 256 MiB on the copy stream (FM_ERR_NOMEM when the buffers do not fit). */
+fm_status fm_forward_cuda_h2d_gbs(fm_model *m, double *gbs);
 
 /* "NVIDIA H100 80GB HBM3, sm_90, ..." for a CUDA model, "" otherwise. */
 const char *fm_forward_cuda_device(const fm_model *m);

@@ -77,6 +77,50 @@ fm_status fm_cuda_sync(fm_cuda *ctx);
 fm_status fm_cuda_timer_start(fm_cuda *ctx);
 fm_status fm_cuda_timer_stop(fm_cuda *ctx, double *ms);
 
+/* ---- the copy stream: host -> device copies beside the compute stream ----
+ * A context has a second stream for uploads (created on first use). Its copies run concurrently
+ * with the kernels of the compute stream; ordering between the two is explicit: the compute stream
+ * waits for the copies enqueued so far (fm_cuda_compute_wait_copies), the copy stream for the
+ * kernels enqueued so far (fm_cuda_copies_wait_compute). Host memory given to fm_cuda_copy_upload
+ * should be page-locked (fm_cuda_host_alloc or fm_cuda_host_register) for a truly asynchronous
+ * copy; pageable memory works too (CUDA stages it before the call returns). */
+
+/* Page-locks `bytes` of existing host memory at `host` (cudaHostRegister) so that copies from it
+ * are DMA transfers that do not block the host. FM_ERR_IO (with the CUDA error) when the driver
+ * refuses, e.g. for a file mapping; the memory then stays usable as pageable memory. */
+fm_status fm_cuda_host_register(fm_cuda *ctx, void *host, size_t bytes);
+/* Waits for the copy stream, then unregisters (NULL is fine). */
+void fm_cuda_host_unregister(fm_cuda *ctx, void *host);
+
+/* host -> device on the copy stream, enqueued: `host` must stay unchanged until the copy is done
+ * (fm_cuda_copy_sync, or a later compute-stream point that waited for it). Each copy is timed with
+ * a pair of events (fm_cuda_copy_stats). */
+fm_status fm_cuda_copy_upload(fm_cuda *ctx, void *dev, const void *host, size_t bytes);
+/* The compute stream's later work waits for every copy enqueued so far (an event, no host wait). */
+fm_status fm_cuda_compute_wait_copies(fm_cuda *ctx);
+/* The copy stream's later copies wait for every kernel enqueued so far on the compute stream (so a
+ * copy may overwrite device memory that those kernels read). */
+fm_status fm_cuda_copies_wait_compute(fm_cuda *ctx);
+/* The host waits for every copy enqueued (their host buffers may be reused after). */
+fm_status fm_cuda_copy_sync(fm_cuda *ctx);
+
+/* Copies through fm_cuda_copy_upload since the context was made (or the last reset): their count,
+ * bytes and summed device time (each copy's own start to end event: the copy engine's busy time). */
+typedef struct fm_cuda_copy_totals {
+    uint64_t copies, bytes;
+    double busy_ms;
+} fm_cuda_copy_totals;
+/* Waits for the copy stream, then gives the totals. */
+fm_status fm_cuda_copy_stats(fm_cuda *ctx, fm_cuda_copy_totals *out);
+/* Waits for the copy stream and zeroes the totals. */
+fm_status fm_cuda_copy_stats_reset(fm_cuda *ctx);
+
+/* Host -> device bandwidth from page-locked memory on the copy stream, GB/s (1e9 bytes): the
+ * median of `reps` (>= 1, after one warm-up) copies of `bytes`, timed with events. Allocates
+ * `bytes` of page-locked host memory and of device memory for the measurement (FM_ERR_NOMEM if
+ * they do not fit). Not counted in fm_cuda_copy_stats. */
+fm_status fm_cuda_h2d_gbs(fm_cuda *ctx, size_t bytes, int reps, double *gbs);
+
 /* ---- matmul: out[t, r] = sum_c x[t, c] * W[r, c] ---- */
 
 /* One product of a batch. w: the weight's bytes on the device, in the layout of fm_weight (for

@@ -13,10 +13,21 @@ extern "C" {
 #include "util/error.h"
 }
 
+/* Timed copies on the copy stream whose events may be pending at once (a ring). */
+#define FM_CUDA_COPY_TIMED 64
+
 struct fm_cuda {
     int device;
     cudaStream_t stream;
     cudaEvent_t t0, t1;
+    /* the copy stream (fm_cuda_copy_*), created on first use, and its events */
+    cudaStream_t copy;
+    cudaEvent_t copied;   /* recorded on the copy stream: the compute stream waits on it */
+    cudaEvent_t computed; /* recorded on the compute stream: the copy stream waits on it */
+    cudaEvent_t (*cev)[2];/* [FM_CUDA_COPY_TIMED] start/end of timed copies (a ring) */
+    int cev_next, cev_pending;
+    double copy_ms;       /* summed over finished timed copies */
+    uint64_t copy_bytes, copy_count;
     int sm_count;
     int64_t l2_bytes;
     char desc[256];

@@ -107,7 +107,8 @@ const char *fm_io_engine_name(fm_io_engine e) {
 
 static uint8_t *slot_mem(fm_expert_store *s, int i) { return s->slots_mem + (size_t)i * s->pm->max_expert_stride; }
 
-static bool streaming(const fm_expert_store *s) { return s->max_request > s->capacity; }
+/* No cache and not mmap: a request's experts stream through the ring of `capacity` buffers. */
+static bool streaming(const fm_expert_store *s) { return !s->cache && s->opt.engine != FM_IO_MMAP && s->max_request > s->capacity; }
 
 /* Reads expert `e` of `layer` into dst; on failure writes the message to err. */
 static bool read_block(fm_expert_store *s, int layer, int32_t e, uint8_t *dst, char *err, size_t errcap, double *secs) {
@@ -494,7 +495,9 @@ fm_status fm_store_open(const fm_packed_model *pm, int capacity, const fm_store_
     s->stats = calloc((size_t)s->n_layers, sizeof *s->stats);
     s->slots = calloc((size_t)s->n_slots, sizeof *s->slots);
     s->index = malloc(sizeof(int) * (size_t)s->n_layers * (size_t)c->n_experts);
-    s->max_request = s->cache || s->opt.engine == FM_IO_MMAP ? capacity : c->n_experts;
+    /* with a cache a request may pin every slot: a prefill chunk asks for a whole layer at once */
+    s->max_request = s->cache ? (s->n_slots < c->n_experts ? s->n_slots : c->n_experts)
+                              : s->opt.engine == FM_IO_MMAP ? capacity : c->n_experts;
     if (s->max_request < capacity) s->max_request = capacity;
     size_t mr = (size_t)s->max_request;
     s->req_slot = calloc(mr, sizeof(int));
@@ -523,12 +526,18 @@ fm_status fm_store_open(const fm_packed_model *pm, int capacity, const fm_store_
         }
         for (int i = 0; i < s->n_slots; i++) s->slot_owner[i] = -1;
     }
-    if (s->opt.engine != FM_IO_MMAP &&
-        posix_memalign((void **)&s->slots_mem, 4096, (size_t)s->n_slots * stride) != 0) {
-        s->slots_mem = NULL;
-        st = fm_error_set(FM_ERR_NOMEM, "out of memory for %d expert buffers of %llu bytes", s->n_slots,
-                          (unsigned long long)stride);
-        goto fail;
+    if (s->opt.engine != FM_IO_MMAP) {
+        /* 2 MiB-aligned and, where the kernel allows, transparent huge pages: a RAM cache of GBs is
+         * first touched by the reads themselves, and its 4 KiB page faults (costly in a VM) tripled
+         * a cold prefill's expert wait with a 4 GB cache (docs/SPEED.md) */
+        size_t bytes = (size_t)s->n_slots * stride, align = (size_t)2 << 20;
+        if (posix_memalign((void **)&s->slots_mem, bytes >= align ? align : 4096, bytes) != 0) {
+            s->slots_mem = NULL;
+            st = fm_error_set(FM_ERR_NOMEM, "out of memory for %d expert buffers of %llu bytes", s->n_slots,
+                              (unsigned long long)stride);
+            goto fail;
+        }
+        if (bytes >= align) madvise(s->slots_mem, bytes & ~(align - 1), MADV_HUGEPAGE); /* a hint only */
     }
     for (int l = 0; l < s->n_layers; l++) {
         const fm_packed_expert_layer *L = &pm->experts[l];

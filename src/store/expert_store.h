@@ -45,16 +45,18 @@ typedef struct fm_store_layer_stats {
 
 typedef struct fm_expert_store fm_expert_store;
 
-/* Opens every layer's expert file of `pm` (which must outlive the store). `capacity` = the most
- * experts one request may ask for. */
+/* Opens every layer's expert file of `pm` (which must outlive the store). `capacity` = the read
+ * buffers it keeps without a RAM cache (with one, the cache's slots serve as buffers). */
 fm_status fm_store_open(const fm_packed_model *pm, int capacity, const fm_store_options *opt, fm_expert_store **out);
 
 /* Stops the reader threads, closes the files and frees the buffers (NULL is fine). */
 void fm_store_free(fm_expert_store *s);
 
-/* Most experts one request may ask for: `capacity` with a RAM cache or mmap; every expert of a
- * layer otherwise, streamed through a ring of `capacity` buffers (a buffer is reused once the
- * consumer waits for a later expert, so experts must be waited for in order). */
+/* Most experts one request may ask for: with a RAM cache, as many as it has slots (up to every
+ * expert of a layer: a prefill chunk's whole layer in one request, its reads all under way); with
+ * mmap, `capacity`; otherwise every expert of a layer, streamed through a ring of `capacity`
+ * buffers (a buffer is reused once the consumer waits for a later expert, so experts must be
+ * waited for in order). */
 int fm_store_capacity(const fm_expert_store *s);
 
 /* Starts making experts ids[0..n) of `layer` available (ids distinct, n <= fm_store_capacity) and

@@ -838,7 +838,11 @@ FM_TEST(cuda_layer_decode_at) {
                 const int64_t H = Hs[hi], T = 3;
                 const int k = ks[ki];
                 float *x = rnd_vec(T * H, 2), *sh = rnd_vec(T * H, 1), *sl = rnd_vec(T, 4), *Y = rnd_vec(T * k * H, 1),
-                      *w = rnd_vec(T * k, 1), *res = rnd_vec(T * H, 0);
+                      *w = rnd_vec(T * k, 1), *res = rnd_vec(T * H, 0), *nw = rnd_vec(H, 1);
+                float *x0 = malloc(sizeof(float) * (size_t)(T * H)), *xn2 = rnd_vec(T * H, 0),
+                      *res3 = rnd_vec(T * H, 0), *xn3 = rnd_vec(T * H, 0);
+                REQUIRE(x0);
+                memcpy(x0, x, sizeof(float) * (size_t)(T * H));
                 int32_t ids[3 * 64];
                 for (int64_t tt = 0; tt < T; tt++) /* distinct ids in random order: a shuffled range */
                     for (int j = 0; j < k; j++) {
@@ -869,9 +873,33 @@ FM_TEST(cuda_layer_decode_at) {
                         snprintf(what, sizeof what, "moe_combine_topk H=%lld k=%d shared=%d", (long long)H, k, with_shared);
                         CHECK_ERR(what, rel_err(res, x, T * H), 1e-6);
                     }
+                    /* the fused combine + norm against the two launches (bit-identical) and the CPU norm */
+                    float *dxn = dev_from(t, c, xn2, sizeof(float) * T * H), *dnw = dev_from(t, c, nw, sizeof(float) * H),
+                          *dx3 = dev_from(t, c, x0, sizeof(float) * T * H), *dxn3 = dev_from(t, c, xn3, sizeof(float) * T * H);
+                    if (dxn && dnw && dx3 && dxn3) {
+                        const float eps = 1e-6f;
+                        CHECK_OK(fm_cuda_add_rmsnorm(c, dx, dxn, NULL, dnw, T, H, eps));
+                        CHECK_OK(fm_cuda_moe_combine_topk_norm(c, dx3, dxn3, dnw, eps, with_shared ? dsh : NULL, dsl, dY,
+                                                               dids, dw, T, k, H));
+                        if (down(t, c, res, dx, sizeof(float) * T * H) && down(t, c, xn2, dxn, sizeof(float) * T * H) &&
+                            down(t, c, res3, dx3, sizeof(float) * T * H) &&
+                            down(t, c, xn3, dxn3, sizeof(float) * T * H)) {
+                            CHECK_MSG(memcmp(res, res3, sizeof(float) * (size_t)(T * H)) == 0 &&
+                                          memcmp(xn2, xn3, sizeof(float) * (size_t)(T * H)) == 0,
+                                      "moe_combine_topk_norm H=%lld k=%d shared=%d: not the two launches' results",
+                                      (long long)H, k, with_shared);
+                            float *ref = malloc(sizeof(float) * (size_t)(T * H));
+                            REQUIRE(ref);
+                            for (int64_t tt = 0; tt < T; tt++) /* x: the CPU's combine above */
+                                fm_cpu_rmsnorm(ref + tt * H, x + tt * H, nw, H, eps);
+                            CHECK_ERR("moe_combine_topk_norm xn", rel_err(xn3, ref, T * H), 1e-5);
+                            free(ref);
+                        }
+                    }
                 }
                 dev_free_all(c);
-                free(x), free(sh), free(sl), free(Y), free(w), free(res);
+                free(x), free(sh), free(sl), free(Y), free(w), free(res), free(nw), free(x0), free(xn2), free(res3),
+                    free(xn3);
             }
     CHECK(fm_cuda_moe_combine_topk(c, (float *)8, NULL, NULL, (float *)8, (int32_t *)8, (float *)8, 1, 65, 8) ==
           FM_ERR_ARG);

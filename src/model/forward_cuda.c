@@ -1126,8 +1126,9 @@ static fm_status full_attention_dev(fm_cuda_session *s, int l) {
     return matvec1(ctx, s->mix, &w->o_proj, att);
 }
 
-/* x += moe(xn) for one token, the expert ids staying on the device. */
-static fm_status moe_dev(fm_cuda_session *s, int l) {
+/* x += moe(xn) for one token, the expert ids staying on the device; then xn = rmsnorm(x) * next_norm
+ * (the next layer's input norm or the final norm), fused into the combine. */
+static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     fm_model *m = s->m;
     fm_cuda_model *g = s->g;
     const fm_config *c = &m->cfg;
@@ -1172,7 +1173,8 @@ static fm_status moe_dev(fm_cuda_session *s, int l) {
                             .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = old_emv ? s->U : NULL,
                             .x_stride = I, .out = {s->Y, NULL}, .out_stride = H};
     TRY(fm_cuda_expert_matvec(ctx, &sd, &dn));
-    return fm_cuda_moe_combine_topk(ctx, s->x, ysh, s->shl, s->Y, ids, tw, 1, (int)k, H);
+    return fm_cuda_moe_combine_topk_norm(ctx, s->x, s->xn, next_norm, (float)c->norm_eps, ysh, s->shl, s->Y, ids, tw, 1,
+                                         (int)k, H);
 }
 
 /* Enqueues one token's step: the embedding row (s->h_x) and position (s->h_pos) up, every layer,
@@ -1187,17 +1189,18 @@ static fm_status step_dev(fm_cuda_session *s, bool head) {
     float eps = (float)c->norm_eps;
     TRY(fm_cuda_upload_async(ctx, s->x, s->h_x, sizeof(float) * (size_t)H));
     TRY(fm_cuda_upload_async(ctx, s->pos_dev, s->h_pos, sizeof(int64_t)));
+    /* the first layer's input norm; every later norm of x (the next layer's input norm, the final
+     * norm) is fused into the previous layer's MoE combine */
+    TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, g->layers[0].input_norm, 1, H, eps));
     for (int l = 0; l < c->n_layers; l++) {
         const fm_layer_weights *w = &g->layers[l];
         double t0 = fm_time_now();
-        TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, w->input_norm, 1, H, eps));
         TRY(c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention_dev(s, l) : full_attention_dev(s, l));
         TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, s->mix, w->post_attn_norm, 1, H, eps));
-        TRY(moe_dev(s, l));
+        TRY(moe_dev(s, l, l + 1 < c->n_layers ? g->layers[l + 1].input_norm : g->out_norm));
         s->timing[l].mixer += fm_time_now() - t0; /* enqueueing only: the GPU time shows in the head's wait */
     }
     if (!head) return FM_OK;
-    TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, g->out_norm, 1, H, eps));
     return fm_cuda_matmul(ctx, s->logits, s->xn, 1, &g->lm_head); /* mm_fast: faster than the one-token kernel here */
 }
 

@@ -317,6 +317,14 @@ fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const float *shared, 
                                    const float *Y, const int32_t *ids, const float *w, int64_t n_tokens, int k,
                                    int64_t H);
 
+/* fm_cuda_moe_combine_topk followed by fm_cuda_add_rmsnorm(x, xn, NULL, norm_w, n_tokens, H, eps)
+ * in one launch (one block per token): x and xn are bit-identical to the two calls. xn must not
+ * overlap x, shared or Y. The one-token step uses it for the combine and the next layer's input
+ * norm (or the final norm). */
+fm_status fm_cuda_moe_combine_topk_norm(fm_cuda *ctx, float *x, float *xn, const float *norm_w, float eps,
+                                        const float *shared, const float *shared_logit, const float *Y,
+                                        const int32_t *ids, const float *w, int64_t n_tokens, int k, int64_t H);
+
 /* One token's routed experts with the expert ids in device memory (no host round trip). Product j
  * (j < n_parts * k) is part p = j / k of expert e = ids[j % k]: its weight (the launch's `shape`,
  * in the stored layout) starts at table[e] + part_off[p] (device addresses, 16-byte aligned); its

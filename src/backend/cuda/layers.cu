@@ -228,8 +228,7 @@ __global__ void __launch_bounds__(128) delta_rule_reg_kernel(float *o, const flo
                                                              const float *aa, float *S, const float *A_log,
                                                              const float *dt_bias, long long T, int nk, int nv,
                                                              int dk, int dv) {
-    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
-    fm_pdl_wait();    /* the predecessor's writes are visible from here */
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch */
     extern __shared__ float sh[]; /* qn (dk) | kn (dk) */
     __shared__ float red[32];
     float *qn = sh, *kn = sh + dk;
@@ -241,8 +240,11 @@ __global__ void __launch_bounds__(128) delta_rule_reg_kernel(float *o, const flo
     const int j = threadIdx.x;
     const bool col = j < dv;
     float s[DELTA_REG_DK];
+    /* S is this kernel's own state (the previous token's launch wrote it, long complete): loaded
+     * before the PDL wait, so that it overlaps the predecessor (the conv) */
 #pragma unroll
     for (int i = 0; i < DELTA_REG_DK; i++) s[i] = col && i < dk ? Sh[(long long)i * dv + j] : 0.f;
+    fm_pdl_wait(); /* qkv, b, a from the predecessors */
     for (long long t = 0; t < T; t++) {
         const float *row = qkv + t * cd;
         const float *q = row + (long long)g * dk, *k = row + kd + (long long)g * dk, *v = row + 2 * kd + (long long)h * dv;
@@ -496,6 +498,48 @@ __global__ void moe_combine_topk_kernel(float *x, const float *shared, const flo
         }
         x[t * H + i] += acc;
     }
+}
+
+/* ---- moe_combine_topk_kernel and then add_rmsnorm_kernel (add NULL) in one kernel: one block per
+ * token with add_rmsnorm's block size, so that x and xn are bit-identical to the two launches
+ * (every element of x has the same arithmetic; the sum of squares the same order). Saves a launch
+ * per layer of the one-token step (the MoE's combine and the next layer's input norm). ---- */
+__global__ void __launch_bounds__(1024) moe_combine_norm_kernel(float *x, float *xn, const float *nw, float eps,
+                                                                const float *shared, const float *sl, const float *Y,
+                                                                const int32_t *ids, const float *w, int k, long long H) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
+    __shared__ int ord[64];
+    __shared__ float red[32];
+    const long long t = blockIdx.x;
+    if (threadIdx.x == 0) { /* as moe_combine_topk_kernel */
+        for (int j = 0; j < k; j++) {
+            const int32_t e = ids[t * k + j];
+            int at = j;
+            while (at > 0 && ids[t * k + ord[at - 1]] > e) {
+                ord[at] = ord[at - 1];
+                at--;
+            }
+            ord[at] = j;
+        }
+    }
+    __syncthreads();
+    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    float *xr = x + t * H, *orow = xn + t * H;
+    float ss = 0.f;
+    for (long long i = threadIdx.x; i < H; i += blockDim.x) {
+        float acc = shared ? sg * shared[t * H + i] : 0.f;
+        for (int j = 0; j < k; j++) {
+            const int r = ord[j];
+            acc += w[t * k + r] * Y[(t * k + r) * H + i];
+        }
+        const float v = xr[i] + acc;
+        xr[i] = v;
+        ss = fmaf(v, v, ss);
+    }
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)H + eps);
+    for (long long i = threadIdx.x; i < H; i += blockDim.x) orow[i] = xr[i] * scale * (nw ? nw[i] : 1.0f);
 }
 
 /* ---- dst[pos * stride + i] = src[i], i < n, pos from device memory ---- */
@@ -754,6 +798,14 @@ extern "C" fm_status fm_cuda_mem_info(fm_cuda *ctx, uint64_t *free_bytes, uint64
         if (!(cond)) return fm_error_set(FM_ERR_ARG, __VA_ARGS__);                                 \
     } while (0)
 
+/* add_rmsnorm's block size for n_tokens rows of n: BLOCK, or for fewer rows than SMs wider blocks
+ * of about 2 values a thread (moe_combine_norm_kernel uses the same, for the same sums). */
+static int norm_threads(const fm_cuda *ctx, int64_t n_tokens, int64_t n) {
+    if (n_tokens >= ctx->sm_count) return BLOCK;
+    const long long want = (n / 2 + 31) / 32 * 32;
+    return (int)(want > 1024 ? 1024 : want < BLOCK ? BLOCK : want);
+}
+
 extern "C" fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, const float *add, const float *w,
                                          int64_t n_tokens, int64_t n, float eps) {
     FM_CUDA_CTX(ctx);
@@ -761,11 +813,7 @@ extern "C" fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, cons
                     (long long)n_tokens, (long long)n);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && xn, "CUDA add_rmsnorm: NULL pointer");
-    int threads = BLOCK;
-    if (n_tokens < ctx->sm_count) { /* few rows: wider blocks, about 2 values a thread */
-        const long long want = (n / 2 + 31) / 32 * 32;
-        threads = (int)(want > 1024 ? 1024 : want < BLOCK ? BLOCK : want);
-    }
+    const int threads = norm_threads(ctx, n_tokens, n);
     FM_CUDA_CHECK(fm_launch_pdl(ctx, add_rmsnorm_kernel, dim3((unsigned)n_tokens), dim3(threads), 0, x, xn, add, w,
                                 (long long)n, eps));
     FM_CUDA_CHECK_LAUNCH("add_rmsnorm_kernel");
@@ -974,6 +1022,23 @@ extern "C" fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const floa
     FM_CUDA_CHECK(fm_launch_pdl(ctx, moe_combine_topk_kernel, dim3(grid), dim3(BLOCK), 0, x, shared, shared_logit, Y,
                                 ids, w, k, (long long)H));
     FM_CUDA_CHECK_LAUNCH("moe_combine_topk_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_moe_combine_topk_norm(fm_cuda *ctx, float *x, float *xn, const float *norm_w, float eps,
+                                                   const float *shared, const float *shared_logit, const float *Y,
+                                                   const int32_t *ids, const float *w, int64_t n_tokens, int k,
+                                                   int64_t H) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && n_tokens <= INT32_MAX && k >= 1 && k <= 64 && H > 0,
+                    "CUDA moe_combine_topk_norm: bad shape (%lld tokens, top-%d, %lld; at most top-64)",
+                    (long long)n_tokens, k, (long long)H);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(x && xn && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_topk_norm: NULL pointer");
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, moe_combine_norm_kernel, dim3((unsigned)n_tokens),
+                                dim3(norm_threads(ctx, n_tokens, H)), 0, x, xn, norm_w, eps, shared, shared_logit, Y,
+                                ids, w, k, (long long)H));
+    FM_CUDA_CHECK_LAUNCH("moe_combine_norm_kernel");
     return FM_OK;
 }
 

@@ -592,8 +592,13 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
            r->prefill_s - (pf[0] + pf[1] + pf[2] + pf[3] + pf[4]));
     printf("decode       %lld tokens in %.2f s: %.3f tok/s%s\n", (long long)b->n_gen, r->decode_s,
            (double)b->n_gen / r->decode_s, b->cold ? " (expert pages dropped first)" : "");
-    printf("per layer    %.2f ms = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f\n",
-           r->layer_ms, r->mixer * per, r->route * per, r->shared * per, r->wait * per, r->compute * per);
+    if (m->gpu) /* layer_ms is the decode's wall time per layer there (lm_head included); the parts are host time */
+        printf("per layer    %.2f ms (decode wall time); host: mixer %.2f + route %.2f + shared %.2f + expert wait %.2f"
+               " + expert enqueue/copies %.2f\n",
+               r->layer_ms, r->mixer * per, r->route * per, r->shared * per, r->wait * per, r->compute * per);
+    else
+        printf("per layer    %.2f ms = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f\n",
+               r->layer_ms, r->mixer * per, r->route * per, r->shared * per, r->wait * per, r->compute * per);
     printf("lm_head      %.2f ms per token\n", r->head_s * 1e3 / (double)b->n_gen);
     printf("bytes        %s from expert files (%s from the disk), hit rate %.1f%%, %s touched per token\n",
            fm_human_bytes((double)r->store_bytes, b1, sizeof b1), fm_human_bytes((double)r->disk_bytes, b2, sizeof b2),

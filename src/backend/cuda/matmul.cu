@@ -1185,17 +1185,24 @@ long long mv_blocks(const MvShape &s, int ro) {
     return (s.rows + per - 1) / per;
 }
 
-/* NR for a launch: FLASHMOE_CUDA_MV_RPT (2, 4 or 8) if set, else the largest whose grid still has a
- * block for every SM (blocks_of(nr) gives the launch's blocks): more rows a thread means more bytes
- * in flight per thread and fewer waves (NR = 8 kernels fit 2 blocks an SM), and on the H100 the
- * experts' down projection took 7.2 us with NR = 4 (256 blocks) against 9.0 us with NR = 2. */
+/* NR for a launch: FLASHMOE_CUDA_MV_RPT (2, 4 or 8) if set, else the one whose grid is nearest (by
+ * ratio) to 2 blocks an SM, the larger NR on a tie (blocks_of(nr) gives the launch's blocks). The
+ * NR = 8 kernels fit 2 blocks an SM (116-126 registers), so that is one full wave with the most bytes
+ * in flight per thread. On the H100: out_proj [2048, 4096] Q8 5.9 us with NR = 8 (256 blocks)
+ * against 6.3 us with 4 (512); the experts' down 6.4 us with NR = 4 (256 blocks) against 9.0 us with
+ * 2 (512); the router group 4.2 us with NR = 2 (324 blocks) against 5.6 us with 4 (162). */
 template <typename F> int mv_pick_nr(const fm_cuda *ctx, F blocks_of) {
     const char *e = getenv("FLASHMOE_CUDA_MV_RPT"); /* read per launch (tests switch it) */
     const int forced = e ? atoi(e) : 0;
     if (forced == 2 || forced == 4 || forced == 8) return forced;
-    for (int nr = 8; nr > 2; nr >>= 1)
-        if (blocks_of(nr) >= (long long)ctx->sm_count) return nr;
-    return 2;
+    const double want = 2.0 * ctx->sm_count;
+    int best = 8;
+    double best_d = 1e300;
+    for (int nr = 8; nr >= 2; nr >>= 1) {
+        const double b = (double)blocks_of(nr), d = b > want ? b / want : want / (b > 0 ? b : 1);
+        if (d < best_d) best_d = d, best = nr;
+    }
+    return best;
 }
 
 fm_status mv_launch(fm_cuda *ctx, int kind, MvParams &P) {

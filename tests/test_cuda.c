@@ -27,55 +27,13 @@
 #include "backend/cuda/cuda_backend.h"
 #include "quant/quant.h"
 #include "test.h"
+#include "test_cuda_ctx.h"
 #include "util/half.h"
 
 /* ---- random numbers ---- */
 
-static uint64_t seed0;
-static void rng_seed(void) { /* once per process */
-    if (!seed0) seed0 = fm_test_rng_seed("CUDA_SEED");
-}
 #define rnd_u64 fm_test_rand_u64
 #define rnd fm_test_rand
-
-/* ---- the shared context ---- */
-
-static fm_cuda *g_ctx;
-static bool g_tried;
-static char g_why[600];
-
-/* The process's context on device 0, or NULL with the reason in g_why (no device: the test skips;
- * a device that fails to open: the test fails). */
-static fm_cuda *cuda_get(bool *broken) {
-    *broken = false;
-    if (!g_tried) {
-        g_tried = true;
-        rng_seed();
-        int n = 0;
-        if (fm_cuda_device_count(&n) != FM_OK || n == 0) {
-            snprintf(g_why, sizeof g_why, "no CUDA device (%s)", fm_last_error());
-        } else if (fm_cuda_init(0, &g_ctx) != FM_OK) {
-            snprintf(g_why, sizeof g_why, "fm_cuda_init(0) failed: %s", fm_last_error());
-            g_ctx = NULL;
-        } else {
-            fprintf(stderr, "  CUDA device 0: %s\n", fm_cuda_device_desc(g_ctx));
-        }
-    }
-    if (!g_ctx && strncmp(g_why, "no CUDA device", 14)) *broken = true;
-    return g_ctx;
-}
-
-#define CUDA_OR_SKIP(c)                                                                            \
-    bool broken_;                                                                                  \
-    fm_cuda *c = cuda_get(&broken_);                                                               \
-    do {                                                                                           \
-        if (broken_) {                                                                             \
-            t->failures++;                                                                         \
-            fprintf(stderr, "  %s\n", g_why);                                                      \
-            return;                                                                                \
-        }                                                                                          \
-        if (!c) SKIP("%s", g_why);                                                                 \
-    } while (0)
 
 /* ---- host weights ---- */
 
@@ -196,7 +154,7 @@ static bool compare_out(fm_test_ctx *t, stats *st, const char *what, const hweig
             if (!(e64 <= 1e-5 * mag) || !(ecpu <= 2e-5 * mag)) {
                 t->failures++;
                 fprintf(stderr, "  %s: out[%lld, %lld] = %.9g, float64 %.9g, cpu %.9g, mag %.3g (seed %llu)\n", what,
-                        (long long)tt, (long long)r, g, exact, ref[tt * N + r], mag, (unsigned long long)seed0);
+                        (long long)tt, (long long)r, g, exact, ref[tt * N + r], mag, (unsigned long long)fm_test_cuda_seed());
                 ok = false;
                 break;
             }
@@ -569,7 +527,7 @@ static void check_matvec_pair(fm_test_ctx *t, fm_cuda *c, double *worst, fm_dtyp
             t->failures++;
             fprintf(stderr, "  matvec pair %s g%d [%lld, %lld]: out[%lld] = %.9g, float64 %.9g, tol %.3g (seed %llu)\n",
                     fm_dtype_name(dt), gs, (long long)N, (long long)K, (long long)r, got[GUARD + r], ref, tol,
-                    (unsigned long long)seed0);
+                    (unsigned long long)fm_test_cuda_seed());
             break;
         }
     }
@@ -706,7 +664,7 @@ FM_TEST(cuda_rmsnorm) {
                         if (!(fabs(g - exact) <= 1e-5 * fabs(exact) + 1e-30) || !(fabs(g - r) <= 2e-5 * fabs(r) + 1e-30)) {
                             CHECK_MSG(0, "rmsnorm n=%lld T=%lld variant %d: out[%lld, %lld] = %.9g, f64 %.9g, cpu %.9g (seed %llu)",
                                       (long long)n, (long long)T, variant, (long long)tt, (long long)i, g, exact, r,
-                                      (unsigned long long)seed0);
+                                      (unsigned long long)fm_test_cuda_seed());
                             ok = false;
                             break;
                         }
@@ -748,7 +706,7 @@ FM_TEST(cuda_swiglu) {
                 const double r = (double)(fm_silu(g[i]) * u[i]);
                 if (!(fabs(got[i] - r) <= 2e-6 * fabs(r) + 1e-30)) {
                     CHECK_MSG(0, "swiglu n=%lld: out[%lld] = %.9g, cpu %.9g (g %.9g, u %.9g; seed %llu)", (long long)n,
-                              (long long)i, got[i], r, g[i], u[i], (unsigned long long)seed0);
+                              (long long)i, got[i], r, g[i], u[i], (unsigned long long)fm_test_cuda_seed());
                     break;
                 }
                 if (r != 0 && fabs(got[i] - r) / fabs(r) > worst) worst = fabs(got[i] - r) / fabs(r);

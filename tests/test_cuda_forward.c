@@ -36,7 +36,7 @@
 #include "util/half.h"
 
 #ifdef FM_HAVE_CUDA
-#include "backend/cuda/cuda_backend.h"
+#include "test_cuda_ctx.h"
 #endif
 
 /* ------------------------------------------------------------------------ command line */
@@ -98,44 +98,8 @@ NO_CUDA(cuda_forward_budget_errors)
 
 /* ------------------------------------------------------------------------ harness */
 
-static uint64_t seed0;
-static void rng_seed(void) { /* once per process */
-    if (!seed0) seed0 = fm_test_rng_seed("CUDA_SEED");
-}
 #define rnd_u64 fm_test_rand_u64
 static float rnd(void) { return (float)fm_test_rand(); } /* [-1, 1) */
-
-static fm_cuda *g_ctx;
-static bool g_tried;
-static char g_why[600];
-
-static fm_cuda *cuda_get(bool *broken) {
-    *broken = false;
-    if (!g_tried) {
-        g_tried = true;
-        rng_seed();
-        int n = 0;
-        if (fm_cuda_device_count(&n) != FM_OK || n == 0) snprintf(g_why, sizeof g_why, "no CUDA device (%s)", fm_last_error());
-        else if (fm_cuda_init(0, &g_ctx) != FM_OK) {
-            snprintf(g_why, sizeof g_why, "fm_cuda_init(0) failed: %s", fm_last_error());
-            g_ctx = NULL;
-        }
-    }
-    if (!g_ctx && strncmp(g_why, "no CUDA device", 14)) *broken = true;
-    return g_ctx;
-}
-
-#define CUDA_OR_SKIP(c)                                                                            \
-    bool broken_;                                                                                  \
-    fm_cuda *c = cuda_get(&broken_);                                                               \
-    do {                                                                                           \
-        if (broken_) {                                                                             \
-            t->failures++;                                                                         \
-            fprintf(stderr, "  %s\n", g_why);                                                      \
-            return;                                                                                \
-        }                                                                                          \
-        if (!c) SKIP("%s", g_why);                                                                 \
-    } while (0)
 
 /* Device buffers of the test, freed at the end of each test. */
 #define MAX_DEV 32
@@ -184,7 +148,7 @@ static double rel_err(const float *got, const float *ref, int64_t n) {
     do {                                                                                           \
         double e_ = (err);                                                                         \
         fprintf(stderr, "  %s: err %.2e\n", what, e_);                                             \
-        CHECK_MSG(e_ <= (tol), "%s: err %.3e > %.0e (seed %llu)", what, e_, (double)(tol), (unsigned long long)seed0); \
+        CHECK_MSG(e_ <= (tol), "%s: err %.3e > %.0e (seed %llu)", what, e_, (double)(tol), (unsigned long long)fm_test_cuda_seed()); \
     } while (0)
 
 /* ------------------------------------------------------------------------ kernels */
@@ -551,9 +515,9 @@ FM_TEST(cuda_layer_router_topk) {
                     fprintf(stderr, "  router_topk E=%d k=%d norm=%d ties=%d: %lld ids differ, weight err %.2e\n", E, k, norm,
                             cases[ci].ties, (long long)bad, werr);
                     CHECK_MSG(bad == 0, "router E=%d k=%d: %lld ids differ (seed %llu)", E, k, (long long)bad,
-                              (unsigned long long)seed0);
+                              (unsigned long long)fm_test_cuda_seed());
                     CHECK_MSG(werr <= 1e-6, "router E=%d k=%d: weight error %.3e (seed %llu)", E, k, werr,
-                              (unsigned long long)seed0);
+                              (unsigned long long)fm_test_cuda_seed());
                 }
             }
             dev_free_all(c);
@@ -608,7 +572,6 @@ FM_TEST(cuda_layer_gather_combine) {
             free(xn), free(gx), free(x), free(sh), free(sl), free(Y), free(w), free(got);
         }
 }
-
 
 /* ---- routed experts with device ids (fm_cuda_expert_matvec) ---- */
 
@@ -749,7 +712,7 @@ static void emv_case(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int gs, fm_dtype s
     CHECK_MSG(bad == 0,
               "expert_matvec %s g%d %s [%lld, %lld] k=%d parts=%d swiglu=%d pair=%d old=%d: %lld wrong outputs (seed %llu)",
               fm_dtype_name(dt), gs, fm_dtype_name(sd), (long long)rows, (long long)cols, k, n_parts, swiglu, pair,
-              getenv("FLASHMOE_CUDA_EMV_OLD") != NULL, (long long)bad, (unsigned long long)seed0);
+              getenv("FLASHMOE_CUDA_EMV_OLD") != NULL, (long long)bad, (unsigned long long)fm_test_cuda_seed());
 done:
     dev_free_all(c);
     free(blocks), free(deq), free(babs), free(x), free(xu), free(got);

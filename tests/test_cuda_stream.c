@@ -37,40 +37,7 @@ FM_TEST(cuda_forward_prefill_h2d_once_per_chunk) { SKIP("built without CUDA (mak
 
 #else
 
-#include "backend/cuda/cuda_backend.h"
-
-static fm_cuda *g_ctx;
-static bool g_tried;
-static char g_why[600];
-
-/* The test's context, or NULL with the reason in g_why (a missing device is a SKIP, a failed
- * init of a present device a failure). */
-static fm_cuda *cuda_get(bool *broken) {
-    *broken = false;
-    if (!g_tried) {
-        g_tried = true;
-        int n = 0;
-        if (fm_cuda_device_count(&n) != FM_OK || n == 0) snprintf(g_why, sizeof g_why, "no CUDA device (%s)", fm_last_error());
-        else if (fm_cuda_init(0, &g_ctx) != FM_OK) {
-            snprintf(g_why, sizeof g_why, "fm_cuda_init(0) failed: %s", fm_last_error());
-            g_ctx = NULL;
-        }
-    }
-    if (!g_ctx && strncmp(g_why, "no CUDA device", 14)) *broken = true;
-    return g_ctx;
-}
-
-#define CUDA_OR_SKIP(c)                                                                            \
-    bool broken_;                                                                                  \
-    fm_cuda *c = cuda_get(&broken_);                                                               \
-    do {                                                                                           \
-        if (broken_) {                                                                             \
-            t->failures++;                                                                         \
-            fprintf(stderr, "  %s\n", g_why);                                                      \
-            return;                                                                                \
-        }                                                                                          \
-        if (!c) SKIP("%s", g_why);                                                                 \
-    } while (0)
+#include "test_cuda_ctx.h"
 
 FM_TEST(cuda_copy_stream) {
     CUDA_OR_SKIP(c);

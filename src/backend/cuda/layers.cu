@@ -467,6 +467,19 @@ __global__ void moe_combine_kernel(float *x, const float *shared, const float *s
     }
 }
 
+/* ord[0..k) = 0..k-1 sorted by ids[ord[j]] ascending (insertion sort; a token's ids are distinct):
+ * the order in which the combine kernels add the experts, as forward.c does. */
+__device__ static void topk_order_by_id(int *ord, const int32_t *ids, int k) {
+    for (int j = 0; j < k; j++) {
+        const int32_t e = ids[j];
+        int at = j;
+        while (at > 0 && ids[ord[at - 1]] > e) {
+            ord[at] = ord[at - 1];
+            at--;
+        }
+        ord[at] = j;
+    }
+}
 
 /* ---- MoE combine + residual with the top-k ids on the device: as moe_combine_kernel, the k
  * experts of token t taken in ascending id (the CPU's order); expert j's output is row t * k + j
@@ -477,17 +490,7 @@ __global__ void moe_combine_topk_kernel(float *x, const float *shared, const flo
     fm_pdl_wait();    /* the predecessor's writes are visible from here */
     __shared__ int ord[64];
     const long long t = blockIdx.y;
-    if (threadIdx.x == 0) { /* insertion sort of 0..k-1 by id (ids of a token are distinct) */
-        for (int j = 0; j < k; j++) {
-            const int32_t e = ids[t * k + j];
-            int at = j;
-            while (at > 0 && ids[t * k + ord[at - 1]] > e) {
-                ord[at] = ord[at - 1];
-                at--;
-            }
-            ord[at] = j;
-        }
-    }
+    if (threadIdx.x == 0) topk_order_by_id(ord, ids + t * k, k);
     __syncthreads();
     const float sg = shared ? sigmoid(sl[t]) : 0.f;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < H; i += (long long)gridDim.x * blockDim.x) {
@@ -515,17 +518,7 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_kernel(float *__restric
     __shared__ int ord[64];
     __shared__ float red[32];
     const long long t = blockIdx.x;
-    if (threadIdx.x == 0) { /* as moe_combine_topk_kernel */
-        for (int j = 0; j < k; j++) {
-            const int32_t e = ids[t * k + j];
-            int at = j;
-            while (at > 0 && ids[t * k + ord[at - 1]] > e) {
-                ord[at] = ord[at - 1];
-                at--;
-            }
-            ord[at] = j;
-        }
-    }
+    if (threadIdx.x == 0) topk_order_by_id(ord, ids + t * k, k);
     __syncthreads();
     const float sg = shared ? sigmoid(sl[t]) : 0.f;
     float *xr = x + t * H, *orow = xn + t * H;

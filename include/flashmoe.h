@@ -57,6 +57,9 @@ typedef enum fm_vram_policy {
     FM_VRAM_FLRU = 1, /* frequency-weighted LRU: lowest uses / (1 + age / slots), as the RAM cache */
 } fm_vram_policy;
 
+#define FM_PREFETCH_AUTO (-1)  /* fm_model_params.prefetch: on when there is a RAM cache */
+#define FM_PREFETCH_DEFAULT 2  /* experts read ahead per layer when on (docs/SPEED.md, --prefetch) */
+
 typedef struct fm_model_params {
     int n_threads;         /* worker threads for compute; 0 = number of online CPUs */
     int n_experts_used;    /* routed experts per token; 0 = the model's own top-k (fewer lowers quality) */
@@ -67,7 +70,9 @@ typedef struct fm_model_params {
                             * limit. With a budget and no cache_bytes, the cache gets what is left. */
     int prefetch;          /* decode: guess layer l+1's experts with its router applied to layer l's
                             * output and read this many of the likeliest while layer l+1's mixer runs
-                            * (into the RAM cache; without one a page-cache hint, pread only); 0 = off */
+                            * (into the RAM cache; without one a page-cache hint, pread only); 0 = off;
+                            * FM_PREFETCH_AUTO (fm_model_default_params): FM_PREFETCH_DEFAULT experts
+                            * when the expert store has a RAM cache (cache_bytes / mem_budget), else off */
     fm_backend backend;    /* FM_BACKEND_CUDA: dense weights and session state in VRAM, routed experts
                             * through a VRAM cache (fm_model_open fails if this build or machine has no GPU) */
     uint64_t vram_budget;  /* CUDA: device bytes for dense weights, session state and the expert cache;

@@ -300,11 +300,11 @@ FM_TEST(bad_usage_exit_2) {
     CHECK(fm_test_run_cmd(cmd, out, sizeof out) == 2 && strstr(out, "unknown weight type \"q7\""));
     snprintf(cmd, sizeof cmd, "%s logits -m x --ids 1", fm_test_bin());
     CHECK(fm_test_run_cmd(cmd, out, sizeof out) == 2 && strstr(out, "required"));
-    const char *bad_prefetch[] = {"--prefetch=0", "--prefetch=65", "--prefetch=two", "--prefetch="};
+    const char *bad_prefetch[] = {"--prefetch=-1", "--prefetch=65", "--prefetch=two", "--prefetch="};
     for (size_t i = 0; i < sizeof bad_prefetch / sizeof *bad_prefetch; i++) {
         snprintf(cmd, sizeof cmd, "%s run -m x --prompt-ids 1 %s", fm_test_bin(), bad_prefetch[i]);
         int rc = fm_test_run_cmd(cmd, out, sizeof out);
-        CHECK_MSG(rc == 2 && strstr(out, "--prefetch=N needs N in 1..64"), "%s: rc %d: %s", bad_prefetch[i], rc, out);
+        CHECK_MSG(rc == 2 && strstr(out, "--prefetch=N needs N in 0..64"), "%s: rc %d: %s", bad_prefetch[i], rc, out);
     }
 }
 

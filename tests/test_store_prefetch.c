@@ -150,3 +150,28 @@ FM_TEST(store_prefetch_keeps_the_logits) {
         }
     free(ref);
 }
+
+/* fm_model_default_params asks for FM_PREFETCH_AUTO: FM_PREFETCH_DEFAULT experts read ahead when the
+ * store has a RAM cache (the speculative reads land in its slots), none without one; an explicit
+ * value, 0 included, is kept. */
+FM_TEST(store_prefetch_auto_follows_the_cache) {
+    char dir[512];
+    if (!tiny_model(t, "store_prefetch_auto", dir, sizeof dir)) return;
+    static const struct {
+        int asked;
+        uint64_t cache;
+        int want;
+    } cases[] = {{FM_PREFETCH_AUTO, 4u << 20, FM_PREFETCH_DEFAULT}, {FM_PREFETCH_AUTO, 0, 0}, {0, 4u << 20, 0}, {3, 0, 3}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        fm_model_params p = fm_model_default_params();
+        CHECK(p.prefetch == FM_PREFETCH_AUTO);
+        p.prefetch = cases[i].asked;
+        p.cache_bytes = cases[i].cache;
+        p.n_threads = 1;
+        fm_model *m;
+        CHECK_OK(fm_model_open(dir, &p, &m));
+        CHECK_MSG(m->prefetch == cases[i].want && fm_store_cached(m->store) == (cases[i].cache > 0),
+                  "case %zu: prefetch %d (want %d), cached %d", i, m->prefetch, cases[i].want, fm_store_cached(m->store));
+        fm_model_free(m);
+    }
+}

@@ -31,7 +31,6 @@ int fm_cli_detokenize(int argc, char **argv);
 int fm_cli_serve(int argc, char **argv);
 
 /* Options every command that opens a model shares (option codes 1000..1099). */
-#define FM_CLI_PREFETCH_DEFAULT 2 /* --prefetch without =N: experts read ahead per layer (docs/SPEED.md) */
 enum {
     FM_OPT_EXPERTS = 1000,
     FM_OPT_IO,
@@ -61,9 +60,10 @@ enum {
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \
     "                        and buffers leave (refused up front if the dense weights do not fit)\n" \
     "  --prefetch[=N]        decode: guess the next layer's experts (its router on this layer's\n"  \
-    "                        output) and read the N likeliest (default 2) while its mixer runs:\n"  \
-    "                        into the RAM cache (--cache/--mem-budget), or without one as a\n"  \
-    "                        page-cache hint (pread); bench prints how often guesses were right\n"  \
+    "                        output) and read the N likeliest (default 2) while its mixer runs,\n"  \
+    "                        into the RAM cache; on by default when there is one (--cache or\n"  \
+    "                        --mem-budget), --prefetch=0 turns it off; without a cache a page-\n"  \
+    "                        cache hint (pread); bench prints how often guesses were right\n"  \
     "  --backend cpu|cuda    where the forward pass runs (default cpu; cuda needs a CUDA=1 build\n" \
     "                        and a GPU: dense weights in VRAM, experts through a VRAM cache)\n"   \
     "  --vram-budget SIZE    cuda: device memory for dense weights, state and the expert cache\n"  \

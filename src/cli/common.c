@@ -133,8 +133,8 @@ int fm_cli_model_option(const char *cmd, int c, const char *arg, fm_model_params
         p->cache_bytes = u;
         return 1;
     case FM_OPT_PREFETCH:
-        if (!arg) p->prefetch = FM_CLI_PREFETCH_DEFAULT;
-        else if (!fm_cli_parse_i64(arg, 1, 64, &v)) return fm_cli_usage_error(cmd, "--prefetch=N needs N in 1..64"), -1;
+        if (!arg) p->prefetch = FM_PREFETCH_DEFAULT;
+        else if (!fm_cli_parse_i64(arg, 0, 64, &v)) return fm_cli_usage_error(cmd, "--prefetch=N needs N in 0..64"), -1;
         else p->prefetch = (int)v;
         return 1;
     case FM_OPT_BUDGET:

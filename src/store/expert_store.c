@@ -624,6 +624,8 @@ bool fm_store_direct(const fm_expert_store *s) {
     return s->n_layers > 0;
 }
 
+bool fm_store_cached(const fm_expert_store *s) { return s->cache; }
+
 void fm_store_buffer_memory(const fm_expert_store *s, void **base, uint64_t *bytes) {
     *base = s->slots_mem;
     *bytes = s->slots_mem ? (uint64_t)s->n_slots * s->pm->max_expert_stride : 0;

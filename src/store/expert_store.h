@@ -100,6 +100,9 @@ const char *fm_io_engine_name(fm_io_engine e);
  * in the file mappings. The block stays valid and in place until fm_store_free. */
 void fm_store_buffer_memory(const fm_expert_store *s, void **base, uint64_t *bytes);
 
+/* True when the store keeps a RAM cache (cache_bytes above one request's buffers, not mmap). */
+bool fm_store_cached(const fm_expert_store *s);
+
 /* Bytes the store keeps in memory (buffers and cache). */
 uint64_t fm_store_memory_bytes(const fm_expert_store *s);
 

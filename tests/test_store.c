@@ -460,6 +460,12 @@ FM_TEST(store_bench_rows_per_engine) {
         json_t *v = json_object_get(o, k ? "cpu_steal" : "cpu_other");
         CHECK_MSG(json_is_number(v) && json_number_value(v) >= 0 && json_number_value(v) <= 1, "%s: %s", k ? "cpu_steal" : "cpu_other", out);
     }
+    { /* the disk's busy share and queue during decode: both known (>= 0) or both unknown (-1, no block device) */
+        json_t *bz = json_object_get(o, "disk_busy"), *q = json_object_get(o, "disk_queue");
+        double b = json_number_value(bz), qd = json_number_value(q);
+        CHECK_MSG(json_is_number(bz) && json_is_number(q) && ((b == -1 && qd == -1) || (b >= 0 && qd >= 0)),
+                  "disk_busy %g, disk_queue %g: %s", b, qd, out);
+    }
     json_decref(o);
     snprintf(cmd, sizeof cmd, "%s bench -m '%s' --io-bench --json 2>/dev/null", fm_test_bin(), dir);
     CHECK_MSG(fm_test_run_cmd(cmd, out, sizeof out) == 0, "%s", out);

@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <sys/sysmacros.h>
 #include <unistd.h>
 
 #include <liburing.h>
@@ -27,7 +29,9 @@ static void help(void) {
            "and, in the same run, the floors: the disk's rate for expert-sized random reads (O_DIRECT; the\n"
            "best of one thread, --io-threads threads and io_uring, probed before and after decoding: the\n"
            "faster counts) and the RAM's read rate. floor per layer = max(expert bytes the used experts\n"
-           "needed from disk / disk rate, bytes touched / RAM rate).\n\n"
+           "needed from disk / disk rate, bytes touched / RAM rate). Where a layer takes longer than its\n"
+           "floor, the disk line (the kernel's counters for the device) says whether the disk sat idle or\n"
+           "read slowly, and the machine line how much other processes and the hypervisor took.\n\n"
            "options:\n"
            "  -m, --model DIR       packed model (e.g. from flashmoe synth)\n"
            "  --prompt N            prefill tokens (default 64)\n"
@@ -94,6 +98,35 @@ static void cpu_shares(cpu_sample a, cpu_sample b, double *other, double *steal)
     double busy = (double)(b.busy - a.busy) - (double)(b.self - a.self);
     *other = total > 0 && busy > 0 ? busy / total : 0;
     *steal = total > 0 ? (double)(b.steal - a.steal) / total : 0;
+}
+
+/* The block device holding the expert files, from the kernel's counters (/sys/dev/block/M:m/stat):
+ * io_ticks = ms with at least one request in flight, time_in_queue = ms summed over requests. Read
+ * around the decode, they say how much of its time the disk was busy and how deep its queue was:
+ * where a layer's time exceeds the disk floor, this tells idle gaps from slow reads. ok is false
+ * where the files sit on no block device (overlay or network file systems). */
+typedef struct disk_sample {
+    bool ok;
+    unsigned long long io_ticks, queue_ms;
+} disk_sample;
+
+static disk_sample disk_sample_now(const fm_packed_model *pm) {
+    disk_sample d = {0};
+    struct stat st;
+    if (stat(pm->experts[0].file, &st) != 0 || major(st.st_dev) == 0) return d;
+    char path[64];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/stat", major(st.st_dev), minor(st.st_dev));
+    FILE *f = fopen(path, "r");
+    if (!f) return d;
+    unsigned long long v[11];
+    if (fscanf(f, "%llu %llu %llu %llu %llu %llu %llu %llu %llu %llu %llu", &v[0], &v[1], &v[2], &v[3], &v[4], &v[5],
+               &v[6], &v[7], &v[8], &v[9], &v[10]) == 11) {
+        d.ok = true;
+        d.io_ticks = v[9];
+        d.queue_ms = v[10];
+    }
+    fclose(f);
+    return d;
 }
 
 /* Peak resident set of this process (/proc/self/status VmHWM), bytes; 0 if unknown. */
@@ -375,6 +408,8 @@ typedef struct bench_run {
     bool direct;
     uint64_t store_mem, rss;
     double cpu_other, cpu_steal;               /* decode: other processes' and the hypervisor's share of the CPUs */
+    double disk_busy, disk_queue;              /* decode: share of its time the disk had a request in flight, and
+                                                  the mean requests in flight while busy (-1: not known) */
     double prefill_s, decode_s, head_s;
     uint64_t prefill_reads, prefill_max_layer_reads;
     double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
@@ -452,6 +487,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     uint64_t disk0 = storage_read_bytes();
     int32_t next = argmax(logits, V);
     cpu_sample cpu0 = cpu_sample_now();
+    disk_sample dk0 = disk_sample_now(pm);
     t0 = fm_time_now();
     for (int64_t i = 0; i < b->n_gen; i++) {
         if (fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
@@ -462,6 +498,13 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     }
     r->decode_s = fm_time_now() - t0;
     cpu_shares(cpu0, cpu_sample_now(), &r->cpu_other, &r->cpu_steal);
+    disk_sample dk1 = disk_sample_now(pm);
+    r->disk_busy = r->disk_queue = -1;
+    if (dk0.ok && dk1.ok && r->decode_s > 0) {
+        double busy_ms = (double)(dk1.io_ticks - dk0.io_ticks);
+        r->disk_busy = busy_ms / (r->decode_s * 1e3);
+        r->disk_queue = busy_ms > 0 ? (double)(dk1.queue_ms - dk0.queue_ms) / busy_ms : 0;
+    }
     r->vram = fm_forward_cuda_stats(m);
     if (m->gpu && fm_forward_cuda_copy_gbs(m, &r->copy_gbs) != FM_OK) /* for the roofline; 0 if it does not fit */
         fprintf(stderr, "bench: no device copy bandwidth (%s)\n", fm_last_error());
@@ -529,7 +572,8 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
            "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
            "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
-           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu, \"spec_wasted_bytes\": %llu, \"cpu_other\": %.4f, \"cpu_steal\": %.4f",
+           "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu, \"spec_wasted_bytes\": %llu, \"cpu_other\": %.4f, \"cpu_steal\": %.4f, "
+           "\"disk_busy\": %.4f, \"disk_queue\": %.3f",
            b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->disk_before, b->disk_after, b->ram_gbs,
@@ -540,7 +584,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
            fm_io_engine_name(r->asked), r->direct ? "true" : "false",
            (unsigned long long)r->spec_reads, (unsigned long long)r->spec_hits, (unsigned long long)r->spec_wasted_bytes,
-           r->cpu_other, r->cpu_steal);
+           r->cpu_other, r->cpu_steal, r->disk_busy, r->disk_queue);
     if (m->gpu) { /* --backend cuda; roofline = copy bandwidth / device bytes a token reads */
         double roof = r->vram.token_bytes ? r->copy_gbs * 1e9 / (double)r->vram.token_bytes : 0;
         printf(", \"vram_hit_rate\": %.4f, \"h2d_bytes\": %llu, \"resident\": %s, \"graph_steps\": %llu, "
@@ -646,6 +690,9 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
                (unsigned long long)r->spec_hits, fm_human_bytes((double)r->spec_wasted_bytes, b1, sizeof b1));
     printf("memory       peak RSS %s%s%s (before the RAM probe)\n", fm_human_bytes((double)r->rss, b1, sizeof b1),
            p->mem_budget ? " within a budget of " : "", p->mem_budget ? fm_human_bytes((double)p->mem_budget, b2, sizeof b2) : "");
+    if (r->disk_busy >= 0)
+        printf("disk         busy %.0f%% of the decode time, %.1f requests in flight on average while busy\n",
+               100 * r->disk_busy, r->disk_queue);
     printf("machine      during decode other processes used %.0f%% of the CPUs and the hypervisor took %.0f%%%s\n",
            100 * r->cpu_other, 100 * r->cpu_steal, r->cpu_other + r->cpu_steal > 0.1 ? ": the figures above are contended" : "");
 }

@@ -17,7 +17,16 @@
  * - cuda_forward_prefill_h2d_once_per_chunk: synth's tiny preset (16 experts, top-4) with 5 slots:
  *   two chunks of 40 tokens; per chunk, host-to-device bytes <= (distinct experts per layer,
  *   summed over layers) x slot bytes, and misses <= that count.
- * Without CUDA in the build or without a GPU these SKIP. */
+ * - cuda_forward_hints_keep_the_logits: --prefetch on the GPU path (next-layer guesses hinted to
+ *   the store, docs/CUDA.md "Next-layer hints"): the Q4 fixture through top-k + 1 VRAM slots and a
+ *   small RAM cache (n_experts + 4 blocks), every engine (pread, direct, uring: speculative reads;
+ *   mmap: hints ignored), a
+ *   prefill then token by token, prefetch 0 / 2 (early guess, the default) / 2 late
+ *   (FLASHMOE_CUDA_HINT=late) / top-k: logits identical to prefetch 0 (memcmp), within the bound of
+ *   the CPU (the oracle), guesses counted, speculative reads started (none with prefetch 0).
+ * - cuda_forward_cli_prefetch: --backend cuda with a bad --prefetch value is a usage error; a good
+ *   one runs (or fails with the no-CUDA / no-device line). Runs in every build.
+ * Without CUDA in the build or without a GPU the others SKIP. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -28,12 +37,41 @@
 #include "model/model.h"
 #include "model/synth.h"
 #include "test.h"
+#ifdef FM_HAVE_CUDA
+#include "backend/cuda/cuda_backend.h"
+#endif
+
+FM_TEST(cuda_forward_cli_prefetch) {
+    char dir[600], cmd[2048], out[4096];
+    const char *bad[] = {"--prefetch=-1", "--prefetch=65", "--prefetch=two", "--prefetch="};
+    for (size_t i = 0; i < sizeof bad / sizeof *bad; i++) {
+        snprintf(cmd, sizeof cmd, "%s run -m x --prompt-ids 1 --backend cuda %s", fm_test_bin(), bad[i]);
+        int rc = fm_test_run_cmd(cmd, out, sizeof out);
+        CHECK_MSG(rc == 2 && strstr(out, "--prefetch=N needs N in 0..64"), "%s: rc %d: %s", bad[i], rc, out);
+    }
+    fm_test_tmpdir("cuda_cli_prefetch", dir, sizeof dir);
+    snprintf(cmd, sizeof cmd, "%s synth --preset tiny --layers 2 '%s/m' >/dev/null 2>&1", fm_test_bin(), dir);
+    REQUIRE(fm_test_run_cmd(cmd, out, sizeof out) == 0);
+    snprintf(cmd, sizeof cmd, "%s run -m '%s/m' --prompt-ids 1,2 -n 4 --print-ids --ignore-eos --backend cuda --cache 16M "
+             "--prefetch=3", fm_test_bin(), dir);
+    int rc = fm_test_run_cmd(cmd, out, sizeof out);
+#ifdef FM_HAVE_CUDA
+    int n = 0;
+    if (fm_cuda_device_count(&n) != FM_OK || n == 0)
+        CHECK_MSG(rc == 1 && strstr(out, "--backend cuda: no usable CUDA device"), "rc %d: %s", rc, out);
+    else
+        CHECK_MSG(rc == 0, "rc %d: %s", rc, out);
+#else
+    CHECK_MSG(rc == 1 && strstr(out, "--backend cuda: this flashmoe was built without CUDA"), "rc %d: %s", rc, out);
+#endif
+}
 
 #ifndef FM_HAVE_CUDA
 
 FM_TEST(cuda_copy_stream) { SKIP("built without CUDA (make CUDA=1)"); }
 FM_TEST(cuda_forward_overlap_matches_cpu) { SKIP("built without CUDA (make CUDA=1)"); }
 FM_TEST(cuda_forward_prefill_h2d_once_per_chunk) { SKIP("built without CUDA (make CUDA=1)"); }
+FM_TEST(cuda_forward_hints_keep_the_logits) { SKIP("built without CUDA (make CUDA=1)"); }
 
 #else
 
@@ -262,6 +300,116 @@ FM_TEST(cuda_forward_prefill_h2d_once_per_chunk) {
     }
     fm_session_free(s);
     fm_model_free(m);
+}
+
+/* Converts the qwen35_moe_q64_bf16 fixture to Q4 into the test's directory `name`. */
+static bool q4_fixture(fm_test_ctx *t, const char *name, char *dir, size_t cap) {
+    fm_test_tmpdir(name, dir, cap);
+    strcat(dir, "/packed");
+    fm_convert_options o = {.dense_dtype = FM_DTYPE_Q4, .expert_dtype = FM_DTYPE_Q4};
+    fm_status st = fm_convert_hf("tests/fixtures/qwen35_moe_q64_bf16/model", dir, &o);
+    CHECK_MSG(st == FM_OK, "%s", fm_last_error());
+    return st == FM_OK;
+}
+
+FM_TEST(cuda_forward_hints_keep_the_logits) {
+    CUDA_OR_SKIP(c);
+    (void)c;
+    char dir[600];
+    fm_npy ids = {0};
+    REQUIRE(fm_npy_read("tests/fixtures/qwen35_moe_q64_bf16/ids.npy", &ids) == FM_OK);
+    if (!q4_fixture(t, "cuda_stream_hints", dir, sizeof dir)) return;
+    fm_model_params p = fm_model_default_params();
+    p.n_threads = 2;
+    p.prefetch = 0;
+    fm_model *cpu = NULL, *gpu = NULL;
+    REQUIRE(fm_model_open(dir, &p, &cpu) == FM_OK);
+    int64_t n = ids.n_elements, V = fm_model_n_vocab(cpu), split = 4;
+    float *ref = malloc(sizeof(float) * (size_t)(n * V)), *got = malloc(sizeof(float) * (size_t)(n * V)),
+          *off = malloc(sizeof(float) * (size_t)(n * V));
+    REQUIRE(ref && got && off);
+    REQUIRE(run_logits(cpu, ids.data, n, 0, ref) == FM_OK);
+    p.backend = FM_BACKEND_CUDA;
+    fm_session *s = NULL;
+    uint64_t budget = 0;
+    if (fm_model_open(dir, &p, &gpu) == FM_OK && fm_session_init(gpu, n, &s) == FM_OK) {
+        fm_cuda_stats st = fm_forward_cuda_stats(gpu);
+        budget = st.dense_bytes + st.state_bytes + (uint64_t)(gpu->n_experts_used + 1) * st.slot_bytes;
+    }
+    fm_session_free(s);
+    fm_model_free(gpu);
+    gpu = NULL;
+    REQUIRE(budget > 0);
+    int k = cpu->n_experts_used;
+    static const fm_io_engine engines[] = {FM_IO_PREAD, FM_IO_DIRECT, FM_IO_URING, FM_IO_MMAP};
+    const struct {
+        int prefetch;
+        const char *mode;
+    } cases[] = {{0, "early"}, {2, "early"}, {2, "late"}, {k, "early"}};
+    for (size_t ei = 0; ei < sizeof engines / sizeof *engines; ei++) {
+        for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+            setenv("FLASHMOE_CUDA_HINT", cases[ci].mode, 1);
+            p.io_engine = engines[ei];
+            /* a RAM cache of n_experts + 4 blocks: above one request's room, below the model's experts, so
+             * hinted experts are mostly not cached yet (speculative reads) and evict others */
+            p.cache_bytes = cpu->packed->max_expert_stride * (uint64_t)(cpu->cfg.n_experts + 4);
+            p.vram_budget = budget;
+            p.prefetch = cases[ci].prefetch;
+            fm_status rc = fm_model_open(dir, &p, &gpu);
+            unsetenv("FLASHMOE_CUDA_HINT");
+            if (rc != FM_OK && engines[ei] == FM_IO_DIRECT && strstr(fm_last_error(), "O_DIRECT")) {
+                fprintf(stderr, "  direct: refused here (%s)\n", fm_last_error());
+                break;
+            }
+            if (rc != FM_OK) {
+                CHECK_MSG(false, "%s: %s", fm_io_engine_name(engines[ei]), fm_last_error());
+                continue;
+            }
+            for (int64_t i = 0; i < n * V; i++) got[i] = NAN;
+            fm_session *ss = NULL;
+            fm_status st = fm_session_init(gpu, n, &ss);
+            const int32_t *tok = ids.data;
+            if (st == FM_OK) st = fm_session_eval(ss, tok, split, got, true);
+            for (int64_t i = split; st == FM_OK && i < n; i++) st = fm_session_eval(ss, tok + i, 1, got + i * V, true);
+            CHECK_MSG(st == FM_OK, "%s", fm_last_error());
+            uint64_t guessed = 0, right = 0, spec = 0, spec_hits = 0;
+            for (int l = 0; ss && l < gpu->cfg.n_layers; l++) {
+                const fm_layer_timing *lt = fm_session_layer_timing(ss, l);
+                fm_store_layer_stats ls = fm_store_layer_stats_get(gpu->store, l);
+                guessed += lt->guessed, right += lt->guessed_right, spec += ls.spec_reads, spec_hits += ls.spec_hits;
+            }
+            fm_session_free(ss);
+            fm_cuda_stats cs = fm_forward_cuda_stats(gpu);
+            int64_t bad = 0;
+            double err = compare(ref, got, n, V, &bad);
+            char what[160];
+            snprintf(what, sizeof what, "%s + RAM cache, --prefetch=%d %s", fm_io_engine_name(engines[ei]),
+                     cases[ci].prefetch, cases[ci].mode);
+            fprintf(stderr, "  %s: gpu vs cpu %.2e, %lld argmax differences; %llu of %llu guesses right, %llu speculative "
+                            "reads, %llu used; %llu VRAM misses\n",
+                    what, err, (long long)bad, (unsigned long long)right, (unsigned long long)guessed,
+                    (unsigned long long)spec, (unsigned long long)spec_hits, (unsigned long long)cs.misses);
+            CHECK_MSG(err <= 2e-3 && bad == 0, "%s: error %.3e, %lld argmax differences", what, err, (long long)bad);
+            CHECK_MSG(cs.evictions > 0, "%s: no evictions", what);
+            /* one-token steps from the second on are guessed for by layers 0..L-2 */
+            uint64_t want_guessed = cases[ci].prefetch ? (uint64_t)((n - split) * (gpu->cfg.n_layers - 1) *
+                                                                    (cases[ci].prefetch < k ? cases[ci].prefetch : k))
+                                                       : 0;
+            CHECK_MSG(guessed == want_guessed && right <= guessed, "%s: %llu guesses (want %llu), %llu right", what,
+                      (unsigned long long)guessed, (unsigned long long)want_guessed, (unsigned long long)right);
+            if (engines[ei] == FM_IO_MMAP || !cases[ci].prefetch)
+                CHECK_MSG(spec == 0, "%s: %llu speculative reads", what, (unsigned long long)spec);
+            else
+                CHECK_MSG(spec > 0, "%s: no speculative reads", what);
+            if (ci == 0) memcpy(off, got, sizeof(float) * (size_t)(n * V));
+            else CHECK_MSG(memcmp(off, got, sizeof(float) * (size_t)(n * V)) == 0, "%s: logits differ from --prefetch=0", what);
+            fm_model_free(gpu);
+            gpu = NULL;
+        }
+    }
+    fm_model_free(cpu);
+    fm_npy_free(&ids);
+    free(ref), free(got), free(off);
 }
 
 #endif /* FM_HAVE_CUDA */

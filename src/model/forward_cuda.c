@@ -128,6 +128,8 @@ struct fm_cuda_model {
     bool overlap;             /* FLASHMOE_CUDA_OVERLAP (default on): copy stream, per-expert events */
     void *pinned;             /* the store's buffer memory, page-locked (NULL: pageable or none) */
     int store_ring;           /* blocks the store's buffer memory holds (0: mmap, no buffers) */
+    bool hint_early;          /* FLASHMOE_CUDA_HINT: next-layer guess from layer l's MoE input (early,
+                               * the default) or from its output (late, as the CPU's --prefetch) */
 
     /* resident mode */
     bool want_resident, want_graph; /* FLASHMOE_CUDA_RESIDENT / _GRAPH (default on) */
@@ -156,6 +158,12 @@ struct fm_cuda_session {
     int32_t *h_rt;    /* as rt */
     int64_t *start, *fill;
     int32_t *uniq, *miss_ids, *miss_slot, *tcount;
+    /* --prefetch: the next layer's guessed experts (docs/CUDA.md "Next-layer hints") */
+    float *gxn, *glog;  /* device: the guess's normed hidden (H), router logits (E) */
+    int32_t *gids;      /* device: its top-k ids, then k float weights */
+    int32_t *h_guess;   /* pinned: the top-k ids */
+    int32_t guess[64];  /* the guessed ids of layer guess_layer (n_guess, for the counters) */
+    int n_guess, guess_layer;
     /* one-token steps without host synchronisation (resident mode) */
     int64_t *pos_dev;   /* device: the token's position */
     int64_t *h_pos;     /* pinned */
@@ -255,6 +263,8 @@ fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
     g->want_graph = !(ev && !strcmp(ev, "0"));
     ev = getenv("FLASHMOE_CUDA_OVERLAP");
     g->overlap = !(ev && !strcmp(ev, "0"));
+    ev = getenv("FLASHMOE_CUDA_HINT");
+    g->hint_early = !(ev && !strcmp(ev, "late"));
     if ((st = fm_cuda_init(0, &g->ctx)) != FM_OK) goto fail;
     { /* the store's read buffers (and RAM cache) page-locked: misses then go up by DMA from them */
         void *mem = NULL;
@@ -416,7 +426,8 @@ static uint64_t session_bytes(const fm_model *m, int64_t n_ctx, int64_t cap) {
                  align_up((uint64_t)c->lin_n_v_heads * (uint64_t)c->lin_k_dim * (uint64_t)c->lin_v_dim * f, DEV_ALIGN);
     b += (uint64_t)(3 * cap * H + 4 * cap * wide + cap * narrow + cap + LOGIT_ROWS * V) * f;
     b += (uint64_t)(2 * cap * k + 3 * cap * k) * 4 + (uint64_t)(4 * cap * k * max64(H, c->n_ff_expert)) * f;
-    return b + 32 * DEV_ALIGN;
+    b += (uint64_t)(H + c->n_experts + 2 * k) * f; /* the next-layer guess: gxn, glog, gids */
+    return b + 35 * DEV_ALIGN;
 }
 
 void fm_forward_cuda_session_free(fm_cuda_session *s) {
@@ -429,7 +440,7 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
         fm_cuda_buf_free(ctx, s->ssm[l]);
     }
     float *bufs[] = {s->inv_freq, s->x, s->xn, s->mix, s->a, s->b, s->c, s->d, s->small, s->shl, s->logits,
-                     (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y};
+                     (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y, s->gxn, s->glog, (float *)s->gids};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) fm_cuda_buf_free(ctx, bufs[i]);
     fm_cuda_graph_free(ctx, s->graph);
     fm_cuda_buf_free(ctx, s->pos_dev);
@@ -437,6 +448,7 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
     fm_cuda_host_free(ctx, s->h_tab);
     fm_cuda_host_free(ctx, s->h_pos);
     fm_cuda_host_free(ctx, s->h_logits);
+    fm_cuda_host_free(ctx, s->h_guess);
     free(s->kc);
     free(s->vc);
     free(s->conv);
@@ -458,6 +470,7 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
 
 fm_status fm_forward_cuda_session_reset(fm_cuda_session *s) {
     const fm_config *c = &s->m->cfg;
+    s->guess_layer = -1;
     for (int l = 0; l < c->n_layers; l++) {
         if (c->layer_kind[l] != FM_LAYER_LINEAR) continue;
         fm_status st = fm_cuda_buf_fill(s->ctx, s->conv[l], 0,
@@ -615,6 +628,7 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
     s->cap = cap;
     s->timing = timing;
     s->head_seconds = head_seconds;
+    s->guess_layer = -1;
     s->vram = need;
     g->used += need;
     g->stats.state_bytes += need;
@@ -671,6 +685,9 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
     DALLOC(s->G, cap * k * ewide * f);
     DALLOC(s->U, cap * k * ewide * f);
     DALLOC(s->Y, cap * k * ewide * f);
+    DALLOC(s->gxn, H * f);
+    DALLOC(s->glog, E * f);
+    DALLOC(s->gids, 2 * k * 4);
 #undef DALLOC
     if (c->rot_dim > 0) {
         float inv[4096];
@@ -689,6 +706,7 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
         (st = fm_cuda_host_alloc(s->ctx, (size_t)(3 * cap * k) * 4, (void **)&s->h_tab)) != FM_OK ||
         (st = fm_cuda_host_alloc(s->ctx, sizeof(int64_t), (void **)&s->h_pos)) != FM_OK ||
         (st = fm_cuda_host_alloc(s->ctx, (size_t)V * f, (void **)&s->h_logits)) != FM_OK ||
+        (st = fm_cuda_host_alloc(s->ctx, (size_t)k * 4, (void **)&s->h_guess)) != FM_OK ||
         (st = fm_cuda_buf_alloc(s->ctx, sizeof(int64_t), (void **)&s->pos_dev)) != FM_OK)
         goto fail;
     if ((st = fm_forward_cuda_session_reset(s)) != FM_OK) goto fail;
@@ -961,6 +979,43 @@ static fm_status experts_compute(fm_cuda_session *s, int l, const int32_t *es, c
     return fm_cuda_matmul_batch(ctx, &sd, mats, n);
 }
 
+/* --prefetch on the GPU path (docs/CUDA.md "Next-layer hints"), decode only: whether layer l
+ * guesses layer l + 1's experts. Not in resident mode (every expert is in VRAM). */
+static bool guess_wanted(const fm_cuda_session *s, int l, int64_t T) {
+    return T == 1 && s->m->prefetch > 0 && l + 1 < s->m->cfg.n_layers && !s->g->resident;
+}
+
+/* Enqueues the guess of layer l + 1's experts: its router applied to s->x normed with its
+ * post-attention norm (early: x is layer l's residual after the mixer; late: layer l's output),
+ * top-k on the device, the ids downloaded into s->h_guess, there after the next synchronisation. */
+static fm_status guess_enqueue(fm_cuda_session *s, int l) {
+    const fm_config *c = &s->m->cfg;
+    const fm_layer_weights *w1 = &s->g->layers[l + 1];
+    int k = s->m->n_experts_used;
+    TRY(fm_cuda_add_rmsnorm(s->ctx, s->x, s->gxn, NULL, w1->post_attn_norm, 1, c->n_embd, (float)c->norm_eps));
+    TRY(fm_cuda_matmul(s->ctx, s->glog, s->gxn, 1, &w1->router));
+    TRY(fm_cuda_router_topk(s->ctx, s->gids, (float *)(s->gids + k), s->glog, 1, (int)c->n_experts, k, false));
+    return fm_cuda_download_async(s->ctx, s->h_guess, s->gids, sizeof(int32_t) * (size_t)k);
+}
+
+/* With the guess on the host (after a synchronisation): its m->prefetch likeliest experts (the
+ * top of the ranking) are kept for the counters, and those not resident in VRAM are hinted to the
+ * store (fm_store_hint: read into its RAM cache behind the current request's reads). */
+static void guess_hint(fm_cuda_session *s, int l) {
+    fm_model *m = s->m;
+    const fm_config *c = &m->cfg;
+    int n = m->prefetch < m->n_experts_used ? m->prefetch : m->n_experts_used, nh = 0;
+    int32_t hint[64];
+    for (int i = 0; i < n; i++) {
+        int32_t e = s->h_guess[i];
+        s->guess[i] = e;
+        if (e >= 0 && e < c->n_experts && s->g->index[(int64_t)(l + 1) * c->n_experts + e] < 0) hint[nh++] = e;
+    }
+    s->n_guess = n;
+    s->guess_layer = l + 1;
+    if (nh) fm_store_hint(m->store, l + 1, hint, nh);
+}
+
 /* x += moe(xn) for the chunk (xn already holds the post-attention norm). */
 static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     fm_model *m = s->m;
@@ -978,9 +1033,17 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     float *tw = (float *)(s->rt + T * k);
     TRY(fm_cuda_matmul(ctx, probs, s->xn, T, &w->router));
     TRY(fm_cuda_router_topk(ctx, ids, tw, probs, T, (int)E, (int)k, c->norm_topk_prob));
+    bool guess = guess_wanted(s, l, T);
+    if (guess && g->hint_early) TRY(guess_enqueue(s, l)); /* arrives with the download below */
     TRY(fm_cuda_buf_download(ctx, s->h_rt, s->rt, sizeof(int32_t) * (size_t)(2 * T * k)));
     double t_routed = fm_time_now();
     tm->mixer += t_routed - t_start; /* the layer's kernels so far ran until this download returned */
+    if (s->guess_layer == l) { /* how good the previous layer's guess for this one was */
+        for (int i = 0; T == 1 && i < s->n_guess; i++)
+            for (int64_t j = 0; j < k; j++) tm->guessed_right += s->guess[i] == s->h_rt[j];
+        tm->guessed += (uint64_t)s->n_guess;
+    }
+    s->guess_layer = -1;
 
     /* shared expert, enqueued: y_s = down(silu(gate(xn)) * up(xn)); its gate logit in shl */
     float *ysh = NULL;
@@ -1058,6 +1121,7 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     for (int g0 = 0; g0 < n_uniq; g0 += group) {
         int n = n_uniq - g0 < group ? n_uniq - g0 : group, n_miss = 0;
         TRY(plan_group(s, l, uniq + g0, n, slot_of, missed, &n_miss, step0));
+        if (guess && g->hint_early && g0 + n >= n_uniq) guess_hint(s, l); /* queued behind this request's reads */
         if (!g->overlap) {
             for (int j = 0; j < n_miss; j++) TRY(fetch_miss(s, l, j, n_miss, &waited));
             TRY(experts_compute(s, l, uniq + g0, slot_of, n));
@@ -1075,6 +1139,11 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
     }
     TRY(fm_cuda_moe_combine(ctx, s->x, ysh, s->shl, s->Y, s->tab + T * k, (const float *)(s->tab + 2 * T * k), T, (int)k,
                             H));
+    if (guess && !g->hint_early) { /* late: from this layer's output, waited for here (as the CPU) */
+        TRY(guess_enqueue(s, l));
+        TRY(fm_cuda_sync(ctx));
+        guess_hint(s, l);
+    }
     double t_end = fm_time_now();
     tm->expert_wait += waited;
     tm->expert_compute += t_end - t_grouped - waited;

@@ -538,6 +538,143 @@ done:
     free(x), free(got), free(got2);
 }
 
+/* fm_cuda_expert_matvec_with: the routed experts' down (KE of NE experts, type dt, [N, K], x_up
+ * given: silu(x) * x_up is the input) and a dense product of type dt2 ([N2, K2]) in one launch,
+ * against the two calls: bit-identical outputs (the same sums in the same order), with NR chosen and
+ * forced to 2, 4, 8; the dense output also against float64 (compare_out's bounds). fused: whether
+ * this pair of types is fused (else the call takes the two launches; the same check holds). */
+static void check_expert_with(fm_test_ctx *t, fm_cuda *c, stats *st, fm_dtype dt, fm_dtype dt2, int64_t N, int64_t K,
+                              int64_t N2, int64_t K2) {
+    enum { KE = 6, NE = 9 };
+    hweight hw[NE], hd;
+    void *dw = NULL, *tab = NULL, *ids = NULL, *dx = NULL, *dxu = NULL, *dd = NULL, *dx2 = NULL, *dY = NULL, *dO = NULL;
+    float *x = malloc(sizeof(float) * (size_t)(KE * K)), *xu = malloc(sizeof(float) * (size_t)(KE * K));
+    float *x2 = malloc(sizeof(float) * (size_t)K2), *y0 = malloc(sizeof(float) * (size_t)(KE * N));
+    float *y1 = malloc(sizeof(float) * (size_t)(KE * N)), *o0 = poisoned(N2), *o1 = poisoned(N2);
+    bool ok = x && xu && x2 && y0 && y1 && o0 && o1;
+    size_t off[NE], tot = 0;
+    const bool q = fm_dtype_is_quant(dt), q2 = fm_dtype_is_quant(dt2);
+    for (int e = 0; e < NE; e++) {
+        ok &= make_hweight(&hw[e], dt, N, K, q ? 64 : 0, q ? FM_DTYPE_BF16 : FM_DTYPE_UNKNOWN);
+        off[e] = tot;
+        tot += (hw[e].bytes + 255) / 256 * 256;
+    }
+    ok &= make_hweight(&hd, dt2, N2, K2, q2 ? 32 : 0, q2 ? FM_DTYPE_F16 : FM_DTYPE_UNKNOWN);
+    if (!ok) {
+        t->failures++;
+        goto done;
+    }
+    for (int64_t j = 0; j < KE * K; j++) x[j] = (float)rnd(), xu[j] = (float)rnd();
+    for (int64_t j = 0; j < K2; j++) x2[j] = (float)rnd();
+    if (fm_cuda_buf_alloc(c, tot, &dw) || fm_cuda_buf_alloc(c, sizeof(void *) * NE, &tab) ||
+        fm_cuda_buf_alloc(c, sizeof(int32_t) * KE, &ids) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(KE * K), &dx) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(KE * K), &dxu) || fm_cuda_buf_alloc(c, hd.bytes, &dd) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)K2, &dx2) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(KE * N), &dY) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(N2 + 2 * GUARD), &dO)) {
+        t->failures++;
+        goto done;
+    }
+    void *htab[NE];
+    for (int e = 0; e < NE; e++) {
+        htab[e] = (unsigned char *)dw + off[e];
+        if (fm_cuda_buf_upload(c, htab[e], hw[e].data, hw[e].bytes)) ok = false;
+    }
+    int32_t hids[KE];
+    for (int j = 0; j < KE; j++) hids[j] = (int32_t)((j * 4 + 3) % NE);
+    if (!ok || fm_cuda_buf_upload(c, tab, htab, sizeof htab) || fm_cuda_buf_upload(c, ids, hids, sizeof hids) ||
+        fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)(KE * K)) ||
+        fm_cuda_buf_upload(c, dxu, xu, sizeof(float) * (size_t)(KE * K)) || fm_cuda_buf_upload(c, dd, hd.data, hd.bytes) ||
+        fm_cuda_buf_upload(c, dx2, x2, sizeof(float) * (size_t)K2)) {
+        t->failures++;
+        goto done;
+    }
+    fm_weight shape = hw[0].w, wd = hd.w;
+    shape.data = NULL, wd.data = dd;
+    fm_cuda_expert_mv dn = {.table = tab, .ids = ids, .k = KE, .n_parts = 1, .n_experts = NE, .part_off = {0, 0},
+                            .x = dx, .x_up = dxu, .x_stride = K, .out = {dY, NULL}, .out_stride = N};
+    fm_cuda_mv extra = {&wd, dx2, (float *)dO + GUARD, NULL};
+    static const char *const rpt[] = {NULL, "2", "4", "8"};
+    char what[160];
+    snprintf(what, sizeof what, "experts %s [%lld, %lld] with %s [%lld, %lld]", fm_dtype_name(dt), (long long)N,
+             (long long)K, fm_dtype_name(dt2), (long long)N2, (long long)K2);
+    for (int ri = 0; ri < 4; ri++) {
+        if (rpt[ri]) setenv("FLASHMOE_CUDA_MV_RPT", rpt[ri], 1);
+        else unsetenv("FLASHMOE_CUDA_MV_RPT");
+        for (int fused = 0; fused < 2; fused++) {
+            float *y = fused ? y1 : y0, *o = fused ? o1 : o0;
+            if (fm_cuda_buf_fill(c, dY, 0xff, sizeof(float) * (size_t)(KE * N)) ||
+                fm_cuda_buf_upload(c, dO, o, sizeof(float) * (size_t)(N2 + 2 * GUARD)) ||
+                (fused ? fm_cuda_expert_matvec_with(c, &shape, &dn, &extra)
+                       : (fm_cuda_expert_matvec(c, &shape, &dn) || fm_cuda_matvec(c, &extra, 1))) ||
+                fm_cuda_buf_download(c, y, dY, sizeof(float) * (size_t)(KE * N)) ||
+                fm_cuda_buf_download(c, o, dO, sizeof(float) * (size_t)(N2 + 2 * GUARD))) {
+                t->failures++;
+                fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+                goto done;
+            }
+        }
+        for (int64_t j = 0; j < GUARD; j++)
+            if (o1[j] != SENTINEL || o1[GUARD + N2 + j] != SENTINEL) {
+                t->failures++;
+                fprintf(stderr, "  %s: wrote outside the output\n", what);
+                goto done;
+            }
+        for (int64_t i = 0; i < KE * N; i++)
+            if (memcmp(&y0[i], &y1[i], 4) || isnan(y1[i])) {
+                t->failures++;
+                fprintf(stderr, "  %s NR %s: expert output %lld = %.9g, two launches %.9g\n", what,
+                        rpt[ri] ? rpt[ri] : "auto", (long long)i, y1[i], y0[i]);
+                goto done;
+            }
+        for (int64_t i = 0; i < N2; i++)
+            if (memcmp(&o0[GUARD + i], &o1[GUARD + i], 4)) {
+                t->failures++;
+                fprintf(stderr, "  %s NR %s: dense output %lld = %.9g, two launches %.9g\n", what,
+                        rpt[ri] ? rpt[ri] : "auto", (long long)i, o1[GUARD + i], o0[GUARD + i]);
+                goto done;
+            }
+        if (!compare_out(t, st, what, &hd, x2, 1, o1 + GUARD)) goto done;
+        st->cases++;
+    }
+done:
+    unsetenv("FLASHMOE_CUDA_MV_RPT");
+    for (int e = 0; e < NE; e++) hweight_free(&hw[e]);
+    hweight_free(&hd);
+    fm_cuda_buf_free(c, dw), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids), fm_cuda_buf_free(c, dx);
+    fm_cuda_buf_free(c, dxu), fm_cuda_buf_free(c, dd), fm_cuda_buf_free(c, dx2), fm_cuda_buf_free(c, dY);
+    fm_cuda_buf_free(c, dO);
+    free(x), free(xu), free(x2), free(y0), free(y1), free(o0), free(o1);
+}
+
+FM_TEST(cuda_matvec_experts_with_dense) {
+    CUDA_OR_SKIP(c);
+    stats st = {0};
+    check_expert_with(t, c, &st, FM_DTYPE_Q4, FM_DTYPE_Q8, 2048, 512, 2048, 512);   /* 35B: experts' and shared down */
+    check_expert_with(t, c, &st, FM_DTYPE_Q4, FM_DTYPE_Q8, 4096, 1024, 4096, 1024); /* 397B */
+    check_expert_with(t, c, &st, FM_DTYPE_Q8, FM_DTYPE_BF16, 333, 256, 1025, 64);    /* more dense rows than expert rows */
+    check_expert_with(t, c, &st, FM_DTYPE_Q4, FM_DTYPE_Q4, 96, 2048, 7, 4096);
+    check_expert_with(t, c, &st, FM_DTYPE_Q4, FM_DTYPE_F32, 64, 512, 33, 128);       /* not fused: two launches */
+    setenv("FLASHMOE_CUDA_MV_FUSE", "0", 1);
+    check_expert_with(t, c, &st, FM_DTYPE_Q4, FM_DTYPE_Q8, 512, 256, 100, 512);
+    unsetenv("FLASHMOE_CUDA_MV_FUSE");
+    /* errors: nothing enqueued, the message of the call that refuses */
+    fm_weight q2 = {.dtype = FM_DTYPE_Q2, .rows = 8, .cols = 64, .data = (void *)16, .group_size = 32,
+                    .scale_dtype = FM_DTYPE_BF16};
+    fm_weight shape = {.dtype = FM_DTYPE_Q4, .rows = 64, .cols = 256, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_cuda_mv bad = {&q2, NULL, (float *)16, NULL};
+    fm_cuda_expert_mv dn = {.table = (const void *const *)16, .ids = (const int32_t *)16, .k = 2, .n_parts = 1,
+                            .n_experts = 4, .x = (const float *)16, .out = {(float *)16, NULL}};
+    CHECK(fm_cuda_expert_matvec_with(c, &shape, &dn, &bad) == FM_ERR_ARG);
+    fm_cuda_expert_mv dn0 = dn;
+    dn0.k = 0;
+    fm_weight wok = shape;
+    wok.data = (void *)256;
+    fm_cuda_mv good = {&wok, (const float *)16, (float *)16, NULL};
+    CHECK(fm_cuda_expert_matvec_with(c, &shape, &dn0, &good) == FM_ERR_ARG);
+    CHECK_OK(fm_cuda_sync(c));
+    stats_print("experts + a dense product in one launch", &st);
+}
+
 FM_TEST(cuda_matvec_one_token) {
     CUDA_OR_SKIP(c);
     stats st = {0};

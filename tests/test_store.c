@@ -14,6 +14,7 @@
 #include "model/synth.h"
 #include "store/expert_store.h"
 #include "test.h"
+#include "util/progress.h"
 
 #define N_TOK 24
 
@@ -422,6 +423,55 @@ FM_TEST(store_uring_falls_back_to_pread) {
     CHECK_MSG(nl && strstr(nl, base_out) && strlen(base_out) > 0, "output differs from pread: %s vs %s", out, base_out);
     free(base);
     free(got);
+}
+
+/* fm_store_poll takes io_uring's finished reads and sends the next ones without blocking: after
+ * polling, the request's experts are in (bytes counted) and fm_store_wait does not wait; with
+ * FLASHMOE_URING_POLL=0 a poll leaves them to fm_store_wait, which then reads the same bytes. */
+FM_TEST(store_uring_poll_advances_reads) {
+    char dir[512];
+    if (!make_tiny(t, "store_poll", dir, sizeof dir)) return;
+    fm_packed_model *pm;
+    REQUIRE(fm_packed_open(dir, &pm) == FM_OK);
+    uint64_t stride = pm->experts[0].stride;
+    size_t n0 = 0;
+    uint8_t *f0 = (uint8_t *)fm_test_read_file(pm->experts[0].file, &n0);
+    REQUIRE(f0);
+    for (int off = 0; off < 2; off++) {
+        if (off) setenv("FLASHMOE_URING_POLL", "0", 1);
+        fm_store_options o = {.engine = FM_IO_URING, .io_threads = 1};
+        fm_expert_store *st = NULL;
+        fm_status rc = fm_store_open(pm, 8, &o, &st);
+        unsetenv("FLASHMOE_URING_POLL");
+        CHECK_OK(rc);
+        if (rc != FM_OK) break;
+        if (fm_store_engine(st) != FM_IO_URING) {
+            fm_store_free(st);
+            SKIP("io_uring is not available here");
+        }
+        int32_t E = pm->config.n_experts, ids[3] = {1, E / 2, E - 1};
+        CHECK_OK(fm_store_request(st, 0, ids, 3));
+        uint64_t want = 3 * stride;
+        double t0 = fm_time_now(); /* polling only: 10 s is far beyond three tiny reads */
+        while (fm_store_layer_stats_get(st, 0).bytes_read < want && fm_time_now() - t0 < (off ? 0.05 : 10)) {
+            fm_store_poll(st);
+            usleep(500);
+        }
+        uint64_t polled = fm_store_layer_stats_get(st, 0).bytes_read;
+        CHECK_MSG(polled == (off ? 0 : want), "poll %s: %llu of %llu bytes in", off ? "off" : "on",
+                  (unsigned long long)polled, (unsigned long long)want);
+        for (int i = 0; i < 3; i++) {
+            const uint8_t *blk;
+            CHECK_OK(fm_store_wait(st, i, &blk));
+            CHECK_MSG(memcmp(blk, f0 + (uint64_t)ids[i] * stride, stride) == 0, "expert %d differs", ids[i]);
+        }
+        fm_store_layer_stats s0 = fm_store_layer_stats_get(st, 0);
+        CHECK_MSG(s0.bytes_read == want, "%llu bytes", (unsigned long long)s0.bytes_read);
+        if (!off) CHECK_MSG(s0.wait_seconds == 0, "waited %g s after polling", s0.wait_seconds);
+        fm_store_free(st);
+    }
+    free(f0);
+    fm_packed_close(pm);
 }
 
 /* flashmoe bench --engines --json: one object per engine, in the order asked, each with the keys of

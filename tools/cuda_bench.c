@@ -20,6 +20,10 @@
  * last group of launches (the batched kernels exactly as timed) is checked against fm_cpu_matmul
  * too (worst error <= 1e-5 of sum |w x|; --no-check skips it).
  *
+ * Then (also with --decode-only) the routed experts of the 397B geometry as decode runs them (top-10
+ * Q4 g64: one launch for gate+up, one for down; "tc" the tensor-core kernel through
+ * fm_cuda_matmul_batch, "mv" the resident step's fm_cuda_expert_matvec), see experts397.
+ *
  * Then (or alone, with --decode-only) the products of one decode step of the qwen3.5-35b-a3b
  * geometry (hidden 2048, Q8 g64 dense, Q4 g64 experts, top-8), each row one group of products
  * as the resident step launches them: "old" the way the step ran before 2026-11-22's one-token
@@ -28,7 +32,10 @@
  * "new" through fm_cuda_matvec (one launch per group) and the experts' one-token kernel (SwiGLU in
  * the gate+up output). Each group has enough copies of its weights (>= 256 MiB together,
  * replicated by device copies) that consecutive launches stream from HBM; us is the median of
- * --reps passes over all copies divided by the copies; GB/s counts the weight bytes once. */
+ * --reps passes over all copies divided by the copies; GB/s counts the weight bytes once. The
+ * experts' rows add what the shared expert's down (Q8 [2048, 512]) costs after the experts' down
+ * as its own launch and inside that launch (fm_cuda_expert_matvec_with), and "mean layer, dense,
+ * fused" is the mean layer with the sh_down row's time replaced by the latter. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -262,6 +269,140 @@ static int time_group(fm_cuda *c, const dgroup *g, unsigned char *w, size_t gbyt
     return 0;
 }
 
+/* The routed experts of the 397B geometry as decode runs them: top-10 Q4 g64 experts, gate and up
+ * [1024, 4096] with x shared, down [4096, 1024] with its own x, one launch for gate+up and one for
+ * down, over a pool of 64 experts (~450 MiB, several times the L2) so that consecutive sets stream
+ * from HBM. "tc": fm_cuda_matmul_batch (20 gate/up products, then 10 down; the tensor-core kernel
+ * mm_q4_tc); "mv": fm_cuda_expert_matvec (the resident step's one-token kernel: gate+up as SwiGLU
+ * pairs into one output, then down). The outputs of the last set are checked against
+ * fm_cpu_matmul (tc: gate, up and down; mv: down of the gate+up launch's output, i.e. the whole
+ * expert) with the bound of the other checks. */
+static int experts397(fm_cuda *c, double copy_gbs, int reps, int check) {
+    const int E = 64, K = 10, NSETS = 64;
+    const int64_t I = 1024, H = 4096;
+    const size_t gb = wbytes(FM_DTYPE_Q4, I, H), db = wbytes(FM_DTYPE_Q4, H, I);
+    const size_t gpart = (gb + 255) / 256 * 256, blk = 2 * gpart + (db + 255) / 256 * 256;
+    void *ew, *tab, *ids, *x, *G, *U, *Y;
+    if (fm_cuda_buf_alloc(c, blk * E, &ew) || fm_cuda_buf_alloc(c, sizeof(void *) * E, &tab) ||
+        fm_cuda_buf_alloc(c, sizeof(int32_t) * K * NSETS, &ids) || fm_cuda_buf_alloc(c, sizeof(float) * H, &x) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * K * I, &G) || fm_cuda_buf_alloc(c, sizeof(float) * K * I, &U) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * K * H, &Y))
+        return die("alloc");
+    unsigned char *hb = malloc(blk);
+    float *hx = malloc(sizeof(float) * H);
+    if (!hb || !hx) return 1;
+    memset(hb, 0, blk);
+    fill_weight(hb, FM_DTYPE_Q4, I, H);
+    fill_weight(hb + gpart, FM_DTYPE_Q4, I, H);
+    fill_weight(hb + 2 * gpart, FM_DTYPE_Q4, H, I);
+    for (int i = 0; i < H; i++) hx[i] = (float)rnd();
+    if (fm_cuda_buf_upload(c, ew, hb, blk) || fm_cuda_buf_upload(c, x, hx, sizeof(float) * H)) return die("upload");
+    void *htab[64];
+    for (int e = 0; e < E; e++) {
+        htab[e] = (unsigned char *)ew + (size_t)e * blk;
+        if (e && fm_cuda_buf_copy(c, htab[e], ew, blk)) return die("copy");
+    }
+    int32_t hids[10 * 64];
+    for (int s = 0; s < NSETS; s++)
+        for (int j = 0; j < K; j++) hids[s * K + j] = (s * 10 + j * 7) % E; /* distinct within a set */
+    if (fm_cuda_buf_upload(c, tab, htab, sizeof(void *) * E) || fm_cuda_buf_upload(c, ids, hids, sizeof hids))
+        return die("upload");
+    fm_weight sg = {.dtype = FM_DTYPE_Q4, .rows = I, .cols = H, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight sd = sg;
+    sd.rows = H, sd.cols = I;
+    const double mb_gu = (double)K * 2 * gb / 1e6, mb_d = (double)K * db / 1e6;
+    printf("\nexperts, 397B shapes (Q4 g64, top-10: gate+up [1024, 4096] x2 in one launch, down [4096, 1024] in one)\n");
+    printf("%-4s %9s %9s %7s %9s %9s %7s %9s %7s\n", "kern", "g+u us", "GB/s", "of D2D", "down us", "GB/s", "of D2D",
+           "all GB/s", "of D2D");
+    for (int kern = 0; kern < 2; kern++) { /* 0: tc (matmul_batch), 1: mv (expert matvec) */
+        double t[64], tg[64];
+        const int r = reps > 64 ? 64 : reps;
+        for (int pass = 0; pass < 2; pass++) /* pass 0: gate+up alone, pass 1: gate+up and down */
+            for (int it = 0; it < 2 + r; it++) {
+                if (fm_cuda_timer_start(c)) return die("timer");
+                for (int s = 0; s < NSETS; s++) {
+                    if (kern == 0) {
+                        fm_cuda_mat m[20];
+                        for (int j = 0; j < K; j++) {
+                            const unsigned char *b = htab[hids[s * K + j]];
+                            m[2 * j] = (fm_cuda_mat){b, x, (float *)G + (size_t)j * I, 1};
+                            m[2 * j + 1] = (fm_cuda_mat){b + gpart, x, (float *)U + (size_t)j * I, 1};
+                        }
+                        if (fm_cuda_matmul_batch(c, &sg, m, 2 * K)) return die("matmul batch");
+                        if (!pass) continue;
+                        for (int j = 0; j < K; j++)
+                            m[j] = (fm_cuda_mat){(const unsigned char *)htab[hids[s * K + j]] + 2 * gpart,
+                                                 (float *)G + (size_t)j * I, (float *)Y + (size_t)j * H, 1};
+                        if (fm_cuda_matmul_batch(c, &sd, m, K)) return die("matmul batch");
+                        continue;
+                    }
+                    fm_cuda_expert_mv gu = {.table = tab, .ids = (int32_t *)ids + s * K, .k = K, .n_parts = 2,
+                                            .n_experts = E, .part_off = {0, (int64_t)gpart}, .x = x,
+                                            .out = {G, U}, .out_stride = I, .swiglu_out = 1};
+                    if (fm_cuda_expert_matvec(c, &sg, &gu)) return die("expert matvec");
+                    if (!pass) continue;
+                    fm_cuda_expert_mv dn = {.table = tab, .ids = (int32_t *)ids + s * K, .k = K, .n_parts = 1,
+                                            .n_experts = E, .part_off = {(int64_t)(2 * gpart), 0}, .x = G,
+                                            .x_stride = I, .out = {Y, NULL}, .out_stride = H};
+                    if (fm_cuda_expert_matvec(c, &sd, &dn)) return die("expert matvec");
+                }
+                double v;
+                if (fm_cuda_timer_stop(c, &v)) return die("timer");
+                if (it >= 2) (pass ? t : tg)[it - 2] = v;
+            }
+        qsort(t, (size_t)r, sizeof t[0], cmp_double);
+        qsort(tg, (size_t)r, sizeof tg[0], cmp_double);
+        const double us = t[r / 2] * 1e3 / NSETS, usg = tg[r / 2] * 1e3 / NSETS, usd = us - usg;
+        const double g1 = mb_gu * 1e3 / usg, g2 = mb_d * 1e3 / usd, g3 = (mb_gu + mb_d) * 1e3 / us;
+        printf("%-4s %9.2f %9.0f %6.1f%% %9.2f %9.0f %6.1f%% %9.0f %6.1f%%\n", kern ? "mv" : "tc", usg, g1,
+               100.0 * g1 / copy_gbs, usd, g2, 100.0 * g2 / copy_gbs, g3, 100.0 * g3 / copy_gbs);
+        fflush(stdout);
+        if (!check) continue;
+        /* the last set's outputs against the CPU: expert j = hids[(NSETS - 1) * K + j] (all the same bytes) */
+        float *hG = malloc(sizeof(float) * K * I), *hY = malloc(sizeof(float) * K * H), *ref = malloc(sizeof(float) * H);
+        float *rg = malloc(sizeof(float) * I), *ru = malloc(sizeof(float) * I), *row = malloc(sizeof(float) * H);
+        if (!hG || !hY || !ref || !rg || !ru || !row) return 1;
+        if (fm_cuda_buf_download(c, hG, G, sizeof(float) * K * I) || fm_cuda_buf_download(c, hY, Y, sizeof(float) * K * H))
+            return die("download");
+        fm_weight wg = sg, wu = sg, wd = sd;
+        wg.data = hb, wu.data = hb + gpart, wd.data = hb + 2 * gpart;
+        fm_cpu_matmul(NULL, rg, hx, 1, &wg);
+        fm_cpu_matmul(NULL, ru, hx, 1, &wu);
+        double worst = 0;
+        for (int j = 0; j < K; j++) {
+            const float *gin = hG + (size_t)j * I; /* down's input as the GPU computed it */
+            fm_cpu_matmul(NULL, ref, gin, 1, &wd);
+            for (int64_t rr = 0; rr < H; rr++) {
+                fm_cpu_get_row(row, &wd, rr);
+                double mag = 1e-30;
+                for (int64_t q = 0; q < I; q++) mag += fabs((double)row[q] * gin[q]);
+                const double e = fabs((double)hY[(size_t)j * H + rr] - ref[rr]) / mag;
+                if (!(e <= worst)) worst = e;
+            }
+            if (kern == 1) /* gate+up's output silu(g) * u against the CPU's g and u, with test_cuda.c's
+                              pair bound 1.1 mag_g |u| + |silu(g)| mag_u (mag = sum |w x|) */
+                for (int64_t rr = 0; rr < I; rr++) {
+                    double mg = 1e-30, mu = 1e-30;
+                    fm_cpu_get_row(row, &wg, rr);
+                    for (int64_t q = 0; q < H; q++) mg += fabs((double)row[q] * hx[q]);
+                    fm_cpu_get_row(row, &wu, rr);
+                    for (int64_t q = 0; q < H; q++) mu += fabs((double)row[q] * hx[q]);
+                    const double g = rg[rr], u = ru[rr], sg_ = g / (1 + exp(-g)), want = sg_ * u;
+                    const double e = fabs((double)gin[rr] - want) / (1.1 * mg * fabs(u) + fabs(sg_) * mu + 1e-30);
+                    if (!(e <= worst)) worst = e;
+                }
+        }
+        printf("check %s: the last set's outputs against the CPU: worst %.2e%s\n", kern ? "mv" : "tc", worst,
+               worst <= 1e-5 ? "" : "  FAILED");
+        free(hG), free(hY), free(ref), free(rg), free(ru), free(row);
+        if (!(worst <= 1e-5)) return 1;
+    }
+    free(hb), free(hx);
+    fm_cuda_buf_free(c, ew), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids), fm_cuda_buf_free(c, x);
+    fm_cuda_buf_free(c, G), fm_cuda_buf_free(c, U), fm_cuda_buf_free(c, Y);
+    return 0;
+}
+
 static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
     static const dgroup groups[] = {
         {"in_proj qkv+z+b+a", 4, {8192, 4096, 32, 32}, 2048},
@@ -282,7 +423,7 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
     printf("\ndecode step, qwen3.5-35b-a3b shapes (Q8 g64 dense; one token)\n");
     printf("%-24s %8s %6s %9s %8s %9s %8s %7s\n", "group", "MB", "copies", "old us", "old GB/s", "new us", "new GB/s",
            "of D2D");
-    double sum_old = 0, sum_new = 0, sum_mb = 0;
+    double sum_old = 0, sum_new = 0, sum_mb = 0, us_sh_new = 0;
     for (size_t gi = 0; gi < sizeof groups / sizeof groups[0]; gi++) {
         const dgroup *g = &groups[gi];
         size_t off[4], gbytes = 0;
@@ -314,6 +455,7 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
          * o_proj), and router + shared expert in each */
         const double wl = gi == 0 || gi == 1 ? 0.75 : gi == 2 || gi == 3 ? 0.25 : gi == 6 ? 0 : 1;
         sum_old += wl * us_old, sum_new += wl * us_new, sum_mb += wl * mb;
+        if (gi == 5) us_sh_new = us_new;
         fm_cuda_buf_free(c, w);
     }
     printf("%-24s %8.2f %6s %9.2f %8.0f %9.2f %8.0f %6.1f%%   (3/4 DeltaNet + 1/4 attention + MoE dense)\n",
@@ -324,11 +466,24 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
     const int E = 256, K = 8, NSETS = 64;
     const size_t gb = wbytes(FM_DTYPE_Q4, 512, 2048), db = wbytes(FM_DTYPE_Q4, 2048, 512);
     const size_t gpart = (gb + 255) / 256 * 256, blk = 2 * gpart + (db + 255) / 256 * 256;
-    void *ew, *tab, *ids, *G, *U, *Y;
+    void *ew, *tab, *ids, *G, *U, *Y, *shw, *Ysh;
+    /* the shared expert's down (Q8 g64 [2048, 512]), one copy per set: for the fused rows */
+    const size_t shb = (wbytes(FM_DTYPE_Q8, 2048, 512) + 255) / 256 * 256;
     if (fm_cuda_buf_alloc(c, blk * E, &ew) || fm_cuda_buf_alloc(c, sizeof(void *) * E, &tab) ||
         fm_cuda_buf_alloc(c, sizeof(int32_t) * K * NSETS, &ids) || fm_cuda_buf_alloc(c, sizeof(float) * K * 512, &G) ||
-        fm_cuda_buf_alloc(c, sizeof(float) * K * 512, &U) || fm_cuda_buf_alloc(c, sizeof(float) * K * 2048, &Y))
+        fm_cuda_buf_alloc(c, sizeof(float) * K * 512, &U) || fm_cuda_buf_alloc(c, sizeof(float) * K * 2048, &Y) ||
+        fm_cuda_buf_alloc(c, shb * NSETS, &shw) || fm_cuda_buf_alloc(c, sizeof(float) * 2048, &Ysh))
         return die("alloc");
+    {
+        unsigned char *hs = malloc(shb);
+        if (!hs) return 1;
+        memset(hs, 0, shb);
+        fill_weight(hs, FM_DTYPE_Q8, 2048, 512);
+        if (fm_cuda_buf_upload(c, shw, hs, shb)) return die("upload");
+        for (int i = 1; i < NSETS; i++)
+            if (fm_cuda_buf_copy(c, (unsigned char *)shw + (size_t)i * shb, shw, shb)) return die("copy");
+        free(hs);
+    }
     unsigned char *hb = malloc(blk);
     if (!hb) return 1;
     fill_weight(hb, FM_DTYPE_Q4, 512, 2048);
@@ -350,12 +505,15 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
     fm_weight sd = sg;
     sd.rows = 2048, sd.cols = 512;
     const double emb = (double)K * (2 * gb + db) / 1e6;
+    fm_weight shd_w = {.dtype = FM_DTYPE_Q8, .rows = 2048, .cols = 512, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     for (int is_new = 0; is_new < 2; is_new++) {
         if (is_new) unsetenv("FLASHMOE_CUDA_EMV_OLD");
         else setenv("FLASHMOE_CUDA_EMV_OLD", "1", 1);
-        double t[64], tg[64];
+        double t[64], tg[64], ts[64], tf[64];
         const int r = reps > 64 ? 64 : reps;
-        for (int pass = 0; pass < 2; pass++) /* pass 0: gate+up alone, pass 1: gate+up and down */
+        /* pass 0: gate+up alone, 1: gate+up and down; new only: 2: and the shared down (separate
+         * launch), 3: the shared down in the experts' down launch (fm_cuda_expert_matvec_with) */
+        for (int pass = 0; pass < (is_new ? 4 : 2); pass++)
             for (int it = 0; it < 2 + r; it++) {
                 if (fm_cuda_timer_start(c)) return die("timer");
                 for (int s = 0; s < NSETS; s++) {
@@ -368,15 +526,35 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
                                             .n_experts = E, .part_off = {(int64_t)(2 * gpart), 0}, .x = G,
                                             .x_up = is_new ? NULL : U, .x_stride = 512, .out = {Y, NULL},
                                             .out_stride = 2048};
+                    shd_w.data = (unsigned char *)shw + (size_t)s * shb;
+                    fm_cuda_mv shmv = {&shd_w, G, Ysh, NULL};
+                    if (pass == 3) {
+                        if (fm_cuda_expert_matvec_with(c, &sd, &dn, &shmv)) return die("expert matvec with");
+                        continue;
+                    }
                     if (fm_cuda_expert_matvec(c, &sd, &dn)) return die("expert matvec");
+                    if (pass == 2 && fm_cuda_matvec(c, &shmv, 1)) return die("matvec");
                 }
                 double v;
                 if (fm_cuda_timer_stop(c, &v)) return die("timer");
-                if (it >= 2) (pass ? t : tg)[it - 2] = v;
+                if (it >= 2) (pass == 0 ? tg : pass == 1 ? t : pass == 2 ? ts : tf)[it - 2] = v;
             }
         qsort(t, (size_t)r, sizeof t[0], cmp_double);
         qsort(tg, (size_t)r, sizeof tg[0], cmp_double);
         const double us = t[r / 2] * 1e3 / NSETS, usg = tg[r / 2] * 1e3 / NSETS;
+        if (is_new) {
+            qsort(ts, (size_t)r, sizeof ts[0], cmp_double);
+            qsort(tf, (size_t)r, sizeof tf[0], cmp_double);
+            const double uss = ts[r / 2] * 1e3 / NSETS, usf = tf[r / 2] * 1e3 / NSETS;
+            /* the dense part with the shared down inside the experts' launch: its own row's time
+             * replaced by what it adds to that launch (fused - experts alone) */
+            const double fused_layer = sum_new - us_sh_new + (usf - us);
+            printf("experts top-8 new + sh_down: separate launch %.2f us more, in the experts' down launch %.2f us more"
+                   " (experts gate+up+down %.2f us)\n", uss - us, usf - us, us);
+            printf("%-24s %8.2f %6s %9s %8s %9.2f %8.0f %6.1f%%   (sh_down counted as what it adds to the experts' down launch)\n",
+                   "mean layer, dense, fused", sum_mb, "", "", "", fused_layer, sum_mb / 1e3 / (fused_layer * 1e-6),
+                   100.0 * sum_mb / 1e3 / (fused_layer * 1e-6) / copy_gbs);
+        }
         printf("experts top-8 %-10s %8.2f MB   gate+up %7.2f us (%5.0f GB/s)   + down %7.2f us (%5.0f GB/s)   all %5.0f GB/s = %5.1f%% of D2D\n",
                is_new ? "new" : "old", emb, usg, (double)K * 2 * gb / 1e3 / usg, us - usg,
                (double)K * db / 1e3 / (us - usg), emb * 1e3 / us, 100.0 * emb * 1e3 / us / copy_gbs);
@@ -384,6 +562,7 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
     unsetenv("FLASHMOE_CUDA_EMV_OLD");
     fm_cuda_buf_free(c, ew), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids);
     fm_cuda_buf_free(c, G), fm_cuda_buf_free(c, U), fm_cuda_buf_free(c, Y);
+    fm_cuda_buf_free(c, shw), fm_cuda_buf_free(c, Ysh);
     fm_cuda_buf_free(c, x), fm_cuda_buf_free(c, out);
     return 0;
 }
@@ -434,7 +613,7 @@ int main(int argc, char **argv) {
     fm_cuda_buf_free(c, src);
     fm_cuda_buf_free(c, dst);
     if (decode_only) {
-        const int rc = decode_shapes(c, copy_gbs, reps);
+        const int rc = experts397(c, copy_gbs, reps, check) || decode_shapes(c, copy_gbs, reps);
         fm_cuda_free(c);
         return rc;
     }
@@ -525,7 +704,7 @@ int main(int argc, char **argv) {
         fm_cuda_buf_free(c, g), fm_cuda_buf_free(c, u), fm_cuda_buf_free(c, d);
         fm_cuda_buf_free(c, xg), fm_cuda_buf_free(c, xd), fm_cuda_buf_free(c, o);
     }
-    if (decode_shapes(c, copy_gbs, reps)) return 1;
+    if (experts397(c, copy_gbs, reps, check) || decode_shapes(c, copy_gbs, reps)) return 1;
     fm_cuda_free(c);
     if (failed) fprintf(stderr, "cuda_bench: a check against the CPU oracle FAILED\n");
     return failed;

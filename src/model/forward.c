@@ -489,6 +489,7 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
         float *g = s->buf_a, *u = s->buf_b, *y = s->buf_c;
         fm_cpu_matmul(pool, g, xn, T, &w->sh_gate);
         fm_cpu_matmul(pool, u, xn, T, &w->sh_up);
+        fm_store_poll(m->store); /* the routed experts' reads go on while this computes */
         for (int64_t i = 0; i < T * Is; i++) g[i] = fm_silu(g[i]) * u[i];
         fm_cpu_matmul(pool, y, g, T, &w->sh_down);
         fm_cpu_matmul(pool, u, xn, T, &w->sh_router); /* (T, 1) */
@@ -524,6 +525,7 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
                 memcpy(X + r * H, xn + (int64_t)s->tok_list[start[e] + r] * H, sizeof(float) * (size_t)H);
             fm_cpu_matmul(pool, G, X, n_tok, &wg);
             fm_cpu_matmul(pool, U, X, n_tok, &wu);
+            fm_store_poll(m->store); /* later experts' reads go on while this one computes */
             for (int64_t q = 0; q < n_tok * I; q++) G[q] = fm_silu(G[q]) * U[q];
             fm_cpu_matmul(pool, Y, G, n_tok, &wd);
             for (int64_t r = 0; r < n_tok; r++) {

@@ -1221,10 +1221,11 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     }
     TRY(fm_cuda_matvec(ctx, mv, nmv));
     TRY(fm_cuda_router_topk(ctx, ids, tw, s->small, 1, (int)E, (int)k, c->norm_topk_prob));
+    fm_cuda_mv shd = {0}; /* the shared expert's down: in the routed experts' down launch */
     if (c->n_ff_shared > 0) { /* as moe() */
         ysh = s->c;
         if (!pair) TRY(fm_cuda_swiglu(ctx, gs, gs, us, c->n_ff_shared));
-        TRY(matvec1(ctx, ysh, &w->sh_down, gs));
+        shd = (fm_cuda_mv){&w->sh_down, gs, ysh, NULL};
     }
     const fm_packed_expert_layer *L = &m->packed->experts[l];
     const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
@@ -1241,7 +1242,7 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     fm_cuda_expert_mv dn = {.table = table, .ids = ids, .k = (int)k, .n_parts = 1, .n_experts = (int)E,
                             .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = old_emv ? s->U : NULL,
                             .x_stride = I, .out = {s->Y, NULL}, .out_stride = H};
-    TRY(fm_cuda_expert_matvec(ctx, &sd, &dn));
+    TRY(fm_cuda_expert_matvec_with(ctx, &sd, &dn, ysh ? &shd : NULL));
     return fm_cuda_moe_combine_topk_norm(ctx, s->x, s->xn, next_norm, (float)c->norm_eps, ysh, s->shl, s->Y, ids, tw, 1,
                                          (int)k, H);
 }

@@ -84,6 +84,7 @@ struct fm_expert_store {
     unsigned ring_depth;    /* the ring's size: most pieces in flight */
     unsigned window;        /* most pieces in flight for a small request (0 = ring_depth) */
     bool window_all;        /* the window applies to every request (FLASHMOE_URING_DEPTH) */
+    bool poll;              /* fm_store_poll reaps and sends (FLASHMOE_URING_POLL=0: only the waits do) */
     unsigned u_cap;         /* most pieces in flight for the current request */
     uint64_t piece_bytes;   /* a read covers at most this much of a block */
     int pieces_per_job;     /* for the largest stride */
@@ -429,6 +430,8 @@ static bool uring_init(fm_expert_store *s, char *why, size_t cap) {
         s->window = (unsigned)strtoul(ds, NULL, 10);
         s->window_all = true;
     }
+    const char *pv = getenv("FLASHMOE_URING_POLL"); /* experiments: 0 leaves the reaping to fm_store_wait */
+    s->poll = !(pv && !strcmp(pv, "0"));
     return true;
 }
 
@@ -849,6 +852,12 @@ void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n) {
     } else if (added) {
         uring_pump(s);
     }
+}
+
+void fm_store_poll(fm_expert_store *s) {
+    if (s->opt.engine != FM_IO_URING || !s->poll) return;
+    uring_reap(s, false);
+    uring_pump(s);
 }
 
 fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer) { return s->stats[layer]; }

@@ -78,6 +78,12 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
  * ignored. */
 void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n);
 
+/* Lets the read engine move on without blocking: with io_uring, whose reads only advance when the
+ * model's thread reaps them, takes the finished reads and sends the next ones (the request's
+ * window and the speculative reads stay full while the model computes); the other engines read
+ * on their own threads and return at once. Cheap: call it between the matmuls of a layer. */
+void fm_store_poll(fm_expert_store *s);
+
 /* Counters of one layer since open (or the last reset). */
 fm_store_layer_stats fm_store_layer_stats_get(const fm_expert_store *s, int layer);
 

@@ -358,6 +358,15 @@ bool fm_cuda_expert_matvec_supported(const fm_weight *shape);
  * for NULL pointers, part offsets not a multiple of 16, k < 1, n_parts not 1 or 2. */
 fm_status fm_cuda_expert_matvec(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv);
 
+/* fm_cuda_expert_matvec's products and one dense one-token product `extra` (fm_cuda_matvec's form,
+ * no w_up; NULL for none) in one launch: the shared expert's down next to the routed experts' down
+ * (matmul.cu, docs/CUDA.md). Results bit-identical to the two calls. Fused when the one-token
+ * kernels take both (experts Q4 or Q8 with x 16-byte aligned; extra Q8, Q4 or BF16 with
+ * fm_cuda_matvec_takes) and FLASHMOE_CUDA_MV_FUSE is not 0 and FLASHMOE_CUDA_EMV_OLD is unset; else
+ * the two calls (experts first). Errors as the two calls'; nothing is enqueued on an argument error. */
+fm_status fm_cuda_expert_matvec_with(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv,
+                                     const fm_cuda_mv *extra);
+
 /* CUDA graphs of the context's stream: between capture_begin and capture_end, the functions of
  * this header record their work instead of running it (nothing that synchronises may be called:
  * no fm_cuda_buf_upload / download / free / sync; host memory in uploads must be page-locked and is

@@ -1116,16 +1116,41 @@ template <int KIND, int NR> __global__ void __launch_bounds__(THREADS) mv_dense(
     mv_block<KIND, NR>(d.s, d.w, d.w_up, d.x, nullptr, d.out, (int)blockIdx.x - d.blk0, d.w_up != nullptr);
 }
 
-/* blockIdx.y = part * k + slot (pair: slot only) */
-template <int KIND, int NR> __global__ void __launch_bounds__(THREADS) mv_expert(const __grid_constant__ MvExpParams p) {
-    fm_pdl_trigger();
+/* Row block bx of product y = part * k + slot (pair: slot only) of an expert launch. */
+template <int KIND, int NR> __device__ __forceinline__ void mv_expert_body(const MvExpParams &p, int bx, int y) {
     fm_pdl_wait(); /* the ids (and x) come from the predecessors */
-    const int slot = (int)blockIdx.y % p.k, part = (int)blockIdx.y / p.k;
+    const int slot = y % p.k, part = y / p.k;
     const int e = min(max(p.ids[slot], 0), p.n_experts - 1); /* the router writes valid ids; never read outside */
     const unsigned char *base = p.table[e];
     const float *x = p.x + slot * p.x_stride, *xu = p.x_up ? p.x_up + slot * p.x_stride : nullptr;
     mv_block<KIND, NR>(p.s, base + p.part_off[part], base + p.part_off[1], x, xu, p.out[part] + slot * p.out_stride,
-                       (int)blockIdx.x, p.pair != 0);
+                       bx, p.pair != 0);
+}
+
+/* blockIdx.y = part * k + slot (pair: slot only) */
+template <int KIND, int NR> __global__ void __launch_bounds__(THREADS) mv_expert(const __grid_constant__ MvExpParams p) {
+    fm_pdl_trigger();
+    mv_expert_body<KIND, NR>(p, (int)blockIdx.x, (int)blockIdx.y);
+}
+
+/* An expert launch plus one dense one-token product of another type (the shared expert's down next
+ * to the routed experts' down): blockIdx.y < gridDim.y - 1 as mv_expert (blocks past the experts'
+ * bx return), the last row of the grid the dense product's row blocks (its weight loads issued
+ * before the PDL wait, as in mv_dense). */
+struct MvExpXParams {
+    MvExpParams e;
+    MvProd d;
+    int bx, dbx; /* row blocks of an expert product / of the dense product */
+};
+
+template <int KIND, int NR, int KIND2>
+__global__ void __launch_bounds__(THREADS) mv_expert_x(const __grid_constant__ MvExpXParams p) {
+    fm_pdl_trigger();
+    if ((int)blockIdx.y == (int)gridDim.y - 1) {
+        if ((int)blockIdx.x < p.dbx) mv_block<KIND2, NR>(p.d.s, p.d.w, nullptr, p.d.x, nullptr, p.d.out, (int)blockIdx.x, false);
+        return;
+    }
+    if ((int)blockIdx.x < p.bx) mv_expert_body<KIND, NR>(p.e, (int)blockIdx.x, (int)blockIdx.y);
 }
 
 typedef void (*mv_dense_fn)(const MvParams);
@@ -1154,6 +1179,18 @@ mv_exp_fn mv_exp_kernel(int kind, int nr) {
     case K_Q8: return mv_exp_for<K_Q8>(nr);
     default: return mv_exp_for<K_Q4>(nr);
     }
+}
+typedef void (*mv_expx_fn)(const MvExpXParams);
+template <int KIND, int KIND2> mv_expx_fn mv_expx_for(int nr) {
+    return nr == 8 ? mv_expert_x<KIND, 8, KIND2> : nr == 4 ? mv_expert_x<KIND, 4, KIND2> : mv_expert_x<KIND, 2, KIND2>;
+}
+/* The fused kernels that exist: experts Q4 or Q8, the dense product Q8, Q4 or BF16; else NULL. */
+mv_expx_fn mv_expx_kernel(int kind, int kind2, int nr) {
+    if (kind == K_Q4) return kind2 == K_Q8 ? mv_expx_for<K_Q4, K_Q8>(nr) : kind2 == K_Q4 ? mv_expx_for<K_Q4, K_Q4>(nr)
+                             : kind2 == K_BF16 ? mv_expx_for<K_Q4, K_BF16>(nr) : nullptr;
+    if (kind == K_Q8) return kind2 == K_Q8 ? mv_expx_for<K_Q8, K_Q8>(nr) : kind2 == K_Q4 ? mv_expx_for<K_Q8, K_Q4>(nr)
+                             : kind2 == K_BF16 ? mv_expx_for<K_Q8, K_BF16>(nr) : nullptr;
+    return nullptr;
 }
 
 /* The shape part of a one-token product; false when the kernel does not take the weight (Q2, a
@@ -1234,10 +1271,9 @@ extern "C" bool fm_cuda_matvec_takes(const fm_weight *w, const float *x) {
     return (uintptr_t)w->data % 16 == 0 && (uintptr_t)x % 16 == 0 && mv_shape(w, kind, &s);
 }
 
-extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
-    FM_CUDA_CTX(ctx);
+/* fm_cuda_matvec's argument checks (nothing is enqueued). */
+static fm_status mv_check(const fm_cuda_mv *mv, int n) {
     if (n < 0 || (n > 0 && !mv)) return fm_error_set(FM_ERR_ARG, "CUDA matvec: bad batch (%d products)", n);
-    /* validate everything before enqueuing anything */
     for (int i = 0; i < n; i++) {
         Params p;
         int kind = K_NONE;
@@ -1258,6 +1294,13 @@ extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
                                     "aligned weights and x, rows of whole 16-byte chunks, not Q2)", i);
         }
     }
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
+    FM_CUDA_CTX(ctx);
+    fm_status cst = mv_check(mv, n); /* everything validated before anything is enqueued */
+    if (cst != FM_OK) return cst;
     for (int kind = 0; kind < K_NONE; kind++) {
         MvParams P;
         P.n = 0;
@@ -1284,15 +1327,15 @@ extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
     return FM_OK;
 }
 
-fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv, bool *done) {
-    *done = false;
+/* The kernel parameters of an expert launch on the one-token kernel; false when it does not take
+ * the shape or the alignment of x (mv already checked by fm_cuda_expert_matvec's rules). */
+static bool mv_exp_params(const fm_weight *shape, const fm_cuda_expert_mv *mv, MvExpParams &P, int *kind_out) {
     Params p;
     int kind = K_NONE;
     MvShape s;
-    if (check_shape(shape, &p, &kind) != FM_OK || !mv_shape(shape, kind, &s)) return FM_OK;
-    if ((uintptr_t)mv->x % 16 || mv->x_stride % 4 || (mv->x_up && (uintptr_t)mv->x_up % 16)) return FM_OK;
+    if (check_shape(shape, &p, &kind) != FM_OK || !mv_shape(shape, kind, &s)) return false;
+    if ((uintptr_t)mv->x % 16 || mv->x_stride % 4 || (mv->x_up && (uintptr_t)mv->x_up % 16)) return false;
     const bool pair = mv->swiglu_out != 0;
-    MvExpParams P;
     memset(&P, 0, sizeof P);
     P.table = (const unsigned char *const *)mv->table;
     P.ids = mv->ids;
@@ -1308,6 +1351,17 @@ fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda
     P.k = mv->k;
     P.n_experts = mv->n_experts;
     P.pair = pair;
+    *kind_out = kind;
+    return true;
+}
+
+fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv, bool *done) {
+    *done = false;
+    MvExpParams P;
+    int kind = K_NONE;
+    if (!mv_exp_params(shape, mv, P, &kind)) return FM_OK;
+    const MvShape &s = P.s;
+    const bool pair = P.pair != 0;
     const int ny = pair ? mv->k : mv->k * mv->n_parts;
     const int nr = mv_pick_nr(ctx, [&](int r) { return mv_blocks(s, pair ? r / 2 : r) * ny; });
     const long long bx = mv_blocks(s, pair ? nr / 2 : nr);
@@ -1315,4 +1369,56 @@ fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token expert matvec kernel");
     *done = true;
     return FM_OK;
+}
+
+/* The fused launch of fm_cuda_expert_matvec_with when everything qualifies; *done false otherwise
+ * (nothing enqueued). */
+static fm_status mv_experts_with(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv,
+                                 const fm_cuda_mv *extra, bool *done) {
+    *done = false;
+    const char *f = getenv("FLASHMOE_CUDA_MV_FUSE");
+    if ((f && !strcmp(f, "0")) || getenv("FLASHMOE_CUDA_EMV_OLD")) return FM_OK;
+    /* fm_cuda_expert_matvec's rules for mv (the fallback reports what is wrong) */
+    if (!mv || !mv->table || !mv->ids || !mv->x || !mv->out[0] || (mv->n_parts == 2 && !mv->out[1])) return FM_OK;
+    if (mv->k < 1 || mv->n_parts < 1 || mv->n_parts > 2 || mv->k * mv->n_parts > 65534 || mv->n_experts < 1 ||
+        mv->x_stride < 0 || mv->out_stride < 0 || (mv->swiglu_out && mv->n_parts != 2))
+        return FM_OK;
+    for (int i = 0; i < mv->n_parts; i++)
+        if (mv->part_off[i] < 0 || mv->part_off[i] % 16) return FM_OK;
+    if (!fm_cuda_expert_matvec_supported(shape)) return FM_OK;
+    MvExpXParams X;
+    memset(&X, 0, sizeof X);
+    int kind = K_NONE, kind2 = K_NONE;
+    if (!mv_exp_params(shape, mv, X.e, &kind)) return FM_OK;
+    /* the dense product: fm_cuda_matvec's one-token kernel must take it */
+    Params p2;
+    if (!extra->w || !extra->w->data || !extra->x || !extra->out || extra->w_up ||
+        check_shape(extra->w, &p2, &kind2) != FM_OK || !fm_cuda_matvec_takes(extra->w, extra->x))
+        return FM_OK;
+    const int ny = X.e.pair ? mv->k : mv->k * mv->n_parts;
+    const MvShape &s = X.e.s;
+    MvShape ds;
+    if (!mv_shape(extra->w, kind2, &ds) || !mv_expx_kernel(kind, kind2, 2)) return FM_OK;
+    const bool pair = X.e.pair != 0;
+    const int nr = mv_pick_nr(ctx, [&](int r) { return mv_blocks(s, pair ? r / 2 : r) * ny + mv_blocks(ds, r); });
+    X.bx = (int)mv_blocks(s, pair ? nr / 2 : nr);
+    X.dbx = (int)mv_blocks(ds, nr);
+    X.d = MvProd{(const unsigned char *)extra->w->data, nullptr, extra->x, extra->out, ds, 0};
+    const unsigned gx = (unsigned)(X.bx > X.dbx ? X.bx : X.dbx);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_expx_kernel(kind, kind2, nr), dim3(gx, (unsigned)ny + 1), dim3(THREADS), 0, X));
+    FM_CUDA_CHECK_LAUNCH("the CUDA one-token expert matvec kernel (with a dense product)");
+    *done = true;
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_expert_matvec_with(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv,
+                                                const fm_cuda_mv *extra) {
+    FM_CUDA_CTX(ctx);
+    if (!extra) return fm_cuda_expert_matvec(ctx, shape, mv);
+    bool done = false;
+    fm_status st = mv_experts_with(ctx, shape, mv, extra, &done);
+    if (st != FM_OK || done) return st;
+    /* two launches; the dense product's checks first, so that nothing is enqueued on an argument error */
+    if ((st = mv_check(extra, 1)) != FM_OK || (st = fm_cuda_expert_matvec(ctx, shape, mv)) != FM_OK) return st;
+    return fm_cuda_matvec(ctx, extra, 1);
 }

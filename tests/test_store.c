@@ -520,7 +520,7 @@ FM_TEST(store_bench_rows_per_engine) {
     snprintf(cmd, sizeof cmd, "%s bench -m '%s' --io-bench --json 2>/dev/null", fm_test_bin(), dir);
     CHECK_MSG(fm_test_run_cmd(cmd, out, sizeof out) == 0, "%s", out);
     a = json_loads(out, 0, &je);
-    CHECK_MSG(json_is_array(a) && json_array_size(a) == 26, "io-bench: %s", out);
+    CHECK_MSG(json_is_array(a) && json_array_size(a) == 29, "io-bench: %s", out);
     int uring_rows = 0;
     for (size_t i = 0; json_is_array(a) && i < json_array_size(a); i++) {
         const char *e = json_string_value(json_object_get(json_array_get(a, i), "engine"));

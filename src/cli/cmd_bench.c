@@ -27,18 +27,20 @@ static void help(void) {
            "Measures prefill and decode speed, the time per layer split into dense compute (mixer), routing,\n"
            "shared expert, waiting for expert bytes and routed-expert compute, the bytes read and cache hits,\n"
            "and, in the same run, the floors: the disk's rate for expert-sized random reads (O_DIRECT; the\n"
-           "best of one thread, --io-threads threads and io_uring, probed before and after decoding: the\n"
-           "faster counts) and the RAM's read rate. floor per layer = max(expert bytes the used experts\n"
-           "needed from disk / disk rate, bytes touched / RAM rate). Where a layer takes longer than its\n"
-           "floor, the disk line (the kernel's counters for the device) says whether the disk sat idle or\n"
-           "read slowly, and the machine line how much other processes and the hypervisor took.\n\n"
+           "best of one thread, --io-threads threads, io_uring and the expert store's own reads of a\n"
+           "decode step, probed before and after decoding: the faster counts) and the RAM's read rate.\n"
+           "floor per layer = max(expert bytes the used experts needed from disk / disk rate, bytes\n"
+           "touched / RAM rate). Where a layer takes longer than its floor, the disk line (the kernel's\n"
+           "counters for the device) says whether the disk sat idle or read slowly, and the machine line\n"
+           "how much other processes and the hypervisor took.\n\n"
            "options:\n"
            "  -m, --model DIR       packed model (e.g. from flashmoe synth)\n"
            "  --prompt N            prefill tokens (default 64)\n"
            "  --gen N               decode tokens (default 16)\n"
            "  --cold                drop the expert files from the page cache before decoding\n"
            "  --io-bench            measure the read engines alone (pread/direct: 1..16 threads; uring:\n"
-           "                        queue depth 1..16) against the disk's sequential O_DIRECT rate, then stop\n"
+           "                        queue depth 1..16; the expert store per engine, a decode step's\n"
+           "                        experts a request) against the disk's sequential O_DIRECT rate, then stop\n"
            "  --engines[=LIST]      run the whole measurement once per read engine in this process and\n"
            "                        print one row each (LIST: comma-separated, default pread,direct,uring)\n"
            "  --json                one JSON object on stdout (--engines: an array, one object per engine)\n" FM_CLI_MODEL_HELP
@@ -315,10 +317,67 @@ out:
     return rate;
 }
 
-/* The disk's rate for random expert reads, the best of three ways to read them (the rate depends on
+static uint64_t gcd64(uint64_t a, uint64_t b) {
+    while (b) {
+        uint64_t t = a % b;
+        a = b;
+        b = t;
+    }
+    return a;
+}
+
+/* GB/s of the expert store itself, read as decode reads it but with no compute: requests of k
+ * distinct random experts of one layer, each waited for in request order, no RAM cache (page cache
+ * dropped first for pread); n_reads experts in all. Against the raw rates (disk_rate, uring_rate) it
+ * shows what the store's own pipeline (window, buffers, reaping) costs or gains. -1 (why filled) if
+ * the store does not open or falls back to another engine. */
+static double store_rate(const fm_packed_model *pm, fm_io_engine engine, int k, int n_reads, uint64_t seed, char *why,
+                         size_t cap) {
+    const int E = pm->config.n_experts;
+    if (k > E) k = E;
+    fm_store_options o = {.engine = engine, .io_threads = 4};
+    fm_expert_store *s = NULL;
+    if (fm_store_open(pm, k, &o, &s) != FM_OK) {
+        snprintf(why, cap, "%s", fm_last_error());
+        return -1;
+    }
+    if (fm_store_engine(s) != engine) {
+        snprintf(why, cap, "%s refused here", fm_io_engine_name(engine));
+        fm_store_free(s);
+        return -1;
+    }
+    if (engine == FM_IO_PREAD) drop_expert_pages(pm);
+    int32_t ids[64];
+    uint64_t bytes = 0, step = 37; /* e + j * step mod E are distinct for j < E when step is prime to E */
+    while (gcd64(step, (uint64_t)E) != 1) step += 2;
+    double t0 = fm_time_now();
+    for (int i = 0; i < n_reads; i += k) {
+        int l;
+        uint64_t e;
+        probe_pick(pm, seed, i, &l, &e);
+        for (int j = 0; j < k && j < 64; j++) ids[j] = (int32_t)((e + (uint64_t)j * step) % (uint64_t)E);
+        int n = k < 64 ? k : 64;
+        if (fm_store_request(s, l, ids, n) != FM_OK) break;
+        for (int j = 0; j < n; j++) {
+            const uint8_t *blk;
+            if (fm_store_wait(s, j, &blk) != FM_OK) {
+                snprintf(why, cap, "%s", fm_last_error());
+                fm_store_free(s);
+                return -1;
+            }
+            bytes += pm->experts[l].stride;
+        }
+    }
+    double dt = fm_time_now() - t0;
+    fm_store_free(s);
+    return bytes && dt > 0 ? (double)bytes / dt / 1e9 : -1;
+}
+
+/* The disk's rate for random expert reads, the best of four ways to read them (the rate depends on
  * the queue depth and request size, differently per disk): one thread, `threads` threads (whole
- * experts, O_DIRECT: buffered where O_DIRECT is refused) and io_uring with 1 MiB pieces, 2 experts
- * in flight (as the uring engine reads a decode step). n_reads / 2 experts each. */
+ * experts, O_DIRECT: buffered where O_DIRECT is refused), io_uring with 1 MiB pieces, 2 experts in
+ * flight, and the expert store's own io_uring engine reading a decode step's top-k experts of one
+ * layer at a time (store_rate). n_reads / 2 experts each. */
 static double probe_disk(const fm_packed_model *pm, int threads, int n_reads, uint64_t seed) {
     int n = n_reads / 2 > 8 ? n_reads / 2 : 8, direct = 1;
     double best = disk_rate(pm, 1, 1, n, seed);
@@ -327,6 +386,8 @@ static double probe_disk(const fm_packed_model *pm, int threads, int n_reads, ui
     best = r > best ? r : best;
     char why[160];
     r = uring_rate(pm, 2, direct, (uint64_t)1 << 20, n, seed + 2, why, sizeof why); /* -1: no io_uring here */
+    best = r > best ? r : best;
+    r = store_rate(pm, FM_IO_URING, pm->config.n_experts_used, n, seed + 3, why, sizeof why); /* -1: refused */
     return r > best ? r : best;
 }
 
@@ -388,6 +449,22 @@ static void io_bench(const fm_packed_model *pm, int n_probe, bool json) {
             }
             fflush(stdout);
         }
+    static const fm_io_engine store_engines[] = {FM_IO_PREAD, FM_IO_DIRECT, FM_IO_URING};
+    for (size_t k = 0; k < sizeof store_engines / sizeof *store_engines; k++) {
+        char why[200] = "", name[32];
+        const int per = pm->config.n_experts_used > 0 ? pm->config.n_experts_used : 10; /* a decode step's experts */
+        double r = store_rate(pm, store_engines[k], per, n_probe, 3000u + (unsigned)k, why, sizeof why);
+        snprintf(name, sizeof name, "store-%s", fm_io_engine_name(store_engines[k]));
+        if (json)
+            printf(",\n {\"engine\": \"%s\", \"depth\": %d, \"gbs\": %.3f, \"ratio\": %.4f}", name, per, r < 0 ? 0 : r,
+                   seq > 0 && r > 0 ? r / seq : 0);
+        else if (r < 0)
+            printf("%-12s %4d %8s %8s  %s\n", name, per, "-", "-", why);
+        else
+            printf("%-12s %4d %8.2f %8.2f  %s\n", name, per, r, seq > 0 ? r / seq : 0,
+                   k == 0 ? "the expert store as decode drives it (depth: experts a request), no compute" : "");
+        fflush(stdout);
+    }
     if (json) printf("]\n");
 }
 

@@ -20,10 +20,10 @@
  * - cuda_forward_hints_keep_the_logits: --prefetch on the GPU path (next-layer guesses hinted to
  *   the store, docs/CUDA.md "Next-layer hints"): the Q4 fixture through top-k + 1 VRAM slots and a
  *   small RAM cache (n_experts + 4 blocks), every engine (pread, direct, uring: speculative reads;
- *   mmap: hints ignored), a
- *   prefill then token by token, prefetch 0 / 2 (early guess, the default) / 2 late
- *   (FLASHMOE_CUDA_HINT=late) / top-k: logits identical to prefetch 0 (memcmp), within the bound of
- *   the CPU (the oracle), guesses counted, speculative reads started (none with prefetch 0).
+ *   mmap: hints ignored), a prefill then token by token, prefetch 0 / 2 late (the default) / 2
+ *   early (FLASHMOE_CUDA_HINT=early) / top-k late: logits identical to prefetch 0 (memcmp), within
+ *   the bound of the CPU (the oracle), guesses counted, speculative reads started (none with
+ *   prefetch 0).
  * - cuda_forward_cli_prefetch: --backend cuda with a bad --prefetch value is a usage error; a good
  *   one runs (or fails with the no-CUDA / no-device line). Runs in every build.
  * Without CUDA in the build or without a GPU the others SKIP. */
@@ -345,7 +345,7 @@ FM_TEST(cuda_forward_hints_keep_the_logits) {
     const struct {
         int prefetch;
         const char *mode;
-    } cases[] = {{0, "early"}, {2, "early"}, {2, "late"}, {k, "early"}};
+    } cases[] = {{0, "late"}, {2, "late"}, {2, "early"}, {k, "late"}};
     for (size_t ei = 0; ei < sizeof engines / sizeof *engines; ei++) {
         for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
             setenv("FLASHMOE_CUDA_HINT", cases[ci].mode, 1);

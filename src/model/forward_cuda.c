@@ -128,8 +128,8 @@ struct fm_cuda_model {
     bool overlap;             /* FLASHMOE_CUDA_OVERLAP (default on): copy stream, per-expert events */
     void *pinned;             /* the store's buffer memory, page-locked (NULL: pageable or none) */
     int store_ring;           /* blocks the store's buffer memory holds (0: mmap, no buffers) */
-    bool hint_early;          /* FLASHMOE_CUDA_HINT: next-layer guess from layer l's MoE input (early,
-                               * the default) or from its output (late, as the CPU's --prefetch) */
+    bool hint_early;          /* FLASHMOE_CUDA_HINT: next-layer guess from layer l's output (late, the
+                               * default, as the CPU's --prefetch) or from its MoE input (early) */
 
     /* resident mode */
     bool want_resident, want_graph; /* FLASHMOE_CUDA_RESIDENT / _GRAPH (default on) */
@@ -264,7 +264,7 @@ fm_status fm_forward_cuda_open(fm_model *m, const fm_model_params *p) {
     ev = getenv("FLASHMOE_CUDA_OVERLAP");
     g->overlap = !(ev && !strcmp(ev, "0"));
     ev = getenv("FLASHMOE_CUDA_HINT");
-    g->hint_early = !(ev && !strcmp(ev, "late"));
+    g->hint_early = ev && !strcmp(ev, "early");
     if ((st = fm_cuda_init(0, &g->ctx)) != FM_OK) goto fail;
     { /* the store's read buffers (and RAM cache) page-locked: misses then go up by DMA from them */
         void *mem = NULL;
@@ -980,7 +980,10 @@ static fm_status experts_compute(fm_cuda_session *s, int l, const int32_t *es, c
 }
 
 /* --prefetch on the GPU path (docs/CUDA.md "Next-layer hints"), decode only: whether layer l
- * guesses layer l + 1's experts. Not in resident mode (every expert is in VRAM). */
+ * guesses layer l + 1's experts. Not in resident mode (every expert is in VRAM). Late (default):
+ * after layer l's combine, from its output, waited for there (one extra host synchronisation a
+ * layer); early (FLASHMOE_CUDA_HINT=early): from layer l's residual after the mixer, downloaded
+ * with layer l's routing and hinted right after layer l's request, so the reads queue behind it. */
 static bool guess_wanted(const fm_cuda_session *s, int l, int64_t T) {
     return T == 1 && s->m->prefetch > 0 && l + 1 < s->m->cfg.n_layers && !s->g->resident;
 }

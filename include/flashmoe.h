@@ -57,7 +57,7 @@ typedef enum fm_vram_policy {
     FM_VRAM_FLRU = 1, /* frequency-weighted LRU: lowest uses / (1 + age / slots), as the RAM cache */
 } fm_vram_policy;
 
-#define FM_PREFETCH_AUTO (-1)  /* fm_model_params.prefetch: on when there is a RAM cache */
+#define FM_PREFETCH_AUTO (-1)  /* fm_model_params.prefetch: on when there is a RAM cache (CPU backend) */
 #define FM_PREFETCH_DEFAULT 2  /* experts read ahead per layer when on (docs/SPEED.md, --prefetch) */
 
 typedef struct fm_model_params {
@@ -72,7 +72,8 @@ typedef struct fm_model_params {
                             * output and read this many of the likeliest while layer l+1's mixer runs
                             * (into the RAM cache; without one a page-cache hint, pread only); 0 = off;
                             * FM_PREFETCH_AUTO (fm_model_default_params): FM_PREFETCH_DEFAULT experts
-                            * when the expert store has a RAM cache (cache_bytes / mem_budget), else off */
+                            * when the expert store has a RAM cache (cache_bytes / mem_budget) and the
+                            * backend is the CPU (the GPU path measured no gain), else off */
     fm_backend backend;    /* FM_BACKEND_CUDA: dense weights and session state in VRAM, routed experts
                             * through a VRAM cache (fm_model_open fails if this build or machine has no GPU) */
     uint64_t vram_budget;  /* CUDA: device bytes for dense weights, session state and the expert cache;

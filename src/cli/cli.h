@@ -62,8 +62,9 @@ enum {
     "  --prefetch[=N]        decode: guess the next layer's experts (its router on this layer's\n"  \
     "                        output) and read the N likeliest (default 2) while its mixer runs,\n"  \
     "                        into the RAM cache; on by default when there is one (--cache or\n"  \
-    "                        --mem-budget), --prefetch=0 turns it off; without a cache a page-\n"  \
-    "                        cache hint (pread); bench prints how often guesses were right\n"  \
+    "                        --mem-budget) on the CPU backend, --prefetch=0 turns it off; without\n" \
+    "                        a cache a page-cache hint (pread); bench prints how often guesses\n" \
+    "                        were right\n"                                                       \
     "  --backend cpu|cuda    where the forward pass runs (default cpu; cuda needs a CUDA=1 build\n" \
     "                        and a GPU: dense weights in VRAM, experts through a VRAM cache)\n"   \
     "  --vram-budget SIZE    cuda: device memory for dense weights, state and the expert cache\n"  \

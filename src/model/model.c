@@ -175,8 +175,9 @@ fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model
     if (st != FM_OK) goto fail;
     st = fm_store_open(m->packed, store_capacity(m), &so, &m->store);
     if (st != FM_OK) goto fail;
-    if (m->prefetch < 0) /* FM_PREFETCH_AUTO: speculative reads need cache slots to land in */
-        m->prefetch = fm_store_cached(m->store) ? FM_PREFETCH_DEFAULT : 0;
+    if (m->prefetch < 0) /* FM_PREFETCH_AUTO: speculative reads need cache slots to land in; the
+                          * GPU path measured no gain from them (docs/SPEED.md, next-layer hints) */
+        m->prefetch = fm_store_cached(m->store) && p.backend != FM_BACKEND_CUDA ? FM_PREFETCH_DEFAULT : 0;
     m->pool = fm_pool_init(p.n_threads);
     if (!m->pool) {
         st = fm_error_set(FM_ERR_NOMEM, "cannot start worker threads");

@@ -5,10 +5,13 @@
  * each output is compared with the CPU computation of forward.c (copied here as the scalar oracle
  * where forward.c keeps it static), by err = max |gpu - cpu| / max |cpu| over the output:
  *   add_rmsnorm, rmsnorm_gated, head_norm_rope, conv1d_silu (+ state): err <= 1e-5
- *   delta_rule (output and state, 2 chunks in a row; the register kernel for dk, dv <= 128 and the
+ *   delta_rule (output and state, 2 chunks in a row; the warp-per-8-columns kernel for dk <= 128 and
+ *     dv a multiple of 8 up to 128, the register kernel for other dk, dv <= 128 and the
  *     global-memory one beyond): err <= 1e-4 (sums of dk products per step, compounded over the
- *     chunk's tokens; observed ~1e-6)
- *   attention (decode and causal chunks, up to 700 positions): err <= 1e-5
+ *     chunk's tokens; observed ~1e-6); delta_rule_gated (the same, then the gated norm, one kernel
+ *     or the two): the same bound
+ *   attention (decode and causal chunks, up to 700 positions): err <= 1e-5; attention_decode (q / k
+ *     norms, RoPE, cache store and attention in one kernel): bit-identical to the four kernels
  *   router_topk: the same ids (ties to the lower id), weights |gpu - cpu| <= 1e-6
  *   gather_rows: exact; moe_combine: err <= 1e-6
  * Models: every fixture of tests/fixtures that tests/test_model.c runs (converted the same way)
@@ -83,11 +86,13 @@ NO_CUDA(cuda_layer_rmsnorm_gated)
 NO_CUDA(cuda_layer_head_norm_rope)
 NO_CUDA(cuda_layer_conv1d_silu)
 NO_CUDA(cuda_layer_delta_rule)
+NO_CUDA(cuda_layer_delta_rule_gated)
 NO_CUDA(cuda_layer_attention)
 NO_CUDA(cuda_layer_router_topk)
 NO_CUDA(cuda_layer_gather_combine)
 NO_CUDA(cuda_layer_expert_matvec)
 NO_CUDA(cuda_layer_decode_at)
+NO_CUDA(cuda_layer_attention_decode)
 NO_CUDA(cuda_forward_resident_modes_match_cpu)
 NO_CUDA(cuda_forward_fixtures_match_cpu)
 NO_CUDA(cuda_forward_quantized_match_cpu)
@@ -355,8 +360,9 @@ FM_TEST(cuda_layer_delta_rule) {
     CUDA_OR_SKIP(c);
     static const struct {
         int nk, nv, dk, dv;
-    } cases[] = {{2, 4, 8, 8}, {2, 6, 12, 8}, {2, 4, 16, 24}, {4, 8, 128, 128}, /* registers */
-                 {1, 2, 160, 40}, {2, 2, 32, 256}};                            /* global memory */
+    } cases[] = {{2, 4, 8, 8}, {2, 6, 12, 8}, {2, 4, 16, 24}, {4, 8, 128, 128}, {2, 4, 112, 64}, /* columns */
+                 {2, 4, 16, 20}, {1, 2, 24, 100},                                             /* registers */
+                 {1, 2, 160, 40}, {2, 2, 32, 256}};                                           /* global memory */
     static const int64_t Ts[] = {5, 1};
     for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
         const int nk = cases[ci].nk, nv = cases[ci].nv, dk = cases[ci].dk, dv = cases[ci].dv;
@@ -384,6 +390,52 @@ FM_TEST(cuda_layer_delta_rule) {
         }
         dev_free_all(c);
         free(S), free(A_log), free(dt), free(gS);
+    }
+}
+
+/* fm_cuda_delta_rule_gated against delta_ref and then forward.c's gated norm per head:
+ * rmsnorm(o) * w * silu(z). */
+FM_TEST(cuda_layer_delta_rule_gated) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        int nk, nv, dk, dv;
+    } cases[] = {{2, 4, 8, 8}, {2, 6, 12, 8}, {2, 4, 16, 24}, {16, 32, 128, 128}, {2, 4, 112, 64}, /* one kernel */
+                 {2, 4, 16, 20}, {1, 2, 160, 40}};                                              /* two */
+    static const int64_t Ts[] = {1, 4};
+    const float eps = 1e-6f;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int nk = cases[ci].nk, nv = cases[ci].nv, dk = cases[ci].dk, dv = cases[ci].dv;
+        const int64_t cd = 2LL * nk * dk + (int64_t)nv * dv, vd = (int64_t)nv * dv, sn = (int64_t)nv * dk * dv;
+        float *S = rnd_vec(sn, 0.5f), *A_log = rnd_vec(nv, 1), *dt = rnd_vec(nv, 1), *gS = rnd_vec(sn, 0),
+              *nw = rnd_vec(dv, 1);
+        float *dS = dev_from(t, c, S, sizeof(float) * sn), *dA = dev_from(t, c, A_log, sizeof(float) * nv),
+              *ddt = dev_from(t, c, dt, sizeof(float) * nv), *dnw = dev_from(t, c, nw, sizeof(float) * dv);
+        for (int ti = 0; ti < 2 && dS && dA && ddt && dnw; ti++) {
+            const int64_t T = Ts[ti];
+            float *qkv = rnd_vec(T * cd, 2), *bb = rnd_vec(T * nv, 3), *aa = rnd_vec(T * nv, 3), *z = rnd_vec(T * vd, 4),
+                  *got = rnd_vec(T * vd, 0), *ref = rnd_vec(T * vd, 0);
+            float *dq = dev_from(t, c, qkv, sizeof(float) * T * cd), *db = dev_from(t, c, bb, sizeof(float) * T * nv),
+                  *da = dev_from(t, c, aa, sizeof(float) * T * nv), *dz = dev_from(t, c, z, sizeof(float) * T * vd),
+                  *dout = dev_from(t, c, NULL, sizeof(float) * T * vd);
+            if (dq && db && da && dz && dout) {
+                CHECK_OK(fm_cuda_delta_rule_gated(c, dout, dq, db, da, dS, dA, ddt, dz, dnw, eps, T, nk, nv, dk, dv));
+                delta_ref(ref, qkv, bb, aa, S, A_log, dt, T, nk, nv, dk, dv);
+                for (int64_t r = 0; r < T * nv; r++) {
+                    float *o = ref + r * dv;
+                    fm_cpu_rmsnorm(o, o, nw, dv, eps);
+                    for (int64_t j = 0; j < dv; j++) o[j] *= fm_silu(z[r * dv + j]);
+                }
+                if (down(t, c, got, dout, sizeof(float) * T * vd) && down(t, c, gS, dS, sizeof(float) * sn)) {
+                    char what[96];
+                    snprintf(what, sizeof what, "delta_rule_gated nk=%d nv=%d dk=%d dv=%d T=%lld (chunk %d)", nk, nv, dk,
+                             dv, (long long)T, ti);
+                    CHECK_ERR(what, fmax(rel_err(got, ref, T * vd), rel_err(gS, S, sn)), 1e-4);
+                }
+            }
+            free(qkv), free(bb), free(aa), free(z), free(got), free(ref);
+        }
+        dev_free_all(c);
+        free(S), free(A_log), free(dt), free(gS), free(nw);
     }
 }
 
@@ -457,6 +509,58 @@ FM_TEST(cuda_layer_attention) {
     }
     CHECK(fm_cuda_attention(c, (float *)8, (float *)8, (float *)8, 1024, (float *)8, (float *)8, 1, 0, 4, 2, 1024) ==
           FM_ERR_ARG);
+}
+
+/* fm_cuda_attention_decode against the four calls it replaces (each tested against the CPU above and
+ * in cuda_layer_head_norm_rope): the same output and caches, bit for bit. */
+FM_TEST(cuda_layer_attention_decode) {
+    CUDA_OR_SKIP(c);
+    static const struct {
+        int nh, nkv, d, rot;
+        int64_t pos;
+    } cases[] = {{16, 2, 256, 64, 0}, {16, 2, 256, 64, 37}, {4, 1, 64, 64, 5}, {6, 2, 32, 16, 700}, {8, 8, 512, 0, 3}};
+    const float eps = 1e-6f;
+    for (size_t ci = 0; ci < sizeof cases / sizeof *cases; ci++) {
+        const int nh = cases[ci].nh, nkv = cases[ci].nkv, d = cases[ci].d, rot = cases[ci].rot;
+        const int64_t pos = cases[ci].pos, P = pos + 3, cn = P * nkv * d;
+        float *qg = rnd_vec(2LL * nh * d, 2), *kv = rnd_vec(2LL * nkv * d, 2), *qw = rnd_vec(d, 1), *kw = rnd_vec(d, 1),
+              *kc = rnd_vec(cn, 1), *vc = rnd_vec(cn, 1), *inv = rnd_vec(d / 2 + 1, 0);
+        float *o1 = rnd_vec((int64_t)nh * d, 0), *o2 = rnd_vec((int64_t)nh * d, 0), *k1 = rnd_vec(cn, 0),
+              *k2 = rnd_vec(cn, 0), *v1 = rnd_vec(cn, 0), *v2 = rnd_vec(cn, 0);
+        for (int i = 0; i <= d / 2; i++) inv[i] = powf(10000.0f, -(float)(2 * i) / (float)(rot ? rot : 2));
+        float *dqg = dev_from(t, c, qg, sizeof(float) * 2 * nh * d), *dkv = dev_from(t, c, kv, sizeof(float) * 2 * nkv * d),
+              *dqw = dev_from(t, c, qw, sizeof(float) * d), *dkw = dev_from(t, c, kw, sizeof(float) * d),
+              *dinv = dev_from(t, c, inv, sizeof(float) * (d / 2 + 1)), *dk1 = dev_from(t, c, kc, sizeof(float) * cn),
+              *dv1 = dev_from(t, c, vc, sizeof(float) * cn), *dk2 = dev_from(t, c, kc, sizeof(float) * cn),
+              *dv2 = dev_from(t, c, vc, sizeof(float) * cn), *dq = dev_from(t, c, NULL, sizeof(float) * nh * d),
+              *do1 = dev_from(t, c, NULL, sizeof(float) * nh * d), *do2 = dev_from(t, c, NULL, sizeof(float) * nh * d);
+        int64_t *dpos = dev_from(t, c, &pos, sizeof pos);
+        if (dqg && dkv && dqw && dkw && dinv && dk1 && dv1 && dk2 && dv2 && dq && do1 && do2 && dpos) {
+            /* the four kernels, as forward_cuda.c's full_attention_dev with FLASHMOE_CUDA_ATT_FUSE=0 */
+            CHECK_OK(fm_cuda_head_norm_rope_at(c, dq, 0, d, dqg, 2 * d, dqw, 1, nh, d, eps, rot, dinv, dpos));
+            CHECK_OK(fm_cuda_head_norm_rope_at(c, dk1, (int64_t)nkv * d, d, dkv, d, dkw, 1, nkv, d, eps, rot, dinv, dpos));
+            CHECK_OK(fm_cuda_store_at(c, dv1, (int64_t)nkv * d, dkv + (int64_t)nkv * d, (int64_t)nkv * d, dpos));
+            CHECK_OK(fm_cuda_attention_at(c, do1, dq, dqg + d, 2 * d, dk1, dv1, 1, dpos, nh, nkv, d));
+            CHECK_OK(fm_cuda_attention_decode(c, do2, dqg, dkv, dqw, dkw, eps, rot, dinv, dk2, dv2, dpos, nh, nkv, d));
+            if (down(t, c, o1, do1, sizeof(float) * nh * d) && down(t, c, o2, do2, sizeof(float) * nh * d) &&
+                down(t, c, k1, dk1, sizeof(float) * cn) && down(t, c, k2, dk2, sizeof(float) * cn) &&
+                down(t, c, v1, dv1, sizeof(float) * cn) && down(t, c, v2, dv2, sizeof(float) * cn)) {
+                int64_t bad = 0;
+                for (int64_t i = 0; i < (int64_t)nh * d; i++) bad += isnan(o2[i]) || memcmp(&o1[i], &o2[i], sizeof(float));
+                fprintf(stderr, "  attention_decode %d/%d heads d=%d rot=%d pos=%lld: %lld outputs differ\n", nh, nkv, d,
+                        rot, (long long)pos, (long long)bad);
+                CHECK_MSG(bad == 0, "attention_decode %d/%d d=%d pos=%lld: %lld outputs differ from the four kernels", nh,
+                          nkv, d, (long long)pos, (long long)bad);
+                CHECK_MSG(memcmp(k1, k2, sizeof(float) * (size_t)cn) == 0 && memcmp(v1, v2, sizeof(float) * (size_t)cn) == 0,
+                          "attention_decode %d/%d d=%d pos=%lld: caches differ", nh, nkv, d, (long long)pos);
+            }
+        }
+        dev_free_all(c);
+        free(qg), free(kv), free(qw), free(kw), free(kc), free(vc), free(inv), free(o1), free(o2), free(k1), free(k2),
+            free(v1), free(v2);
+    }
+    CHECK(fm_cuda_attention_decode(c, (float *)8, (float *)8, (float *)8, (float *)8, (float *)8, 1e-6f, 0, NULL,
+                                   (float *)8, (float *)8, (int64_t *)8, 4, 2, 1024) == FM_ERR_ARG);
 }
 
 /* forward.c moe's router (the scalar oracle). */

@@ -1173,9 +1173,20 @@ static fm_status linear_attention_dev(fm_cuda_session *s, int l) {
                         {&w->in_a, s->xn, aa, NULL}};
     TRY(fm_cuda_matvec(ctx, mv, 4));
     TRY(fm_cuda_conv1d_silu(ctx, conv_out, qkv, s->conv[l], w->conv, 1, cd, c->conv_kernel));
-    TRY(fm_cuda_delta_rule(ctx, core, conv_out, bb, aa, s->ssm[l], w->A_log, w->dt_bias, 1, c->lin_n_k_heads, (int)nv,
-                           c->lin_k_dim, c->lin_v_dim));
-    TRY(fm_cuda_rmsnorm_gated(ctx, core, core, z, w->ssm_norm, nv, c->lin_v_dim, (float)c->norm_eps));
+    /* the delta rule and the gated norm in one kernel; FLASHMOE_CUDA_DELTA_FUSE=0: two (measurements) */
+    static int fuse = -1;
+    if (fuse < 0) {
+        const char *e = getenv("FLASHMOE_CUDA_DELTA_FUSE");
+        fuse = !(e && !strcmp(e, "0"));
+    }
+    if (fuse) {
+        TRY(fm_cuda_delta_rule_gated(ctx, core, conv_out, bb, aa, s->ssm[l], w->A_log, w->dt_bias, z, w->ssm_norm,
+                                     (float)c->norm_eps, 1, c->lin_n_k_heads, (int)nv, c->lin_k_dim, c->lin_v_dim));
+    } else {
+        TRY(fm_cuda_delta_rule(ctx, core, conv_out, bb, aa, s->ssm[l], w->A_log, w->dt_bias, 1, c->lin_n_k_heads,
+                               (int)nv, c->lin_k_dim, c->lin_v_dim));
+        TRY(fm_cuda_rmsnorm_gated(ctx, core, core, z, w->ssm_norm, nv, c->lin_v_dim, (float)c->norm_eps));
+    }
     return matvec1(ctx, s->mix, &w->out_proj, core);
 }
 
@@ -1189,6 +1200,17 @@ static fm_status full_attention_dev(fm_cuda_session *s, int l) {
     fm_cuda_mv mv[3] = {{&w->q_proj, s->xn, qg, NULL}, {&w->k_proj, s->xn, kv, NULL},
                         {&w->v_proj, s->xn, kv + nkv * d, NULL}};
     TRY(fm_cuda_matvec(ctx, mv, 3));
+    /* q / k norms, RoPE, the cache store and the attention in one kernel; FLASHMOE_CUDA_ATT_FUSE=0: four */
+    static int fuse = -1;
+    if (fuse < 0) {
+        const char *e = getenv("FLASHMOE_CUDA_ATT_FUSE");
+        fuse = !(e && !strcmp(e, "0"));
+    }
+    if (fuse) {
+        TRY(fm_cuda_attention_decode(ctx, att, qg, kv, w->q_norm, w->k_norm, eps, c->rot_dim, s->inv_freq, s->kc[l],
+                                     s->vc[l], s->pos_dev, (int)nh, (int)nkv, (int)d));
+        return matvec1(ctx, s->mix, &w->o_proj, att);
+    }
     TRY(fm_cuda_head_norm_rope_at(ctx, q, 0, d, qg, 2 * d, w->q_norm, 1, (int)nh, (int)d, eps, c->rot_dim, s->inv_freq,
                                   s->pos_dev));
     TRY(fm_cuda_head_norm_rope_at(ctx, s->kc[l], nkv * d, d, kv, d, w->k_norm, 1, (int)nkv, (int)d, eps, c->rot_dim,

@@ -264,6 +264,14 @@ fm_status fm_cuda_conv1d_silu(fm_cuda *ctx, float *out, const float *in, float *
 fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv, const float *b, const float *a, float *S,
                              const float *A_log, const float *dt_bias, int64_t n_tokens, int nk, int nv, int dk, int dv);
 
+/* fm_cuda_delta_rule, then the gated RMSNorm of each head's dv outputs (fm_cuda_rmsnorm_gated with
+ * z (n_tokens, nv*dv) and norm_w (dv)): out = rmsnorm(o) * norm_w * silu(z). One kernel for dk <=
+ * 128 and dv a multiple of 8 up to 128 (a block per head), else the two. out must not overlap the
+ * inputs. */
+fm_status fm_cuda_delta_rule_gated(fm_cuda *ctx, float *out, const float *qkv, const float *b, const float *a, float *S,
+                                   const float *A_log, const float *dt_bias, const float *z, const float *norm_w,
+                                   float eps, int64_t n_tokens, int nk, int nv, int dk, int dv);
+
 /* Gated causal attention for n_tokens tokens at positions pos0.. whose K and V rows are already in
  * the caches (n_ctx, n_head_kv, d): for row r = t * n_head + h,
  *   out[r] = softmax_p(q[r] . K[p, h/(n_head/n_head_kv)] / sqrt(d), p <= pos0 + t) V * sigmoid(gate)
@@ -305,6 +313,15 @@ fm_status fm_cuda_head_norm_rope_at(fm_cuda *ctx, float *out, int64_t out_pos_st
 fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float *q, const float *gate, int64_t gate_stride,
                                const float *k_cache, const float *v_cache, int64_t n_tokens, const int64_t *pos_dev,
                                int n_head, int n_head_kv, int d);
+
+/* One token's full attention at position *pos_dev in one kernel, as fm_cuda_head_norm_rope_at of q
+ * (q_norm) and of k (k_norm) with rot_dim and inv_freq, fm_cuda_store_at of v, and fm_cuda_attention_at
+ * (results and caches bit-identical to those four calls): qg (n_head, 2 d) = per head [q | gate], kv
+ * = [k (n_head_kv d) | v (n_head_kv d)]; k and v go into the caches (n_ctx, n_head_kv, d) at the
+ * position; out (n_head, d). d <= 512. */
+fm_status fm_cuda_attention_decode(fm_cuda *ctx, float *out, const float *qg, const float *kv, const float *q_norm,
+                                   const float *k_norm, float eps, int rot_dim, const float *inv_freq, float *k_cache,
+                                   float *v_cache, const int64_t *pos_dev, int n_head, int n_head_kv, int d);
 
 /* dst[*pos_dev * pos_stride + i] = src[i] for i < n (e.g. v into its KV cache row). */
 fm_status fm_cuda_store_at(fm_cuda *ctx, float *dst, int64_t pos_stride, const float *src, int64_t n,

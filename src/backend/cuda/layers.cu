@@ -162,6 +162,35 @@ __global__ void conv1d_silu_kernel(float *out, const float *in, float *state, co
     }
 }
 
+/* conv1d_silu_kernel for one token and K <= CONV1_K, bit-identical: the channel's weights and state
+ * (this kernel's own, written by its launch for the previous token: long complete, as the delta
+ * rule's state) loaded before the PDL wait, so only the input is read after it. */
+constexpr int CONV1_K = 8;
+
+__global__ void conv1d_silu_one_kernel(float *out, const float *in, float *state, const float *w, long long C, int K) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch */
+    const long long ch = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    float wv[CONV1_K], sv[CONV1_K];
+    if (ch < C) {
+#pragma unroll
+        for (int j = 0; j < CONV1_K; j++) {
+            wv[j] = j < K ? w[ch * K + j] : 0.f;
+            sv[j] = j < K - 1 ? state[(long long)j * C + ch] : 0.f;
+        }
+    }
+    fm_pdl_wait(); /* the input from the predecessor */
+    if (ch >= C) return;
+    const float x = in[ch];
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < CONV1_K; j++)
+        if (j < K) acc += wv[j] * (j < K - 1 ? sv[j] : x);
+    out[ch] = silu(acc);
+#pragma unroll
+    for (int i = 0; i < CONV1_K - 1; i++) /* keep the last K-1 inputs */
+        if (i < K - 1) state[(long long)i * C + ch] = i + 1 < K - 1 ? sv[i + 1] : x;
+}
+
 /* ---- gated delta rule: one block per value head h, the chunk's T tokens in order ----
  * Thread j owns column j of the head's state S (dk x dv, row-major in global memory). Per token:
  *   q, k = l2norm(q), l2norm(k) (1e-6 inside the rsqrt); q *= dk^-1/2
@@ -291,6 +320,125 @@ __global__ void __launch_bounds__(128) delta_rule_reg_kernel(float *o, const flo
     }
 }
 
+/* The same recurrence with a warp per 8 columns of a head (dk <= 128, dv a multiple of 8, at most
+ * 128): lane l holds rows rg + 16 r (rg = l >> 1, r < 8) of the 4 columns c0 + 4 (l & 1) .. + 3 as
+ * float4s (32 state values a thread instead of 128), so a warp's load of one r is 16 rows x 32 bytes,
+ * whole sectors; the column dots (S^T k, S^T q) are 8 products in the lane and a shuffle tree over
+ * the 16 lanes of a column (xor 2..16), and the norms of q and k the same: no shared memory and no
+ * block barrier in the recurrence. A block holds `wpb` warps of one head (blockIdx.x = h * splits +
+ * part). With z (gated, one block per head), the block then applies the gated RMSNorm of the head's
+ * dv outputs, out = rmsnorm(o) * w * silu(z) (rmsnorm_gated_kernel's arithmetic, the sum of squares
+ * over the block by warps): one barrier a token. The state is loaded before the PDL wait (as
+ * delta_rule_reg_kernel). Sums are in another order than the CPU's: results differ by rounding. */
+constexpr int DCOL_RPT = 8; /* rows a thread: dk <= 16 * DCOL_RPT */
+
+template <bool GATED>
+__global__ void __launch_bounds__(512) delta_cols_kernel(float *o, const float *qkv, const float *bb, const float *aa,
+                                                         float *S, const float *A_log, const float *dt_bias,
+                                                         const float *z, const float *nw, float eps, long long T,
+                                                         int nk, int nv, int dk, int dv, int splits) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch */
+    __shared__ float red[2][16];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, wpb = (int)(blockDim.x >> 5);
+    const int h = (int)blockIdx.x / splits, part = (int)blockIdx.x - h * splits, g = h / (nv / nk);
+    const int c0 = (part * wpb + warp) * 8 + 4 * (lane & 1), rg = lane >> 1;
+    const long long kd = (long long)nk * dk, cd = 2 * kd + (long long)nv * dv, vd = (long long)nv * dv;
+    float *Sh = S + (long long)h * dk * dv + c0;
+    float4 s[DCOL_RPT];
+#pragma unroll
+    for (int r = 0; r < DCOL_RPT; r++) {
+        const int i = rg + 16 * r;
+        s[r] = i < dk ? *reinterpret_cast<const float4 *>(Sh + (long long)i * dv) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    const float A = -expf(A_log[h]), dtb = dt_bias[h];
+    const float q_scale = 1.0f / sqrtf((float)dk);
+    float4 w4 = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (GATED) w4 = make_float4(nw[c0], nw[c0 + 1], nw[c0 + 2], nw[c0 + 3]);
+    fm_pdl_wait(); /* qkv, b, a from the predecessors */
+    for (long long t = 0; t < T; t++) {
+        const float *row = qkv + t * cd;
+        const float *q = row + (long long)g * dk, *k = row + kd + (long long)g * dk, *v = row + 2 * kd + (long long)h * dv + c0;
+        float qn[DCOL_RPT], kn[DCOL_RPT], sq = 0.f, sk = 0.f;
+#pragma unroll
+        for (int r = 0; r < DCOL_RPT; r++) {
+            const int i = rg + 16 * r;
+            qn[r] = i < dk ? q[i] : 0.f;
+            kn[r] = i < dk ? k[i] : 0.f;
+        }
+        const float v0 = v[0], v1 = v[1], v2 = v[2], v3 = v[3];
+        const float b = bb[t * nv + h], a = aa[t * nv + h];
+#pragma unroll
+        for (int r = 0; r < DCOL_RPT; r++) {
+            sq = fmaf(qn[r], qn[r], sq);
+            sk = fmaf(kn[r], kn[r], sk);
+        }
+#pragma unroll
+        for (int m = 2; m < 32; m <<= 1) {
+            sq += __shfl_xor_sync(0xffffffffu, sq, m);
+            sk += __shfl_xor_sync(0xffffffffu, sk, m);
+        }
+        const float iq = 1.0f / sqrtf(sq + 1e-6f), ik = 1.0f / sqrtf(sk + 1e-6f);
+#pragma unroll
+        for (int r = 0; r < DCOL_RPT; r++) {
+            qn[r] = qn[r] * iq * q_scale;
+            kn[r] = kn[r] * ik;
+        }
+        const float decay = expf(A * softplus(a + dtb));
+        const float beta = sigmoid(b);
+        float4 kv = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int r = 0; r < DCOL_RPT; r++) {
+            s[r].x *= decay, s[r].y *= decay, s[r].z *= decay, s[r].w *= decay;
+            kv.x = fmaf(s[r].x, kn[r], kv.x), kv.y = fmaf(s[r].y, kn[r], kv.y);
+            kv.z = fmaf(s[r].z, kn[r], kv.z), kv.w = fmaf(s[r].w, kn[r], kv.w);
+        }
+#pragma unroll
+        for (int m = 2; m < 32; m <<= 1) {
+            kv.x += __shfl_xor_sync(0xffffffffu, kv.x, m), kv.y += __shfl_xor_sync(0xffffffffu, kv.y, m);
+            kv.z += __shfl_xor_sync(0xffffffffu, kv.z, m), kv.w += __shfl_xor_sync(0xffffffffu, kv.w, m);
+        }
+        const float d0 = beta * (v0 - kv.x), d1 = beta * (v1 - kv.y), d2 = beta * (v2 - kv.z), d3 = beta * (v3 - kv.w);
+        float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+        for (int r = 0; r < DCOL_RPT; r++) {
+            s[r].x = fmaf(kn[r], d0, s[r].x), s[r].y = fmaf(kn[r], d1, s[r].y);
+            s[r].z = fmaf(kn[r], d2, s[r].z), s[r].w = fmaf(kn[r], d3, s[r].w);
+            acc.x = fmaf(s[r].x, qn[r], acc.x), acc.y = fmaf(s[r].y, qn[r], acc.y);
+            acc.z = fmaf(s[r].z, qn[r], acc.z), acc.w = fmaf(s[r].w, qn[r], acc.w);
+        }
+#pragma unroll
+        for (int m = 2; m < 32; m <<= 1) {
+            acc.x += __shfl_xor_sync(0xffffffffu, acc.x, m), acc.y += __shfl_xor_sync(0xffffffffu, acc.y, m);
+            acc.z += __shfl_xor_sync(0xffffffffu, acc.z, m), acc.w += __shfl_xor_sync(0xffffffffu, acc.w, m);
+        }
+        float *orow = o + t * vd + (long long)h * dv + c0;
+        if (GATED) { /* the head's sum of squares: the warp's 8 columns, then the block's warps */
+            const float *zr = z + t * vd + (long long)h * dv + c0;
+            const float z0 = zr[0], z1 = zr[1], z2 = zr[2], z3 = zr[3];
+            float ss = acc.x * acc.x + acc.y * acc.y + acc.z * acc.z + acc.w * acc.w;
+            ss += __shfl_xor_sync(0xffffffffu, ss, 1);
+            if (lane == 0) red[t & 1][warp] = ss;
+            float tot = 0.f;
+            __syncthreads(); /* red[t & 1] is rewritten two tokens on, after the next barrier */
+            for (int w = 0; w < wpb; w++) tot += red[t & 1][w];
+            const float scale = 1.0f / sqrtf(tot / (float)dv + eps);
+            if (lane < 2) {
+                orow[0] = acc.x * scale * w4.x * silu(z0);
+                orow[1] = acc.y * scale * w4.y * silu(z1);
+                orow[2] = acc.z * scale * w4.z * silu(z2);
+                orow[3] = acc.w * scale * w4.w * silu(z3);
+            }
+        } else if (lane < 2) {
+            orow[0] = acc.x, orow[1] = acc.y, orow[2] = acc.z, orow[3] = acc.w;
+        }
+    }
+#pragma unroll
+    for (int r = 0; r < DCOL_RPT; r++) {
+        const int i = rg + 16 * r;
+        if (i < dk) *reinterpret_cast<float4 *>(Sh + (long long)i * dv) = s[r];
+    }
+}
+
 /* ---- gated attention over the KV cache: one block per (token, head), ATT_WARPS warps ----
  * Warp w takes positions w, w + ATT_WARPS, ... <= pos0 + t with its own online softmax (running
  * max m, sum, and o in registers: lane l holds o[l + 32 i]); the warps' partial results are
@@ -373,6 +521,120 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, c
     }
 }
 
+/* head_norm_rope_kernel's arithmetic for one head of one token at position pos, by the whole block
+ * (blockDim.x 128, as that kernel's): dst[0..d) (shared memory) = rope(rmsnorm(src) * w); tmp: d
+ * floats of shared memory. Begins and ends with the block in step. */
+__device__ void head_norm_rope_block(float *dst, float *tmp, const float *src, const float *w, int d, float eps,
+                                     int rot_dim, const float *inv_freq, long long pos, float *red) {
+    float ss = 0.f;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)d + eps);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) tmp[i] = src[i] * scale * w[i];
+    __syncthreads();
+    const int half = rot_dim / 2;
+    for (int i = threadIdx.x; i < d; i += blockDim.x) {
+        if (i < half) {
+            const float f = (float)pos * inv_freq[i];
+            const float c = cosf(f), s = sinf(f), a = tmp[i], b = tmp[i + half];
+            dst[i] = a * c - b * s;
+            dst[i + half] = b * c + a * s;
+        } else if (i >= rot_dim) {
+            dst[i] = tmp[i];
+        }
+    }
+    __syncthreads();
+}
+
+/* ---- one token's gated attention with its q / k norms, RoPE and KV-cache store in one kernel (the
+ * decode step's head_norm_rope_at for q and for k, store_at for v and attention_at): block h
+ * (ATT_WARPS warps) norms and rotates q of head h and k of its KV head into shared memory, takes v
+ * there too, and the first block of each KV head writes that k and v into the caches at *pos_dev;
+ * the attention then reads positions < pos from the caches and position pos from shared memory (so
+ * no block waits for another's store). Every value is computed as by the four kernels: results and
+ * caches bit-identical to them. qg: per head [q (d) | gate (d)]; kv: [k (nkv d) | v (nkv d)]. ---- */
+__global__ void __launch_bounds__(ATT_WARPS * 32) attention_decode_kernel(
+    float *out, const float *qg, const float *kv, const float *qw, const float *kw, float eps, int rot_dim,
+    const float *inv_freq, float *kc, float *vc, const long long *pos_dev, int nh, int nkv, int d, float scale) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
+    extern __shared__ float ad_sh[]; /* sq | sk | sv | tmp, d floats each */
+    __shared__ float red[32];
+    __shared__ float sm_m[ATT_WARPS], sm_s[ATT_WARPS];
+    __shared__ float sm_o[ATT_WARPS][ATT_MAX_D];
+    float *sq = ad_sh, *sk = ad_sh + d, *sv = ad_sh + 2 * d, *tmp = ad_sh + 3 * d;
+    const int h = blockIdx.x, group = nh / nkv, kvh = h / group;
+    const long long pos = *pos_dev;
+    head_norm_rope_block(sq, tmp, qg + (long long)h * 2 * d, qw, d, eps, rot_dim, inv_freq, pos, red);
+    head_norm_rope_block(sk, tmp, kv + (long long)kvh * d, kw, d, eps, rot_dim, inv_freq, pos, red);
+    for (int i = threadIdx.x; i < d; i += blockDim.x) sv[i] = kv[(long long)(nkv + kvh) * d + i];
+    __syncthreads();
+    if (h % group == 0)
+        for (int i = threadIdx.x; i < d; i += blockDim.x) {
+            kc[(pos * nkv + kvh) * d + i] = sk[i];
+            vc[(pos * nkv + kvh) * d + i] = sv[i];
+        }
+    /* attention_kernel's loop, q from sq, position pos from sk / sv */
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
+    float qreg[ATT_PER_LANE], o[ATT_PER_LANE];
+#pragma unroll
+    for (int i = 0; i < ATT_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        qreg[i] = c < d ? sq[c] : 0.f;
+        o[i] = 0.f;
+    }
+    float m = -INFINITY, sum = 0.f;
+    for (long long p = wid; p <= pos; p += ATT_WARPS) {
+        const float *k = p == pos ? sk : kc + (p * nkv + kvh) * d, *v = p == pos ? sv : vc + (p * nkv + kvh) * d;
+        float part = 0.f;
+#pragma unroll
+        for (int i = 0; i < ATT_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) part = fmaf(qreg[i], k[c], part);
+        }
+#pragma unroll
+        for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
+        const float sc = part * scale;
+        if (sc > m) {
+            const float rescale = expf(m - sc);
+            sum *= rescale;
+#pragma unroll
+            for (int i = 0; i < ATT_PER_LANE; i++) o[i] *= rescale;
+            m = sc;
+        }
+        const float e = expf(sc - m);
+        sum += e;
+#pragma unroll
+        for (int i = 0; i < ATT_PER_LANE; i++) {
+            const int c = lane + 32 * i;
+            if (c < d) o[i] = fmaf(e, v[c], o[i]);
+        }
+    }
+    if (lane == 0) {
+        sm_m[wid] = m;
+        sm_s[wid] = sum;
+    }
+#pragma unroll
+    for (int i = 0; i < ATT_PER_LANE; i++) {
+        const int c = lane + 32 * i;
+        if (c < d) sm_o[wid][c] = o[i];
+    }
+    __syncthreads();
+    float M = -INFINITY;
+    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w]);
+    float tot = 0.f, f[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; w++) {
+        f[w] = sm_m[w] == -INFINITY ? 0.f : expf(sm_m[w] - M);
+        tot += sm_s[w] * f[w];
+    }
+    const float *g = qg + (long long)h * 2 * d + d;
+    for (int c = threadIdx.x; c < d; c += ATT_WARPS * 32) {
+        float acc = 0.f;
+        for (int w = 0; w < ATT_WARPS; w++) acc += sm_o[w][c] * f[w];
+        out[(long long)h * d + c] = acc / tot * sigmoid(g[c]);
+    }
+}
+
 /* ---- router: softmax over E logits, top-k by k passes of max selection (ties to the lower id),
  * optional renormalisation. One block per token; p in shared memory. ---- */
 __global__ void __launch_bounds__(BLOCK) router_topk_kernel(int32_t *ids, float *weights, const float *logits, int E,
@@ -441,6 +703,65 @@ __global__ void __launch_bounds__(BLOCK) router_topk_kernel(int32_t *ids, float 
     }
     if (threadIdx.x == 0 && norm)
         for (int i = 0; i < k; i++) weights[t * k + i] /= tsum;
+}
+
+/* The same for E <= 32 PL and k <= 32 with one warp per token and no shared memory: lane l holds
+ * p[l + 32 i], i < PL, in registers; max and sum by shuffles; each of the k rounds takes the lane's
+ * best untaken key (the bits of p plus one, 0 once taken: p >= 0, so the bits order as the values),
+ * the warp's largest key by one redux, and among the lanes that hold it the lowest id by another
+ * (ties to the lower id, as the block kernel); the weight is the key's own value. Lane i keeps round
+ * i's id and weight and writes them at the end (divided by the rounds' sum, in round order, with
+ * norm). */
+template <int PL>
+__global__ void __launch_bounds__(32) router_topk_warp_kernel(int32_t *ids, float *weights, const float *logits, int E,
+                                                              int k, int norm) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
+    const long long t = blockIdx.x;
+    const int lane = threadIdx.x;
+    const float *lg = logits + t * E;
+    float p[PL];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        const int e = lane + 32 * i;
+        p[i] = e < E ? lg[e] : -INFINITY;
+        mx = fmaxf(mx, p[i]);
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, m));
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
+        s += p[i];
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+    uint32_t key[PL];
+#pragma unroll
+    for (int i = 0; i < PL; i++) key[i] = lane + 32 * i < E ? __float_as_uint(p[i] / s) + 1u : 0u;
+    int32_t my_id = 0;
+    float my_w = 0.f, tsum = 0.f;
+    for (int r = 0; r < k; r++) {
+        uint32_t bk = 0u;
+        int bi = 0;
+#pragma unroll
+        for (int i = 0; i < PL; i++) /* ascending id: strict > keeps the lower one */
+            if (key[i] > bk) bk = key[i], bi = i;
+        const uint32_t top = __reduce_max_sync(0xffffffffu, bk);
+        const uint32_t win = __reduce_min_sync(0xffffffffu, bk == top ? (uint32_t)(lane + 32 * bi) : 0xffffffffu);
+#pragma unroll
+        for (int i = 0; i < PL; i++)
+            if ((uint32_t)(lane + 32 * i) == win) key[i] = 0u;
+        const float pw = __uint_as_float(top - 1u);
+        if (lane == r) my_id = (int32_t)win, my_w = pw;
+        tsum += pw;
+    }
+    if (lane < k) {
+        ids[t * k + lane] = my_id;
+        weights[t * k + lane] = norm ? my_w / tsum : my_w;
+    }
 }
 
 __global__ void gather_rows_kernel(float *out, const float *src, const int32_t *idx, long long cols) {
@@ -547,6 +868,134 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_kernel(float *__restric
     const float tot = block_sum(ss, red);
     const float scale = 1.0f / sqrtf(tot / (float)H + eps);
     for (long long i = threadIdx.x; i < H; i += blockDim.x) orow[i] = xr[i] * scale * (nw ? nw[i] : 1.0f);
+}
+
+/* moe_combine_norm_kernel for k <= CN_K and H <= NPT * blockDim.x (NPT <= CN_NPT), with fewer dependent memory
+ * round trips and the same arithmetic (bit-identical: each element's additions and each thread's
+ * sum of squares in the same order): the norm weights loaded before the PDL wait; every thread
+ * loads the k ids and weights itself and ranks the ids in registers (no sort by one thread and no
+ * barrier before the combine); all of a thread's expert values loaded before the first addition;
+ * x kept in registers for the norm's second pass. */
+constexpr int CN_K = 8, CN_NPT = 4;
+
+template <int NPT>
+__global__ void __launch_bounds__(1024) moe_combine_norm_regs_kernel(float *__restrict__ x, float *__restrict__ xn,
+                                                                     const float *__restrict__ nw, float eps,
+                                                                     const float *__restrict__ shared,
+                                                                     const float *__restrict__ sl,
+                                                                     const float *__restrict__ Y, const int32_t *ids,
+                                                                     const float *__restrict__ w, int k, long long H) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch */
+    __shared__ float red[32];
+    const long long t = blockIdx.x;
+    const int bd = (int)blockDim.x;
+    float nwv[NPT];
+#pragma unroll
+    for (int u = 0; u < NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        nwv[u] = i < H && nw ? nw[i] : 1.0f; /* a weight: never written by the step */
+    }
+    fm_pdl_wait(); /* the predecessors' writes are visible from here */
+    int32_t id[CN_K];
+    float wv[CN_K];
+#pragma unroll
+    for (int j = 0; j < CN_K; j++) {
+        id[j] = j < k ? ids[t * k + j] : INT32_MAX;
+        wv[j] = j < k ? w[t * k + j] : 0.f;
+    }
+    int rank[CN_K]; /* a token's ids are distinct: rank j = how many ids are below ids[j] */
+#pragma unroll
+    for (int j = 0; j < CN_K; j++) {
+        rank[j] = 0;
+#pragma unroll
+        for (int i = 0; i < CN_K; i++) rank[j] += i < k && id[i] < id[j];
+    }
+    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    float *xr = x + t * H, *orow = xn + t * H;
+    float xv[NPT], yv[NPT][CN_K], shv[NPT];
+#pragma unroll
+    for (int u = 0; u < NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        const bool in = i < H;
+        xv[u] = in ? xr[i] : 0.f;
+        shv[u] = in && shared ? shared[t * H + i] : 0.f;
+#pragma unroll
+        for (int j = 0; j < CN_K; j++) yv[u][j] = in && j < k ? Y[(t * k + j) * H + i] : 0.f;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        if (i < H) {
+            float acc = shared ? sg * shv[u] : 0.f;
+#pragma unroll
+            for (int r = 0; r < CN_K; r++) /* the experts in ascending id, as moe_combine_topk_kernel */
+                if (r < k) {
+                    float yy = 0.f, ww = 0.f;
+#pragma unroll
+                    for (int j = 0; j < CN_K; j++)
+                        if (rank[j] == r) yy = yv[u][j], ww = wv[j];
+                    acc += ww * yy;
+                }
+            const float v = xv[u] + acc;
+            xr[i] = v;
+            xv[u] = v;
+            ss = fmaf(v, v, ss);
+        }
+    }
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)H + eps);
+#pragma unroll
+    for (int u = 0; u < NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        if (i < H) orow[i] = xv[u] * scale * nwv[u];
+    }
+}
+
+/* add_rmsnorm_kernel for n <= CN_NPT * blockDim.x, bit-identical: w loaded before the PDL wait and x
+ * kept in registers for the second pass. */
+__global__ void __launch_bounds__(1024) add_rmsnorm_regs_kernel(float *x, float *xn, const float *add, const float *w,
+                                                                long long n, float eps) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch */
+    __shared__ float red[32];
+    const int bd = (int)blockDim.x;
+    float wv[CN_NPT], xv[CN_NPT], av[CN_NPT];
+#pragma unroll
+    for (int u = 0; u < CN_NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        wv[u] = i < n && w ? w[i] : 1.0f; /* a weight: never written by the step */
+    }
+    fm_pdl_wait(); /* the predecessors' writes are visible from here */
+    float *xr = x + (long long)blockIdx.x * n;
+    float *orow = xn + (long long)blockIdx.x * n;
+    const float *ar = add ? add + (long long)blockIdx.x * n : nullptr;
+#pragma unroll
+    for (int u = 0; u < CN_NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        xv[u] = i < n ? xr[i] : 0.f;
+        av[u] = i < n && ar ? ar[i] : 0.f;
+    }
+    float ss = 0.f;
+#pragma unroll
+    for (int u = 0; u < CN_NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        if (i < n) {
+            float v = xv[u];
+            if (ar) {
+                v += av[u];
+                xr[i] = v;
+            }
+            xv[u] = v;
+            ss = fmaf(v, v, ss);
+        }
+    }
+    const float tot = block_sum(ss, red);
+    const float scale = 1.0f / sqrtf(tot / (float)n + eps);
+#pragma unroll
+    for (int u = 0; u < CN_NPT; u++) {
+        const long long i = threadIdx.x + (long long)u * bd;
+        if (i < n) orow[i] = xv[u] * scale * wv[u];
+    }
 }
 
 /* ---- dst[pos * stride + i] = src[i], i < n, pos from device memory ---- */
@@ -821,8 +1270,8 @@ extern "C" fm_status fm_cuda_add_rmsnorm(fm_cuda *ctx, float *x, float *xn, cons
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && xn, "CUDA add_rmsnorm: NULL pointer");
     const int threads = norm_threads(ctx, n_tokens, n);
-    FM_CUDA_CHECK(fm_launch_pdl(ctx, add_rmsnorm_kernel, dim3((unsigned)n_tokens), dim3(threads), 0, x, xn, add, w,
-                                (long long)n, eps));
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, n <= (int64_t)CN_NPT * threads ? add_rmsnorm_regs_kernel : add_rmsnorm_kernel,
+                                dim3((unsigned)n_tokens), dim3(threads), 0, x, xn, add, w, (long long)n, eps));
     FM_CUDA_CHECK_LAUNCH("add_rmsnorm_kernel");
     return FM_OK;
 }
@@ -864,10 +1313,27 @@ extern "C" fm_status fm_cuda_conv1d_silu(fm_cuda *ctx, float *out, const float *
                     (long long)n_tokens, (long long)channels, K);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(out && in && w && (state || K == 1), "CUDA conv1d_silu: NULL pointer");
+    if (n_tokens == 1 && K <= CONV1_K) {
+        FM_CUDA_CHECK(fm_launch_pdl(ctx, conv1d_silu_one_kernel, dim3(blocks_for(channels, 128, INT32_MAX)), dim3(128), 0,
+                                    out, in, state, w, (long long)channels, K));
+        FM_CUDA_CHECK_LAUNCH("conv1d_silu_one_kernel");
+        return FM_OK;
+    }
     FM_CUDA_CHECK(fm_launch_pdl(ctx, conv1d_silu_kernel, dim3(blocks_for(channels, 128, INT32_MAX)), dim3(128), 0, out,
                                 in, state, w, (long long)n_tokens, (long long)channels, K));
     FM_CUDA_CHECK_LAUNCH("conv1d_silu_kernel");
     return FM_OK;
+}
+
+/* delta_cols_kernel takes dk <= 16 * DCOL_RPT, dv a multiple of 8 up to 128 and S 16-byte aligned
+ * (FLASHMOE_CUDA_DELTA_COLS=0 keeps the block-per-head kernels, for measurements). */
+static bool delta_cols_ok(const float *S, int dk, int dv) {
+    static int off = -1;
+    if (off < 0) {
+        const char *e = getenv("FLASHMOE_CUDA_DELTA_COLS");
+        off = e && e[0] == '0' && !e[1];
+    }
+    return !off && dk <= 16 * DCOL_RPT && dv % 8 == 0 && dv <= 128 && (uintptr_t)S % 16 == 0;
 }
 
 extern "C" fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv, const float *b, const float *a, float *S,
@@ -879,6 +1345,14 @@ extern "C" fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv
                     (long long)n_tokens, nk, nv, dk, dv);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(o && qkv && b && a && S && A_log && dt_bias, "CUDA delta_rule: NULL pointer");
+    if (delta_cols_ok(S, dk, dv)) { /* a warp per 8 columns, 4 warps a block (or fewer for small dv) */
+        const int wph = dv / 8, wpb = wph % 4 == 0 ? 4 : wph % 2 == 0 ? 2 : 1, splits = wph / wpb;
+        FM_CUDA_CHECK(fm_launch_pdl(ctx, delta_cols_kernel<false>, dim3((unsigned)(nv * splits)), dim3(32 * wpb), 0, o,
+                                    qkv, b, a, S, A_log, dt_bias, (const float *)nullptr, (const float *)nullptr, 0.f,
+                                    (long long)n_tokens, nk, nv, dk, dv, splits));
+        FM_CUDA_CHECK_LAUNCH("delta_cols_kernel");
+        return FM_OK;
+    }
     const int threads = (dv + 31) / 32 * 32;
     if (dk <= DELTA_REG_DK && dv <= 128) {
         FM_CUDA_CHECK(fm_launch_pdl(ctx, delta_rule_reg_kernel, dim3((unsigned)nv), dim3(threads),
@@ -891,6 +1365,26 @@ extern "C" fm_status fm_cuda_delta_rule(fm_cuda *ctx, float *o, const float *qkv
                                 sizeof(float) * 2 * (size_t)dk, o, qkv, b, a, S, A_log, dt_bias, (long long)n_tokens,
                                 nk, nv, dk, dv));
     FM_CUDA_CHECK_LAUNCH("delta_rule_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_delta_rule_gated(fm_cuda *ctx, float *out, const float *qkv, const float *b,
+                                              const float *a, float *S, const float *A_log, const float *dt_bias,
+                                              const float *z, const float *norm_w, float eps, int64_t n_tokens, int nk,
+                                              int nv, int dk, int dv) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_tokens >= 0 && nk > 0 && nv > 0 && nv % nk == 0 && dk > 0 && dk <= 1024 && dv > 0 && dv <= 1024,
+                    "CUDA delta_rule_gated: bad shape (%lld tokens, %d key / %d value heads, dk %d, dv %d)",
+                    (long long)n_tokens, nk, nv, dk, dv);
+    if (n_tokens == 0) return FM_OK;
+    LAYER_ARG_CHECK(out && qkv && b && a && S && A_log && dt_bias && z && norm_w, "CUDA delta_rule_gated: NULL pointer");
+    if (!delta_cols_ok(S, dk, dv)) { /* the two kernels */
+        fm_status st = fm_cuda_delta_rule(ctx, out, qkv, b, a, S, A_log, dt_bias, n_tokens, nk, nv, dk, dv);
+        return st != FM_OK ? st : fm_cuda_rmsnorm_gated(ctx, out, out, z, norm_w, n_tokens * nv, dv, eps);
+    }
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, delta_cols_kernel<true>, dim3((unsigned)nv), dim3(4 * dv), 0, out, qkv, b, a, S,
+                                A_log, dt_bias, z, norm_w, eps, (long long)n_tokens, nk, nv, dk, dv, 1));
+    FM_CUDA_CHECK_LAUNCH("delta_cols_kernel");
     return FM_OK;
 }
 
@@ -919,6 +1413,17 @@ extern "C" fm_status fm_cuda_router_topk(fm_cuda *ctx, int32_t *ids, float *weig
                     "CUDA router_topk: bad shape (%lld tokens, %d experts, top-%d)", (long long)n_tokens, n_experts, k);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(ids && weights && logits, "CUDA router_topk: NULL pointer");
+    if (k <= 32 && n_experts <= 1024) { /* one warp a token, the logits in registers */
+        void (*fn)(int32_t *, float *, const float *, int, int, int) =
+            n_experts <= 128 ? router_topk_warp_kernel<4>
+            : n_experts <= 256 ? router_topk_warp_kernel<8>
+            : n_experts <= 512 ? router_topk_warp_kernel<16>
+                               : router_topk_warp_kernel<32>;
+        FM_CUDA_CHECK(fm_launch_pdl(ctx, fn, dim3((unsigned)n_tokens), dim3(32), 0, ids, weights, logits, n_experts, k,
+                                    norm ? 1 : 0));
+        FM_CUDA_CHECK_LAUNCH("router_topk_warp_kernel");
+        return FM_OK;
+    }
     FM_CUDA_CHECK(fm_launch_pdl(ctx, router_topk_kernel, dim3((unsigned)n_tokens), dim3(BLOCK),
                                 sizeof(float) * 2 * (size_t)n_experts, ids, weights, logits, n_experts, k,
                                 norm ? 1 : 0));
@@ -1003,6 +1508,25 @@ extern "C" fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float 
     return FM_OK;
 }
 
+extern "C" fm_status fm_cuda_attention_decode(fm_cuda *ctx, float *out, const float *qg, const float *kv,
+                                              const float *q_norm, const float *k_norm, float eps, int rot_dim,
+                                              const float *inv_freq, float *k_cache, float *v_cache,
+                                              const int64_t *pos_dev, int n_head, int n_head_kv, int d) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(n_head > 0 && n_head_kv > 0 && n_head % n_head_kv == 0 && d > 0 && d <= ATT_MAX_D &&
+                        rot_dim >= 0 && rot_dim <= d && rot_dim % 2 == 0,
+                    "CUDA attention_decode: bad shape (%d/%d heads of %d, rot %d; at most %d)", n_head, n_head_kv, d,
+                    rot_dim, ATT_MAX_D);
+    LAYER_ARG_CHECK(out && qg && kv && q_norm && k_norm && k_cache && v_cache && pos_dev && (rot_dim == 0 || inv_freq),
+                    "CUDA attention_decode: NULL pointer");
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, attention_decode_kernel, dim3((unsigned)n_head), dim3(ATT_WARPS * 32),
+                                sizeof(float) * 4 * (size_t)d, out, qg, kv, q_norm, k_norm, eps, rot_dim, inv_freq,
+                                k_cache, v_cache, (const long long *)pos_dev, n_head, n_head_kv, d,
+                                1.0f / sqrtf((float)d)));
+    FM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
+    return FM_OK;
+}
+
 extern "C" fm_status fm_cuda_store_at(fm_cuda *ctx, float *dst, int64_t pos_stride, const float *src, int64_t n,
                                       const int64_t *pos_dev) {
     FM_CUDA_CTX(ctx);
@@ -1042,8 +1566,12 @@ extern "C" fm_status fm_cuda_moe_combine_topk_norm(fm_cuda *ctx, float *x, float
                     (long long)n_tokens, k, (long long)H);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && xn && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_topk_norm: NULL pointer");
-    FM_CUDA_CHECK(fm_launch_pdl(ctx, moe_combine_norm_kernel, dim3((unsigned)n_tokens),
-                                dim3(norm_threads(ctx, n_tokens, H)), 0, x, xn, norm_w, eps, shared, shared_logit, Y,
+    const int threads = norm_threads(ctx, n_tokens, H);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx,
+                                k > CN_K || H > (int64_t)CN_NPT * threads ? moe_combine_norm_kernel
+                                : H <= (int64_t)2 * threads                  ? moe_combine_norm_regs_kernel<2>
+                                                                             : moe_combine_norm_regs_kernel<CN_NPT>,
+                                dim3((unsigned)n_tokens), dim3(threads), 0, x, xn, norm_w, eps, shared, shared_logit, Y,
                                 ids, w, k, (long long)H));
     FM_CUDA_CHECK_LAUNCH("moe_combine_norm_kernel");
     return FM_OK;

@@ -675,6 +675,129 @@ FM_TEST(cuda_matvec_experts_with_dense) {
     stats_print("experts + a dense product in one launch", &st);
 }
 
+/* fm_cuda_matvec_topk against its two calls (fm_cuda_matvec, then fm_cuda_router_topk of product
+ * 0's output): the same logits, ids and weights bit for bit, the other products' outputs too; the
+ * fused launch repeated (its block count must be back at 0 after each launch), NR forced 2/4/8 (more
+ * or fewer blocks counting), rows duplicated in the float routers (exact ties, to the lower id), and
+ * cases the fusion does not take (E > 1024, k > 32: two launches). */
+static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E, int64_t H, int k, int norm, bool ties) {
+    const bool q = fm_dtype_is_quant(dt);
+    const int64_t I = 512;
+    hweight hr, hg, hu, hs;
+    memset(&hg, 0, sizeof hg), memset(&hu, 0, sizeof hu), memset(&hs, 0, sizeof hs);
+    void *dr = NULL, *dg = NULL, *du = NULL, *ds = NULL, *dx = NULL, *dl = NULL, *dsh = NULL, *dsl = NULL, *dids = NULL,
+         *dwt = NULL;
+    float *x = malloc(sizeof(float) * (size_t)H), *l0 = malloc(sizeof(float) * (size_t)E), *l1 = malloc(sizeof(float) * (size_t)E);
+    float *sh0 = malloc(sizeof(float) * (size_t)I), *sh1 = malloc(sizeof(float) * (size_t)I), sl0 = 0, sl1 = 0;
+    int32_t i0[64], i1[64];
+    float w0[64], w1[64];
+    char what[160];
+    snprintf(what, sizeof what, "matvec_topk %s [%lld, %lld] top-%d norm %d%s", fm_dtype_name(dt), (long long)E,
+             (long long)H, k, norm, ties ? " ties" : "");
+    bool ok = x && l0 && l1 && sh0 && sh1 && make_hweight(&hr, dt, E, H, q ? 64 : 0, q ? FM_DTYPE_BF16 : FM_DTYPE_UNKNOWN) &&
+              make_hweight(&hg, FM_DTYPE_Q8, I, H, 64, FM_DTYPE_BF16) && make_hweight(&hu, FM_DTYPE_Q8, I, H, 64, FM_DTYPE_BF16) &&
+              make_hweight(&hs, FM_DTYPE_Q8, 1, H, 64, FM_DTYPE_BF16);
+    if (!ok) {
+        t->failures++;
+        goto done;
+    }
+    if (ties && !q) /* every third row a copy of the one before: equal logits */
+        for (int64_t r = 1; r < E; r += 3) {
+            const size_t rb = (size_t)H * fm_dtype_size(dt);
+            memcpy(hr.data + (size_t)r * rb, hr.data + (size_t)(r - 1) * rb, rb);
+        }
+    for (int64_t j = 0; j < H; j++) x[j] = (float)rnd() * 0.5f;
+    if (fm_cuda_buf_alloc(c, hr.bytes, &dr) || fm_cuda_buf_upload(c, dr, hr.data, hr.bytes) ||
+        fm_cuda_buf_alloc(c, hg.bytes, &dg) || fm_cuda_buf_upload(c, dg, hg.data, hg.bytes) ||
+        fm_cuda_buf_alloc(c, hu.bytes, &du) || fm_cuda_buf_upload(c, du, hu.data, hu.bytes) ||
+        fm_cuda_buf_alloc(c, hs.bytes, &ds) || fm_cuda_buf_upload(c, ds, hs.data, hs.bytes) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dx) || fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)H) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)E, &dl) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)I, &dsh) ||
+        fm_cuda_buf_alloc(c, sizeof(float), &dsl) || fm_cuda_buf_alloc(c, sizeof(int32_t) * 64, &dids) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * 64, &dwt)) {
+        t->failures++;
+        fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+        goto done;
+    }
+    fm_weight wr = hr.w, wg = hg.w, wu = hu.w, ws = hs.w;
+    wr.data = dr, wg.data = dg, wu.data = du, ws.data = ds;
+    const fm_cuda_mv mv[3] = {{&wr, dx, dl, NULL}, {&wg, dx, dsh, &wu}, {&ws, dx, dsl, NULL}};
+    static const char *const rpt[] = {NULL, "2", "4", "8"};
+    for (int ri = 0; ri < 4; ri++) {
+        if (rpt[ri]) setenv("FLASHMOE_CUDA_MV_RPT", rpt[ri], 1);
+        else unsetenv("FLASHMOE_CUDA_MV_RPT");
+        for (int rep = 0; rep < 4; rep++) { /* rep 0: the two calls; then the fused launch, three times */
+            float *l = rep ? l1 : l0, *sh = rep ? sh1 : sh0, *sl = rep ? &sl1 : &sl0, *w = rep ? w1 : w0;
+            int32_t *ids = rep ? i1 : i0;
+            setenv("FLASHMOE_CUDA_TOPK_FUSE", "1", 1); /* the fusion (off by default) */
+            if (fm_cuda_buf_fill(c, dl, 0xff, sizeof(float) * (size_t)E) || fm_cuda_buf_fill(c, dids, 0xff, sizeof(int32_t) * 64) ||
+                fm_cuda_buf_fill(c, dwt, 0xff, sizeof(float) * 64) ||
+                (rep ? fm_cuda_matvec_topk(c, mv, 3, dids, dwt, k, norm)
+                     : (fm_cuda_matvec(c, mv, 3) || fm_cuda_router_topk(c, dids, dwt, dl, 1, (int)E, k, norm))) ||
+                fm_cuda_buf_download(c, l, dl, sizeof(float) * (size_t)E) ||
+                fm_cuda_buf_download(c, sh, dsh, sizeof(float) * (size_t)I) || fm_cuda_buf_download(c, sl, dsl, sizeof(float)) ||
+                fm_cuda_buf_download(c, ids, dids, sizeof(int32_t) * (size_t)k) ||
+                fm_cuda_buf_download(c, w, dwt, sizeof(float) * (size_t)k)) {
+                t->failures++;
+                fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+                goto done;
+            }
+            if (!rep) continue;
+            const bool same = !memcmp(l0, l1, sizeof(float) * (size_t)E) && !memcmp(sh0, sh1, sizeof(float) * (size_t)I) &&
+                              !memcmp(&sl0, &sl1, sizeof(float)) && !memcmp(i0, i1, sizeof(int32_t) * (size_t)k) &&
+                              !memcmp(w0, w1, sizeof(float) * (size_t)k);
+            if (!same) {
+                t->failures++;
+                fprintf(stderr, "  %s NR %s run %d: not bit-identical to the two calls (ids %d/%d, weights %g/%g; seed %llu)\n",
+                        what, rpt[ri] ? rpt[ri] : "auto", rep, i1[0], i0[0], w1[0], w0[0],
+                        (unsigned long long)fm_test_cuda_seed());
+                goto done;
+            }
+        }
+    }
+    /* the ids against the CPU's top-k of the GPU's logits (ties to the lower id) */
+    for (int j = 0; j < k; j++) {
+        int32_t best = -1;
+        for (int32_t e = 0; e < (int32_t)E; e++) {
+            bool taken = false;
+            for (int q2 = 0; q2 < j; q2++) taken |= i0[q2] == e;
+            if (!taken && (best < 0 || l0[e] > l0[best])) best = e;
+        }
+        if (best != i0[j]) {
+            t->failures++;
+            fprintf(stderr, "  %s: id %d is %d, the CPU's top-k of the logits %d\n", what, j, i0[j], best);
+            break;
+        }
+    }
+    fprintf(stderr, "  %s: bit-identical to the two calls (ids[0] %d)\n", what, i1[0]);
+done:
+    unsetenv("FLASHMOE_CUDA_MV_RPT");
+    unsetenv("FLASHMOE_CUDA_TOPK_FUSE");
+    hweight_free(&hr), hweight_free(&hg), hweight_free(&hu), hweight_free(&hs);
+    fm_cuda_buf_free(c, dr), fm_cuda_buf_free(c, dg), fm_cuda_buf_free(c, du), fm_cuda_buf_free(c, ds);
+    fm_cuda_buf_free(c, dx), fm_cuda_buf_free(c, dl), fm_cuda_buf_free(c, dsh), fm_cuda_buf_free(c, dsl);
+    fm_cuda_buf_free(c, dids), fm_cuda_buf_free(c, dwt);
+    free(x), free(l0), free(l1), free(sh0), free(sh1);
+}
+
+FM_TEST(cuda_matvec_topk_fused) {
+    CUDA_OR_SKIP(c);
+    check_matvec_topk(t, c, FM_DTYPE_Q8, 256, 2048, 8, 1, false); /* the 35B router */
+    check_matvec_topk(t, c, FM_DTYPE_Q8, 512, 4096, 10, 1, false); /* the 397B router */
+    check_matvec_topk(t, c, FM_DTYPE_Q4, 128, 512, 8, 0, false);
+    check_matvec_topk(t, c, FM_DTYPE_BF16, 300, 256, 32, 1, true);
+    check_matvec_topk(t, c, FM_DTYPE_F32, 1024, 128, 5, 0, true);
+    check_matvec_topk(t, c, FM_DTYPE_F32, 40, 64, 40, 1, false);    /* k > 32: two launches */
+    check_matvec_topk(t, c, FM_DTYPE_BF16, 1500, 64, 8, 1, true);   /* E > 1024: two launches */
+    /* errors: nothing enqueued */
+    fm_weight w = {.dtype = FM_DTYPE_F32, .rows = 8, .cols = 64, .data = (void *)256};
+    fm_cuda_mv mv = {&w, (const float *)256, (float *)256, NULL};
+    CHECK(fm_cuda_matvec_topk(c, &mv, 0, (int32_t *)256, (float *)256, 2, true) == FM_ERR_ARG);
+    CHECK(fm_cuda_matvec_topk(c, &mv, 1, (int32_t *)256, (float *)256, 9, true) == FM_ERR_ARG);
+    CHECK(fm_cuda_matvec_topk(c, &mv, 1, NULL, (float *)256, 2, true) == FM_ERR_ARG);
+    CHECK_OK(fm_cuda_sync(c));
+}
+
 FM_TEST(cuda_matvec_one_token) {
     CUDA_OR_SKIP(c);
     stats st = {0};

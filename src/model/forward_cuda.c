@@ -1244,8 +1244,8 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
         if (!pair) mv[nmv++] = (fm_cuda_mv){&w->sh_up, s->xn, us, NULL};
         mv[nmv++] = (fm_cuda_mv){&w->sh_router, s->xn, s->shl, NULL};
     }
-    TRY(fm_cuda_matvec(ctx, mv, nmv));
-    TRY(fm_cuda_router_topk(ctx, ids, tw, s->small, 1, (int)E, (int)k, c->norm_topk_prob));
+    /* the router's top-k in the same launch (its last block; FLASHMOE_CUDA_TOPK_FUSE=0: two launches) */
+    TRY(fm_cuda_matvec_topk(ctx, mv, nmv, ids, tw, (int)k, c->norm_topk_prob));
     fm_cuda_mv shd = {0}; /* the shared expert's down: in the routed experts' down launch */
     if (c->n_ff_shared > 0) { /* as moe() */
         ysh = s->c;
@@ -1262,7 +1262,9 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     if (old_emv < 0) old_emv = getenv("FLASHMOE_CUDA_EMV_OLD") != NULL;
     fm_cuda_expert_mv gu = {.table = table, .ids = ids, .k = (int)k, .n_parts = 2, .n_experts = (int)E,
                             .part_off = {(int64_t)pg->offset, (int64_t)pu->offset}, .x = s->xn, .x_stride = 0,
-                            .out = {s->G, s->U}, .out_stride = I, .swiglu_out = !old_emv};
+                            .out = {s->G, s->U}, .out_stride = I, .swiglu_out = !old_emv,
+                            /* down's weights of the k experts into L2 while gate+up runs (FLASHMOE_CUDA_L2PF) */
+                            .pf_off = (int64_t)pd->offset, .pf_bytes = (int64_t)pd->n_bytes};
     TRY(fm_cuda_expert_matvec(ctx, &sg, &gu));
     fm_cuda_expert_mv dn = {.table = table, .ids = ids, .k = (int)k, .n_parts = 1, .n_experts = (int)E,
                             .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = old_emv ? s->U : NULL,

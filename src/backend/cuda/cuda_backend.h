@@ -185,6 +185,15 @@ typedef struct fm_cuda_mv {
  * the rows a thread takes (for measurements; by default chosen per launch). */
 fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n);
 
+/* fm_cuda_matvec(mv, n) and then fm_cuda_router_topk(ids, weights, mv[0].out, 1 token, mv[0].w->rows
+ * experts, k, norm): mv[0] is the router (no w_up). When the one-token kernel takes mv[0], E <= 1024
+ * and k <= 32, the top-k runs inside the matvec launch (the last block of the router's product to
+ * finish, with router_topk_warp_kernel's code: the same ids and weights) and saves a launch;
+ * otherwise, or with FLASHMOE_CUDA_TOPK_FUSE=0, the two calls. Errors: fm_cuda_matvec's, and
+ * FM_ERR_ARG for n < 1, NULL ids / weights or a bad (E, k) as fm_cuda_router_topk (nothing enqueued). */
+fm_status fm_cuda_matvec_topk(fm_cuda *ctx, const fm_cuda_mv *mv, int n, int32_t *ids, float *weights, int k,
+                              bool norm);
+
 /* True when fm_cuda_matvec runs W x in its one-token kernel (not the fm_cuda_matmul fallback). */
 bool fm_cuda_matvec_takes(const fm_weight *w, const float *x);
 
@@ -361,6 +370,10 @@ typedef struct fm_cuda_expert_mv {
      * floats (the SwiGLU fused into the gate+up launch; out[1] is not used). Needs x 16-byte aligned
      * and x_stride a multiple of 4 (FM_ERR_ARG otherwise). */
     int swiglu_out;
+    /* pf_bytes > 0: after its wait the launch pulls [table[id] + pf_off, + pf_bytes) of each of the k
+     * experts into L2 (the next launch's part: the down weights from the gate+up launch), unless
+     * FLASHMOE_CUDA_L2PF=0. Only the one-token kernel does; results do not change. */
+    int64_t pf_off, pf_bytes;
 } fm_cuda_expert_mv;
 
 /* True when fm_cuda_expert_matvec takes weights of this shape: F32, F16, BF16, Q8, Q4 (any group

@@ -3,7 +3,10 @@
 #define FM_BACKEND_CUDA_INTERNAL_H
 
 #include <cuda_runtime.h>
+#include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
+#include <math.h>
 
 #include <utility>
 
@@ -30,6 +33,7 @@ struct fm_cuda {
     uint64_t copy_bytes, copy_count;
     int sm_count;
     int64_t l2_bytes;
+    unsigned *tk_count;   /* device: fm_cuda_matvec_topk's count of finished blocks (0 between launches) */
     char desc[256];
 };
 
@@ -73,6 +77,92 @@ __device__ __forceinline__ void fm_pdl_wait() {
 #endif
 }
 
+/* L2 prefetch (issue #6, docs/CUDA.md "L2 prefetch"): [p, p + bytes) pulled into L2 without
+ * waiting for it. sm_90: one cp.async.bulk.prefetch.L2 (p and bytes multiples of 16); older arches
+ * prefetch.global.L2 per 128-byte line. Only for memory no kernel in flight writes. */
+__device__ __forceinline__ void fm_l2_prefetch(const void *p, unsigned bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#elif defined(__CUDA_ARCH__)
+    for (unsigned o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)p + o));
+#endif
+}
+
+/* Slice j of n of [a, a + bytes) into L2 by the calling block's threads (pieces of at most 16 KB,
+ * one a thread). The range is trimmed to 16-byte bounds inside it (never past its end). */
+__device__ __forceinline__ void fm_l2_prefetch_slice(const void *a, long long bytes, int j, int n) {
+    const unsigned long long lo = ((unsigned long long)a + 15) & ~15ull, hi = ((unsigned long long)a + bytes) & ~15ull;
+    if (bytes <= 0 || hi <= lo || n <= 0) return;
+    const unsigned long long len = hi - lo, s = lo + ((len * (unsigned long long)j / (unsigned)n) & ~15ull);
+    const unsigned long long e = j + 1 >= n ? hi : lo + ((len * (unsigned long long)(j + 1) / (unsigned)n) & ~15ull);
+    const unsigned long long PIECE = 16384;
+    for (unsigned long long o = s + threadIdx.x * PIECE; o < e; o += blockDim.x * PIECE)
+        fm_l2_prefetch((const void *)o, (unsigned)(e - o < PIECE ? e - o : PIECE));
+}
+
+/* FLASHMOE_CUDA_L2PF=1 turns the L2 prefetches of the one-token kernels on (off by default until
+ * measured; read per launch on the host, so graph replays keep what their capture saw). */
+static inline bool fm_cuda_l2pf_on() {
+    const char *e = getenv("FLASHMOE_CUDA_L2PF");
+    return e && e[0] && strcmp(e, "0") != 0;
+}
+
+/* Top-k of one token's router logits lg[0..E) by one warp (lane = 0..31; E <= 32 PL, k <= 32):
+ * router_topk_warp_kernel's body (layers.cu), also run by the last block of fm_cuda_matvec_topk's
+ * router product (matmul.cu): the same code, so the same ids and weights. Lane l holds p[l + 32 i],
+ * i < PL, in registers; max and sum by shuffles; each of the k rounds takes the lane's best untaken
+ * key (the bits of p plus one, 0 once taken: p >= 0, so the bits order as the values), the warp's
+ * largest key by one redux, and among the lanes that hold it the lowest id by another (ties to the
+ * lower id, as the block kernel); the weight is the key's own value. Lane i keeps round i's id and
+ * weight and writes them at the end (divided by the rounds' sum, in round order, with norm). The
+ * logits are read through L2 (__ldcg: other blocks may have just written them). */
+template <int PL>
+__device__ __forceinline__ void fm_topk_warp(int32_t *ids, float *weights, const float *lg, int E, int k, int norm,
+                                             int lane) {
+    float p[PL];
+    float mx = -INFINITY;
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        const int e = lane + 32 * i;
+        p[i] = e < E ? __ldcg(lg + e) : -INFINITY;
+        mx = fmaxf(mx, p[i]);
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, m));
+    float s = 0.f;
+#pragma unroll
+    for (int i = 0; i < PL; i++) {
+        p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
+        s += p[i];
+    }
+#pragma unroll
+    for (int m = 16; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+    uint32_t key[PL];
+#pragma unroll
+    for (int i = 0; i < PL; i++) key[i] = lane + 32 * i < E ? __float_as_uint(p[i] / s) + 1u : 0u;
+    int32_t my_id = 0;
+    float my_w = 0.f, tsum = 0.f;
+    for (int r = 0; r < k; r++) {
+        uint32_t bk = 0u;
+        int bi = 0;
+#pragma unroll
+        for (int i = 0; i < PL; i++) /* ascending id: strict > keeps the lower one */
+            if (key[i] > bk) bk = key[i], bi = i;
+        const uint32_t top = __reduce_max_sync(0xffffffffu, bk);
+        const uint32_t win = __reduce_min_sync(0xffffffffu, bk == top ? (uint32_t)(lane + 32 * bi) : 0xffffffffu);
+#pragma unroll
+        for (int i = 0; i < PL; i++)
+            if ((uint32_t)(lane + 32 * i) == win) key[i] = 0u;
+        const float pw = __uint_as_float(top - 1u);
+        if (lane == r) my_id = (int32_t)win, my_w = pw;
+        tsum += pw;
+    }
+    if (lane < k) {
+        ids[lane] = my_id;
+        weights[lane] = norm ? my_w / tsum : my_w;
+    }
+}
+
 /* Launches k on the context's stream with programmatic stream serialization (it may start while the
  * previous kernel runs, and must call fm_pdl_wait() before reading what that kernel wrote), or as
  * an ordinary launch with FLASHMOE_CUDA_PDL=0 (for measurements). */
@@ -96,5 +186,13 @@ cudaError_t fm_launch_pdl(fm_cuda *ctx, void (*k)(KArgs...), dim3 grid, dim3 blo
  * products and sets *done, or leaves *done false and enqueues nothing when it does not take them
  * (a shape mv_shape refuses, x or x_up not 16-byte aligned, x_stride not a multiple of 4). */
 fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv, bool *done);
+
+/* gemm.cu's tensor-core GEMM for quantized weights at many tokens (prefill). fm_cuda_gemm_wants: whether
+ * it takes product m of weights shaped like `shape` (Q4/Q8, groups 32/64/128, cols a multiple of 64,
+ * at least FLASHMOE_CUDA_GEMM tokens (default 16; 0 turns it off), w and x 16-byte aligned).
+ * fm_cuda_gemm_batch enqueues exactly those products of mats (arguments already checked) and leaves
+ * the others to the caller. */
+bool fm_cuda_gemm_wants(const fm_weight *shape, const fm_cuda_mat *m);
+fm_status fm_cuda_gemm_batch(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_mat *mats, int n_mats);
 
 #endif

@@ -705,63 +705,15 @@ __global__ void __launch_bounds__(BLOCK) router_topk_kernel(int32_t *ids, float 
         for (int i = 0; i < k; i++) weights[t * k + i] /= tsum;
 }
 
-/* The same for E <= 32 PL and k <= 32 with one warp per token and no shared memory: lane l holds
- * p[l + 32 i], i < PL, in registers; max and sum by shuffles; each of the k rounds takes the lane's
- * best untaken key (the bits of p plus one, 0 once taken: p >= 0, so the bits order as the values),
- * the warp's largest key by one redux, and among the lanes that hold it the lowest id by another
- * (ties to the lower id, as the block kernel); the weight is the key's own value. Lane i keeps round
- * i's id and weight and writes them at the end (divided by the rounds' sum, in round order, with
- * norm). */
+/* The same for E <= 32 PL and k <= 32 with one warp per token and no shared memory: fm_topk_warp
+ * (cuda_internal.h), whose code fm_cuda_matvec_topk's fused launch runs too. */
 template <int PL>
 __global__ void __launch_bounds__(32) router_topk_warp_kernel(int32_t *ids, float *weights, const float *logits, int E,
                                                               int k, int norm) {
     fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
     fm_pdl_wait();    /* the predecessor's writes are visible from here */
     const long long t = blockIdx.x;
-    const int lane = threadIdx.x;
-    const float *lg = logits + t * E;
-    float p[PL];
-    float mx = -INFINITY;
-#pragma unroll
-    for (int i = 0; i < PL; i++) {
-        const int e = lane + 32 * i;
-        p[i] = e < E ? lg[e] : -INFINITY;
-        mx = fmaxf(mx, p[i]);
-    }
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, m));
-    float s = 0.f;
-#pragma unroll
-    for (int i = 0; i < PL; i++) {
-        p[i] = lane + 32 * i < E ? expf(p[i] - mx) : 0.f;
-        s += p[i];
-    }
-#pragma unroll
-    for (int m = 16; m > 0; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
-    uint32_t key[PL];
-#pragma unroll
-    for (int i = 0; i < PL; i++) key[i] = lane + 32 * i < E ? __float_as_uint(p[i] / s) + 1u : 0u;
-    int32_t my_id = 0;
-    float my_w = 0.f, tsum = 0.f;
-    for (int r = 0; r < k; r++) {
-        uint32_t bk = 0u;
-        int bi = 0;
-#pragma unroll
-        for (int i = 0; i < PL; i++) /* ascending id: strict > keeps the lower one */
-            if (key[i] > bk) bk = key[i], bi = i;
-        const uint32_t top = __reduce_max_sync(0xffffffffu, bk);
-        const uint32_t win = __reduce_min_sync(0xffffffffu, bk == top ? (uint32_t)(lane + 32 * bi) : 0xffffffffu);
-#pragma unroll
-        for (int i = 0; i < PL; i++)
-            if ((uint32_t)(lane + 32 * i) == win) key[i] = 0u;
-        const float pw = __uint_as_float(top - 1u);
-        if (lane == r) my_id = (int32_t)win, my_w = pw;
-        tsum += pw;
-    }
-    if (lane < k) {
-        ids[t * k + lane] = my_id;
-        weights[t * k + lane] = norm ? my_w / tsum : my_w;
-    }
+    fm_topk_warp<PL>(ids + t * k, weights + t * k, logits + t * E, E, k, norm, (int)threadIdx.x);
 }
 
 __global__ void gather_rows_kernel(float *out, const float *src, const int32_t *idx, long long cols) {

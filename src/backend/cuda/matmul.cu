@@ -974,6 +974,13 @@ struct MvProd {
 
 struct MvParams {
     int n;
+    int pf;      /* blocks [0, pf) pull slice blockIdx.x of pf of every product's weights into L2 before
+                    the PDL wait (FLASHMOE_CUDA_L2PF; 0: none) */
+    int tk_prod; /* fm_cuda_matvec_topk: the product whose output (logits) the top-k reads, else -1 */
+    int tk_E, tk_k, tk_norm;
+    int32_t *tk_ids;
+    float *tk_w;
+    unsigned *tk_count; /* blocks of product tk_prod finished (the last one resets it to 0) */
     MvProd m[FM_CUDA_MV_MAX];
 };
 
@@ -986,6 +993,9 @@ struct MvExpParams {
     float *out[2];
     MvShape s;
     int k, n_experts, pair;
+    long long pf_off, pf_bytes; /* after the wait, blocks [0, pf_blocks) pull slices of [table[id] + pf_off,
+                                   + pf_bytes) of each of the k experts into L2 (the next launch's part) */
+    int pf_blocks;
 };
 
 __device__ __forceinline__ float mv_silu(float x) { return x / (1.0f + expf(-x)); }
@@ -1108,12 +1118,60 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
     }
 }
 
-template <int KIND, int NR> __global__ void __launch_bounds__(THREADS) mv_dense(const __grid_constant__ MvParams p) {
+/* Bytes of a one-token product's weight: values, then scales and biases (one contiguous range). */
+__device__ __forceinline__ long long mv_weight_bytes(const MvShape &s) {
+    const long long vb = (long long)s.rows * s.chunks * 16;
+    return s.scale_off ? s.bias_off + (s.bias_off - s.scale_off) : vb;
+}
+
+/* Block b < p.pf: slice b of p.pf of every product's weights (w and w_up) into L2. The weights are
+ * constant, so this may run before the PDL wait: while the predecessor (a norm, the conv, the delta
+ * rule: HBM idle) runs, the row blocks of the later waves, whose own loads wait for a free SM, get
+ * their bytes into L2. */
+__device__ __forceinline__ void mv_prefetch(const MvParams &p, int b) {
+    for (int i = 0; i < p.n; i++) {
+        const MvProd &d = p.m[i];
+        const long long wb = mv_weight_bytes(d.s);
+        fm_l2_prefetch_slice(d.w, wb, b, p.pf);
+        if (d.w_up) fm_l2_prefetch_slice(d.w_up, wb, b, p.pf);
+    }
+}
+
+/* fm_cuda_matvec_topk: every block of product i (the router's logits) counts itself done; the last
+ * one resets the count and runs the router top-k with one warp (fm_topk_warp, the code of
+ * router_topk_warp_kernel: the same ids and weights). The usual last-block pattern: each thread's
+ * stores fenced before the count, the logits read back through L2. */
+__device__ __forceinline__ void mv_topk_tail(const MvParams &p, int i) {
+    __shared__ unsigned last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const int nb = (i + 1 < p.n ? p.m[i + 1].blk0 : (int)gridDim.x) - p.m[i].blk0;
+        const unsigned done = atomicAdd(p.tk_count, 1u);
+        last = done + 1 == (unsigned)nb;
+        if (last) atomicExch(p.tk_count, 0u);
+        __threadfence();
+    }
+    __syncthreads();
+    if (!last || threadIdx.x >= 32) return;
+    const int E = p.tk_E, lane = (int)threadIdx.x;
+    const float *lg = p.m[i].out;
+    if (E <= 128) fm_topk_warp<4>(p.tk_ids, p.tk_w, lg, E, p.tk_k, p.tk_norm, lane);
+    else if (E <= 256) fm_topk_warp<8>(p.tk_ids, p.tk_w, lg, E, p.tk_k, p.tk_norm, lane);
+    else if (E <= 512) fm_topk_warp<16>(p.tk_ids, p.tk_w, lg, E, p.tk_k, p.tk_norm, lane);
+    else fm_topk_warp<32>(p.tk_ids, p.tk_w, lg, E, p.tk_k, p.tk_norm, lane);
+}
+
+template <int KIND, int NR, bool TK>
+__global__ void __launch_bounds__(THREADS) mv_dense(const __grid_constant__ MvParams p) {
     fm_pdl_trigger();
+    if ((int)blockIdx.x < p.pf) mv_prefetch(p, (int)blockIdx.x);
     int i = 0;
     while (i + 1 < p.n && (int)blockIdx.x >= p.m[i + 1].blk0) i++;
     const MvProd &d = p.m[i];
     mv_block<KIND, NR>(d.s, d.w, d.w_up, d.x, nullptr, d.out, (int)blockIdx.x - d.blk0, d.w_up != nullptr);
+    if constexpr (TK)
+        if (i == p.tk_prod) mv_topk_tail(p, i);
 }
 
 /* Row block bx of product y = part * k + slot (pair: slot only) of an expert launch. */
@@ -1122,6 +1180,13 @@ template <int KIND, int NR> __device__ __forceinline__ void mv_expert_body(const
     const int slot = y % p.k, part = y / p.k;
     const int e = min(max(p.ids[slot], 0), p.n_experts - 1); /* the router writes valid ids; never read outside */
     const unsigned char *base = p.table[e];
+    if (p.pf_blocks > 0) { /* the next launch's part of the k experts into L2 (FLASHMOE_CUDA_L2PF) */
+        const int lin = y * (int)gridDim.x + bx;
+        if (lin < p.pf_blocks)
+            for (int j = 0; j < p.k; j++)
+                fm_l2_prefetch_slice(p.table[min(max(p.ids[j], 0), p.n_experts - 1)] + p.pf_off, p.pf_bytes, lin,
+                                     p.pf_blocks);
+    }
     const float *x = p.x + slot * p.x_stride, *xu = p.x_up ? p.x_up + slot * p.x_stride : nullptr;
     mv_block<KIND, NR>(p.s, base + p.part_off[part], base + p.part_off[1], x, xu, p.out[part] + slot * p.out_stride,
                        bx, p.pair != 0);
@@ -1156,18 +1221,19 @@ __global__ void __launch_bounds__(THREADS) mv_expert_x(const __grid_constant__ M
 typedef void (*mv_dense_fn)(const MvParams);
 typedef void (*mv_exp_fn)(const MvExpParams);
 
-template <int KIND> mv_dense_fn mv_dense_for(int nr) {
-    return nr == 8 ? mv_dense<KIND, 8> : nr == 4 ? mv_dense<KIND, 4> : mv_dense<KIND, 2>;
+template <int KIND, bool TK> mv_dense_fn mv_dense_for(int nr) {
+    return nr == 8 ? mv_dense<KIND, 8, TK> : nr == 4 ? mv_dense<KIND, 4, TK> : mv_dense<KIND, 2, TK>;
 }
-mv_dense_fn mv_dense_kernel(int kind, int nr) {
+template <bool TK> mv_dense_fn mv_dense_tk(int kind, int nr) {
     switch (kind) {
-    case K_F32: return mv_dense_for<K_F32>(nr);
-    case K_F16: return mv_dense_for<K_F16>(nr);
-    case K_BF16: return mv_dense_for<K_BF16>(nr);
-    case K_Q8: return mv_dense_for<K_Q8>(nr);
-    default: return mv_dense_for<K_Q4>(nr);
+    case K_F32: return mv_dense_for<K_F32, TK>(nr);
+    case K_F16: return mv_dense_for<K_F16, TK>(nr);
+    case K_BF16: return mv_dense_for<K_BF16, TK>(nr);
+    case K_Q8: return mv_dense_for<K_Q8, TK>(nr);
+    default: return mv_dense_for<K_Q4, TK>(nr);
     }
 }
+mv_dense_fn mv_dense_kernel(int kind, int nr, bool tk) { return tk ? mv_dense_tk<true>(kind, nr) : mv_dense_tk<false>(kind, nr); }
 template <int KIND> mv_exp_fn mv_exp_for(int nr) {
     return nr == 8 ? mv_expert<KIND, 8> : nr == 4 ? mv_expert<KIND, 4> : mv_expert<KIND, 2>;
 }
@@ -1255,9 +1321,12 @@ fm_status mv_launch(fm_cuda *ctx, int kind, MvParams &P) {
         b += mv_blocks(P.m[i].s, P.m[i].w_up ? nr / 2 : nr);
     }
     if (b > 0x7fffffffLL) return fm_error_set(FM_ERR_ARG, "CUDA matvec: too many rows in one launch");
-    FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_dense_kernel(kind, nr), dim3((unsigned)b), dim3(THREADS), 0, P));
+    /* the first wave's blocks (one an SM: surely resident early) prefetch the launch's weights */
+    P.pf = fm_cuda_l2pf_on() ? (int)(b < ctx->sm_count ? b : ctx->sm_count) : 0;
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_dense_kernel(kind, nr, P.tk_prod >= 0), dim3((unsigned)b), dim3(THREADS), 0, P));
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token matvec kernel");
     P.n = 0;
+    P.tk_prod = -1;
     return FM_OK;
 }
 
@@ -1297,13 +1366,28 @@ static fm_status mv_check(const fm_cuda_mv *mv, int n) {
     return FM_OK;
 }
 
-extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
-    FM_CUDA_CTX(ctx);
-    fm_status cst = mv_check(mv, n); /* everything validated before anything is enqueued */
-    if (cst != FM_OK) return cst;
+/* The router top-k fused into fm_cuda_matvec_topk's launch (NULL: none). */
+struct MvTopk {
+    int32_t *ids;
+    float *w;
+    int k, norm;
+};
+
+/* FLASHMOE_CUDA_TOPK_FUSE=1: fm_cuda_matvec_topk in one launch (off by default until measured: two
+ * launches); read per call (the tests switch it; graph replays keep what their capture saw). */
+static bool mv_topk_fuse_on() {
+    const char *e = getenv("FLASHMOE_CUDA_TOPK_FUSE");
+    return e && e[0] && strcmp(e, "0") != 0;
+}
+
+/* fm_cuda_matvec's launches (arguments checked); with tk, the top-k of product 0's output in the
+ * launch that carries product 0 when it can (*fused), else the caller launches it. */
+static fm_status mv_run(fm_cuda *ctx, const fm_cuda_mv *mv, int n, const MvTopk *tk, bool *fused) {
+    if (fused) *fused = false;
     for (int kind = 0; kind < K_NONE; kind++) {
         MvParams P;
         P.n = 0;
+        P.tk_prod = -1;
         for (int i = 0; i < n; i++) {
             const fm_weight *w = mv[i].w;
             if (kind_of(w->dtype) != kind || w->rows == 0) continue;
@@ -1313,6 +1397,16 @@ extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
                 fm_status st = fm_cuda_matmul(ctx, mv[i].out, mv[i].x, 1, w);
                 if (st != FM_OK) return st;
                 continue;
+            }
+            if (i == 0 && tk && !mv[0].w_up && w->rows <= 1024 && tk->k <= 32 && mv_topk_fuse_on()) {
+                P.tk_prod = P.n;
+                P.tk_E = (int)w->rows;
+                P.tk_k = tk->k;
+                P.tk_norm = tk->norm;
+                P.tk_ids = tk->ids;
+                P.tk_w = tk->w;
+                P.tk_count = ctx->tk_count;
+                *fused = true;
             }
             P.m[P.n++] = MvProd{(const unsigned char *)w->data, (const unsigned char *)(mv[i].w_up ? mv[i].w_up->data : nullptr),
                                 mv[i].x, mv[i].out, s, 0};
@@ -1325,6 +1419,31 @@ extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
         if (st != FM_OK) return st;
     }
     return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_matvec(fm_cuda *ctx, const fm_cuda_mv *mv, int n) {
+    FM_CUDA_CTX(ctx);
+    fm_status cst = mv_check(mv, n); /* everything validated before anything is enqueued */
+    if (cst != FM_OK) return cst;
+    return mv_run(ctx, mv, n, nullptr, nullptr);
+}
+
+extern "C" fm_status fm_cuda_matvec_topk(fm_cuda *ctx, const fm_cuda_mv *mv, int n, int32_t *ids, float *weights, int k,
+                                         bool norm) {
+    FM_CUDA_CTX(ctx);
+    if (n < 1 || !mv) return fm_error_set(FM_ERR_ARG, "CUDA matvec_topk: needs the router's product first (%d products)", n);
+    fm_status cst = mv_check(mv, n);
+    if (cst != FM_OK) return cst;
+    const int64_t E = mv[0].w->rows;
+    if (E <= 0 || E > 4096 || k <= 0 || k > E || mv[0].w_up)
+        return fm_error_set(FM_ERR_ARG, "CUDA matvec_topk: bad router (%lld experts, top-%d%s)", (long long)E, k,
+                            mv[0].w_up ? ", a SwiGLU pair" : "");
+    if (!ids || !weights) return fm_error_set(FM_ERR_ARG, "CUDA matvec_topk: NULL pointer");
+    const MvTopk tk = {ids, weights, k, norm ? 1 : 0};
+    bool fused = false;
+    fm_status st = mv_run(ctx, mv, n, &tk, &fused);
+    if (st != FM_OK || fused) return st;
+    return fm_cuda_router_topk(ctx, ids, weights, mv[0].out, 1, (int)E, k, norm);
 }
 
 /* The kernel parameters of an expert launch on the one-token kernel; false when it does not take
@@ -1351,6 +1470,8 @@ static bool mv_exp_params(const fm_weight *shape, const fm_cuda_expert_mv *mv, M
     P.k = mv->k;
     P.n_experts = mv->n_experts;
     P.pair = pair;
+    P.pf_off = mv->pf_off;
+    P.pf_bytes = mv->pf_bytes;
     *kind_out = kind;
     return true;
 }
@@ -1365,6 +1486,8 @@ fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda
     const int ny = pair ? mv->k : mv->k * mv->n_parts;
     const int nr = mv_pick_nr(ctx, [&](int r) { return mv_blocks(s, pair ? r / 2 : r) * ny; });
     const long long bx = mv_blocks(s, pair ? nr / 2 : nr);
+    if (fm_cuda_l2pf_on() && P.pf_bytes > 0 && P.pf_off >= 0)
+        P.pf_blocks = (int)(bx * ny < ctx->sm_count ? bx * ny : ctx->sm_count);
     FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_exp_kernel(kind, nr), dim3((unsigned)bx, (unsigned)ny), dim3(THREADS), 0, P));
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token expert matvec kernel");
     *done = true;

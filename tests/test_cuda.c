@@ -679,7 +679,8 @@ FM_TEST(cuda_matvec_experts_with_dense) {
  * 0's output): the same logits, ids and weights bit for bit, the other products' outputs too; the
  * fused launch repeated (its block count must be back at 0 after each launch), NR forced 2/4/8 (more
  * or fewer blocks counting), rows duplicated in the float routers (exact ties, to the lower id), and
- * cases the fusion does not take (E > 1024, k > 32: two launches). */
+ * cases the fusion does not take (E > 1024, k > 32: two launches). The two calls' top-k itself is
+ * held to the CPU by cuda_layer_router_topk. */
 static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E, int64_t H, int k, int norm, bool ties) {
     const bool q = fm_dtype_is_quant(dt);
     const int64_t I = 512;
@@ -753,20 +754,6 @@ static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E
                         (unsigned long long)fm_test_cuda_seed());
                 goto done;
             }
-        }
-    }
-    /* the ids against the CPU's top-k of the GPU's logits (ties to the lower id) */
-    for (int j = 0; j < k; j++) {
-        int32_t best = -1;
-        for (int32_t e = 0; e < (int32_t)E; e++) {
-            bool taken = false;
-            for (int q2 = 0; q2 < j; q2++) taken |= i0[q2] == e;
-            if (!taken && (best < 0 || l0[e] > l0[best])) best = e;
-        }
-        if (best != i0[j]) {
-            t->failures++;
-            fprintf(stderr, "  %s: id %d is %d, the CPU's top-k of the logits %d\n", what, j, i0[j], best);
-            break;
         }
     }
     fprintf(stderr, "  %s: bit-identical to the two calls (ids[0] %d)\n", what, i1[0]);

@@ -292,10 +292,10 @@ FM_TEST(cuda_matmul_expert_shapes) {
     stats_print("expert shapes", &st);
 }
 
-/* A batch of 70 products (two launches of at most 64) with token counts 0..16 mixed, some sharing
- * x; and a batch of Q2 g32 [.., 96] products (general kernel). */
-static void check_batch(fm_test_ctx *t, fm_cuda *c, stats *st, fm_dtype dt, int64_t N, int64_t K, int gs, int n) {
-    static const int64_t counts[] = {0, 1, 2, 3, 4, 5, 9, 16};
+/* A batch of n products with token counts drawn from counts[0..n_counts) (70: two launches of at
+ * most 64), some sharing x. */
+static void check_batch(fm_test_ctx *t, fm_cuda *c, stats *st, fm_dtype dt, int64_t N, int64_t K, int gs, int n,
+                        const int64_t *counts, int n_counts) {
     hweight *h = calloc((size_t)n, sizeof *h);
     fm_cuda_mat *m = calloc((size_t)n, sizeof *m);
     float **x = calloc((size_t)n, sizeof *x), **out = calloc((size_t)n, sizeof *out);
@@ -306,7 +306,7 @@ static void check_batch(fm_test_ctx *t, fm_cuda *c, stats *st, fm_dtype dt, int6
         goto done;
     }
     for (int i = 0; i < n; i++) {
-        const int64_t T = counts[rnd_u64() % 8];
+        const int64_t T = counts[rnd_u64() % (uint64_t)n_counts];
         const bool share = i > 0 && m[i - 1].n_tokens == T && rnd_u64() % 2; /* x of the previous product */
         x[i] = malloc(sizeof(float) * (size_t)(T * K + 1));
         out[i] = poisoned(T * N);
@@ -365,13 +365,49 @@ done:
     free(h), free(m), free(x), free(out), free(dw), free(dx), free(dout);
 }
 
+/* Token counts 0..16 mixed; a batch of Q2 g32 [.., 96] products (general kernel). */
 FM_TEST(cuda_matmul_batch) {
     CUDA_OR_SKIP(c);
+    static const int64_t few[] = {0, 1, 2, 3, 4, 5, 9, 16};
     stats st = {0};
-    check_batch(t, c, &st, FM_DTYPE_Q4, 200, 512, 64, 70);
-    check_batch(t, c, &st, FM_DTYPE_Q2, 33, 96, 32, 9);
-    check_batch(t, c, &st, FM_DTYPE_BF16, 64, 256, 0, 5);
+    check_batch(t, c, &st, FM_DTYPE_Q4, 200, 512, 64, 70, few, 8);
+    check_batch(t, c, &st, FM_DTYPE_Q2, 33, 96, 32, 9, few, 8);
+    check_batch(t, c, &st, FM_DTYPE_BF16, 64, 256, 0, 5, few, 8);
     stats_print("batches", &st);
+}
+
+/* The prefill GEMM (gemm.cu: Q4/Q8, cols a multiple of 64; forced on here from 16 tokens, whatever
+ * the default): token counts around its 64-token tiles, rows around its 64-row tiles, every group
+ * size and scale type, the 397B expert shapes, and batches whose products straddle the 16-token
+ * threshold (the GEMM takes some, the FP32 kernels the rest, in one call). The bounds are
+ * compare_out's: the GEMM's three bf16 parts of x leave ~2^-24 of mag, its f32 sums the rest. */
+FM_TEST(cuda_matmul_gemm) {
+    CUDA_OR_SKIP(c);
+    const int old_min = fm_cuda_set_gemm_min_tokens(16); /* whatever FLASHMOE_CUDA_GEMM or the default say */
+    static const fm_dtype types[] = {FM_DTYPE_Q4, FM_DTYPE_Q8};
+    static const int groups[] = {32, 64, 128};
+    static const int64_t tokens[] = {16, 17, 63, 64, 65, 130};
+    static const int64_t shapes[][2] = {{64, 128}, {100, 384}, {37, 640}, {129, 2048}};
+    stats st = {0};
+    for (int ti = 0; ti < 2; ti++)
+        for (int gi = 0; gi < 3; gi++)
+            for (int si = 0; si < 4; si++)
+                for (int k = 0; k < 6; k++) {
+                    if (shapes[si][1] % groups[gi]) continue;
+                    check_matmul(t, c, &st, types[ti], shapes[si][0], shapes[si][1], groups[gi], FM_DTYPE_BF16,
+                                 tokens[(k + si) % 6], 0, 0);
+                }
+    for (int ti = 0; ti < 2; ti++) {
+        check_matmul(t, c, &st, types[ti], 45, 640, 64, FM_DTYPE_F16, 40, 0, 0);
+        check_matmul(t, c, &st, types[ti], 70, 256, 32, FM_DTYPE_F32, 100, 0, 0);
+        check_matmul(t, c, &st, types[ti], 1024, 4096, 64, FM_DTYPE_BF16, 64, 0, 0);
+        check_matmul(t, c, &st, types[ti], 4096, 1024, 64, FM_DTYPE_BF16, 33, 0, 0);
+    }
+    static const int64_t mixed[] = {0, 3, 15, 16, 17, 40, 64, 100};
+    check_batch(t, c, &st, FM_DTYPE_Q4, 200, 512, 64, 70, mixed, 8);
+    check_batch(t, c, &st, FM_DTYPE_Q8, 96, 256, 128, 9, mixed, 8);
+    fm_cuda_set_gemm_min_tokens(old_min);
+    stats_print("prefill GEMM", &st);
 }
 
 /* fm_cuda_matvec: n one-token products of random types (F32, F16, BF16, Q8, Q4 and Q2, which takes

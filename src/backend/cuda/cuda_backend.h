@@ -159,6 +159,16 @@ fm_status fm_cuda_matmul(fm_cuda *ctx, float *out, const float *x, int64_t n_tok
  * qualify. */
 fm_status fm_cuda_matmul_batch(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_mat *mats, int n_mats);
 
+/* The fewest tokens with which a Q4/Q8 product of fm_cuda_matmul(_batch) runs on the tensor-core
+ * GEMM (gemm.cu) instead of the FP32 kernels; 0: never. Default FM_CUDA_GEMM_MIN_TOKENS, or
+ * FLASHMOE_CUDA_GEMM=N from the environment (read once). The setter returns the previous value
+ * (tests use it to reach both kernels whatever the environment). The default is 0 (off) until the
+ * three-part form has run on a GPU (docs/CUDA.md "Prefill GEMM"); 16 is the measured threshold's
+ * candidate: FLASHMOE_CUDA_GEMM=16 turns it on. */
+#define FM_CUDA_GEMM_MIN_TOKENS 0
+int fm_cuda_gemm_min_tokens(void);
+int fm_cuda_set_gemm_min_tokens(int n);
+
 /* ---- one-token matvecs (decode) ---- */
 
 /* One product of fm_cuda_matvec: out (w->rows floats) = W x (x: w->cols floats), w->data on the

@@ -189,7 +189,7 @@ fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda
 
 /* gemm.cu's tensor-core GEMM for quantized weights at many tokens (prefill). fm_cuda_gemm_wants: whether
  * it takes product m of weights shaped like `shape` (Q4/Q8, groups 32/64/128, cols a multiple of 64,
- * at least FLASHMOE_CUDA_GEMM tokens (default 16; 0 turns it off), w and x 16-byte aligned).
+ * at least fm_cuda_gemm_min_tokens() tokens, w and x 16-byte aligned).
  * fm_cuda_gemm_batch enqueues exactly those products of mats (arguments already checked) and leaves
  * the others to the caller. */
 bool fm_cuda_gemm_wants(const fm_weight *shape, const fm_cuda_mat *m);

@@ -31,6 +31,7 @@
 #include <utility>
 
 #include "backend/cuda/cuda_internal.h"
+#include "backend/cuda/mma_util.cuh"
 
 extern "C" {
 #include "quant/quant.h"
@@ -434,39 +435,6 @@ static_assert(FM_CUDA_MMA_KSMAX == 1 || FM_CUDA_MMA_KSMAX == 2 || FM_CUDA_MMA_KS
 static_assert(MMA_SPS == 2 || MMA_SPS == 4, "FM_CUDA_MMA_SPS");
 static_assert(MMA_NST >= 2 && MMA_NST <= 6, "FM_CUDA_MMA_STAGES");
 static_assert(MMA_SMEM_CAP >= 8 * 1024, "the Q4 tensor-core kernel's stages leave too little shared memory for x");
-
-/* The nibbles at bits 0 .. 3 and 16 .. 19 of w as a bf16 pair of integers (exact); magic holds
- * 0x43004300 in a register. */
-__device__ __forceinline__ uint32_t q4_pair_bf16(uint32_t w, uint32_t magic) {
-    uint32_t t, r;
-    asm("lop3.b32 %0, %1, 0x000F000F, %2, 0xEA;" : "=r"(t) : "r"(w), "r"(magic)); /* (w & mask) | magic */
-    asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(r) : "r"(t), "r"(0x3F803F80u), "r"(0xC300C300u));
-    return r;
-}
-
-/* (lo, hi) rounded to bf16 and packed, lo in the low half. */
-__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
-    uint32_t r;
-    asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-    return r;
-}
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
-/* 16 bytes global -> shared, asynchronously (L2 only), and the group bookkeeping. */
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-template <int N> __device__ __forceinline__ void cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
 
 /* What one lane loads of a span's scales or biases for one row (SK: 0 BF16, 1 F16, 2 F32): both
  * groups of the span for GS = 64, the one group for GS = 128. Row r's values for span s are element
@@ -903,6 +871,8 @@ extern "C" fm_status fm_cuda_matmul_batch(fm_cuda *ctx, const fm_weight *shape, 
         st = check_mat(&mats[i], i, kind, p.cols, &dummy);
         if (st != FM_OK) return st;
     }
+    /* many tokens of Q4/Q8 weights: the tensor-core GEMM (gemm.cu); the rest here */
+    if ((st = fm_cuda_gemm_batch(ctx, shape, mats, n_mats)) != FM_OK) return st;
     /* products grouped by token tile (a tile of 8 costs 8 tokens of arithmetic even for 1), each
      * group launched in batches of FM_CUDA_BATCH_MAX */
     static const int tiles[] = {1, 2, 4, 8};
@@ -918,7 +888,9 @@ extern "C" fm_status fm_cuda_matmul_batch(fm_cuda *ctx, const fm_weight *shape, 
             }
             if (i == n_mats) break;
             const fm_cuda_mat *m = &mats[i];
-            if (m->n_tokens == 0 || tile_for(kind, m->n_tokens) != tile_for(kind, tiles[ti])) continue;
+            if (m->n_tokens == 0 || tile_for(kind, m->n_tokens) != tile_for(kind, tiles[ti]) ||
+                fm_cuda_gemm_wants(shape, m))
+                continue;
             if (tile_for(kind, tiles[ti]) != tiles[ti]) continue; /* Q2: tile 8 is tile 4 */
             check_mat(m, i, kind, p.cols, &fast);
             p.m[p.n_mats++] = Desc{m->w, m->x, m->out, (long long)m->n_tokens};

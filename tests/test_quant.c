@@ -205,6 +205,15 @@ FM_TEST(quant_layout_by_hand) {
                     .scale_dtype = FM_DTYPE_BF16}; /* scale bf16 0x3f80 = 1, bias 0 */
     fm_dequant_row(out, &W2, 0, 0, 32);
     CHECK(out[0] == 0 && out[1] == 1 && out[2] == 2 && out[3] == 3 && out[4] == 0 && out[30] == 0 && out[31] == 3);
+    /* the parts' offsets: the by-hand layouts above, and a larger matrix ending where fm_quant_nbytes says */
+    int64_t so, bo;
+    fm_quant_part_offsets(&W, &so, &bo);
+    CHECK(so == 16 && bo == 20);
+    fm_quant_part_offsets(&W2, &so, &bo);
+    CHECK(so == 8 && bo == 10);
+    fm_weight W3 = {.dtype = FM_DTYPE_Q8, .rows = 37, .cols = 640, .group_size = 128, .scale_dtype = FM_DTYPE_F16};
+    fm_quant_part_offsets(&W3, &so, &bo);
+    CHECK(so == 37 * 640 && bo == so + 37 * 5 * 2 && (uint64_t)(bo + 37 * 5 * 2) == fm_quant_nbytes(FM_DTYPE_Q8, 37, 640, 128, FM_DTYPE_F16));
 }
 
 /* the worked example of docs/QUANT.md, byte for byte */

@@ -62,6 +62,11 @@ uint64_t fm_quant_nbytes(fm_dtype t, int64_t rows, int64_t cols, int group_size,
     return per_row * (uint64_t)rows;
 }
 
+void fm_quant_part_offsets(const fm_weight *w, int64_t *scale_off, int64_t *bias_off) {
+    *scale_off = w->rows * w->cols * fm_quant_bits(w->dtype) / 8;
+    *bias_off = *scale_off + w->rows * (w->cols / w->group_size) * (int64_t)scale_size(w->scale_dtype);
+}
+
 fm_status fm_quant_check(const char *what, fm_dtype t, int64_t cols, int group_size, fm_dtype scale_dtype) {
     if (!what) what = "matrix";
     if (!fm_dtype_is_quant(t))

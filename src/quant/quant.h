@@ -47,6 +47,10 @@ fm_dtype fm_quant_type_for_bits(int bits);
  * scale type is not BF16/F16/F32, or the size does not fit in 63 bits. Sets no error message. */
 uint64_t fm_quant_nbytes(fm_dtype t, int64_t rows, int64_t cols, int group_size, fm_dtype scale_dtype);
 
+/* Byte offsets, from the start of a quantized matrix w (parameters as fm_quant_check accepts), of its
+ * scales and of its biases: the packed words come first, then the scales, then the biases. */
+void fm_quant_part_offsets(const fm_weight *w, int64_t *scale_off, int64_t *bias_off);
+
 /* Validates a quantized tensor's parameters. Returns FM_OK, or (with a message naming `what`, a
  * tensor name; NULL reads "matrix"):
  *   FM_ERR_UNSUPPORTED  t is not Q8/Q4/Q2, group_size is not 32/64/128, scale_dtype is not BF16/F16/F32;

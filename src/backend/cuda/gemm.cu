@@ -314,9 +314,10 @@ fm_status fm_cuda_gemm_batch(fm_cuda *ctx, const fm_weight *shape, const fm_cuda
     memset(&p, 0, sizeof p);
     p.rows = (int)shape->rows;
     p.cols = (int)shape->cols;
-    const long long groups = shape->cols / shape->group_size, ss = shape->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
-    p.scale_off = shape->rows * shape->cols * bits / 8;
-    p.bias_off = p.scale_off + shape->rows * groups * ss;
+    int64_t so, bo;
+    fm_quant_part_offsets(shape, &so, &bo);
+    p.scale_off = so;
+    p.bias_off = bo;
     int max_tokens = 0;
     for (int i = 0; i <= n_mats; i++) {
         const bool flush = i == n_mats || p.n == GM_MAX;

@@ -1571,12 +1571,12 @@ fm_status emv_shape(const fm_weight *w, ExpMv *p, int *kind, size_t *smem) {
     if (q) {
         fm_status st = fm_quant_check("CUDA expert_matvec weight", w->dtype, w->cols, w->group_size, w->scale_dtype);
         if (st != FM_OK) return st;
-        const long long groups = w->cols / w->group_size, ss = w->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
-        const int bits = w->dtype == FM_DTYPE_Q8 ? 8 : 4;
+        int64_t so, bo;
+        fm_quant_part_offsets(w, &so, &bo);
         p->gs_log2 = w->group_size == 32 ? 5 : w->group_size == 64 ? 6 : 7;
         p->scale_kind = w->scale_dtype == FM_DTYPE_BF16 ? 0 : w->scale_dtype == FM_DTYPE_F16 ? 1 : 2;
-        p->scale_off = w->rows * w->cols * bits / 8;
-        p->bias_off = p->scale_off + w->rows * groups * ss;
+        p->scale_off = so;
+        p->bias_off = bo;
     }
     *smem = need;
     return FM_OK;

@@ -761,7 +761,6 @@ fm_status check_shape(const fm_weight *w, Params *p, int *kind) {
                             fm_dtype_name(w->dtype));
     if (w->rows < 0 || w->cols <= 0)
         return fm_error_set(FM_ERR_ARG, "CUDA matmul: bad shape [%lld, %lld]", (long long)w->rows, (long long)w->cols);
-    const int bits = bits_of(*kind);
     if ((uint64_t)w->rows * (uint64_t)w->cols > (UINT64_C(1) << 58))
         return fm_error_set(FM_ERR_ARG, "CUDA matmul: shape [%lld, %lld] too large", (long long)w->rows,
                             (long long)w->cols);
@@ -771,11 +770,12 @@ fm_status check_shape(const fm_weight *w, Params *p, int *kind) {
     if (fm_dtype_is_quant(w->dtype)) {
         fm_status st = fm_quant_check("CUDA matmul weight", w->dtype, w->cols, w->group_size, w->scale_dtype);
         if (st != FM_OK) return st;
-        const long long groups = w->cols / w->group_size, ss = w->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
+        int64_t so, bo;
+        fm_quant_part_offsets(w, &so, &bo);
         p->gs_log2 = w->group_size == 32 ? 5 : w->group_size == 64 ? 6 : 7;
         p->scale_kind = w->scale_dtype == FM_DTYPE_BF16 ? 0 : w->scale_dtype == FM_DTYPE_F16 ? 1 : 2;
-        p->scale_off = w->rows * w->cols * bits / 8;
-        p->bias_off = p->scale_off + w->rows * groups * ss;
+        p->scale_off = so;
+        p->bias_off = bo;
     }
     return FM_OK;
 }
@@ -1245,11 +1245,12 @@ bool mv_shape(const fm_weight *w, int kind, MvShape *s) {
     while ((1 << lg) < s->chunks && (1 << lg) < THREADS) lg++;
     s->lpr_log2 = lg;
     if (kind >= K_Q8) {
-        const long long groups = w->cols / w->group_size, ss = w->scale_dtype == FM_DTYPE_F32 ? 4 : 2;
+        int64_t so, bo;
+        fm_quant_part_offsets(w, &so, &bo);
         s->gs_log2 = w->group_size == 32 ? 5 : w->group_size == 64 ? 6 : 7;
         s->scale_kind = w->scale_dtype == FM_DTYPE_BF16 ? 0 : w->scale_dtype == FM_DTYPE_F16 ? 1 : 2;
-        s->scale_off = w->rows * w->cols * bits_of(kind) / 8;
-        s->bias_off = s->scale_off + w->rows * groups * ss;
+        s->scale_off = so;
+        s->bias_off = bo;
     }
     return true;
 }

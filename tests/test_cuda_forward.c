@@ -20,7 +20,7 @@
  * in every row and max |gpu - cpu| / max |cpu| <= 2e-3 (the bound test_model.c holds the CPU to
  * against transformers; quantized models the same bound, since both sides compute the same
  * function of the same quantized weights; there the CPU reference evaluates one token at a time,
- * because its prefill of quantized weights may round activations to int8, an approximation). The VRAM expert cache is also run with a budget that
+ * on its float kernels: CUDA_OR_SKIP turns the CPU's int8-activation path, an approximation, off). The VRAM expert cache is also run with a budget that
  * leaves k+1 slots (evictions on every layer) under both policies.
  * Without CUDA in the build, or without a GPU, these tests SKIP with the reason; the command line
  * test checks that --backend cuda then fails with one clear line. */
@@ -996,8 +996,7 @@ static void compare(fm_test_ctx *t, const char *what, const float *ref, const fl
 }
 
 /* Batch (all logits) and token by token (a prefill of `split` tokens, then one at a time), into
- * full and incr (n x V each). split = 0: every token alone, also for full (on the CPU, one token
- * always runs the float kernels: the int8-activation path of quantized prefill is approximate). */
+ * full and incr (n x V each). split = 0: every token alone, also for full. */
 static bool run_model(fm_test_ctx *t, fm_model *m, const int32_t *ids, int64_t n, float *full, float *incr, int64_t split) {
     fm_session *s = NULL;
     int64_t V = fm_model_n_vocab(m);

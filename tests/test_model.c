@@ -265,18 +265,22 @@ FM_TEST(model_fp8_import_matches) {
     if (fixture_load(t, "qwen35_moe_q64_fp8", FM_DTYPE_F32, 2, &f)) check_loaded(t, &f, REL_TOL);
 }
 
-/* Runs fixture NAME converted to `quant` everywhere (group 64, round to nearest) in one batch and
- * compares with the fixture's float reference logits: *top1 = rows with the same argmax, *rel = max
- * error relative to max|ref|. False (and a failure recorded) if it did not run. */
-static bool quantized_agreement(fm_test_ctx *t, const char *name, fm_dtype quant, int64_t *top1, int64_t *rows,
-                                double *rel) {
+/* Runs fixture NAME converted to `quant` everywhere (group 64, round to nearest) in one batch (or,
+ * one_by_one, a token at a time, as decode does) and compares with the fixture's float reference
+ * logits: *top1 = rows with the same argmax, *rel = max error relative to max|ref|. False (and a
+ * failure recorded) if it did not run. */
+static bool quantized_agreement(fm_test_ctx *t, const char *name, fm_dtype quant, bool one_by_one, int64_t *top1,
+                                int64_t *rows, double *rel) {
     fixture f;
     if (!fixture_load(t, name, quant, 2, &f)) return false;
     int64_t n = f.ids.n_elements, V = f.V;
     float *logits = malloc(sizeof(float) * (size_t)(n * V));
     fm_session *s = NULL;
-    bool ok = false;
-    if (logits && fm_session_init(f.model, n, &s) == FM_OK && fm_session_eval(s, f.ids.data, n, logits, true) == FM_OK) {
+    bool ok = logits && fm_session_init(f.model, n, &s) == FM_OK;
+    if (ok && !one_by_one) ok = fm_session_eval(s, f.ids.data, n, logits, true) == FM_OK;
+    for (int64_t i = 0; ok && one_by_one && i < n; i++)
+        ok = fm_session_eval(s, (const int32_t *)f.ids.data + i, 1, logits + i * V, true) == FM_OK;
+    if (ok) {
         const float *ref = f.full.data;
         double mx = 0, err = 0;
         int64_t agree = 0;
@@ -286,9 +290,8 @@ static bool quantized_agreement(fm_test_ctx *t, const char *name, fm_dtype quant
             agree += argmax(ref + r * V, V) == argmax(logits + r * V, V);
         }
         *top1 = agree, *rows = n, *rel = err;
-        fprintf(stderr, "  %s %s: max rel err %.3e, top-1 agreement %lld/%lld\n", name, fm_dtype_name(quant), err,
-                (long long)agree, (long long)n);
-        ok = true;
+        fprintf(stderr, "  %s %s%s: max rel err %.3e, top-1 agreement %lld/%lld\n", name, fm_dtype_name(quant),
+                one_by_one ? " token by token" : "", err, (long long)agree, (long long)n);
     } else {
         CHECK_MSG(false, "%s", logits ? fm_last_error() : "out of memory");
     }
@@ -304,7 +307,7 @@ static bool quantized_agreement(fm_test_ctx *t, const char *name, fm_dtype quant
 FM_TEST(model_q8_conversion_end_to_end) {
     int64_t top1, rows;
     double rel;
-    if (!quantized_agreement(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, &top1, &rows, &rel)) return;
+    if (!quantized_agreement(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, false, &top1, &rows, &rel)) return;
     CHECK_MSG(rel > 0, "Q8 changed nothing: was the model quantized?");
     CHECK_MSG(rel < 1.0, "Q8 logits are not even the same scale (rel err %.3e)", rel);
 }
@@ -321,9 +324,20 @@ FM_TEST(model_trained_bf16_matches_transformers) {
 FM_TEST(model_trained_q8_everything_top1_at_least_99_percent) {
     int64_t top1, rows;
     double rel;
-    if (!quantized_agreement(t, "qwen35_moe_trained_bf16", FM_DTYPE_Q8, &top1, &rows, &rel)) return;
+    if (!quantized_agreement(t, "qwen35_moe_trained_bf16", FM_DTYPE_Q8, false, &top1, &rows, &rel)) return;
     CHECK_MSG(rel > 0, "Q8 changed nothing: was the model quantized?");
     CHECK_MSG(top1 * 100 >= rows * 99, "q8 everything: top-1 agreement %lld/%lld < 99%%", (long long)top1, (long long)rows);
+}
+
+/* The same bar on the decode path (one token at a time: the one-token kernels, int8 activations by
+ * default where the CPU has VNNI). */
+FM_TEST(model_trained_q8_everything_decode_top1_at_least_99_percent) {
+    int64_t top1, rows;
+    double rel;
+    if (!quantized_agreement(t, "qwen35_moe_trained_bf16", FM_DTYPE_Q8, true, &top1, &rows, &rel)) return;
+    CHECK_MSG(rel > 0, "Q8 changed nothing: was the model quantized?");
+    CHECK_MSG(top1 * 100 >= rows * 99, "q8 everything, token by token: top-1 agreement %lld/%lld < 99%%",
+              (long long)top1, (long long)rows);
 }
 
 /* The checkpoint's text files (tokenizer, chat template, generation config) travel with the model. */

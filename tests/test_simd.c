@@ -304,7 +304,7 @@ FM_TEST(simd_level_selection) {
 /* ---- int8 activations (kernels_int8.c) ----
  *
  * Each supported int8 path (VNNI, AMX) is forced in turn (fm_cpu_matmul_int8), with one and two
- * activation levels, on Q8/Q4/Q2 × group 32/64/128 × BF16/F16/F32 scales × T = 2, 3, 7, 16, 64,
+ * activation levels, on Q8/Q4/Q2 × group 32/64/128 × BF16/F16/F32 scales × T = 1, 2, 3, 7, 16, 64,
  * odd row counts (partial 16-row blocks) and K of one group, several groups, and past one
  * 1024-column segment (at group 32, a half 64-column step), 1 and 3 threads. Two checks per
  * output, both with tolerances derived per output:
@@ -402,13 +402,14 @@ static void check_int8_case(fm_test_ctx *t, fm_pool *pool3, i8stats *st, fm_dtyp
         for (int64_t i = 0; i < T * G; i++) dx[i] = round_group(x + i * gs, gs, levels, Q + i * gs, xh + i * gs);
         for (int64_t tt = 0; tt < T; tt++)
             for (int64_t r = 0; r < N; r++) {
-                double e = 0, terms = 0, m = 0, round = 0;
+                double e = 0, terms = 0, terms_t1 = 0, m = 0, round = 0;
                 for (int64_t g = 0; g < G; g++) {
                     const double s = sbval(&wb.w, r * G + g, false), b = sbval(&wb.w, r * G + g, true);
-                    int64_t isum = 0, qsum = 0;
+                    int64_t isum = 0, qsum = 0, iabs = 0;
                     for (int64_t c = g * gs; c < (g + 1) * gs; c++) {
                         const double wv = wb.deq[r * K + c];
                         isum += (int64_t)qval(&wb.w, r, c) * Q[tt * K + c];
+                        iabs += (int64_t)qval(&wb.w, r, c) * llabs((long long)Q[tt * K + c]);
                         qsum += Q[tt * K + c];
                         m += fabs(wv * x[tt * K + c]);
                         round += fabs(wv) * fabs(xh[tt * K + c] - x[tt * K + c]);
@@ -416,10 +417,17 @@ static void check_int8_case(fm_test_ctx *t, fm_pool *pool3, i8stats *st, fm_dtyp
                     const double d = dx[tt * G + g], X = d * (double)qsum;
                     e += s * d * (double)isum + b * X;
                     terms += fabs(s * d * (double)isum) + fabs(b * X);
+                    terms_t1 += fabs(s * d) * (double)iabs + fabs(b * X);
                 }
                 const int64_t o = tt * N + r;
                 exact[o] = e;
-                tol_e[o] = (2.0 * (double)G + 4) * u * terms + 1e-30;
+                /* T = 1 (the in-place kernel, kernels.h): a group's integer sum is split over lanes
+                 * and chunks, each partial converted and scaled alone (|partials| summed, at most
+                 * sum |q Q|), then a chain of one FMA per 64-byte chunk, or per 16 groups for the
+                 * bias terms, and the 16-lane sum */
+                const double chunks = (double)((K * fm_quant_bits(dt) + 511) / 512);
+                tol_e[o] = T == 1 ? (chunks + (double)G / 16 + 8) * u * terms_t1 + 1e-30
+                                  : (2.0 * (double)G + 4) * u * terms + 1e-30;
                 tol_r[o] = round + tol_e[o] + ((double)K + 8) * u * m;
             }
         for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++) {
@@ -428,7 +436,8 @@ static void check_int8_case(fm_test_ctx *t, fm_pool *pool3, i8stats *st, fm_dtyp
             for (int64_t i = 0; i < T * N; i++) got[GUARD + i] = got3[GUARD + i] = NAN;
             fm_cpu_int8 ran = fm_cpu_matmul_int8((fm_cpu_int8)k, levels, NULL, got + GUARD, x, T, &wb.w);
             fm_cpu_matmul_int8((fm_cpu_int8)k, levels, pool3, got3 + GUARD, x, T, &wb.w);
-            CHECK_MSG((int)ran == k, "%s: asked %s, ran %s", what, kn, fm_cpu_int8_name(ran));
+            const fm_cpu_int8 want = T == 1 ? FM_CPU_INT8_VNNI : (fm_cpu_int8)k; /* one token: in-place VNNI */
+            CHECK_MSG(ran == want, "%s: asked %s, ran %s", what, kn, fm_cpu_int8_name(ran));
             CHECK_MSG(guards_intact(got, T * N) && guards_intact(got3, T * N), "%s %s: wrote outside the output",
                       what, kn);
             double we = 0, wr = 0;
@@ -485,19 +494,20 @@ static void int8_cases(fm_test_ctx *t, fm_dtype dt) {
     REQUIRE(pool);
     static const int gss[] = {32, 64, 128};
     static const fm_dtype sds[] = {FM_DTYPE_BF16, FM_DTYPE_F16, FM_DTYPE_F32};
-    static const int64_t Ts[] = {2, 3, 7, 16, 64};
+    static const int64_t Ts[] = {1, 2, 3, 7, 16, 64};
     i8stats st = {0};
     for (int gi = 0; gi < 3; gi++)
         for (int si = 0; si < 3; si++) {
             const int gs = gss[gi];
             const int64_t shapes[][2] = {{5, gs}, {37, 3 * gs}, {19, 1024 + 3 * gs}};
             for (size_t s = 0; s < 3; s++)
-                for (size_t k = 0; k < 5; k++) check_int8_case(t, pool, &st, dt, shapes[s][0], shapes[s][1], gs, sds[si], Ts[k]);
+                for (size_t k = 0; k < 6; k++) check_int8_case(t, pool, &st, dt, shapes[s][0], shapes[s][1], gs, sds[si], Ts[k]);
         }
     /* large enough to be split among the 3 threads (partial last block: 517 = 32 * 16 + 5) */
     check_int8_case(t, pool, &st, dt, 517, 2048, 64, FM_DTYPE_BF16, 64);
     check_int8_case(t, pool, &st, dt, 128, 64, 64, FM_DTYPE_BF16, 113);
     check_int8_case(t, pool, &st, dt, 517, 2048, 128, FM_DTYPE_F16, 10);
+    check_int8_case(t, pool, &st, dt, 2051, 1024, 64, FM_DTYPE_BF16, 1); /* one token, split too */
     fprintf(stderr, "  %d cases (%s%s), worst error / bound: %.3f vs float64 of the rounded activations, %.3f vs the "
                     "oracle; RMS(got - ref) / RMS(ref): %.2e one level, %.2e two\n",
             st.cases, fm_cpu_int8_supported(FM_CPU_INT8_VNNI) ? "vnni" : "",
@@ -528,11 +538,13 @@ FM_TEST(int8_dispatch) {
     CHECK(fm_cpu_int8_levels() == (lvenv && !strcmp(lvenv, "1") ? 1 : 2));
     CHECK(mode == (fm_cpu_matmul_level() == FM_CPU_AVX512 ? fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))
                                                           : FM_CPU_INT8_OFF));
-    /* which path a call takes: decode and unquantized weights stay on the float kernels */
+    /* which path a call takes: unquantized weights stay on the float kernels */
     fm_weight q = {.dtype = FM_DTYPE_Q4, .rows = 1, .cols = 64, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     fm_weight f = {.dtype = FM_DTYPE_F32, .rows = 1, .cols = 64};
     for (int lv = 1; lv <= 2; lv++) {
-        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 1) == FM_CPU_INT8_OFF);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 1) == FM_CPU_INT8_VNNI); /* one token: in place */
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_VNNI, lv, &q, 1) == FM_CPU_INT8_VNNI);
+        CHECK(fm_cpu_int8_pick(FM_CPU_INT8_OFF, lv, &q, 1) == FM_CPU_INT8_OFF);
         CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &f, 64) == FM_CPU_INT8_OFF);
         CHECK(fm_cpu_int8_pick(FM_CPU_INT8_OFF, lv, &q, 64) == FM_CPU_INT8_OFF);
         CHECK(fm_cpu_int8_pick(FM_CPU_INT8_VNNI, lv, &q, 2) == FM_CPU_INT8_VNNI);

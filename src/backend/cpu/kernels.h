@@ -127,6 +127,19 @@ typedef struct fm_kern_i8_job {
 
 void fm_kern_i8_quant(const fm_weight *w, const float *x, int64_t t0, int64_t t1, int8_t *xq, int8_t *xq2,
                       int64_t xq_stride, float *dx, float *xs);
+
+/* One token (decode), VNNI, weights read in place (kernels_int8.c, "one token"): the same
+ * rounded activations and formula, with the per-group integer sum split over 16 lanes (each lane's
+ * partial sum converted and scaled on its own) and the activations in another column order.
+ * t1_cols: bytes per level of one token's activations in that order (cols rounded up to whole
+ *   64-byte chunks of weights).
+ * t1_order: puts one level xq (t1_cols bytes: fm_kern_i8_quant's output for one token, zero from
+ *   cols on) into that order, in place.
+ * vnni_t1_rows: out[r] for r in [r0, r1), any r0; the job's n_tokens = 1, xq (and xq2) in that
+ *   order and 64-byte aligned. Needs AVX512-VNNI. Calls on disjoint row ranges may run concurrently. */
+int64_t fm_kern_i8_t1_cols(const fm_weight *w);
+void fm_kern_i8_t1_order(const fm_weight *w, int8_t *xq);
+void fm_kern_vnni_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 void fm_kern_vnni_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 void fm_kern_amx_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 bool fm_kern_amx_probe(void);

@@ -237,6 +237,123 @@ void fm_kern_vnni_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
     }
 }
 
+/* ---- VNNI, one token: the weights read where they are ----
+ *
+ * At one token the repack (a transpose per 16 x 64 block, used once) costs more than the product,
+ * so this form reads each row in place. A 64-byte chunk of a row holds CH = 64 VB columns (VB =
+ * 8 / bits values a byte, value e of byte i = column VB i + e of the chunk). Vector e (e < VB) of
+ * the chunk, (bytes >> bits e) & mask, holds in byte i the value of column VB i + e; the
+ * activations were permuted once to match (fm_kern_i8_t1_order: xq[CH k + 64 e + i] = column
+ * CH k + VB i + e). Dword lane d of every such vector spans columns 4 VB d .. 4 VB d + 4 VB - 1 of
+ * the chunk, inside one group (gs is a multiple of 4 VB), so one vpdpbusd per vector and level
+ * gives per-lane integer sums within one group; the lane's s dx is picked by vpermps out of a
+ * vector of 16 groups' s dx (index = group mod 16: a chunk never straddles a window of 16 groups,
+ * as 16 gs >= 512 >= CH and both are powers of two). The bias term, sum_g b_g xs_g, is 16 groups
+ * per FMA. */
+
+/* How far ahead of the chunk being read the weights are prefetched into L2 (the rows follow each
+ * other in memory: past a row's end this is the next row's start). The hardware prefetcher stops
+ * at 4 KB pages; with this, one token's Q4 expert product went from ~13 to ~21.5 GB/s on 2 cores
+ * (2048: ~20, 8192: ~21.5; kernelbench, docs/SPEED.md). */
+#define T1_PREFETCH_BYTES 4096
+
+/* the number of columns one 64-byte chunk of a row holds */
+static AI int64_t t1_chunk_cols(const int bits) { return 64 * 8 / bits; }
+
+static AI __m512i t1_unpack(__m512i v, const int e, const int bits) {
+    if (bits == 8) return v;
+    const __m512i m = _mm512_set1_epi8((char)((1 << bits) - 1));
+    return _mm512_and_si512(e ? _mm512_srli_epi16(v, bits * e) : v, m);
+}
+
+static AI float t1_row(const fm_kern_i8_job *j, const geom *g, int64_t r, const int bits, const int LV) {
+    const int VB = 8 / bits;
+    const int64_t CH = t1_chunk_cols(bits), nch = (g->K + CH - 1) / CH, per_window = 16 * g->gs / CH;
+    const unsigned char *wq = g->q + r * g->row_bytes;
+    const int sh = __builtin_ctz((unsigned)g->gs);
+    const __m512i lane_col = _mm512_mullo_epi32(_mm512_set1_epi32(4 * VB),
+                                                _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0));
+    __m512 f = _mm512_setzero_ps(), fb = _mm512_setzero_ps(), sdx = _mm512_setzero_ps();
+    for (int64_t k = 0, next_window = 0; k < nch; k++) {
+        if (k == next_window) { /* the next 16 groups' s dx, and their bias term */
+            next_window += per_window;
+            const int64_t g0 = k * CH / g->gs;
+            const __mmask16 m = mask16(g->G - g0);
+            sdx = _mm512_mul_ps(sb16(g->sp, g->sd, r * g->G + g0, m), _mm512_maskz_loadu_ps(m, j->dx + g0));
+            fb = _mm512_fmadd_ps(sb16(g->bp, g->sd, r * g->G + g0, m), _mm512_maskz_loadu_ps(m, j->xs + g0), fb);
+        }
+        _mm_prefetch((const char *)wq + 64 * k + T1_PREFETCH_BYTES, _MM_HINT_T1);
+        const int64_t left = g->row_bytes - 64 * k;
+        const __m512i v = left >= 64 ? _mm512_loadu_si512(wq + 64 * k) : _mm512_maskz_loadu_epi8(mask64(left), wq + 64 * k);
+        const int8_t *x1 = j->xq + CH * k;
+        __m512i a = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t1_unpack(v, 0, bits), _mm512_load_si512(x1));
+#pragma GCC unroll 4
+        for (int e = 1; e < VB; e++) a = _mm512_dpbusd_epi32(a, t1_unpack(v, e, bits), _mm512_load_si512(x1 + 64 * e));
+        if (LV == 2) {
+            const int8_t *x2 = j->xq2 + CH * k;
+            __m512i a2 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), t1_unpack(v, 0, bits), _mm512_load_si512(x2));
+#pragma GCC unroll 4
+            for (int e = 1; e < VB; e++)
+                a2 = _mm512_dpbusd_epi32(a2, t1_unpack(v, e, bits), _mm512_load_si512(x2 + 64 * e));
+            a = _mm512_add_epi32(_mm512_slli_epi32(a, 8), a2);
+        }
+        const __m512i grp = _mm512_srli_epi32(_mm512_add_epi32(lane_col, _mm512_set1_epi32((int)(CH * k))), sh);
+        f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(a), _mm512_permutexvar_ps(grp, sdx), f);
+    }
+    return _mm512_reduce_add_ps(_mm512_add_ps(f, fb));
+}
+
+static AI void t1_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, const int bits, const int LV) {
+    const geom g = geom_of(j->w);
+    for (int64_t r = r0; r < r1; r++) j->out[r] = t1_row(j, &g, r, bits, LV);
+}
+
+static void t1_q8(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 8, 1); }
+static void t1_q4(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 4, 1); }
+static void t1_q2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 2, 1); }
+static void t1_q8_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 8, 2); }
+static void t1_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 4, 2); }
+static void t1_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 2, 2); }
+
+void fm_kern_vnni_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
+    switch (fm_quant_bits(j->w->dtype) * (j->xq2 ? -1 : 1)) {
+    case 8: t1_q8(j, r0, r1); break;
+    case 4: t1_q4(j, r0, r1); break;
+    case 2: t1_q2(j, r0, r1); break;
+    case -8: t1_q8_2(j, r0, r1); break;
+    case -4: t1_q4_2(j, r0, r1); break;
+    case -2: t1_q2_2(j, r0, r1); break;
+    default: break; /* the dispatcher sends no other type */
+    }
+}
+
+int64_t fm_kern_i8_t1_cols(const fm_weight *w) {
+    const int64_t CH = t1_chunk_cols(fm_quant_bits(w->dtype));
+    return (w->cols + CH - 1) / CH * CH;
+}
+
+void fm_kern_i8_t1_order(const fm_weight *w, int8_t *xq) {
+    const int bits = fm_quant_bits(w->dtype), VB = 8 / bits;
+    const int64_t CH = t1_chunk_cols(bits), n = fm_kern_i8_t1_cols(w);
+    if (VB == 1) return;
+    /* vpermt2b: byte i of the result = byte idx[i] mod 128 of the pair (a, b) */
+    const __m512i step = _mm512_set_epi8(63, 62, 61, 60, 59, 58, 57, 56, 55, 54, 53, 52, 51, 50, 49, 48, 47, 46, 45, 44,
+                                         43, 42, 41, 40, 39, 38, 37, 36, 35, 34, 33, 32, 31, 30, 29, 28, 27, 26, 25, 24,
+                                         23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    for (int64_t c0 = 0; c0 < n; c0 += CH) {
+        __m512i in[4], out[4];
+        for (int v = 0; v < VB; v++) in[v] = _mm512_load_si512(xq + c0 + 64 * v);
+        for (int e = 0; e < VB; e++) { /* byte i of vector e = column VB i + e */
+            const __m512i idx = _mm512_add_epi8(_mm512_mullo_epi16(step, _mm512_set1_epi16((short)VB)), _mm512_set1_epi8((char)e));
+            if (VB == 2) out[e] = _mm512_permutex2var_epi8(in[0], idx, in[1]);
+            else /* VB = 4: bytes 0..31 from in[0..1], 32..63 from in[2..3] (idx mod 128 is right for both) */
+                out[e] = _mm512_mask_blend_epi8(0xFFFFFFFF00000000ull, _mm512_permutex2var_epi8(in[0], idx, in[1]),
+                                                _mm512_permutex2var_epi8(in[2], idx, in[3]));
+        }
+        for (int e = 0; e < VB; e++) _mm512_store_si512(xq + c0 + 64 * e, out[e]);
+    }
+}
+
 /* ---- AMX ---- */
 
 typedef struct tilecfg {

@@ -327,10 +327,11 @@ fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k) {
 }
 
 /* Crossovers measured with a 2-thread microbenchmark on Sapphire Rapids (docs/SPEED.md): the int8
- * kernels beat the float ones from 2 tokens on (Q4/Q8, expert shapes); AMX, whose tiles always
- * hold 16 tokens, beats VNNI from about 6 tokens with two activation levels (VNNI's work doubles
- * with the levels, AMX's less) and about 12 with one. */
-#define INT8_MIN_TOKENS 2
+ * kernels beat the float ones from 2 tokens on (Q4/Q8, expert shapes), and at one token the
+ * in-place VNNI kernel does too (Q4 ~21.5 against ~16.5 GB/s from RAM, two levels); AMX, whose
+ * tiles always hold 16 tokens, beats VNNI from about 6 tokens with two activation levels (VNNI's
+ * work doubles with the levels, AMX's less) and about 12 with one. */
+#define INT8_MIN_TOKENS 1
 
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens) {
     if (mode == FM_CPU_INT8_OFF || !fm_dtype_is_quant(w->dtype) || n_tokens < INT8_MIN_TOKENS) return FM_CPU_INT8_OFF;
@@ -374,9 +375,38 @@ static void int8_rows(void *arg, int64_t b0, int64_t b1) {
     else fm_kern_vnni_rows(&s->k, r0, r1);
 }
 
+static void int8_t1_rows(void *arg, int64_t r0, int64_t r1) { fm_kern_vnni_t1_rows(arg, r0, r1); }
+
+#define T1_STACK_COLS 16384 /* one token at up to 16K columns needs no allocation */
+
+/* One token through the in-place VNNI kernel (kernels.h); false if the scratch cannot be had. */
+static bool matmul_int8_t1(int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
+    const int64_t Kc = fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
+    const size_t bytes = (size_t)(2 * Kc) + sizeof(float) * (size_t)(2 * G);
+    unsigned char stack_buf[2 * T1_STACK_COLS + 2 * sizeof(float) * (T1_STACK_COLS / 32)] __attribute__((aligned(64)));
+    unsigned char *buf = bytes <= sizeof stack_buf ? stack_buf : aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!buf) return false;
+    int8_t *xq = (int8_t *)buf, *xq2 = levels == 2 ? (int8_t *)buf + Kc : NULL;
+    float *dx = (float *)(void *)(buf + 2 * Kc), *xs = dx + G; /* Kc: a multiple of 64 */
+    memset(buf + w->cols, 0, (size_t)(Kc - w->cols));
+    if (xq2) memset(xq2 + w->cols, 0, (size_t)(Kc - w->cols));
+    fm_kern_i8_quant(w, x, 0, 1, xq, xq2, Kc, dx, xs);
+    fm_kern_i8_t1_order(w, xq);
+    if (xq2) fm_kern_i8_t1_order(w, xq2);
+    fm_kern_i8_job j = {.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs};
+    /* one contiguous share per thread of at least ~1M multiply-adds, as below */
+    fm_pool_run(pool, int8_t1_rows, &j, w->rows, 1048576 / w->cols + 1);
+    if (buf != stack_buf) free(buf);
+    return true;
+}
+
 fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, int64_t n_tokens,
                                const fm_weight *w) {
     while (k > FM_CPU_INT8_OFF && !fm_cpu_int8_supported(k)) k = (fm_cpu_int8)(k - 1);
+    if (k != FM_CPU_INT8_OFF && n_tokens == 1 && (levels == 1 || levels == 2) && fm_dtype_is_quant(w->dtype) &&
+        fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
+        matmul_int8_t1(levels, pool, out, x, w))
+        return FM_CPU_INT8_VNNI;
     const bool ok = k != FM_CPU_INT8_OFF && n_tokens > 0 && (levels == 1 || levels == 2) &&
                     fm_dtype_is_quant(w->dtype) &&
                     fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&

@@ -24,9 +24,8 @@ typedef enum fm_cpu_level {
  * Runs at fm_cpu_matmul_level(). The SIMD levels read each weight row once per call whatever
  * n_tokens, and agree with fm_cpu_matmul_ref to float32 rounding of the sum of |products|
  * (quantized weights: of sum_j (|q_j s| + |b|) |x_j|; see kernels.h), not bit for bit.
- * Exception: quantized weights at several tokens run an int8-activation path (below;
- * fm_cpu_int8_pick(fm_cpu_matmul_int8_mode(), ...); FLASHMOE_CPU_INT8=0 turns it off). One token
- * (decode) always takes the float kernels. */
+ * Exception: quantized weights run an int8-activation path (below; fm_cpu_int8_pick(
+ * fm_cpu_matmul_int8_mode(), ...); FLASHMOE_CPU_INT8=0 turns it off), one token (decode) included. */
 void fm_cpu_matmul(fm_pool *pool, float *out, const float *x, int64_t n_tokens, const fm_weight *w);
 
 /* The scalar reference matmul, the oracle of every faster kernel: each row converted to float32
@@ -57,8 +56,8 @@ fm_cpu_level fm_cpu_level_choose(const char *request);
  * process on first use (thread-safe). */
 fm_cpu_level fm_cpu_matmul_level(void);
 
-/* ---- int8 activations (prefill) ----
- * Quantized weights (Q8/Q4/Q2) at several tokens can run with integer dot products: the activations
+/* ---- int8 activations ----
+ * Quantized weights (Q8/Q4/Q2) can run with integer dot products: the activations
  * are rounded per (token, weight group) to one int8 level (~0.5% RMS error per product for
  * Gaussian-like activations) or two (int8 + an int8 residual, ~256x smaller), and the result is the
  * exact product with those rounded activations, to float32 rounding (kernels.h, "int8
@@ -98,17 +97,17 @@ fm_cpu_int8 fm_cpu_matmul_int8_mode(void);
 fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k);
 
 /* The path fm_cpu_matmul takes in int8 mode `mode` with `levels` activation levels for n_tokens
- * tokens of weight w: OFF (the float kernels) for unquantized weights and below the measured
- * crossover (2 tokens: decode stays exact); with mode AMX, AMX from 6 tokens on (12 with one
- * level), VNNI below; else VNNI. */
+ * tokens of weight w: OFF (the float kernels) for unquantized weights; with mode AMX, AMX from 6
+ * tokens on (12 with one level), VNNI below; else VNNI (one token: the in-place VNNI kernel). */
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens);
 
 /* Activation levels fm_cpu_matmul's int8 path uses: FLASHMOE_CPU_INT8_LEVELS = 1 or 2 (default 2;
  * anything else prints one line on stderr and gives 2), decided once per process. */
 int fm_cpu_int8_levels(void);
 
-/* fm_cpu_matmul through int8 path k (that kernel, whatever n_tokens; an unsupported path falls
- * back to the best one below it) with `levels` (1 or 2) activation levels. Returns the path that
+/* fm_cpu_matmul through int8 path k (that kernel, whatever n_tokens, except that one token always
+ * takes the in-place VNNI kernel; an unsupported path falls back to the best one below it) with
+ * `levels` (1 or 2) activation levels. Returns the path that
  * ran; OFF when none could (weight not quantized, levels not 1 or 2, no support, the activation
  * buffer cannot be allocated): then it ran fm_cpu_matmul_at(fm_cpu_level_best()). */
 fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, int64_t n_tokens,

@@ -18,7 +18,7 @@ struct fm_pool {
     pthread_mutex_t mu;
     pthread_cond_t start, done;
     uint64_t generation; /* bumped for each job; read and written atomically (workers spin on it) */
-    int pending;         /* workers still busy with the current job */
+    int pending;         /* workers still busy with the current job (atomic: the caller polls it) */
     int stop;
     fm_pool_fn fn;
     void *arg;
@@ -58,9 +58,12 @@ static void *worker(void *varg) {
         seen = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE);
         pthread_mutex_unlock(&p->mu);
         run_share(p, idx);
-        pthread_mutex_lock(&p->mu);
-        if (--p->pending == 0) pthread_cond_signal(&p->done);
-        pthread_mutex_unlock(&p->mu);
+        if (__atomic_sub_fetch(&p->pending, 1, __ATOMIC_ACQ_REL) == 0) {
+            /* under the mutex: the caller either saw pending > 0 there and sleeps, or sees 0 */
+            pthread_mutex_lock(&p->mu);
+            pthread_cond_signal(&p->done);
+            pthread_mutex_unlock(&p->mu);
+        }
     }
 }
 
@@ -126,12 +129,15 @@ void fm_pool_run(fm_pool *p, fm_pool_fn fn, void *arg, int64_t n_items, int64_t 
     p->n_items = n_items;
     p->chunk = (n_items + p->n_threads - 1) / p->n_threads;
     if (p->chunk < min_chunk) p->chunk = min_chunk;
-    p->pending = p->n_threads - 1;
+    __atomic_store_n(&p->pending, p->n_threads - 1, __ATOMIC_RELAXED);
     __atomic_store_n(&p->generation, __atomic_load_n(&p->generation, __ATOMIC_RELAXED) + 1, __ATOMIC_RELEASE); /* publishes the job above */
     pthread_cond_broadcast(&p->start);
     pthread_mutex_unlock(&p->mu);
     run_share(p, 0);
+    /* the workers usually finish within microseconds of the caller: poll before sleeping, since
+     * a futex wake-up costs more than that */
+    for (int i = 0; i < SPIN_POLLS && __atomic_load_n(&p->pending, __ATOMIC_ACQUIRE) > 0; i++) cpu_relax();
     pthread_mutex_lock(&p->mu);
-    while (p->pending > 0) pthread_cond_wait(&p->done, &p->mu);
+    while (__atomic_load_n(&p->pending, __ATOMIC_ACQUIRE) > 0) pthread_cond_wait(&p->done, &p->mu);
     pthread_mutex_unlock(&p->mu);
 }

@@ -1244,8 +1244,8 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
         if (!pair) mv[nmv++] = (fm_cuda_mv){&w->sh_up, s->xn, us, NULL};
         mv[nmv++] = (fm_cuda_mv){&w->sh_router, s->xn, s->shl, NULL};
     }
-    /* the router's top-k: a second launch, or (FLASHMOE_CUDA_TOPK_FUSE=1, opt-in until measured) the
-     * same launch's last block */
+    /* the router's top-k: the same launch's last block (or, FLASHMOE_CUDA_TOPK_FUSE=0, a second
+     * launch) */
     TRY(fm_cuda_matvec_topk(ctx, mv, nmv, ids, tw, (int)k, c->norm_topk_prob));
     fm_cuda_mv shd = {0}; /* the shared expert's down: in the routed experts' down launch */
     if (c->n_ff_shared > 0) { /* as moe() */

@@ -162,10 +162,10 @@ fm_status fm_cuda_matmul_batch(fm_cuda *ctx, const fm_weight *shape, const fm_cu
 /* The fewest tokens with which a Q4/Q8 product of fm_cuda_matmul(_batch) runs on the tensor-core
  * GEMM (gemm.cu) instead of the FP32 kernels; 0: never. Default FM_CUDA_GEMM_MIN_TOKENS, or
  * FLASHMOE_CUDA_GEMM=N from the environment (read once). The setter returns the previous value
- * (tests use it to reach both kernels whatever the environment). The default is 0 (off) until the
- * three-part form has run on a GPU (docs/CUDA.md "Prefill GEMM"); 16 is the measured threshold's
- * candidate: FLASHMOE_CUDA_GEMM=16 turns it on. */
-#define FM_CUDA_GEMM_MIN_TOKENS 0
+ * (tests use it to reach both kernels whatever the environment). 16: prefill of the 8-layer 35B
+ * slice on an H100, 2048 tokens 3.07x, 256 tokens 1.9x faster than the FP32 kernels (docs/SPEED.md);
+ * FLASHMOE_CUDA_GEMM=0 turns it off. */
+#define FM_CUDA_GEMM_MIN_TOKENS 16
 int fm_cuda_gemm_min_tokens(void);
 int fm_cuda_set_gemm_min_tokens(int n);
 
@@ -381,8 +381,9 @@ typedef struct fm_cuda_expert_mv {
      * and x_stride a multiple of 4 (FM_ERR_ARG otherwise). */
     int swiglu_out;
     /* pf_bytes > 0: after its wait the launch pulls [table[id] + pf_off, + pf_bytes) of each of the k
-     * experts into L2 (the next launch's part: the down weights from the gate+up launch), unless
-     * FLASHMOE_CUDA_L2PF=0. Only the one-token kernel does; results do not change. */
+     * experts into L2 (the next launch's part: the down weights from the gate+up launch) when
+     * FLASHMOE_CUDA_L2PF=1 (off by default: measured 2% slower). Only the one-token kernel does;
+     * results do not change. */
     int64_t pf_off, pf_bytes;
 } fm_cuda_expert_mv;
 

@@ -1346,11 +1346,12 @@ struct MvTopk {
     int k, norm;
 };
 
-/* FLASHMOE_CUDA_TOPK_FUSE=1: fm_cuda_matvec_topk in one launch (off by default until measured: two
- * launches); read per call (the tests switch it; graph replays keep what their capture saw). */
+/* fm_cuda_matvec_topk in one launch unless FLASHMOE_CUDA_TOPK_FUSE=0 (two launches; on the H100,
+ * 40-layer 35B decode 303.1 -> 306.9 tok/s fused, medians of 3, docs/SPEED.md); read per call (the
+ * tests switch it; graph replays keep what their capture saw). */
 static bool mv_topk_fuse_on() {
     const char *e = getenv("FLASHMOE_CUDA_TOPK_FUSE");
-    return e && e[0] && strcmp(e, "0") != 0;
+    return !e || !e[0] || strcmp(e, "0") != 0;
 }
 
 /* fm_cuda_matvec's launches (arguments checked); with tk, the top-k of product 0's output in the

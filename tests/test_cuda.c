@@ -766,7 +766,7 @@ static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E
         for (int rep = 0; rep < 4; rep++) { /* rep 0: the two calls; then the fused launch, three times */
             float *l = rep ? l1 : l0, *sh = rep ? sh1 : sh0, *sl = rep ? &sl1 : &sl0, *w = rep ? w1 : w0;
             int32_t *ids = rep ? i1 : i0;
-            setenv("FLASHMOE_CUDA_TOPK_FUSE", "1", 1); /* the fusion (off by default) */
+            setenv("FLASHMOE_CUDA_TOPK_FUSE", "1", 1); /* the fusion (the default; whatever the environment says) */
             if (fm_cuda_buf_fill(c, dl, 0xff, sizeof(float) * (size_t)E) || fm_cuda_buf_fill(c, dids, 0xff, sizeof(int32_t) * 64) ||
                 fm_cuda_buf_fill(c, dwt, 0xff, sizeof(float) * 64) ||
                 (rep ? fm_cuda_matvec_topk(c, mv, 3, dids, dwt, k, norm)

@@ -1263,9 +1263,7 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     if (old_emv < 0) old_emv = getenv("FLASHMOE_CUDA_EMV_OLD") != NULL;
     fm_cuda_expert_mv gu = {.table = table, .ids = ids, .k = (int)k, .n_parts = 2, .n_experts = (int)E,
                             .part_off = {(int64_t)pg->offset, (int64_t)pu->offset}, .x = s->xn, .x_stride = 0,
-                            .out = {s->G, s->U}, .out_stride = I, .swiglu_out = !old_emv,
-                            /* down's weights of the k experts into L2 while gate+up runs (FLASHMOE_CUDA_L2PF) */
-                            .pf_off = (int64_t)pd->offset, .pf_bytes = (int64_t)pd->n_bytes};
+                            .out = {s->G, s->U}, .out_stride = I, .swiglu_out = !old_emv};
     TRY(fm_cuda_expert_matvec(ctx, &sg, &gu));
     fm_cuda_expert_mv dn = {.table = table, .ids = ids, .k = (int)k, .n_parts = 1, .n_experts = (int)E,
                             .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = old_emv ? s->U : NULL,

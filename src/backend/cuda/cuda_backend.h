@@ -380,11 +380,6 @@ typedef struct fm_cuda_expert_mv {
      * floats (the SwiGLU fused into the gate+up launch; out[1] is not used). Needs x 16-byte aligned
      * and x_stride a multiple of 4 (FM_ERR_ARG otherwise). */
     int swiglu_out;
-    /* pf_bytes > 0: after its wait the launch pulls [table[id] + pf_off, + pf_bytes) of each of the k
-     * experts into L2 (the next launch's part: the down weights from the gate+up launch) when
-     * FLASHMOE_CUDA_L2PF=1 (off by default: measured 2% slower). Only the one-token kernel does;
-     * results do not change. */
-    int64_t pf_off, pf_bytes;
 } fm_cuda_expert_mv;
 
 /* True when fm_cuda_expert_matvec takes weights of this shape: F32, F16, BF16, Q8, Q4 (any group

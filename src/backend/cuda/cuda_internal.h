@@ -77,37 +77,6 @@ __device__ __forceinline__ void fm_pdl_wait() {
 #endif
 }
 
-/* L2 prefetch (issue #6, docs/CUDA.md "L2 prefetch"): [p, p + bytes) pulled into L2 without
- * waiting for it. sm_90: one cp.async.bulk.prefetch.L2 (p and bytes multiples of 16); older arches
- * prefetch.global.L2 per 128-byte line. Only for memory no kernel in flight writes. */
-__device__ __forceinline__ void fm_l2_prefetch(const void *p, unsigned bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#elif defined(__CUDA_ARCH__)
-    for (unsigned o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char *)p + o));
-#endif
-}
-
-/* Slice j of n of [a, a + bytes) into L2 by the calling block's threads (pieces of at most 16 KB,
- * one a thread). The range is trimmed to 16-byte bounds inside it (never past its end). */
-__device__ __forceinline__ void fm_l2_prefetch_slice(const void *a, long long bytes, int j, int n) {
-    const unsigned long long lo = ((unsigned long long)a + 15) & ~15ull, hi = ((unsigned long long)a + bytes) & ~15ull;
-    if (bytes <= 0 || hi <= lo || n <= 0) return;
-    const unsigned long long len = hi - lo, s = lo + ((len * (unsigned long long)j / (unsigned)n) & ~15ull);
-    const unsigned long long e = j + 1 >= n ? hi : lo + ((len * (unsigned long long)(j + 1) / (unsigned)n) & ~15ull);
-    const unsigned long long PIECE = 16384;
-    for (unsigned long long o = s + threadIdx.x * PIECE; o < e; o += blockDim.x * PIECE)
-        fm_l2_prefetch((const void *)o, (unsigned)(e - o < PIECE ? e - o : PIECE));
-}
-
-/* FLASHMOE_CUDA_L2PF=1 turns the L2 prefetches of the one-token kernels on (off by default: on the
- * H100, 40-layer 35B decode measured 296 against 303 tok/s without; docs/SPEED.md. Read per launch
- * on the host, so graph replays keep what their capture saw). */
-static inline bool fm_cuda_l2pf_on() {
-    const char *e = getenv("FLASHMOE_CUDA_L2PF");
-    return e && e[0] && strcmp(e, "0") != 0;
-}
-
 /* Top-k of one token's router logits lg[0..E) by one warp (lane = 0..31; E <= 32 PL, k <= 32):
  * router_topk_warp_kernel's body (layers.cu), also run by the last block of fm_cuda_matvec_topk's
  * router product (matmul.cu): the same code, so the same ids and weights. Lane l holds p[l + 32 i],

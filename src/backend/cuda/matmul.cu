@@ -946,8 +946,6 @@ struct MvProd {
 
 struct MvParams {
     int n;
-    int pf;      /* blocks [0, pf) pull slice blockIdx.x of pf of every product's weights into L2 before
-                    the PDL wait (FLASHMOE_CUDA_L2PF; 0: none) */
     int tk_prod; /* fm_cuda_matvec_topk: the product whose output (logits) the top-k reads, else -1 */
     int tk_E, tk_k, tk_norm;
     int32_t *tk_ids;
@@ -965,9 +963,6 @@ struct MvExpParams {
     float *out[2];
     MvShape s;
     int k, n_experts, pair;
-    long long pf_off, pf_bytes; /* after the wait, blocks [0, pf_blocks) pull slices of [table[id] + pf_off,
-                                   + pf_bytes) of each of the k experts into L2 (the next launch's part) */
-    int pf_blocks;
 };
 
 __device__ __forceinline__ float mv_silu(float x) { return x / (1.0f + expf(-x)); }
@@ -1090,25 +1085,6 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
     }
 }
 
-/* Bytes of a one-token product's weight: values, then scales and biases (one contiguous range). */
-__device__ __forceinline__ long long mv_weight_bytes(const MvShape &s) {
-    const long long vb = (long long)s.rows * s.chunks * 16;
-    return s.scale_off ? s.bias_off + (s.bias_off - s.scale_off) : vb;
-}
-
-/* Block b < p.pf: slice b of p.pf of every product's weights (w and w_up) into L2. The weights are
- * constant, so this may run before the PDL wait: while the predecessor (a norm, the conv, the delta
- * rule: HBM idle) runs, the row blocks of the later waves, whose own loads wait for a free SM, get
- * their bytes into L2. */
-__device__ __forceinline__ void mv_prefetch(const MvParams &p, int b) {
-    for (int i = 0; i < p.n; i++) {
-        const MvProd &d = p.m[i];
-        const long long wb = mv_weight_bytes(d.s);
-        fm_l2_prefetch_slice(d.w, wb, b, p.pf);
-        if (d.w_up) fm_l2_prefetch_slice(d.w_up, wb, b, p.pf);
-    }
-}
-
 /* fm_cuda_matvec_topk: every block of product i (the router's logits) counts itself done; the last
  * one resets the count and runs the router top-k with one warp (fm_topk_warp, the code of
  * router_topk_warp_kernel: the same ids and weights). The usual last-block pattern: each thread's
@@ -1137,7 +1113,6 @@ __device__ __forceinline__ void mv_topk_tail(const MvParams &p, int i) {
 template <int KIND, int NR, bool TK>
 __global__ void __launch_bounds__(THREADS) mv_dense(const __grid_constant__ MvParams p) {
     fm_pdl_trigger();
-    if ((int)blockIdx.x < p.pf) mv_prefetch(p, (int)blockIdx.x);
     int i = 0;
     while (i + 1 < p.n && (int)blockIdx.x >= p.m[i + 1].blk0) i++;
     const MvProd &d = p.m[i];
@@ -1152,13 +1127,6 @@ template <int KIND, int NR> __device__ __forceinline__ void mv_expert_body(const
     const int slot = y % p.k, part = y / p.k;
     const int e = min(max(p.ids[slot], 0), p.n_experts - 1); /* the router writes valid ids; never read outside */
     const unsigned char *base = p.table[e];
-    if (p.pf_blocks > 0) { /* the next launch's part of the k experts into L2 (FLASHMOE_CUDA_L2PF) */
-        const int lin = y * (int)gridDim.x + bx;
-        if (lin < p.pf_blocks)
-            for (int j = 0; j < p.k; j++)
-                fm_l2_prefetch_slice(p.table[min(max(p.ids[j], 0), p.n_experts - 1)] + p.pf_off, p.pf_bytes, lin,
-                                     p.pf_blocks);
-    }
     const float *x = p.x + slot * p.x_stride, *xu = p.x_up ? p.x_up + slot * p.x_stride : nullptr;
     mv_block<KIND, NR>(p.s, base + p.part_off[part], base + p.part_off[1], x, xu, p.out[part] + slot * p.out_stride,
                        bx, p.pair != 0);
@@ -1294,8 +1262,6 @@ fm_status mv_launch(fm_cuda *ctx, int kind, MvParams &P) {
         b += mv_blocks(P.m[i].s, P.m[i].w_up ? nr / 2 : nr);
     }
     if (b > 0x7fffffffLL) return fm_error_set(FM_ERR_ARG, "CUDA matvec: too many rows in one launch");
-    /* the first wave's blocks (one an SM: surely resident early) prefetch the launch's weights */
-    P.pf = fm_cuda_l2pf_on() ? (int)(b < ctx->sm_count ? b : ctx->sm_count) : 0;
     FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_dense_kernel(kind, nr, P.tk_prod >= 0), dim3((unsigned)b), dim3(THREADS), 0, P));
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token matvec kernel");
     P.n = 0;
@@ -1444,8 +1410,6 @@ static bool mv_exp_params(const fm_weight *shape, const fm_cuda_expert_mv *mv, M
     P.k = mv->k;
     P.n_experts = mv->n_experts;
     P.pair = pair;
-    P.pf_off = mv->pf_off;
-    P.pf_bytes = mv->pf_bytes;
     *kind_out = kind;
     return true;
 }
@@ -1460,8 +1424,6 @@ fm_status fm_cuda_mv_experts(fm_cuda *ctx, const fm_weight *shape, const fm_cuda
     const int ny = pair ? mv->k : mv->k * mv->n_parts;
     const int nr = mv_pick_nr(ctx, [&](int r) { return mv_blocks(s, pair ? r / 2 : r) * ny; });
     const long long bx = mv_blocks(s, pair ? nr / 2 : nr);
-    if (fm_cuda_l2pf_on() && P.pf_bytes > 0 && P.pf_off >= 0)
-        P.pf_blocks = (int)(bx * ny < ctx->sm_count ? bx * ny : ctx->sm_count);
     FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_exp_kernel(kind, nr), dim3((unsigned)bx, (unsigned)ny), dim3(THREADS), 0, P));
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token expert matvec kernel");
     *done = true;

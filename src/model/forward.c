@@ -47,7 +47,6 @@ struct fm_session {
     int32_t *guess;          /* (n_experts_used) the guessed experts */
     int64_t n_guess;
     int guess_layer;         /* the layer guessed for, -1 if none */
-    float *logit_row;  /* (H) */
     double head_seconds; /* final norm + lm_head */
     fm_cuda_session *gpu; /* --backend cuda: the state lives on the GPU (forward_cuda.c) */
 };
@@ -116,9 +115,8 @@ fm_status fm_session_init(fm_model *m, int64_t n_ctx, fm_session **out) {
     s->guess_logits = calloc((size_t)c->n_experts, sizeof(float));
     s->guess = calloc((size_t)c->n_experts, sizeof(int32_t));
     s->guess_layer = -1;
-    s->logit_row = calloc((size_t)c->n_embd, sizeof(float));
     if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->expert_fill ||
-        !s->expert_uniq || !s->timing || !s->guess_logits || !s->guess || !s->logit_row)
+        !s->expert_uniq || !s->timing || !s->guess_logits || !s->guess)
         goto nomem;
     if (m->gpu) { /* CUDA backend: no CPU state */
         fm_status st = fm_forward_cuda_session_init(m, n_ctx, s->timing, &s->head_seconds, &s->gpu);
@@ -176,7 +174,6 @@ void fm_session_free(fm_session *s) {
     free(s->timing);
     free(s->guess_logits);
     free(s->guess);
-    free(s->logit_row);
     free(s);
 }
 

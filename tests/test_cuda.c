@@ -908,6 +908,27 @@ FM_TEST(cuda_init_errors) {
     }
 }
 
+/* The grid barrier of a persistent kernel (fm_grid_barrier), through fm_cuda_phase_bench: with every
+ * resident block, 500 phases in which each block must see what its neighbour wrote in the phase
+ * before (and the same phases as graph-replayed launches); the bench's argument checks. */
+FM_TEST(cuda_grid_barrier) {
+    CUDA_OR_SKIP(c);
+    fm_cuda_phase_times pt;
+    CHECK_OK(fm_cuda_phase_bench(c, 1, 2, 1, &pt));
+    REQUIRE(pt.most_blocks >= 1);
+    const int most = pt.most_blocks;
+    CHECK_OK(fm_cuda_phase_bench(c, most, 500, 3, &pt));
+    CHECK_MSG(pt.launch_errors == 0 && pt.barrier_errors == 0, "stale reads: %u across launches, %u across barriers",
+              pt.launch_errors, pt.barrier_errors);
+    CHECK(pt.blocks == most && pt.launch_us > 0 && pt.barrier_us > 0);
+    fprintf(stderr, "  %d blocks: a phase boundary %.2f us as graph-replayed PDL launches, %.2f us as a grid barrier\n",
+            most, pt.launch_us, pt.barrier_us);
+    CHECK(fm_cuda_phase_bench(c, most + 1, 10, 1, &pt) == FM_ERR_ARG);
+    CHECK(fm_cuda_phase_bench(c, 0, 10, 1, &pt) == FM_ERR_ARG);
+    CHECK(fm_cuda_phase_bench(c, 1, 1, 1, &pt) == FM_ERR_ARG);
+    CHECK(fm_cuda_phase_bench(c, 1, 10, 1, NULL) == FM_ERR_ARG);
+}
+
 /* ---- elementwise ---- */
 
 FM_TEST(cuda_rmsnorm) {

@@ -3,7 +3,11 @@
  * copy bandwidth measured in the same run. Built by `make CUDA=1` as build/cuda/cuda_bench; needs a
  * GPU. docs/CUDA.md records its output.
  *
- *   cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16] [--decode-only]
+ *   cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16] [--decode-only] [--phases]
+ *
+ * --phases alone: what a phase boundary of the decode step costs (fm_cuda_phase_bench): graph-replayed
+ * PDL launches against the grid barrier of a persistent kernel, at 1, 2 and 4 blocks an SM (or the
+ * most that fit), 1000 phases of almost no work, with each phase's visibility checked.
  *
  * Before timing each type, the product of one gate/up and one down matrix for T = 1, 3, 16 is
  * checked against fm_cpu_matmul (worst error <= 1e-5 of sum |w x|; --no-check skips it).
@@ -569,7 +573,7 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
 
 int main(int argc, char **argv) {
     long pool_mib = 2048;
-    int reps = 10, check = 1, failed = 0, decode_only = 0;
+    int reps = 10, check = 1, failed = 0, decode_only = 0, phases = 0;
     const char *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--pool-mib") && i + 1 < argc) pool_mib = atol(argv[++i]);
@@ -577,8 +581,10 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--no-check")) check = 0;
         else if (!strcmp(argv[i], "--only") && i + 1 < argc) only = argv[++i];
         else if (!strcmp(argv[i], "--decode-only")) decode_only = 1;
+        else if (!strcmp(argv[i], "--phases")) phases = 1;
         else {
-            fprintf(stderr, "usage: cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16] [--decode-only]\n");
+            fprintf(stderr, "usage: cuda_bench [--pool-mib N] [--reps N] [--no-check] [--only Q4|Q8|BF16] [--decode-only] "
+                            "[--phases]\n");
             return 2;
         }
     }
@@ -595,6 +601,22 @@ int main(int argc, char **argv) {
     fm_cuda *c;
     if (fm_cuda_init(0, &c) != FM_OK) return die("init");
     printf("device: %s (L2 %.0f MiB)\n", fm_cuda_device_desc(c), (double)fm_cuda_l2_bytes(c) / 1048576.0);
+    if (phases) {
+        fm_cuda_phase_times pt;
+        if (fm_cuda_phase_bench(c, 1, 2, 1, &pt)) return die("phase bench");
+        const int most = pt.most_blocks, sms = fm_cuda_sm_count(c);
+        printf("phase boundary, 1000 phases of almost no work, median of %d runs (us a phase):\n", reps);
+        printf("%8s %14s %14s %8s\n", "blocks", "graph+PDL", "grid barrier", "stale");
+        for (int per = 1; per <= 4; per *= 2) {
+            const int b = per * sms < most ? per * sms : most;
+            if (fm_cuda_phase_bench(c, b, 1000, reps, &pt)) return die("phase bench");
+            printf("%8d %14.2f %14.2f %8u\n", b, pt.launch_us, pt.barrier_us, pt.launch_errors + pt.barrier_errors);
+            failed |= pt.launch_errors + pt.barrier_errors != 0;
+            if (b == most) break;
+        }
+        fm_cuda_free(c);
+        return failed;
+    }
 
     /* device-to-device copy bandwidth: 1 GiB, bytes read + written */
     const size_t cb = (size_t)1 << 30;

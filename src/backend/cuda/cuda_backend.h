@@ -417,6 +417,21 @@ fm_status fm_cuda_graph_launch(fm_cuda *ctx, fm_cuda_graph *g);
 /* Waits for the stream, then frees the graph (NULL is fine). */
 void fm_cuda_graph_free(fm_cuda *ctx, fm_cuda_graph *g);
 
+/* What a phase boundary costs, with the least work a phase can have (phases.cu): `phases` phases
+ * of `blocks` blocks of 256 threads, (a) each its own PDL launch, the launches replayed as one CUDA
+ * graph (as the decode step runs today), (b) one cooperative launch whose phases are separated by
+ * fm_grid_barrier (as a persistent kernel would). Each phase checks that it sees what every block
+ * wrote in the previous one. */
+typedef struct fm_cuda_phase_times {
+    double launch_us, barrier_us;            /* median over reps of a run's time / phases */
+    unsigned launch_errors, barrier_errors;  /* phases that saw a stale value (must be 0) */
+    int blocks, most_blocks;                 /* blocks used; most that can be resident at once */
+} fm_cuda_phase_times;
+
+/* Runs both, reps timed runs each after one untimed. FM_ERR_ARG unless 1 <= blocks <= the resident
+ * maximum, 2 <= phases <= 100000, 1 <= reps <= 1000; CUDA errors as the other calls. */
+fm_status fm_cuda_phase_bench(fm_cuda *ctx, int blocks, int phases, int reps, fm_cuda_phase_times *out);
+
 #ifdef __cplusplus
 }
 #endif

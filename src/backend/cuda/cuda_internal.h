@@ -77,6 +77,25 @@ __device__ __forceinline__ void fm_pdl_wait() {
 #endif
 }
 
+/* A barrier over every block of the grid (all of them resident: a cooperative launch, or no more
+ * blocks than fit at once). count: device memory, 0 at the launch, only this barrier's; target: the
+ * number of arrivals to wait for, (phase + 1) * gridDim.x for the barrier ending phase `phase`.
+ * Every block's global writes before it are visible to every block after it (fence, then release
+ * by the atomic and acquire by the loads); read data written by other blocks through L2 (__ldcg or
+ * volatile), not through a possibly stale L1. */
+__device__ __forceinline__ void fm_grid_barrier(unsigned *count, unsigned target) {
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        atomicAdd(count, 1u);
+        unsigned v;
+        do {
+            asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(count) : "memory");
+        } while (v < target);
+    }
+    __syncthreads();
+}
+
 /* Top-k of one token's router logits lg[0..E) by one warp (lane = 0..31; E <= 32 PL, k <= 32):
  * router_topk_warp_kernel's body (layers.cu), also run by the last block of fm_cuda_matvec_topk's
  * router product (matmul.cu): the same code, so the same ids and weights. Lane l holds p[l + 32 i],

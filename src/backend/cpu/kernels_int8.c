@@ -148,6 +148,14 @@ static AI void put(const fm_kern_i8_job *j, int64_t t, int64_t r, __mmask16 rm, 
     _mm512_mask_storeu_ps(o, rm, v);
 }
 
+/* A row kernel per type and level count (Q8, Q4, Q2 with one activation level, then the same with
+ * two); i8_dispatch runs the one for the job's weight and levels (ops.c sends no other type). */
+typedef void (*i8_rows_fn)(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
+static void i8_dispatch(const i8_rows_fn fns[6], const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
+    const int bits = fm_quant_bits(j->w->dtype), i = bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : -1;
+    if (i >= 0) fns[i + (j->xq2 ? 3 : 0)](j, r0, r1);
+}
+
 /* ---- VNNI ---- */
 
 static AI void vnni_tile(const fm_kern_i8_job *j, const geom *g, const unsigned char *wb, const float *sb,
@@ -226,15 +234,8 @@ static void vnni_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_ro
 static void vnni_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 2, 2); }
 
 void fm_kern_vnni_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    switch (fm_quant_bits(j->w->dtype) * (j->xq2 ? -1 : 1)) {
-    case 8: vnni_q8(j, r0, r1); break;
-    case 4: vnni_q4(j, r0, r1); break;
-    case 2: vnni_q2(j, r0, r1); break;
-    case -8: vnni_q8_2(j, r0, r1); break;
-    case -4: vnni_q4_2(j, r0, r1); break;
-    case -2: vnni_q2_2(j, r0, r1); break;
-    default: break; /* the dispatcher sends no other type */
-    }
+    static const i8_rows_fn fns[6] = {vnni_q8, vnni_q4, vnni_q2, vnni_q8_2, vnni_q4_2, vnni_q2_2};
+    i8_dispatch(fns, j, r0, r1);
 }
 
 /* ---- VNNI, one token: the weights read where they are ----
@@ -316,15 +317,8 @@ static void t1_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_b
 static void t1_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 2, 2); }
 
 void fm_kern_vnni_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    switch (fm_quant_bits(j->w->dtype) * (j->xq2 ? -1 : 1)) {
-    case 8: t1_q8(j, r0, r1); break;
-    case 4: t1_q4(j, r0, r1); break;
-    case 2: t1_q2(j, r0, r1); break;
-    case -8: t1_q8_2(j, r0, r1); break;
-    case -4: t1_q4_2(j, r0, r1); break;
-    case -2: t1_q2_2(j, r0, r1); break;
-    default: break; /* the dispatcher sends no other type */
-    }
+    static const i8_rows_fn fns[6] = {t1_q8, t1_q4, t1_q2, t1_q8_2, t1_q4_2, t1_q2_2};
+    i8_dispatch(fns, j, r0, r1);
 }
 
 int64_t fm_kern_i8_t1_cols(const fm_weight *w) {
@@ -490,15 +484,8 @@ static void amx_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows
 static void amx_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 2, 2); }
 
 void fm_kern_amx_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    switch (fm_quant_bits(j->w->dtype) * (j->xq2 ? -1 : 1)) {
-    case 8: amx_q8(j, r0, r1); break;
-    case 4: amx_q4(j, r0, r1); break;
-    case 2: amx_q2(j, r0, r1); break;
-    case -8: amx_q8_2(j, r0, r1); break;
-    case -4: amx_q4_2(j, r0, r1); break;
-    case -2: amx_q2_2(j, r0, r1); break;
-    default: break;
-    }
+    static const i8_rows_fn fns[6] = {amx_q8, amx_q4, amx_q2, amx_q8_2, amx_q4_2, amx_q2_2};
+    i8_dispatch(fns, j, r0, r1);
 }
 
 bool fm_kern_amx_probe(void) {

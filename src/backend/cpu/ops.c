@@ -403,14 +403,11 @@ static bool matmul_int8_t1(int levels, fm_pool *pool, float *out, const float *x
 fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, int64_t n_tokens,
                                const fm_weight *w) {
     while (k > FM_CPU_INT8_OFF && !fm_cpu_int8_supported(k)) k = (fm_cpu_int8)(k - 1);
-    if (k != FM_CPU_INT8_OFF && n_tokens == 1 && (levels == 1 || levels == 2) && fm_dtype_is_quant(w->dtype) &&
-        fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
-        matmul_int8_t1(levels, pool, out, x, w))
-        return FM_CPU_INT8_VNNI;
     const bool ok = k != FM_CPU_INT8_OFF && n_tokens > 0 && (levels == 1 || levels == 2) &&
                     fm_dtype_is_quant(w->dtype) &&
                     fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
                     n_tokens <= (INT64_MAX / 8 - 15) / (w->cols + 64);
+    if (ok && n_tokens == 1 && matmul_int8_t1(levels, pool, out, x, w)) return FM_CPU_INT8_VNNI;
     void *buf = NULL;
     const int64_t K = ok ? w->cols : 0, G = ok ? K / w->group_size : 0, tpad = (n_tokens + 15) & ~(int64_t)15;
     /* rows of xq 64 bytes longer than K: at K = 1024, 4096, .. the 16 rows of an AMX tile load

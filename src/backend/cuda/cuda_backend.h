@@ -25,6 +25,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdio.h>
 
 #ifdef __cplusplus
 extern "C" { /* the C headers below have no guards of their own */
@@ -416,6 +417,14 @@ void fm_cuda_capture_abort(fm_cuda *ctx);
 fm_status fm_cuda_graph_launch(fm_cuda *ctx, fm_cuda_graph *g);
 /* Waits for the stream, then frees the graph (NULL is fine). */
 void fm_cuda_graph_free(fm_cuda *ctx, fm_cuda_graph *g);
+/* Where a replay of g spends its time, printed to out (a diagnostic; docs/CUDA.md "graph
+ * profile"): the kernel nodes grouped by kernel function; the whole graph, the graph with every
+ * kernel node disabled, and per kernel the graph with only its nodes enabled ("alone") and with
+ * only its nodes disabled ("without": whole - without is what the kernel costs in the replay);
+ * each a median over reps batches of 10 replays. The replays overwrite what the graph writes
+ * (KV cache, states, logits): call it only when those are no longer needed. Leaves every node
+ * enabled. */
+fm_status fm_cuda_graph_profile(fm_cuda *ctx, fm_cuda_graph *g, int reps, FILE *out);
 
 /* What a phase boundary costs, with the least work a phase can have (phases.cu): `phases` phases
  * of `blocks` blocks of 256 threads, (a) each its own PDL launch, the launches replayed as one CUDA

@@ -85,6 +85,7 @@ $(BUILD)/obj/%.o: %.c
 # build stays baseline x86-64, so the binary runs on CPUs without AVX2 / AVX-512).
 $(BUILD)/obj/src/backend/cpu/kernels_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
 $(BUILD)/obj/src/backend/cpu/kernels_avx2.o: CFLAGS += -mavx2 -mfma -mf16c
+$(BUILD)/obj/src/backend/cpu/kernels_int8_avx2.o: CFLAGS += -mavx2 -mfma -mf16c
 $(BUILD)/obj/src/backend/cpu/kernels_int8.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni \
                                                 -mavx512vbmi -mfma -mf16c -mamx-tile -mamx-int8
 

@@ -17,6 +17,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend/cpu/kernels.h"
 #include "backend/cpu/ops.h"
 #include "quant/quant.h"
 #include "test.h"
@@ -301,9 +302,9 @@ FM_TEST(simd_level_selection) {
     CHECK(cur == fm_cpu_level_choose(getenv("FLASHMOE_CPU")));
 }
 
-/* ---- int8 activations (kernels_int8.c) ----
+/* ---- int8 activations (kernels_int8.c, kernels_int8_avx2.c) ----
  *
- * Each supported int8 path (VNNI, AMX) is forced in turn (fm_cpu_matmul_int8), with one and two
+ * Each supported int8 path (AVX2, VNNI, AMX) is forced in turn (fm_cpu_matmul_int8), with one and two
  * activation levels, on Q8/Q4/Q2 × group 32/64/128 × BF16/F16/F32 scales × T = 1, 2, 3, 7, 16, 64,
  * odd row counts (partial 16-row blocks) and K of one group, several groups, and past one
  * 1024-column segment (at group 32, a half 64-column step), 1 and 3 threads. Two checks per
@@ -430,13 +431,14 @@ static void check_int8_case(fm_test_ctx *t, fm_pool *pool3, i8stats *st, fm_dtyp
                                   : (2.0 * (double)G + 4) * u * terms + 1e-30;
                 tol_r[o] = round + tol_e[o] + ((double)K + 8) * u * m;
             }
-        for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++) {
+        for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AMX; k++) {
             if (!fm_cpu_int8_supported((fm_cpu_int8)k)) continue;
             const char *kn = fm_cpu_int8_name((fm_cpu_int8)k);
             for (int64_t i = 0; i < T * N; i++) got[GUARD + i] = got3[GUARD + i] = NAN;
             fm_cpu_int8 ran = fm_cpu_matmul_int8((fm_cpu_int8)k, levels, NULL, got + GUARD, x, T, &wb.w);
             fm_cpu_matmul_int8((fm_cpu_int8)k, levels, pool3, got3 + GUARD, x, T, &wb.w);
-            const fm_cpu_int8 want = T == 1 ? FM_CPU_INT8_VNNI : (fm_cpu_int8)k; /* one token: in-place VNNI */
+            /* one token: the in-place kernel of AVX2, or VNNI's for VNNI and AMX */
+            const fm_cpu_int8 want = T == 1 && k != FM_CPU_INT8_AVX2 ? FM_CPU_INT8_VNNI : (fm_cpu_int8)k;
             CHECK_MSG(ran == want, "%s: asked %s, ran %s", what, kn, fm_cpu_int8_name(ran));
             CHECK_MSG(guards_intact(got, T * N) && guards_intact(got3, T * N), "%s %s: wrote outside the output",
                       what, kn);
@@ -488,7 +490,7 @@ done:
 }
 
 static void int8_cases(fm_test_ctx *t, fm_dtype dt) {
-    if (!fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) SKIP("this CPU has no AVX-512 VNNI/VBMI");
+    if (!fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) SKIP("this CPU has no AVX2/FMA/F16C");
     rng_seed();
     fm_pool *pool = fm_pool_init(3);
     REQUIRE(pool);
@@ -508,9 +510,9 @@ static void int8_cases(fm_test_ctx *t, fm_dtype dt) {
     check_int8_case(t, pool, &st, dt, 128, 64, 64, FM_DTYPE_BF16, 113);
     check_int8_case(t, pool, &st, dt, 517, 2048, 128, FM_DTYPE_F16, 10);
     check_int8_case(t, pool, &st, dt, 2051, 1024, 64, FM_DTYPE_BF16, 1); /* one token, split too */
-    fprintf(stderr, "  %d cases (%s%s), worst error / bound: %.3f vs float64 of the rounded activations, %.3f vs the "
-                    "oracle; RMS(got - ref) / RMS(ref): %.2e one level, %.2e two\n",
-            st.cases, fm_cpu_int8_supported(FM_CPU_INT8_VNNI) ? "vnni" : "",
+    fprintf(stderr, "  %d cases (avx2%s%s), worst error / bound: %.3f vs float64 of the rounded activations, %.3f vs "
+                    "the oracle; RMS(got - ref) / RMS(ref): %.2e one level, %.2e two\n",
+            st.cases, fm_cpu_int8_supported(FM_CPU_INT8_VNNI) ? ", vnni" : "",
             fm_cpu_int8_supported(FM_CPU_INT8_AMX) ? ", amx" : "", st.worst_exact, st.worst_ref,
             sqrt(st.sq_err[0] / (st.sq_ref[0] + 1e-300)), sqrt(st.sq_err[1] / (st.sq_ref[1] + 1e-300)));
     fm_pool_free(pool);
@@ -520,24 +522,140 @@ FM_TEST(int8_matmul_q8) { int8_cases(t, FM_DTYPE_Q8); }
 FM_TEST(int8_matmul_q4) { int8_cases(t, FM_DTYPE_Q4); }
 FM_TEST(int8_matmul_q2) { int8_cases(t, FM_DTYPE_Q2); }
 
+/* The AVX2 activation quantizer (fm_kern_avx2_i8_quant) gives, byte for byte, the documented
+ * rounding (round_group above: Q, dx in float32) and, where the CPU has AVX-512, the output of
+ * fm_kern_i8_quant: xq, xq2, dx, xs all bit-identical. Inputs: random groups, all-zero groups,
+ * groups with a 40x outlier, groups of huge (~1e37) and small (~1e-30) values, and groups with
+ * amax = 127 (then 127 / amax = 1, d = 1) holding exact ties k + 0.5: round half to even in level 1,
+ * and residuals of exactly d / 2 that round to 128 and are clamped to 127 in level 2. */
+FM_TEST(int8_avx2_quant_bit_identical) {
+    if (!fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) SKIP("this CPU has no AVX2/FMA/F16C");
+    rng_seed();
+    const bool avx512 = fm_cpu_level_supported(FM_CPU_AVX512);
+    int groups_checked = 0, ties = 0, clamped = 0;
+    for (int gi = 0; gi < 3; gi++) {
+        const int gs = 32 << gi;
+        const int64_t G = 24, K = G * gs, T = 3, stride = K + 16;
+        const fm_weight w = {.dtype = FM_DTYPE_Q4, .rows = 1, .cols = K, .group_size = gs, .scale_dtype = FM_DTYPE_BF16};
+        float *x = malloc(sizeof(float) * (size_t)(T * K));
+        int8_t *q[2][2]; /* [implementation][level] */
+        float *dx[2], *xs[2];
+        int32_t *Q = malloc(sizeof(int32_t) * (size_t)gs);
+        double *xh = malloc(sizeof(double) * (size_t)gs);
+        bool ok = x && Q && xh;
+        for (int i = 0; i < 2; i++) {
+            q[i][0] = malloc((size_t)(T * stride));
+            q[i][1] = malloc((size_t)(T * stride));
+            dx[i] = malloc(sizeof(float) * (size_t)(T * G));
+            xs[i] = malloc(sizeof(float) * (size_t)(T * G));
+            ok = ok && q[i][0] && q[i][1] && dx[i] && xs[i];
+        }
+        REQUIRE(ok);
+        for (int64_t i = 0; i < T * K; i++) x[i] = (float)rnd();
+        for (int64_t g = 0; g < T * G; g++) {
+            float *p = x + g * gs;
+            switch (g % 6) {
+            case 0: memset(p, 0, sizeof(float) * (size_t)gs); break;
+            case 1: p[rnd_u64() % (uint64_t)gs] *= 40.0f; break;
+            case 2:
+                for (int c = 0; c < gs; c++) p[c] *= 1e37f;
+                break;
+            case 3:
+                for (int c = 0; c < gs; c++) p[c] *= 1e-30f;
+                break;
+            case 4: /* amax 127: ties k + 0.5, exact in float32 */
+                for (int c = 0; c < gs; c++) p[c] = (float)((int)(rnd_u64() % 255) - 127) + (c % 2 ? 0.5f : 0.0f);
+                p[0] = rnd_u64() % 2 ? 127.0f : -127.0f;
+                break;
+            default: break;
+            }
+        }
+        for (int levels = 1; levels <= 2; levels++) {
+            for (int i = 0; i < 2; i++) {
+                memset(q[i][0], 0x55, (size_t)(T * stride));
+                memset(q[i][1], 0x55, (size_t)(T * stride));
+            }
+            fm_kern_avx2_i8_quant(&w, x, 0, T, q[0][0], levels == 2 ? q[0][1] : NULL, stride, dx[0], xs[0]);
+            if (avx512) fm_kern_i8_quant(&w, x, 0, T, q[1][0], levels == 2 ? q[1][1] : NULL, stride, dx[1], xs[1]);
+            for (int64_t tk = 0; tk < T; tk++)
+                for (int64_t g = 0; g < G; g++) {
+                    const float *p = x + tk * K + g * gs;
+                    const float want_dx = round_group(p, gs, levels, Q, xh);
+                    int bad = 0;
+                    for (int c = 0; c < gs; c++) {
+                        const int8_t q1 = q[0][0][tk * stride + g * gs + c], q2 = levels == 2 ? q[0][1][tk * stride + g * gs + c] : 0;
+                        bad += (levels == 2 ? 256 * q1 + q2 : q1) != Q[c];
+                        if (g % 6 == 4 && c % 2) ties++;
+                        clamped += levels == 2 && q2 == 127 && fabsf(p[c] - nearbyintf(p[c])) == 0.5f;
+                    }
+                    bad += memcmp(&dx[0][tk * G + g], &want_dx, sizeof(float)) != 0;
+                    CHECK_MSG(!bad, "gs %d, %d level(s), token %lld group %lld: the AVX2 quantizer differs from the "
+                                    "documented rounding in %d places (seed %llu)",
+                              gs, levels, (long long)tk, (long long)g, bad, (unsigned long long)seed0);
+                    groups_checked++;
+                }
+            if (avx512) {
+                for (int64_t tk = 0; tk < T; tk++) {
+                    CHECK_MSG(!memcmp(q[0][0] + tk * stride, q[1][0] + tk * stride, (size_t)K), "gs %d, %d level(s): level-1 "
+                              "bytes differ from fm_kern_i8_quant's (seed %llu)", gs, levels, (unsigned long long)seed0);
+                    CHECK_MSG(levels == 1 || !memcmp(q[0][1] + tk * stride, q[1][1] + tk * stride, (size_t)K),
+                              "gs %d: level-2 bytes differ from fm_kern_i8_quant's (seed %llu)", gs,
+                              (unsigned long long)seed0);
+                }
+                CHECK_MSG(!memcmp(dx[0], dx[1], sizeof(float) * (size_t)(T * G)) &&
+                              !memcmp(xs[0], xs[1], sizeof(float) * (size_t)(T * G)),
+                          "gs %d, %d level(s): dx or xs differ from fm_kern_i8_quant's (seed %llu)", gs, levels,
+                          (unsigned long long)seed0);
+            }
+        }
+        for (int i = 0; i < 2; i++) {
+            free(q[i][0]);
+            free(q[i][1]);
+            free(dx[i]);
+            free(xs[i]);
+        }
+        free(x);
+        free(Q);
+        free(xh);
+    }
+    CHECK(ties > 0 && clamped > 0); /* the inputs did reach the rounding ties and the level-2 clamp */
+    fprintf(stderr, "  %d groups against the documented rounding (%d ties, %d clamped residuals)%s\n", groups_checked,
+            ties, clamped, avx512 ? "; bit-identical to fm_kern_i8_quant" : "; no AVX-512 here: not compared with fm_kern_i8_quant");
+}
+
 FM_TEST(int8_dispatch) {
     CHECK(fm_cpu_int8_supported(FM_CPU_INT8_OFF));
     if (fm_cpu_int8_supported(FM_CPU_INT8_AMX)) CHECK(fm_cpu_int8_supported(FM_CPU_INT8_VNNI));
+    if (fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) CHECK(fm_cpu_int8_supported(FM_CPU_INT8_AVX2));
+    CHECK(fm_cpu_int8_supported(FM_CPU_INT8_AVX2) == fm_cpu_level_supported(FM_CPU_AVX2));
     const fm_cpu_int8 best = fm_cpu_int8_best();
     CHECK(fm_cpu_int8_choose(NULL) == fm_cpu_int8_choose("")); /* the default, on or off (ops.c) */
     CHECK(fm_cpu_int8_choose(NULL) == best || fm_cpu_int8_choose(NULL) == FM_CPU_INT8_OFF);
     CHECK(fm_cpu_int8_choose("auto") == best && fm_cpu_int8_choose("1") == best);
     CHECK(fm_cpu_int8_choose("0") == FM_CPU_INT8_OFF && fm_cpu_int8_choose("off") == FM_CPU_INT8_OFF);
     CHECK(fm_cpu_int8_choose("nonsense") == best); /* with a line on stderr */
-    for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++)
+    for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AMX; k++)
         CHECK(fm_cpu_int8_choose(fm_cpu_int8_name((fm_cpu_int8)k)) ==
               (fm_cpu_int8_supported((fm_cpu_int8)k) ? (fm_cpu_int8)k : best));
-    /* the process-wide mode: FLASHMOE_CPU_INT8's choice, off unless the float level is AVX-512 */
+    /* the path per float level (FLASHMOE_CPU): AVX-512 keeps the choice; AVX2 (an AVX2-only CPU, or
+     * FLASHMOE_CPU=avx2) takes the AVX2 path in place of any other, and the default there is AVX2 */
+    if (fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) {
+        for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AMX; k++) {
+            CHECK(fm_cpu_int8_for_level(FM_CPU_AVX512, (fm_cpu_int8)k) == (fm_cpu_int8)k);
+            CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, (fm_cpu_int8)k) == FM_CPU_INT8_AVX2);
+            CHECK(fm_cpu_int8_for_level(FM_CPU_SCALAR, (fm_cpu_int8)k) == FM_CPU_INT8_OFF);
+        }
+        CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, fm_cpu_int8_choose(NULL)) ==
+              (fm_cpu_int8_choose(NULL) == FM_CPU_INT8_OFF ? FM_CPU_INT8_OFF : FM_CPU_INT8_AVX2));
+        CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, fm_cpu_int8_choose("avx2")) == FM_CPU_INT8_AVX2);
+        CHECK(fm_cpu_int8_for_level(FM_CPU_AVX512, fm_cpu_int8_choose("avx2")) == FM_CPU_INT8_AVX2);
+    }
+    for (int l = FM_CPU_SCALAR; l <= FM_CPU_AVX512; l++) CHECK(fm_cpu_int8_for_level((fm_cpu_level)l, FM_CPU_INT8_OFF) == FM_CPU_INT8_OFF);
+    /* the process-wide mode: FLASHMOE_CPU_INT8's choice at the float level */
     const fm_cpu_int8 mode = fm_cpu_matmul_int8_mode();
     const char *lvenv = getenv("FLASHMOE_CPU_INT8_LEVELS");
     CHECK(fm_cpu_int8_levels() == (lvenv && !strcmp(lvenv, "1") ? 1 : 2));
-    CHECK(mode == (fm_cpu_matmul_level() == FM_CPU_AVX512 ? fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))
-                                                          : FM_CPU_INT8_OFF));
+    CHECK(mode == fm_cpu_int8_for_level(fm_cpu_matmul_level(), fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))));
     /* which path a call takes: unquantized weights stay on the float kernels */
     fm_weight q = {.dtype = FM_DTYPE_Q4, .rows = 1, .cols = 64, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     fm_weight f = {.dtype = FM_DTYPE_F32, .rows = 1, .cols = 64};
@@ -552,6 +670,11 @@ FM_TEST(int8_dispatch) {
         CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 2) == FM_CPU_INT8_VNNI);
         CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 64) == FM_CPU_INT8_AMX);
     }
+    for (int lv = 1; lv <= 2; lv++)
+        for (int64_t T = 1; T <= 64; T *= 4) {
+            CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AVX2, lv, &q, T) == FM_CPU_INT8_AVX2);
+            CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AVX2, lv, &f, T) == FM_CPU_INT8_OFF);
+        }
     CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 2, &q, 6) == FM_CPU_INT8_AMX);
     CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 1, &q, 6) == FM_CPU_INT8_VNNI);
     /* fm_cpu_matmul is exactly the path picked */
@@ -561,13 +684,22 @@ FM_TEST(int8_dispatch) {
     float x[7 * 256], a[7 * 37], b[7 * 37];
     REQUIRE(make_weight(&wb, FM_DTYPE_Q4, N, K, 64, FM_DTYPE_BF16, 0));
     for (int i = 0; i < 7 * 256; i++) x[i] = (float)rnd();
-    for (int64_t T = 1; T <= 7; T += 6) {
-        fm_cpu_matmul(NULL, a, x, T, &wb.w);
-        const fm_cpu_int8 k = fm_cpu_int8_pick(mode, fm_cpu_int8_levels(), &wb.w, T);
-        if (k == FM_CPU_INT8_OFF) fm_cpu_matmul_at(fm_cpu_matmul_level(), NULL, b, x, T, &wb.w);
-        else CHECK(fm_cpu_matmul_int8(k, fm_cpu_int8_levels(), NULL, b, x, T, &wb.w) == k);
-        CHECK_MSG(!memcmp(a, b, sizeof(float) * (size_t)(T * N)), "T=%lld: fm_cpu_matmul differs from path %s",
-                  (long long)T, fm_cpu_int8_name(k));
+    /* the process's mode, then the AVX2 path set as the mode (fm_cpu_set_int8_mode), as an AVX2-only
+     * CPU or FLASHMOE_CPU=avx2 gets it */
+    for (int m = 0; m < 2; m++) {
+        if (m == 1 && !fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) break;
+        const fm_cpu_int8 was = m ? fm_cpu_set_int8_mode(FM_CPU_INT8_AVX2) : mode, cur = fm_cpu_matmul_int8_mode();
+        CHECK(cur == (m ? FM_CPU_INT8_AVX2 : mode));
+        for (int64_t T = 1; T <= 7; T += 6) {
+            fm_cpu_matmul(NULL, a, x, T, &wb.w);
+            const fm_cpu_int8 k = fm_cpu_int8_pick(cur, fm_cpu_int8_levels(), &wb.w, T);
+            CHECK(!m || k == FM_CPU_INT8_AVX2);
+            if (k == FM_CPU_INT8_OFF) fm_cpu_matmul_at(fm_cpu_matmul_level(), NULL, b, x, T, &wb.w);
+            else CHECK(fm_cpu_matmul_int8(k, fm_cpu_int8_levels(), NULL, b, x, T, &wb.w) == k);
+            CHECK_MSG(!memcmp(a, b, sizeof(float) * (size_t)(T * N)), "T=%lld: fm_cpu_matmul differs from path %s",
+                      (long long)T, fm_cpu_int8_name(k));
+        }
+        if (m) fm_cpu_set_int8_mode(was);
     }
     wbuf_free(&wb);
     /* an unquantized weight: no int8 path runs, the float kernels do */

@@ -123,10 +123,49 @@ typedef struct fm_kern_i8_job {
     int64_t xq_stride;  /* bytes per token, >= cols */
     const float *dx;    /* (n_tokens, cols / group_size) */
     const float *xs;    /* (n_tokens, cols / group_size) */
+    const int16_t *xw;  /* AVX2 kernels only: (n_tokens, xw_stride) the integers Q (fm_kern_avx2_i8_widen) */
+    int64_t xw_stride;  /* int16 per token of xw, >= cols */
 } fm_kern_i8_job;
 
 void fm_kern_i8_quant(const fm_weight *w, const float *x, int64_t t0, int64_t t1, int8_t *xq, int8_t *xq2,
                       int64_t xq_stride, float *dx, float *xs);
+
+/* The geometry of one quantized weight, for the int8 kernels. */
+typedef struct fm_kern_qgeom {
+    const unsigned char *q, *sp, *bp; /* packed values, scales, biases */
+    int64_t K, N, row_bytes, G;       /* G: groups per row */
+    int gs, bits;
+    fm_dtype sd;
+} fm_kern_qgeom;
+
+static inline fm_kern_qgeom fm_kern_qgeom_of(const fm_weight *w) {
+    fm_kern_qgeom g = {.q = w->data, .K = w->cols, .N = w->rows, .gs = w->group_size, .bits = fm_quant_bits(w->dtype),
+                       .sd = w->scale_dtype};
+    g.row_bytes = g.K * g.bits / 8;
+    g.G = g.K / g.gs;
+    g.sp = g.q + g.N * g.row_bytes;
+    g.bp = g.sp + g.N * g.G * (g.sd == FM_DTYPE_F32 ? 4 : 2);
+    return g;
+}
+
+/* An int8 row kernel per weight type and level count: FM_KERN_I8_TABLE(name, body) defines
+ * name_fns[6], body(j, r0, r1, bits, levels) (an always-inline function) for Q8, Q4, Q2 with one
+ * level, then the same with two; fm_kern_i8_dispatch runs the one for the job's weight and levels
+ * (nothing for another type: ops.c sends none). */
+typedef void (*fm_kern_i8_rows_fn)(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
+static inline void fm_kern_i8_dispatch(const fm_kern_i8_rows_fn fns[6], const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
+    const int bits = fm_quant_bits(j->w->dtype), i = bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : -1;
+    if (i >= 0) fns[i + (j->xq2 ? 3 : 0)](j, r0, r1);
+}
+#define FM_KERN_I8_TABLE(name, body)                                                                             \
+    static void name##_q8(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { body(j, r0, r1, 8, 1); }           \
+    static void name##_q4(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { body(j, r0, r1, 4, 1); }           \
+    static void name##_q2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { body(j, r0, r1, 2, 1); }           \
+    static void name##_q8_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { body(j, r0, r1, 8, 2); }         \
+    static void name##_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { body(j, r0, r1, 4, 2); }         \
+    static void name##_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { body(j, r0, r1, 2, 2); }         \
+    static const fm_kern_i8_rows_fn name##_fns[6] = {name##_q8, name##_q4, name##_q2, name##_q8_2, name##_q4_2,     \
+                                                     name##_q2_2};
 
 /* One token (decode), VNNI, weights read in place (kernels_int8.c, "one token"): the same
  * rounded activations and formula, with the per-group integer sum split over 16 lanes (each lane's
@@ -143,5 +182,30 @@ void fm_kern_vnni_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 void fm_kern_vnni_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 void fm_kern_amx_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 bool fm_kern_amx_probe(void);
+
+/* ---- int8 activations, AVX2 (kernels_int8_avx2.c: AVX2 + FMA + F16C, no AVX-512) ----
+ * The same numerics as above (the same rounded activations, exact integer sums per group, the same
+ * float32 epilogue); the kernels need only AVX2/FMA/F16C.
+ * avx2_i8_quant: fm_kern_i8_quant's contract with AVX2 only; its output is bit-identical to
+ *   fm_kern_i8_quant's for finite x.
+ * avx2_i8_widen: one token's integers Q (kernels.h above: q1, or 256 q1 + q2 when xq2 is not NULL)
+ *   as int16: xw[c] for c < n, n a multiple of 16, from xq[c] (and xq2[c]).
+ * avx2_i8_rows: out[t, r] for r in [r0, r1), every t; any r0. Needs the job's xq (and xq2) and xw
+ *   (the widened xq/xq2 of every token), dx, xs. Calls on disjoint row ranges may run concurrently.
+ * One token, weights read in place (the one-token kernel of kernels_int8_avx2.c):
+ * avx2_i8_t1_cols: columns per level of one token's activations (cols rounded up to whole 32-byte
+ *   chunks of weights).
+ * avx2_i8_t1_order: puts one level xq (t1_cols bytes, zero from cols on) into the kernel's column
+ *   order, in place (Q8: the order stays).
+ * avx2_i8_t1_rows: out[r] for r in [r0, r1), n_tokens = 1; Q4/Q2 read xq (and xq2) in that order,
+ *   Q8 reads xw (t1_cols values, natural order, zero from cols on). Calls on disjoint row ranges may
+ *   run concurrently. */
+void fm_kern_avx2_i8_quant(const fm_weight *w, const float *x, int64_t t0, int64_t t1, int8_t *xq, int8_t *xq2,
+                           int64_t xq_stride, float *dx, float *xs);
+void fm_kern_avx2_i8_widen(const int8_t *xq, const int8_t *xq2, int64_t n, int16_t *xw);
+void fm_kern_avx2_i8_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
+int64_t fm_kern_avx2_i8_t1_cols(const fm_weight *w);
+void fm_kern_avx2_i8_t1_order(const fm_weight *w, int8_t *xq);
+void fm_kern_avx2_i8_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 
 #endif

@@ -34,23 +34,7 @@ static AI __mmask16 mask16(int64_t n) { return n >= 16 ? (__mmask16)0xFFFF : n <
 static AI __mmask32 mask32(int64_t n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : n <= 0 ? 0 : (__mmask32)((1u << n) - 1); }
 static AI __mmask64 mask64(int64_t n) { return n >= 64 ? ~(__mmask64)0 : n <= 0 ? 0 : (((__mmask64)1 << n) - 1); }
 
-/* The geometry of one quantized weight. */
-typedef struct geom {
-    const unsigned char *q, *sp, *bp; /* packed values, scales, biases */
-    int64_t K, N, row_bytes, G;       /* G: groups per row */
-    int gs, bits;
-    fm_dtype sd;
-} geom;
-
-static AI geom geom_of(const fm_weight *w) {
-    geom g = {.q = w->data, .K = w->cols, .N = w->rows, .gs = w->group_size, .bits = fm_quant_bits(w->dtype),
-              .sd = w->scale_dtype};
-    g.row_bytes = g.K * g.bits / 8;
-    g.G = g.K / g.gs;
-    g.sp = g.q + g.N * g.row_bytes;
-    g.bp = g.sp + g.N * g.G * (g.sd == FM_DTYPE_F32 ? 4 : 2);
-    return g;
-}
+typedef fm_kern_qgeom geom;
 
 /* 16 scales/biases of type sd at element i of p as float32, lanes past m zero */
 static AI __m512 sb16(const unsigned char *p, fm_dtype sd, int64_t i, __mmask16 m) {
@@ -148,14 +132,6 @@ static AI void put(const fm_kern_i8_job *j, int64_t t, int64_t r, __mmask16 rm, 
     _mm512_mask_storeu_ps(o, rm, v);
 }
 
-/* A row kernel per type and level count (Q8, Q4, Q2 with one activation level, then the same with
- * two); i8_dispatch runs the one for the job's weight and levels (ops.c sends no other type). */
-typedef void (*i8_rows_fn)(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
-static void i8_dispatch(const i8_rows_fn fns[6], const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    const int bits = fm_quant_bits(j->w->dtype), i = bits == 8 ? 0 : bits == 4 ? 1 : bits == 2 ? 2 : -1;
-    if (i >= 0) fns[i + (j->xq2 ? 3 : 0)](j, r0, r1);
-}
-
 /* ---- VNNI ---- */
 
 static AI void vnni_tile(const fm_kern_i8_job *j, const geom *g, const unsigned char *wb, const float *sb,
@@ -200,7 +176,7 @@ static AI void vnni_tile(const fm_kern_i8_job *j, const geom *g, const unsigned 
 }
 
 static AI void vnni_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, const int bits, const int LV) {
-    const geom g = geom_of(j->w);
+    const geom g = fm_kern_qgeom_of(j->w);
     const int64_t T = j->n_tokens;
     unsigned char wb[KSEG * 16] __attribute__((aligned(64)));
     float sb[GSEG * 16] __attribute__((aligned(64))), bb[GSEG * 16] __attribute__((aligned(64)));
@@ -226,16 +202,10 @@ static AI void vnni_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, c
     }
 }
 
-static void vnni_q8(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 8, 1); }
-static void vnni_q4(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 4, 1); }
-static void vnni_q2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 2, 1); }
-static void vnni_q8_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 8, 2); }
-static void vnni_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 4, 2); }
-static void vnni_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { vnni_rows_bits(j, r0, r1, 2, 2); }
+FM_KERN_I8_TABLE(vnni, vnni_rows_bits)
 
 void fm_kern_vnni_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    static const i8_rows_fn fns[6] = {vnni_q8, vnni_q4, vnni_q2, vnni_q8_2, vnni_q4_2, vnni_q2_2};
-    i8_dispatch(fns, j, r0, r1);
+    fm_kern_i8_dispatch(vnni_fns, j, r0, r1);
 }
 
 /* ---- VNNI, one token: the weights read where they are ----
@@ -305,20 +275,14 @@ static AI float t1_row(const fm_kern_i8_job *j, const geom *g, int64_t r, const 
 }
 
 static AI void t1_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, const int bits, const int LV) {
-    const geom g = geom_of(j->w);
+    const geom g = fm_kern_qgeom_of(j->w);
     for (int64_t r = r0; r < r1; r++) j->out[r] = t1_row(j, &g, r, bits, LV);
 }
 
-static void t1_q8(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 8, 1); }
-static void t1_q4(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 4, 1); }
-static void t1_q2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 2, 1); }
-static void t1_q8_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 8, 2); }
-static void t1_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 4, 2); }
-static void t1_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { t1_rows_bits(j, r0, r1, 2, 2); }
+FM_KERN_I8_TABLE(t1, t1_rows_bits)
 
 void fm_kern_vnni_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    static const i8_rows_fn fns[6] = {t1_q8, t1_q4, t1_q2, t1_q8_2, t1_q4_2, t1_q2_2};
-    i8_dispatch(fns, j, r0, r1);
+    fm_kern_i8_dispatch(t1_fns, j, r0, r1);
 }
 
 int64_t fm_kern_i8_t1_cols(const fm_weight *w) {
@@ -431,7 +395,7 @@ static AI void amx_epilogue(const int32_t (*cb)[256], const float *sb, const flo
 }
 
 static AI void amx_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, const int bits, const int LV) {
-    const geom g = geom_of(j->w);
+    const geom g = fm_kern_qgeom_of(j->w);
     const int64_t T = j->n_tokens, G = g.G, xstride = j->xq_stride;
     const int gs = g.gs, kb = gs < 64 ? gs : 64, steps = gs / kb, batch = AMX_BATCH / LV;
     unsigned char wb[KSEG * 16] __attribute__((aligned(64)));
@@ -476,16 +440,10 @@ static AI void amx_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, co
     _tile_release();
 }
 
-static void amx_q8(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 8, 1); }
-static void amx_q4(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 4, 1); }
-static void amx_q2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 2, 1); }
-static void amx_q8_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 8, 2); }
-static void amx_q4_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 4, 2); }
-static void amx_q2_2(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { amx_rows_bits(j, r0, r1, 2, 2); }
+FM_KERN_I8_TABLE(amx, amx_rows_bits)
 
 void fm_kern_amx_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) {
-    static const i8_rows_fn fns[6] = {amx_q8, amx_q4, amx_q2, amx_q8_2, amx_q4_2, amx_q2_2};
-    i8_dispatch(fns, j, r0, r1);
+    fm_kern_i8_dispatch(amx_fns, j, r0, r1);
 }
 
 bool fm_kern_amx_probe(void) {

@@ -256,6 +256,7 @@ static void amx_init(void) {
 bool fm_cpu_int8_supported(fm_cpu_int8 k) {
     switch (k) {
     case FM_CPU_INT8_OFF: return true;
+    case FM_CPU_INT8_AVX2: return fm_cpu_level_supported(FM_CPU_AVX2);
     case FM_CPU_INT8_VNNI:
 #if defined(__x86_64__)
         return fm_cpu_level_supported(FM_CPU_AVX512) && __builtin_cpu_supports("avx512vnni") &&
@@ -271,12 +272,14 @@ bool fm_cpu_int8_supported(fm_cpu_int8 k) {
 fm_cpu_int8 fm_cpu_int8_best(void) {
     if (fm_cpu_int8_supported(FM_CPU_INT8_AMX)) return FM_CPU_INT8_AMX;
     if (fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) return FM_CPU_INT8_VNNI;
+    if (fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) return FM_CPU_INT8_AVX2;
     return FM_CPU_INT8_OFF;
 }
 
 const char *fm_cpu_int8_name(fm_cpu_int8 k) {
     switch (k) {
     case FM_CPU_INT8_OFF: return "off";
+    case FM_CPU_INT8_AVX2: return "avx2";
     case FM_CPU_INT8_VNNI: return "vnni";
     case FM_CPU_INT8_AMX: return "amx";
     default: return "?";
@@ -295,23 +298,30 @@ fm_cpu_int8 fm_cpu_int8_choose(const char *request) {
     if (!request || !*request) return INT8_DEFAULT_ON ? best : FM_CPU_INT8_OFF;
     if (!strcmp(request, "auto") || !strcmp(request, "1")) return best;
     if (!strcmp(request, "0") || !strcmp(request, "off")) return FM_CPU_INT8_OFF;
-    for (int k = FM_CPU_INT8_VNNI; k <= FM_CPU_INT8_AMX; k++) {
+    for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AMX; k++) {
         if (strcmp(request, fm_cpu_int8_name((fm_cpu_int8)k))) continue;
         if (fm_cpu_int8_supported((fm_cpu_int8)k)) return (fm_cpu_int8)k;
         fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: this CPU or OS lacks %s; using %s\n", request,
-                k == FM_CPU_INT8_AMX ? "AMX-INT8" : "AVX-512 VNNI/VBMI", fm_cpu_int8_name(best));
+                k == FM_CPU_INT8_AMX    ? "AMX-INT8"
+                : k == FM_CPU_INT8_VNNI ? "AVX-512 VNNI/VBMI"
+                                        : "AVX2/FMA/F16C",
+                fm_cpu_int8_name(best));
         return best;
     }
-    fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: unknown value (0, off, vnni, amx or auto); using %s\n", request,
-            fm_cpu_int8_name(best));
+    fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: unknown value (0, off, avx2, vnni, amx or auto); using %s\n",
+            request, fm_cpu_int8_name(best));
     return best;
+}
+
+fm_cpu_int8 fm_cpu_int8_for_level(fm_cpu_level level, fm_cpu_int8 k) {
+    if (level == FM_CPU_AVX512 || k == FM_CPU_INT8_OFF) return k;
+    return level == FM_CPU_AVX2 && fm_cpu_int8_supported(FM_CPU_INT8_AVX2) ? FM_CPU_INT8_AVX2 : FM_CPU_INT8_OFF;
 }
 
 static pthread_once_t int8_once = PTHREAD_ONCE_INIT;
 static fm_cpu_int8 int8_chosen;
 static void int8_init(void) {
-    int8_chosen = fm_cpu_matmul_level() == FM_CPU_AVX512 ? fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))
-                                                         : FM_CPU_INT8_OFF;
+    int8_chosen = fm_cpu_int8_for_level(fm_cpu_matmul_level(), fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8")));
 }
 
 fm_cpu_int8 fm_cpu_matmul_int8_mode(void) {
@@ -335,6 +345,7 @@ fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k) {
 
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens) {
     if (mode == FM_CPU_INT8_OFF || !fm_dtype_is_quant(w->dtype) || n_tokens < INT8_MIN_TOKENS) return FM_CPU_INT8_OFF;
+    if (mode == FM_CPU_INT8_AVX2) return FM_CPU_INT8_AVX2;
     return mode == FM_CPU_INT8_AMX && n_tokens >= (levels == 1 ? 12 : 6) ? FM_CPU_INT8_AMX : FM_CPU_INT8_VNNI;
 }
 
@@ -357,13 +368,21 @@ typedef struct int8_job {
     fm_kern_i8_job k;
     fm_cpu_int8 kind;
     const float *x;
-    int8_t *xq, *xq2; /* writable views of k.xq, k.xq2, k.dx, k.xs for the quantization pass */
+    int8_t *xq, *xq2; /* writable views of k.xq, k.xq2, k.dx, k.xs, k.xw for the quantization pass */
     float *dx, *xs;
+    int16_t *xw;
 } int8_job;
 
 static void int8_prep(void *arg, int64_t t0, int64_t t1) {
     int8_job *s = arg;
-    fm_kern_i8_quant(s->k.w, s->x, t0, t1, s->xq, s->xq2, s->k.xq_stride, s->dx, s->xs);
+    if (s->kind != FM_CPU_INT8_AVX2) {
+        fm_kern_i8_quant(s->k.w, s->x, t0, t1, s->xq, s->xq2, s->k.xq_stride, s->dx, s->xs);
+        return;
+    }
+    fm_kern_avx2_i8_quant(s->k.w, s->x, t0, t1, s->xq, s->xq2, s->k.xq_stride, s->dx, s->xs);
+    for (int64_t t = t0; t < t1; t++)
+        fm_kern_avx2_i8_widen(s->xq + t * s->k.xq_stride, s->xq2 ? s->xq2 + t * s->k.xq_stride : NULL, s->k.w->cols,
+                              s->xw + t * s->k.xw_stride);
 }
 
 #define INT8_ROWS 16 /* the kernels' row block */
@@ -372,30 +391,41 @@ static void int8_rows(void *arg, int64_t b0, int64_t b1) {
     const int8_job *s = arg;
     const int64_t N = s->k.w->rows, r0 = b0 * INT8_ROWS, r1 = b1 * INT8_ROWS < N ? b1 * INT8_ROWS : N;
     if (s->kind == FM_CPU_INT8_AMX) fm_kern_amx_rows(&s->k, r0, r1);
+    else if (s->kind == FM_CPU_INT8_AVX2) fm_kern_avx2_i8_rows(&s->k, r0, r1);
     else fm_kern_vnni_rows(&s->k, r0, r1);
 }
 
 static void int8_t1_rows(void *arg, int64_t r0, int64_t r1) { fm_kern_vnni_t1_rows(arg, r0, r1); }
+static void int8_t1_rows_avx2(void *arg, int64_t r0, int64_t r1) { fm_kern_avx2_i8_t1_rows(arg, r0, r1); }
 
 #define T1_STACK_COLS 16384 /* one token at up to 16K columns needs no allocation */
 
-/* One token through the in-place VNNI kernel (kernels.h); false if the scratch cannot be had. */
-static bool matmul_int8_t1(int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
-    const int64_t Kc = fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
-    const size_t bytes = (size_t)(2 * Kc) + sizeof(float) * (size_t)(2 * G);
-    unsigned char stack_buf[2 * T1_STACK_COLS + 2 * sizeof(float) * (T1_STACK_COLS / 32)] __attribute__((aligned(64)));
+/* One token through an in-place kernel (kernels.h): the VNNI one, or the AVX2 one if avx2; false
+ * if the scratch cannot be had. */
+static bool matmul_int8_t1(bool avx2, int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
+    const int64_t Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
+    const bool wide = avx2 && fm_quant_bits(w->dtype) == 8; /* the AVX2 Q8 kernel reads the int16 Q */
+    const size_t bytes = (size_t)((wide ? 4 : 2) * Kc) + sizeof(float) * (size_t)(2 * G);
+    unsigned char stack_buf[4 * T1_STACK_COLS + 2 * sizeof(float) * (T1_STACK_COLS / 32)] __attribute__((aligned(64)));
     unsigned char *buf = bytes <= sizeof stack_buf ? stack_buf : aligned_alloc(64, (bytes + 63) & ~(size_t)63);
     if (!buf) return false;
     int8_t *xq = (int8_t *)buf, *xq2 = levels == 2 ? (int8_t *)buf + Kc : NULL;
-    float *dx = (float *)(void *)(buf + 2 * Kc), *xs = dx + G; /* Kc: a multiple of 64 */
+    int16_t *xw = wide ? (int16_t *)(void *)(buf + 2 * Kc) : NULL;
+    float *dx = (float *)(void *)(buf + (wide ? 4 : 2) * Kc), *xs = dx + G; /* Kc: a multiple of 32 (64 for VNNI) */
     memset(buf + w->cols, 0, (size_t)(Kc - w->cols));
     if (xq2) memset(xq2 + w->cols, 0, (size_t)(Kc - w->cols));
-    fm_kern_i8_quant(w, x, 0, 1, xq, xq2, Kc, dx, xs);
-    fm_kern_i8_t1_order(w, xq);
-    if (xq2) fm_kern_i8_t1_order(w, xq2);
-    fm_kern_i8_job j = {.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs};
+    if (avx2) fm_kern_avx2_i8_quant(w, x, 0, 1, xq, xq2, Kc, dx, xs);
+    else fm_kern_i8_quant(w, x, 0, 1, xq, xq2, Kc, dx, xs);
+    if (wide) fm_kern_avx2_i8_widen(xq, xq2, Kc, xw);
+    for (int l = 0; l < levels && !wide; l++) {
+        int8_t *v = l ? xq2 : xq;
+        if (avx2) fm_kern_avx2_i8_t1_order(w, v);
+        else fm_kern_i8_t1_order(w, v);
+    }
+    fm_kern_i8_job j = {.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs,
+                        .xw = xw, .xw_stride = Kc};
     /* one contiguous share per thread of at least ~1M multiply-adds, as below */
-    fm_pool_run(pool, int8_t1_rows, &j, w->rows, 1048576 / w->cols + 1);
+    fm_pool_run(pool, avx2 ? int8_t1_rows_avx2 : int8_t1_rows, &j, w->rows, 1048576 / w->cols + 1);
     if (buf != stack_buf) free(buf);
     return true;
 }
@@ -407,14 +437,19 @@ fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *
                     fm_dtype_is_quant(w->dtype) &&
                     fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
                     n_tokens <= (INT64_MAX / 8 - 15) / (w->cols + 64);
-    if (ok && n_tokens == 1 && matmul_int8_t1(levels, pool, out, x, w)) return FM_CPU_INT8_VNNI;
+    const bool avx2 = k == FM_CPU_INT8_AVX2;
+    if (ok && n_tokens == 1 && matmul_int8_t1(avx2, levels, pool, out, x, w))
+        return avx2 ? FM_CPU_INT8_AVX2 : FM_CPU_INT8_VNNI;
     void *buf = NULL;
     const int64_t K = ok ? w->cols : 0, G = ok ? K / w->group_size : 0, tpad = (n_tokens + 15) & ~(int64_t)15;
     /* rows of xq 64 bytes longer than K: at K = 1024, 4096, .. the 16 rows of an AMX tile load
      * would otherwise fall in one L1 set */
     const int64_t stride = K + 64;
     const size_t lv_bytes = ok ? (size_t)(tpad * stride) : 0, xq_bytes = lv_bytes * (size_t)levels; /* 32-byte multiples */
-    if (ok) buf = aligned_alloc(64, (xq_bytes + sizeof(float) * (size_t)(2 * n_tokens * G) + 63) & ~(size_t)63);
+    /* AVX2: the int16 Q of every token after dx and xs (K + 32 per token) */
+    const size_t dx_bytes = sizeof(float) * (size_t)(2 * n_tokens * G),
+                 xw_bytes = ok && avx2 ? 2 * (size_t)(n_tokens * (K + 32)) : 0;
+    if (ok) buf = aligned_alloc(64, (xq_bytes + dx_bytes + xw_bytes + 63) & ~(size_t)63);
     if (!buf) {
         fm_cpu_matmul_at(fm_cpu_level_best(), pool, out, x, n_tokens, w);
         return FM_CPU_INT8_OFF;
@@ -422,8 +457,9 @@ fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *
     int8_job s = {.kind = k, .x = x, .xq = buf, .xq2 = levels == 2 ? (int8_t *)buf + lv_bytes : NULL,
                   .dx = (float *)(void *)((char *)buf + xq_bytes)};
     s.xs = s.dx + n_tokens * G;
+    s.xw = xw_bytes ? (int16_t *)(void *)((char *)buf + xq_bytes + dx_bytes) : NULL;
     s.k = (fm_kern_i8_job){.out = out, .n_tokens = n_tokens, .w = w, .xq = s.xq, .xq2 = s.xq2, .xq_stride = stride,
-                           .dx = s.dx, .xs = s.xs};
+                           .dx = s.dx, .xs = s.xs, .xw = s.xw, .xw_stride = K + 32};
     memset(s.xq + n_tokens * stride, 0, (size_t)((tpad - n_tokens) * stride));
     if (s.xq2) memset(s.xq2 + n_tokens * stride, 0, (size_t)((tpad - n_tokens) * stride));
     if (n_tokens >= 16) fm_pool_run(pool, int8_prep, &s, n_tokens, 8);

@@ -86,6 +86,7 @@ $(BUILD)/obj/%.o: %.c
 $(BUILD)/obj/src/backend/cpu/kernels_avx512.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mavx512dq -mfma -mf16c
 $(BUILD)/obj/src/backend/cpu/kernels_avx2.o: CFLAGS += -mavx2 -mfma -mf16c
 $(BUILD)/obj/src/backend/cpu/kernels_int8_avx2.o: CFLAGS += -mavx2 -mfma -mf16c
+$(BUILD)/obj/src/backend/cpu/kernels_int8_avxvnni.o: CFLAGS += -mavx2 -mfma -mf16c -mavxvnni
 $(BUILD)/obj/src/backend/cpu/kernels_int8.o: CFLAGS += -mavx512f -mavx512bw -mavx512vl -mavx512dq -mavx512vnni \
                                                 -mavx512vbmi -mfma -mf16c -mamx-tile -mamx-int8
 

@@ -437,8 +437,8 @@ static void check_int8_case(fm_test_ctx *t, fm_pool *pool3, i8stats *st, fm_dtyp
             for (int64_t i = 0; i < T * N; i++) got[GUARD + i] = got3[GUARD + i] = NAN;
             fm_cpu_int8 ran = fm_cpu_matmul_int8((fm_cpu_int8)k, levels, NULL, got + GUARD, x, T, &wb.w);
             fm_cpu_matmul_int8((fm_cpu_int8)k, levels, pool3, got3 + GUARD, x, T, &wb.w);
-            /* one token: the in-place kernel of AVX2, or VNNI's for VNNI and AMX */
-            const fm_cpu_int8 want = T == 1 && k != FM_CPU_INT8_AVX2 ? FM_CPU_INT8_VNNI : (fm_cpu_int8)k;
+            /* one token: the path's in-place kernel (AVX2, AVXVNNI), VNNI's for VNNI and AMX */
+            const fm_cpu_int8 want = T == 1 && k >= FM_CPU_INT8_VNNI ? FM_CPU_INT8_VNNI : (fm_cpu_int8)k;
             CHECK_MSG(ran == want, "%s: asked %s, ran %s", what, kn, fm_cpu_int8_name(ran));
             CHECK_MSG(guards_intact(got, T * N) && guards_intact(got3, T * N), "%s %s: wrote outside the output",
                       what, kn);
@@ -510,9 +510,10 @@ static void int8_cases(fm_test_ctx *t, fm_dtype dt) {
     check_int8_case(t, pool, &st, dt, 128, 64, 64, FM_DTYPE_BF16, 113);
     check_int8_case(t, pool, &st, dt, 517, 2048, 128, FM_DTYPE_F16, 10);
     check_int8_case(t, pool, &st, dt, 2051, 1024, 64, FM_DTYPE_BF16, 1); /* one token, split too */
-    fprintf(stderr, "  %d cases (avx2%s%s), worst error / bound: %.3f vs float64 of the rounded activations, %.3f vs "
+    fprintf(stderr, "  %d cases (avx2%s%s%s), worst error / bound: %.3f vs float64 of the rounded activations, %.3f vs "
                     "the oracle; RMS(got - ref) / RMS(ref): %.2e one level, %.2e two\n",
-            st.cases, fm_cpu_int8_supported(FM_CPU_INT8_VNNI) ? ", vnni" : "",
+            st.cases, fm_cpu_int8_supported(FM_CPU_INT8_AVXVNNI) ? ", avxvnni" : "",
+            fm_cpu_int8_supported(FM_CPU_INT8_VNNI) ? ", vnni" : "",
             fm_cpu_int8_supported(FM_CPU_INT8_AMX) ? ", amx" : "", st.worst_exact, st.worst_ref,
             sqrt(st.sq_err[0] / (st.sq_ref[0] + 1e-300)), sqrt(st.sq_err[1] / (st.sq_ref[1] + 1e-300)));
     fm_pool_free(pool);
@@ -627,6 +628,7 @@ FM_TEST(int8_dispatch) {
     CHECK(fm_cpu_int8_supported(FM_CPU_INT8_OFF));
     if (fm_cpu_int8_supported(FM_CPU_INT8_AMX)) CHECK(fm_cpu_int8_supported(FM_CPU_INT8_VNNI));
     if (fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) CHECK(fm_cpu_int8_supported(FM_CPU_INT8_AVX2));
+    if (fm_cpu_int8_supported(FM_CPU_INT8_AVXVNNI)) CHECK(fm_cpu_int8_supported(FM_CPU_INT8_AVX2));
     CHECK(fm_cpu_int8_supported(FM_CPU_INT8_AVX2) == fm_cpu_level_supported(FM_CPU_AVX2));
     const fm_cpu_int8 best = fm_cpu_int8_best();
     CHECK(fm_cpu_int8_choose(NULL) == fm_cpu_int8_choose("")); /* the default, on or off (ops.c) */
@@ -638,15 +640,18 @@ FM_TEST(int8_dispatch) {
         CHECK(fm_cpu_int8_choose(fm_cpu_int8_name((fm_cpu_int8)k)) ==
               (fm_cpu_int8_supported((fm_cpu_int8)k) ? (fm_cpu_int8)k : best));
     /* the path per float level (FLASHMOE_CPU): AVX-512 keeps the choice; AVX2 (an AVX2-only CPU, or
-     * FLASHMOE_CPU=avx2) takes the AVX2 path in place of any other, and the default there is AVX2 */
+     * FLASHMOE_CPU=avx2) keeps AVX2/AVXVNNI and takes the best of them in place of VNNI/AMX, so the
+     * default there is an AVX2 path */
     if (fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) {
+        const fm_cpu_int8 avx2_best = fm_cpu_int8_supported(FM_CPU_INT8_AVXVNNI) ? FM_CPU_INT8_AVXVNNI : FM_CPU_INT8_AVX2;
         for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AMX; k++) {
             CHECK(fm_cpu_int8_for_level(FM_CPU_AVX512, (fm_cpu_int8)k) == (fm_cpu_int8)k);
-            CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, (fm_cpu_int8)k) == FM_CPU_INT8_AVX2);
+            CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, (fm_cpu_int8)k) ==
+                  (k <= FM_CPU_INT8_AVXVNNI ? (fm_cpu_int8)k : avx2_best));
             CHECK(fm_cpu_int8_for_level(FM_CPU_SCALAR, (fm_cpu_int8)k) == FM_CPU_INT8_OFF);
         }
         CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, fm_cpu_int8_choose(NULL)) ==
-              (fm_cpu_int8_choose(NULL) == FM_CPU_INT8_OFF ? FM_CPU_INT8_OFF : FM_CPU_INT8_AVX2));
+              (fm_cpu_int8_choose(NULL) == FM_CPU_INT8_OFF ? FM_CPU_INT8_OFF : avx2_best));
         CHECK(fm_cpu_int8_for_level(FM_CPU_AVX2, fm_cpu_int8_choose("avx2")) == FM_CPU_INT8_AVX2);
         CHECK(fm_cpu_int8_for_level(FM_CPU_AVX512, fm_cpu_int8_choose("avx2")) == FM_CPU_INT8_AVX2);
     }
@@ -671,10 +676,11 @@ FM_TEST(int8_dispatch) {
         CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, lv, &q, 64) == FM_CPU_INT8_AMX);
     }
     for (int lv = 1; lv <= 2; lv++)
-        for (int64_t T = 1; T <= 64; T *= 4) {
-            CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AVX2, lv, &q, T) == FM_CPU_INT8_AVX2);
-            CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AVX2, lv, &f, T) == FM_CPU_INT8_OFF);
-        }
+        for (int64_t T = 1; T <= 64; T *= 4)
+            for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AVXVNNI; k++) {
+                CHECK(fm_cpu_int8_pick((fm_cpu_int8)k, lv, &q, T) == (fm_cpu_int8)k);
+                CHECK(fm_cpu_int8_pick((fm_cpu_int8)k, lv, &f, T) == FM_CPU_INT8_OFF);
+            }
     CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 2, &q, 6) == FM_CPU_INT8_AMX);
     CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 1, &q, 6) == FM_CPU_INT8_VNNI);
     /* fm_cpu_matmul is exactly the path picked */

@@ -8,7 +8,7 @@
  * [4096, 1024]; --shapes for others, e.g. the dense projections), a ring of distinct matrices
  * filling --mib MiB, each at a 4096-aligned offset like the expert blocks. Levels: the float
  * kernels (scalar, avx2, avx512: fm_cpu_matmul_at) and the int8-activation paths for quantized
- * types (vnni, amx, avx2i8: fm_cpu_matmul_int8). A measurement calls fm_cpu_matmul_at on
+ * types (vnni, amx, avx2i8, avxvnni: fm_cpu_matmul_int8). A measurement calls fm_cpu_matmul_at on
  * successive matrices of the ring (continuing where the last stopped) for at least --min-time
  * seconds; every matrix has been evicted from the caches by the ones after it. Reported: GB/s of
  * weight bytes, the ratio to the all-thread RAM bandwidth, GFLOP/s (2 rows cols tokens / time) and
@@ -31,16 +31,17 @@ static void help(void) {
     printf("usage: flashmoe kernelbench [options]\n\n"
            "Measures the RAM read bandwidth and the CPU matmul kernels' throughput on expert-sized matrices\n"
            "(the 397B geometry: gate/up [1024, 4096], down [4096, 1024]) streamed from RAM, at each SIMD level\n"
-           "and, for quantized types, each int8-activation path (vnni, amx, avx2i8; one token has no AMX row:\n"
+           "and, for quantized types, each int8-activation path (vnni, amx, avx2i8, avxvnni; one token has no AMX row:\n"
            "the int8 path runs the one-token VNNI kernel there).\n\n"
            "options:\n"
            "  --threads N       compute threads (default: online CPUs)\n"
            "  --mib N           RAM buffer and matrix ring size in MiB (default 1024; keep it >> L3)\n"
            "  --repeats N       measurements per figure, the median is reported (default 5)\n"
            "  --min-time S      seconds per measurement, at least (default 0.25)\n"
-           "  --levels LIST     comma-separated: scalar,avx2,avx512 (float kernels), vnni,amx,avx2i8 (int8\n"
-           "                    paths, two activation levels; avx2i8: the AVX2-only one, FLASHMOE_CPU_INT8=avx2),\n"
-           "                    vnni1,amx1,avx2i81 (one level) (default: scalar,avx2,avx512,vnni,amx)\n"
+           "  --levels LIST     comma-separated: scalar,avx2,avx512 (float kernels), vnni,amx,avx2i8,avxvnni\n"
+           "                    (int8 paths, two activation levels; avx2i8: the AVX2-only one,\n"
+           "                    FLASHMOE_CPU_INT8=avx2; avxvnni: the same with AVX-VNNI), vnni1,amx1,avx2i81,\n"
+           "                    avxvnni1 (one level) (default: scalar,avx2,avx512,vnni,amx)\n"
            "  --types LIST      comma-separated: q4,q8,q2,bf16,f16,f32 (default q4,q8,q2,bf16)\n"
            "  --group N         quantized group size (default 64; scales BF16)\n"
            "  --tokens LIST     comma-separated token counts (default 1,32)\n"
@@ -115,18 +116,18 @@ static bool ring_init(ring *rg, fm_dtype dt, int64_t rows, int64_t cols, int gs,
 }
 
 /* levels 0..2: fm_cpu_level (float kernels); 3, 4: the int8 paths vnni, amx with two activation
- * levels; 5, 6: the same with one; 7, 8: the AVX2 int8 path with two, one */
-#define N_LEVELS 9
-static const char *const level_names[N_LEVELS] = {"scalar", "avx2", "avx512", "vnni", "amx", "vnni1", "amx1",
-                                                  "avx2i8", "avx2i81"};
+ * levels; 5, 6: the same with one; 7, 8: the AVX2 int8 path with two, one; 9, 10: its AVX-VNNI form */
+#define N_LEVELS 11
+static const char *const level_names[N_LEVELS] = {"scalar", "avx2",    "avx512",  "vnni",     "amx",     "vnni1",
+                                                  "amx1",   "avx2i8",  "avx2i81", "avxvnni", "avxvnni1"};
 static fm_cpu_int8 level_int8(int lv) {
-    return lv < 3 ? FM_CPU_INT8_OFF
-           : lv >= 7             ? FM_CPU_INT8_AVX2
-           : lv == 3 || lv == 5  ? FM_CPU_INT8_VNNI
-                                 : FM_CPU_INT8_AMX;
+    static const fm_cpu_int8 k[N_LEVELS] = {FM_CPU_INT8_OFF,  FM_CPU_INT8_OFF,  FM_CPU_INT8_OFF,    FM_CPU_INT8_VNNI,
+                                            FM_CPU_INT8_AMX,  FM_CPU_INT8_VNNI, FM_CPU_INT8_AMX,    FM_CPU_INT8_AVX2,
+                                            FM_CPU_INT8_AVX2, FM_CPU_INT8_AVXVNNI, FM_CPU_INT8_AVXVNNI};
+    return k[lv];
 }
 /* activation levels of an int8 level */
-static int level_acts(int lv) { return lv == 5 || lv == 6 || lv == 8 ? 1 : 2; }
+static int level_acts(int lv) { return lv == 5 || lv == 6 || lv == 8 || lv == 10 ? 1 : 2; }
 static bool level_supported(int lv) {
     return lv < 3 ? fm_cpu_level_supported((fm_cpu_level)lv) : fm_cpu_int8_supported(level_int8(lv));
 }
@@ -221,7 +222,7 @@ int fm_cli_kernelbench(int argc, char **argv) {
     int n_tokens = 2, n_shapes = 2;
     int64_t shapes[MAX_SHAPES][2] = {{1024, 4096}, {4096, 1024}};
     double min_time = 0.25;
-    bool json = false, level_on[N_LEVELS] = {true, true, true, true, true, false, false, false, false}, type_on[N_TYPES] = {true, true, true, true, false, false};
+    bool json = false, level_on[N_LEVELS] = {true, true, true, true, true, false, false, false, false, false, false}, type_on[N_TYPES] = {true, true, true, true, false, false};
     int c;
     optind = 1;
     while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {

@@ -8,6 +8,9 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
+#if defined(__x86_64__)
+#include <cpuid.h>
+#endif
 
 #include "backend/cpu/kernels.h"
 #include "quant/quant.h"
@@ -257,6 +260,16 @@ bool fm_cpu_int8_supported(fm_cpu_int8 k) {
     switch (k) {
     case FM_CPU_INT8_OFF: return true;
     case FM_CPU_INT8_AVX2: return fm_cpu_level_supported(FM_CPU_AVX2);
+    case FM_CPU_INT8_AVXVNNI: {
+#if defined(__x86_64__)
+        /* CPUID.(EAX=7, ECX=1):EAX bit 4 (GCC 12's __builtin_cpu_supports has no "avxvnni"); the
+         * OS saves the YMM registers if AVX2 is supported */
+        unsigned a, b, c, d;
+        return fm_cpu_level_supported(FM_CPU_AVX2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+#else
+        return false;
+#endif
+    }
     case FM_CPU_INT8_VNNI:
 #if defined(__x86_64__)
         return fm_cpu_level_supported(FM_CPU_AVX512) && __builtin_cpu_supports("avx512vnni") &&
@@ -272,6 +285,7 @@ bool fm_cpu_int8_supported(fm_cpu_int8 k) {
 fm_cpu_int8 fm_cpu_int8_best(void) {
     if (fm_cpu_int8_supported(FM_CPU_INT8_AMX)) return FM_CPU_INT8_AMX;
     if (fm_cpu_int8_supported(FM_CPU_INT8_VNNI)) return FM_CPU_INT8_VNNI;
+    if (fm_cpu_int8_supported(FM_CPU_INT8_AVXVNNI)) return FM_CPU_INT8_AVXVNNI;
     if (fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) return FM_CPU_INT8_AVX2;
     return FM_CPU_INT8_OFF;
 }
@@ -280,6 +294,7 @@ const char *fm_cpu_int8_name(fm_cpu_int8 k) {
     switch (k) {
     case FM_CPU_INT8_OFF: return "off";
     case FM_CPU_INT8_AVX2: return "avx2";
+    case FM_CPU_INT8_AVXVNNI: return "avxvnni";
     case FM_CPU_INT8_VNNI: return "vnni";
     case FM_CPU_INT8_AMX: return "amx";
     default: return "?";
@@ -302,20 +317,25 @@ fm_cpu_int8 fm_cpu_int8_choose(const char *request) {
         if (strcmp(request, fm_cpu_int8_name((fm_cpu_int8)k))) continue;
         if (fm_cpu_int8_supported((fm_cpu_int8)k)) return (fm_cpu_int8)k;
         fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: this CPU or OS lacks %s; using %s\n", request,
-                k == FM_CPU_INT8_AMX    ? "AMX-INT8"
-                : k == FM_CPU_INT8_VNNI ? "AVX-512 VNNI/VBMI"
-                                        : "AVX2/FMA/F16C",
+                k == FM_CPU_INT8_AMX       ? "AMX-INT8"
+                : k == FM_CPU_INT8_VNNI    ? "AVX-512 VNNI/VBMI"
+                : k == FM_CPU_INT8_AVXVNNI ? "AVX-VNNI"
+                                           : "AVX2/FMA/F16C",
                 fm_cpu_int8_name(best));
         return best;
     }
-    fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: unknown value (0, off, avx2, vnni, amx or auto); using %s\n",
+    fprintf(stderr, "flashmoe: FLASHMOE_CPU_INT8=%s: unknown value (0, off, avx2, avxvnni, vnni, amx or auto); using %s\n",
             request, fm_cpu_int8_name(best));
     return best;
 }
 
 fm_cpu_int8 fm_cpu_int8_for_level(fm_cpu_level level, fm_cpu_int8 k) {
     if (level == FM_CPU_AVX512 || k == FM_CPU_INT8_OFF) return k;
-    return level == FM_CPU_AVX2 && fm_cpu_int8_supported(FM_CPU_INT8_AVX2) ? FM_CPU_INT8_AVX2 : FM_CPU_INT8_OFF;
+    if (level != FM_CPU_AVX2) return FM_CPU_INT8_OFF;
+    if (k == FM_CPU_INT8_AVX2 || k == FM_CPU_INT8_AVXVNNI) return k;
+    return fm_cpu_int8_supported(FM_CPU_INT8_AVXVNNI) ? FM_CPU_INT8_AVXVNNI
+           : fm_cpu_int8_supported(FM_CPU_INT8_AVX2)  ? FM_CPU_INT8_AVX2
+                                                      : FM_CPU_INT8_OFF;
 }
 
 static pthread_once_t int8_once = PTHREAD_ONCE_INIT;
@@ -345,7 +365,7 @@ fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k) {
 
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens) {
     if (mode == FM_CPU_INT8_OFF || !fm_dtype_is_quant(w->dtype) || n_tokens < INT8_MIN_TOKENS) return FM_CPU_INT8_OFF;
-    if (mode == FM_CPU_INT8_AVX2) return FM_CPU_INT8_AVX2;
+    if (mode == FM_CPU_INT8_AVX2 || mode == FM_CPU_INT8_AVXVNNI) return mode;
     return mode == FM_CPU_INT8_AMX && n_tokens >= (levels == 1 ? 12 : 6) ? FM_CPU_INT8_AMX : FM_CPU_INT8_VNNI;
 }
 
@@ -373,9 +393,12 @@ typedef struct int8_job {
     int16_t *xw;
 } int8_job;
 
+/* the AVX2 paths (their own quantizer, widened activations, kernels) */
+static bool int8_avx2(fm_cpu_int8 k) { return k == FM_CPU_INT8_AVX2 || k == FM_CPU_INT8_AVXVNNI; }
+
 static void int8_prep(void *arg, int64_t t0, int64_t t1) {
     int8_job *s = arg;
-    if (s->kind != FM_CPU_INT8_AVX2) {
+    if (!int8_avx2(s->kind)) {
         fm_kern_i8_quant(s->k.w, s->x, t0, t1, s->xq, s->xq2, s->k.xq_stride, s->dx, s->xs);
         return;
     }
@@ -392,6 +415,7 @@ static void int8_rows(void *arg, int64_t b0, int64_t b1) {
     const int64_t N = s->k.w->rows, r0 = b0 * INT8_ROWS, r1 = b1 * INT8_ROWS < N ? b1 * INT8_ROWS : N;
     if (s->kind == FM_CPU_INT8_AMX) fm_kern_amx_rows(&s->k, r0, r1);
     else if (s->kind == FM_CPU_INT8_AVX2) fm_kern_avx2_i8_rows(&s->k, r0, r1);
+    else if (s->kind == FM_CPU_INT8_AVXVNNI) fm_kern_avxvnni_i8_rows(&s->k, r0, r1);
     else fm_kern_vnni_rows(&s->k, r0, r1);
 }
 
@@ -400,9 +424,10 @@ static void int8_t1_rows_avx2(void *arg, int64_t r0, int64_t r1) { fm_kern_avx2_
 
 #define T1_STACK_COLS 16384 /* one token at up to 16K columns needs no allocation */
 
-/* One token through an in-place kernel (kernels.h): the VNNI one, or the AVX2 one if avx2; false
- * if the scratch cannot be had. */
-static bool matmul_int8_t1(bool avx2, int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
+/* One token through the in-place kernel of path k (kernels.h): AVX2's (AVX2, AVXVNNI), else VNNI's;
+ * false if the scratch cannot be had. */
+static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
+    const bool avx2 = int8_avx2(k);
     const int64_t Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
     const bool wide = avx2 && fm_quant_bits(w->dtype) == 8; /* the AVX2 Q8 kernel reads the int16 Q */
     const size_t bytes = (size_t)((wide ? 4 : 2) * Kc) + sizeof(float) * (size_t)(2 * G);
@@ -437,9 +462,8 @@ fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *
                     fm_dtype_is_quant(w->dtype) &&
                     fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
                     n_tokens <= (INT64_MAX / 8 - 15) / (w->cols + 64);
-    const bool avx2 = k == FM_CPU_INT8_AVX2;
-    if (ok && n_tokens == 1 && matmul_int8_t1(avx2, levels, pool, out, x, w))
-        return avx2 ? FM_CPU_INT8_AVX2 : FM_CPU_INT8_VNNI;
+    const bool avx2 = int8_avx2(k);
+    if (ok && n_tokens == 1 && matmul_int8_t1(k, levels, pool, out, x, w)) return avx2 ? k : FM_CPU_INT8_VNNI;
     void *buf = NULL;
     const int64_t K = ok ? w->cols : 0, G = ok ? K / w->group_size : 0, tpad = (n_tokens + 15) & ~(int64_t)15;
     /* rows of xq 64 bytes longer than K: at K = 1024, 4096, .. the 16 rows of an AMX tile load

@@ -65,9 +65,11 @@ fm_cpu_level fm_cpu_matmul_level(void);
  * trained test model visible quality (docs/SPEED.md). */
 typedef enum fm_cpu_int8 {
     FM_CPU_INT8_OFF = 0,  /* the float kernels (fm_cpu_matmul_at) */
-    FM_CPU_INT8_AVX2 = 1, /* AVX2 only (vpmaddubsw / vpmaddwd; kernels_int8_avx2.c), one token included */
-    FM_CPU_INT8_VNNI = 2, /* AVX-512 VNNI (vpdpbusd) + VBMI */
-    FM_CPU_INT8_AMX = 3,  /* AMX-INT8 tiles (tdpbsud), VNNI for the rest */
+    FM_CPU_INT8_AVX2 = 1,    /* AVX2 only (vpmaddubsw / vpmaddwd; kernels_int8_avx2.c), one token included */
+    FM_CPU_INT8_AVXVNNI = 2, /* the same with AVX-VNNI (256-bit vpdpbusd / vpdpwssd, no AVX-512) at
+                              * several tokens; one token: AVX2's in-place kernel */
+    FM_CPU_INT8_VNNI = 3,    /* AVX-512 VNNI (vpdpbusd) + VBMI */
+    FM_CPU_INT8_AMX = 4,     /* AMX-INT8 tiles (tdpbsud), VNNI for the rest */
 } fm_cpu_int8;
 
 /* True if this CPU and OS can run the int8 path `k` (OFF: always). AMX: CPUID, the tile-data
@@ -78,24 +80,24 @@ bool fm_cpu_int8_supported(fm_cpu_int8 k);
 /* The best supported int8 path (OFF if none). */
 fm_cpu_int8 fm_cpu_int8_best(void);
 
-/* "off", "avx2", "vnni", "amx" ("?" for anything else). */
+/* "off", "avx2", "avxvnni", "vnni", "amx" ("?" for anything else). */
 const char *fm_cpu_int8_name(fm_cpu_int8 k);
 
 /* The path for a FLASHMOE_CPU_INT8 value: "auto" or "1" give fm_cpu_int8_best(); "0" or "off" give
- * OFF; "avx2", "vnni", "amx" give that path if supported; NULL or "" give the default: the best path
+ * OFF; "avx2", "avxvnni", "vnni", "amx" give that path if supported; NULL or "" give the default: the best path
  * (ops.c, INT8_DEFAULT_ON). An unknown value or a path the CPU
  * lacks prints one line on stderr and gives the best path. */
 fm_cpu_int8 fm_cpu_int8_choose(const char *request);
 
-/* The int8 path to use at float level `level` when path k was chosen: k at AVX512; at AVX2, AVX2 in
- * place of VNNI/AMX (so that FLASHMOE_CPU=avx2 runs no AVX-512 instruction, int8 path included;
- * OFF stays OFF); OFF at SCALAR. */
+/* The int8 path to use at float level `level` when path k was chosen: k at AVX512; at AVX2, k if it
+ * is AVX2 or AVXVNNI, else (VNNI, AMX) the best of those two (so that FLASHMOE_CPU=avx2 runs no
+ * AVX-512 instruction, int8 path included; OFF stays OFF); OFF at SCALAR. */
 fm_cpu_int8 fm_cpu_int8_for_level(fm_cpu_level level, fm_cpu_int8 k);
 
 /* The int8 path fm_cpu_matmul uses: fm_cpu_int8_for_level(fm_cpu_matmul_level(),
  * fm_cpu_int8_choose(getenv("FLASHMOE_CPU_INT8"))), decided once per process on first use
- * (thread-safe). So by default AMX or VNNI on AVX-512 CPUs, AVX2 on AVX2 CPUs (and with
- * FLASHMOE_CPU=avx2), OFF with FLASHMOE_CPU=scalar or FLASHMOE_CPU_INT8=0. */
+ * (thread-safe). So by default AMX or VNNI on AVX-512 CPUs, AVXVNNI or AVX2 on AVX2 CPUs (and
+ * with FLASHMOE_CPU=avx2), OFF with FLASHMOE_CPU=scalar or FLASHMOE_CPU_INT8=0. */
 fm_cpu_int8 fm_cpu_matmul_int8_mode(void);
 
 /* Overrides the int8 path fm_cpu_matmul uses from now on (an unsupported path gives the best one;
@@ -106,7 +108,7 @@ fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k);
 /* The path fm_cpu_matmul takes in int8 mode `mode` with `levels` activation levels for n_tokens
  * tokens of weight w: OFF (the float kernels) for unquantized weights; with mode AMX, AMX from 6
  * tokens on (12 with one level), VNNI below; mode VNNI: VNNI (one token: the in-place VNNI kernel);
- * mode AVX2: AVX2 (one token: its in-place kernel). */
+ * mode AVX2 or AVXVNNI: that path (one token: its in-place kernel). */
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens);
 
 /* Activation levels fm_cpu_matmul's int8 path uses: FLASHMOE_CPU_INT8_LEVELS = 1 or 2 (default 2;
@@ -114,7 +116,7 @@ fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, i
 int fm_cpu_int8_levels(void);
 
 /* fm_cpu_matmul through int8 path k (that kernel, whatever n_tokens, except that one token with
- * VNNI or AMX always takes the in-place VNNI kernel, and with AVX2 the in-place AVX2 one; an
+ * VNNI or AMX always takes the in-place VNNI kernel, and with AVX2/AVXVNNI its in-place one; an
  * unsupported path falls back to the best one below it) with
  * `levels` (1 or 2) activation levels. Returns the path that
  * ran; OFF when none could (weight not quantized, levels not 1 or 2, no support, the activation

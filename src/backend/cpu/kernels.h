@@ -207,8 +207,9 @@ void fm_kern_avx2_i8_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 int64_t fm_kern_avx2_i8_t1_cols(const fm_weight *w);
 void fm_kern_avx2_i8_t1_order(const fm_weight *w, int8_t *xq);
 void fm_kern_avx2_i8_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
-/* avx2_i8_rows with AVX-VNNI (kernels_int8_avxvnni.c: vpdpbusd / vpdpwssd on 256-bit vectors): the
- * same inputs, the same results. Needs AVX-VNNI. (One token: avx2_i8_t1_rows.) */
+/* avx2_i8_rows and avx2_i8_t1_rows with AVX-VNNI (kernels_int8_avxvnni.c: vpdpbusd / vpdpwssd on
+ * 256-bit vectors): the same inputs, the same results. Need AVX-VNNI. */
 void fm_kern_avxvnni_i8_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
+void fm_kern_avxvnni_i8_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1);
 
 #endif

@@ -31,11 +31,10 @@
  * AVX-VNNI (Intel 12th gen on, AMD Zen 5): kernels_int8_avxvnni.c compiles this file a second time
  * with FM_I8_VNNI = 1 and -mavxvnni: the byte form's vpmaddubsw + vpaddw (+ vpmaddwd by ones)
  * becomes one vpdpbusd (u8 x s8 into int32, no saturation: Q8 too) and the word form's vpmaddwd +
- * vpaddd one vpdpwssd. Several tokens only: the byte form for every type with one level, the word
- * form with two (kernelbench, 2 threads, 16 tokens, Q4: ~+8% with two levels, ~+12% with one, Q8
- * one level ~+50%). The one-token kernel stays the AVX2 one (memory-bound; its AVX-VNNI form
- * measured ~10% slower). That build defines fm_kern_avxvnni_i8_rows (I8_NAME) only; the one-token
- * kernel and the activation functions exist only in this one. */
+ * vpaddd one vpdpwssd. Several tokens: the byte form for every type with one level, the word form
+ * with two. One token: the same kernel (vpdpbusd for Q4/Q2, vpdpwssd for Q8). That build defines
+ * fm_kern_avxvnni_i8_rows and _t1_rows (I8_NAME); the activation functions, the same for both,
+ * exist only in this one (docs/SPEED.md, session 7, for what AVX-VNNI gains). */
 #include "backend/cpu/kernels.h"
 
 #include <immintrin.h>
@@ -293,8 +292,6 @@ FM_KERN_I8_TABLE(tn, rows_bits)
 
 void I8_NAME(rows)(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { fm_kern_i8_dispatch(tn_fns, j, r0, r1); }
 
-#if !FM_I8_VNNI /* the one-token kernel and the activations: this build only */
-
 /* ---- one token: the weights read where they are ----
  *
  * A 32-byte chunk of a row holds CH = 32 VB columns (VB = 8 / bits values a byte).
@@ -394,7 +391,9 @@ static AI void t1_rows_bits(const fm_kern_i8_job *j, int64_t r0, int64_t r1, con
 
 FM_KERN_I8_TABLE(t1, t1_rows_bits)
 
-void fm_kern_avx2_i8_t1_rows(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { fm_kern_i8_dispatch(t1_fns, j, r0, r1); }
+void I8_NAME(t1_rows)(const fm_kern_i8_job *j, int64_t r0, int64_t r1) { fm_kern_i8_dispatch(t1_fns, j, r0, r1); }
+
+#if !FM_I8_VNNI /* the activations: this build only */
 
 int64_t fm_kern_avx2_i8_t1_cols(const fm_weight *w) {
     const int64_t CH = t1_chunk_cols(fm_quant_bits(w->dtype));

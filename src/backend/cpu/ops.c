@@ -256,20 +256,24 @@ static void amx_init(void) {
 #endif
 }
 
+static pthread_once_t avxvnni_once = PTHREAD_ONCE_INIT;
+static bool avxvnni_ok;
+
+/* once per process: CPUID traps to the hypervisor in a VM (~20 us a call here, measured) */
+static void avxvnni_init(void) {
+#if defined(__x86_64__)
+    /* CPUID.(EAX=7, ECX=1):EAX bit 4 (GCC 12's __builtin_cpu_supports has no "avxvnni"); the OS
+     * saves the YMM registers if AVX2 is supported */
+    unsigned a, b, c, d;
+    avxvnni_ok = fm_cpu_level_supported(FM_CPU_AVX2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
+#endif
+}
+
 bool fm_cpu_int8_supported(fm_cpu_int8 k) {
     switch (k) {
     case FM_CPU_INT8_OFF: return true;
     case FM_CPU_INT8_AVX2: return fm_cpu_level_supported(FM_CPU_AVX2);
-    case FM_CPU_INT8_AVXVNNI: {
-#if defined(__x86_64__)
-        /* CPUID.(EAX=7, ECX=1):EAX bit 4 (GCC 12's __builtin_cpu_supports has no "avxvnni"); the
-         * OS saves the YMM registers if AVX2 is supported */
-        unsigned a, b, c, d;
-        return fm_cpu_level_supported(FM_CPU_AVX2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a >> 4 & 1);
-#else
-        return false;
-#endif
-    }
+    case FM_CPU_INT8_AVXVNNI: pthread_once(&avxvnni_once, avxvnni_init); return avxvnni_ok;
     case FM_CPU_INT8_VNNI:
 #if defined(__x86_64__)
         return fm_cpu_level_supported(FM_CPU_AVX512) && __builtin_cpu_supports("avx512vnni") &&
@@ -421,10 +425,11 @@ static void int8_rows(void *arg, int64_t b0, int64_t b1) {
 
 static void int8_t1_rows(void *arg, int64_t r0, int64_t r1) { fm_kern_vnni_t1_rows(arg, r0, r1); }
 static void int8_t1_rows_avx2(void *arg, int64_t r0, int64_t r1) { fm_kern_avx2_i8_t1_rows(arg, r0, r1); }
+static void int8_t1_rows_avxvnni(void *arg, int64_t r0, int64_t r1) { fm_kern_avxvnni_i8_t1_rows(arg, r0, r1); }
 
 #define T1_STACK_COLS 16384 /* one token at up to 16K columns needs no allocation */
 
-/* One token through the in-place kernel of path k (kernels.h): AVX2's (AVX2, AVXVNNI), else VNNI's;
+/* One token through the in-place kernel of path k (kernels.h): AVX2's, AVXVNNI's, else VNNI's;
  * false if the scratch cannot be had. */
 static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
     const bool avx2 = int8_avx2(k);
@@ -450,7 +455,8 @@ static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out,
     fm_kern_i8_job j = {.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs,
                         .xw = xw, .xw_stride = Kc};
     /* one contiguous share per thread of at least ~1M multiply-adds, as below */
-    fm_pool_run(pool, avx2 ? int8_t1_rows_avx2 : int8_t1_rows, &j, w->rows, 1048576 / w->cols + 1);
+    fm_pool_run(pool, !avx2 ? int8_t1_rows : k == FM_CPU_INT8_AVX2 ? int8_t1_rows_avx2 : int8_t1_rows_avxvnni, &j,
+                w->rows, 1048576 / w->cols + 1);
     if (buf != stack_buf) free(buf);
     return true;
 }

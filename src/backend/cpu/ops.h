@@ -66,8 +66,7 @@ fm_cpu_level fm_cpu_matmul_level(void);
 typedef enum fm_cpu_int8 {
     FM_CPU_INT8_OFF = 0,  /* the float kernels (fm_cpu_matmul_at) */
     FM_CPU_INT8_AVX2 = 1,    /* AVX2 only (vpmaddubsw / vpmaddwd; kernels_int8_avx2.c), one token included */
-    FM_CPU_INT8_AVXVNNI = 2, /* the same with AVX-VNNI (256-bit vpdpbusd / vpdpwssd, no AVX-512) at
-                              * several tokens; one token: AVX2's in-place kernel */
+    FM_CPU_INT8_AVXVNNI = 2, /* the same with AVX-VNNI (256-bit vpdpbusd / vpdpwssd, no AVX-512) */
     FM_CPU_INT8_VNNI = 3,    /* AVX-512 VNNI (vpdpbusd) + VBMI */
     FM_CPU_INT8_AMX = 4,     /* AMX-INT8 tiles (tdpbsud), VNNI for the rest */
 } fm_cpu_int8;

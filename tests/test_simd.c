@@ -678,7 +678,10 @@ FM_TEST(int8_dispatch) {
     for (int lv = 1; lv <= 2; lv++)
         for (int64_t T = 1; T <= 64; T *= 4)
             for (int k = FM_CPU_INT8_AVX2; k <= FM_CPU_INT8_AVXVNNI; k++) {
+                fm_weight q8 = q;
+                q8.dtype = FM_DTYPE_Q8;
                 CHECK(fm_cpu_int8_pick((fm_cpu_int8)k, lv, &q, T) == (fm_cpu_int8)k);
+                CHECK(fm_cpu_int8_pick((fm_cpu_int8)k, lv, &q8, T) == (T == 1 ? FM_CPU_INT8_OFF : (fm_cpu_int8)k));
                 CHECK(fm_cpu_int8_pick((fm_cpu_int8)k, lv, &f, T) == FM_CPU_INT8_OFF);
             }
     CHECK(fm_cpu_int8_pick(FM_CPU_INT8_AMX, 2, &q, 6) == FM_CPU_INT8_AMX);

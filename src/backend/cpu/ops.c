@@ -369,7 +369,11 @@ fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k) {
 
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens) {
     if (mode == FM_CPU_INT8_OFF || !fm_dtype_is_quant(w->dtype) || n_tokens < INT8_MIN_TOKENS) return FM_CPU_INT8_OFF;
-    if (mode == FM_CPU_INT8_AVX2 || mode == FM_CPU_INT8_AVXVNNI) return mode;
+    /* AVX2 paths: one token of Q8 stays on the float kernels (as fast in kernelbench, and end to end
+     * on a Q8-dense model the int8 form made the mixer and lm_head ~10% slower; docs/SPEED.md,
+     * session 7); Q4/Q2 gain 40-130% there */
+    if (mode == FM_CPU_INT8_AVX2 || mode == FM_CPU_INT8_AVXVNNI)
+        return n_tokens == 1 && w->dtype == FM_DTYPE_Q8 ? FM_CPU_INT8_OFF : mode;
     return mode == FM_CPU_INT8_AMX && n_tokens >= (levels == 1 ? 12 : 6) ? FM_CPU_INT8_AMX : FM_CPU_INT8_VNNI;
 }
 
@@ -399,6 +403,11 @@ typedef struct int8_job {
 
 /* the AVX2 paths (their own quantizer, widened activations, kernels) */
 static bool int8_avx2(fm_cpu_int8 k) { return k == FM_CPU_INT8_AVX2 || k == FM_CPU_INT8_AVXVNNI; }
+
+/* The fewest multiply-adds worth a thread of path k (waking one costs ~15 us on the 2-core VM):
+ * ~1M for VNNI/AMX; ~256K for the AVX2 paths, the float kernels' figure (their speed is nearer the
+ * float kernels': with ~1M, the decode's 1024-row dense products ran on one thread, mixer +50%). */
+static int64_t int8_min_work(fm_cpu_int8 k) { return int8_avx2(k) ? 262144 : 1048576; }
 
 static void int8_prep(void *arg, int64_t t0, int64_t t1) {
     int8_job *s = arg;
@@ -454,9 +463,9 @@ static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out,
     }
     fm_kern_i8_job j = {.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs,
                         .xw = xw, .xw_stride = Kc};
-    /* one contiguous share per thread of at least ~1M multiply-adds, as below */
+    /* one contiguous share per thread of at least ~1M multiply-adds, as below (AVX2: ~256K) */
     fm_pool_run(pool, !avx2 ? int8_t1_rows : k == FM_CPU_INT8_AVX2 ? int8_t1_rows_avx2 : int8_t1_rows_avxvnni, &j,
-                w->rows, 1048576 / w->cols + 1);
+                w->rows, int8_min_work(k) / w->cols + 1);
     if (buf != stack_buf) free(buf);
     return true;
 }
@@ -495,9 +504,9 @@ fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *
     if (n_tokens >= 16) fm_pool_run(pool, int8_prep, &s, n_tokens, 8);
     else int8_prep(&s, 0, n_tokens);
     /* one contiguous share of 16-row blocks per thread, each at least ~1M multiply-adds (the int8
-     * kernels do several times the float ones' work per microsecond) */
+     * kernels do several times the float ones' work per microsecond; AVX2's ~1.5x: ~256K) */
     const int64_t blocks = (w->rows + INT8_ROWS - 1) / INT8_ROWS;
-    fm_pool_run(pool, int8_rows, &s, blocks, 1048576 / (INT8_ROWS * K * n_tokens) + 1);
+    fm_pool_run(pool, int8_rows, &s, blocks, int8_min_work(k) / (INT8_ROWS * K * n_tokens) + 1);
     free(buf);
     return k;
 }

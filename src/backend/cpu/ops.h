@@ -107,7 +107,7 @@ fm_cpu_int8 fm_cpu_set_int8_mode(fm_cpu_int8 k);
 /* The path fm_cpu_matmul takes in int8 mode `mode` with `levels` activation levels for n_tokens
  * tokens of weight w: OFF (the float kernels) for unquantized weights; with mode AMX, AMX from 6
  * tokens on (12 with one level), VNNI below; mode VNNI: VNNI (one token: the in-place VNNI kernel);
- * mode AVX2 or AVXVNNI: that path (one token: its in-place kernel). */
+ * mode AVX2 or AVXVNNI: that path (one token: its in-place kernel), except one token of Q8: OFF. */
 fm_cpu_int8 fm_cpu_int8_pick(fm_cpu_int8 mode, int levels, const fm_weight *w, int64_t n_tokens);
 
 /* Activation levels fm_cpu_matmul's int8 path uses: FLASHMOE_CPU_INT8_LEVELS = 1 or 2 (default 2;

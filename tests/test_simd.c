@@ -358,7 +358,8 @@ typedef struct i8stats {
 static float round_group(const float *x, int gs, int levels, int32_t *Q, double *xh) {
     float amax = 0;
     for (int c = 0; c < gs; c++) amax = fmaxf(amax, fabsf(x[c]));
-    const float inv = amax > 0 ? 127.0f / amax : 0.0f, d = amax / 127.0f, inv2 = inv * 256.0f;
+    const float inv = amax >= FM_KERN_I8_AMAX_MIN ? 127.0f / amax : 0.0f, d = amax < FM_KERN_I8_AMAX_MIN ? 0.0f : amax / 127.0f,
+                inv2 = inv * 256.0f;
     const float dx = levels == 2 ? d / 256.0f : d;
     for (int c = 0; c < gs; c++) {
         const float q1 = nearbyintf(x[c] * inv);
@@ -526,14 +527,15 @@ FM_TEST(int8_matmul_q2) { int8_cases(t, FM_DTYPE_Q2); }
 /* The AVX2 activation quantizer (fm_kern_avx2_i8_quant) gives, byte for byte, the documented
  * rounding (round_group above: Q, dx in float32) and, where the CPU has AVX-512, the output of
  * fm_kern_i8_quant: xq, xq2, dx, xs all bit-identical. Inputs: random groups, all-zero groups,
- * groups with a 40x outlier, groups of huge (~1e37) and small (~1e-30) values, and groups with
+ * groups with a 40x outlier, groups of huge (~1e37), small (~1e-30) and tiny (< FM_KERN_I8_AMAX_MIN:
+ * zeros) values, and groups with
  * amax = 127 (then 127 / amax = 1, d = 1) holding exact ties k + 0.5: round half to even in level 1,
  * and residuals of exactly d / 2 that round to 128 and are clamped to 127 in level 2. */
 FM_TEST(int8_avx2_quant_bit_identical) {
     if (!fm_cpu_int8_supported(FM_CPU_INT8_AVX2)) SKIP("this CPU has no AVX2/FMA/F16C");
     rng_seed();
     const bool avx512 = fm_cpu_level_supported(FM_CPU_AVX512);
-    int groups_checked = 0, ties = 0, clamped = 0;
+    int groups_checked = 0, ties = 0, clamped = 0, tiny_zero = 0;
     for (int gi = 0; gi < 3; gi++) {
         const int gs = 32 << gi;
         const int64_t G = 24, K = G * gs, T = 3, stride = K + 16;
@@ -555,7 +557,7 @@ FM_TEST(int8_avx2_quant_bit_identical) {
         for (int64_t i = 0; i < T * K; i++) x[i] = (float)rnd();
         for (int64_t g = 0; g < T * G; g++) {
             float *p = x + g * gs;
-            switch (g % 6) {
+            switch (g % 7) {
             case 0: memset(p, 0, sizeof(float) * (size_t)gs); break;
             case 1: p[rnd_u64() % (uint64_t)gs] *= 40.0f; break;
             case 2:
@@ -567,6 +569,9 @@ FM_TEST(int8_avx2_quant_bit_identical) {
             case 4: /* amax 127: ties k + 0.5, exact in float32 */
                 for (int c = 0; c < gs; c++) p[c] = (float)((int)(rnd_u64() % 255) - 127) + (c % 2 ? 0.5f : 0.0f);
                 p[0] = rnd_u64() % 2 ? 127.0f : -127.0f;
+                break;
+            case 5: /* amax < FM_KERN_I8_AMAX_MIN (subnormals too): zeros, d = 0 (127 / amax would overflow) */
+                for (int c = 0; c < gs; c++) p[c] *= c % 3 ? 1e-36f : 1e-41f;
                 break;
             default: break;
             }
@@ -586,7 +591,9 @@ FM_TEST(int8_avx2_quant_bit_identical) {
                     for (int c = 0; c < gs; c++) {
                         const int8_t q1 = q[0][0][tk * stride + g * gs + c], q2 = levels == 2 ? q[0][1][tk * stride + g * gs + c] : 0;
                         bad += (levels == 2 ? 256 * q1 + q2 : q1) != Q[c];
-                        if (g % 6 == 4 && c % 2) ties++;
+                        const int64_t kind = (tk * G + g) % 7; /* the case of the input switch above */
+                        if (kind == 4 && c % 2) ties++;
+                        tiny_zero += kind == 5 && (q1 != 0 || q2 != 0);
                         clamped += levels == 2 && q2 == 127 && fabsf(p[c] - nearbyintf(p[c])) == 0.5f;
                     }
                     bad += memcmp(&dx[0][tk * G + g], &want_dx, sizeof(float)) != 0;
@@ -620,6 +627,7 @@ FM_TEST(int8_avx2_quant_bit_identical) {
         free(xh);
     }
     CHECK(ties > 0 && clamped > 0); /* the inputs did reach the rounding ties and the level-2 clamp */
+    CHECK_MSG(tiny_zero == 0, "%d values of groups below FM_KERN_I8_AMAX_MIN were not rounded to 0", tiny_zero);
     fprintf(stderr, "  %d groups against the documented rounding (%d ties, %d clamped residuals)%s\n", groups_checked,
             ties, clamped, avx512 ? "; bit-identical to fm_kern_i8_quant" : "; no AVX-512 here: not compared with fm_kern_i8_quant");
 }

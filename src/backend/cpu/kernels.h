@@ -89,7 +89,7 @@ uint64_t fm_kern_avx512_read(const void *p, size_t n);
  * Quantized weights at several tokens (prefill), an approximation of the product above:
  * activations are rounded per (token, group of the weight's group size) to int8, and optionally a
  * second int8 for the residual ("two levels", ~16-bit precision). In float32 arithmetic, with amax
- * = max |x_c| over the group (amax = 0 gives d = 0 and zeros),
+ * = max |x_c| over the group (amax < FM_KERN_I8_AMAX_MIN, 0 included, gives d = 0 and zeros),
  *     d = amax / 127,  q1_c = round_half_even(x_c * (127 / amax))          in [-127, 127]
  *     two levels:  r_c = fma(-q1_c, d, x_c),  q2_c = clamp(round_half_even(r_c * (127 / amax * 256)), -128, 127)
  * and the activations used are  x^_c = d q1_c  (one level)  or  d (q1_c + q2_c / 256)  (two), i.e.
@@ -114,6 +114,11 @@ uint64_t fm_kern_avx512_read(const void *p, size_t n);
  *   (arch_prctl(ARCH_REQ_XCOMP_PERM)) granted to the process.
  * amx_probe: runs one tile product on known data and says whether it came out right (call only
  *   where amx_rows may be called). */
+/* Groups whose largest |x| is below this round to zeros with d = 0: 127 / amax and 256 * 127 / amax
+ * must be finite in float32 (they overflow below ~9.6e-35), and such values are far below what any
+ * activation resolves. */
+#define FM_KERN_I8_AMAX_MIN 0x1p-110f
+
 typedef struct fm_kern_i8_job {
     float *out;         /* (n_tokens, w->rows) */
     int64_t n_tokens;

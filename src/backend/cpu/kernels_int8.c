@@ -484,7 +484,8 @@ void fm_kern_i8_quant(const fm_weight *w, const float *x, int64_t t0, int64_t t1
             __m512 m = _mm512_abs_ps(_mm512_loadu_ps(p));
             for (int64_t c = 16; c < gs; c += 16) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(p + c)));
             const float amax = _mm512_reduce_max_ps(m);
-            const float inv = amax > 0 ? 127.0f / amax : 0.0f, d = amax / 127.0f;
+            const float inv = amax >= FM_KERN_I8_AMAX_MIN ? 127.0f / amax : 0.0f,
+                        d = amax < FM_KERN_I8_AMAX_MIN ? 0.0f : amax / 127.0f; /* NaN: inv 0, d NaN */
             const __m512 iv = _mm512_set1_ps(inv), iv2 = _mm512_set1_ps(inv * 256.0f), dv = _mm512_set1_ps(d);
             __m512i qs = _mm512_setzero_si512(), qs2 = qs;
             for (int64_t c = 0; c < gs; c += 16) { /* round to nearest even (MXCSR default) */

@@ -472,7 +472,8 @@ void fm_kern_avx2_i8_quant(const fm_weight *w, const float *x, int64_t t0, int64
             h = _mm_max_ps(h, _mm_movehl_ps(h, h));
             h = _mm_max_ss(h, _mm_movehdup_ps(h));
             const float amax = _mm_cvtss_f32(h); /* the maximum of finite values: any order gives it */
-            const float inv = amax > 0 ? 127.0f / amax : 0.0f, d = amax / 127.0f;
+            const float inv = amax >= FM_KERN_I8_AMAX_MIN ? 127.0f / amax : 0.0f,
+                        d = amax < FM_KERN_I8_AMAX_MIN ? 0.0f : amax / 127.0f; /* NaN: inv 0, d NaN */
             const __m256 iv = _mm256_set1_ps(inv), iv2 = _mm256_set1_ps(inv * 256.0f), dv = _mm256_set1_ps(d);
             __m256i qs = _mm256_setzero_si256(), qs2 = qs;
             for (int64_t c = 0; c < gs; c += 8) { /* round to nearest even (MXCSR default), as fm_kern_i8_quant */

@@ -1,9 +1,9 @@
 /* Int8-activation matmul kernels for quantized weights (Q8/Q4/Q2) with AVX2 + FMA + F16C only (no
- * AVX-512): for CPUs such as AMD Zen 2/3/4 and Intel 12th-14th gen consumer parts. Compiled with
- * -mavx2 -mfma -mf16c and only entered after the dispatcher (ops.c) has checked the CPU. The
- * numerics are those of kernels_int8.c (kernels.h, "int8 activations"): the same rounded
- * activations (fm_kern_avx2_i8_quant gives fm_kern_i8_quant's bytes), exact integer sums per
- * (token, row, group), the same float32 epilogue.
+ * AVX-512): for CPUs such as AMD Zen 2/3 and Intel 12th-14th gen consumer parts (Zen 4 on has
+ * AVX-512). Compiled with -mavx2 -mfma -mf16c and only entered after the dispatcher (ops.c) has
+ * checked the CPU. The numerics are those of kernels_int8.c (kernels.h, "int8 activations"): the
+ * same rounded activations (fm_kern_avx2_i8_quant gives fm_kern_i8_quant's bytes), exact integer
+ * sums per (token, row, group), the same float32 epilogue.
  *
  * AVX2 has no u8 x s8 dot product that adds into int32 without saturating. Two exact forms:
  *   "byte" form, vpmaddubsw: u8 weights times s8 activations, adjacent pairs summed into int16

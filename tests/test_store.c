@@ -6,7 +6,9 @@
 #include <jansson.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include "formats/packed.h"
@@ -78,7 +80,8 @@ FM_TEST(store_engines_and_cache_agree) {
         bool prefetch;
         const char *name;
         const char *env; /* io_uring variant: NAME=VALUE set for the run */
-    } cases[] = {{FM_IO_PREAD, 1 << 20, false, "pread+cache", NULL},
+    } cases[] = {{FM_IO_PREAD, 0, false, "pread, every expert copied", "FLASHMOE_MAP_RESIDENT=0"},
+                 {FM_IO_PREAD, 1 << 20, false, "pread+cache", NULL},
                  {FM_IO_DIRECT, 0, false, "direct", NULL},
                  {FM_IO_DIRECT, 1 << 20, false, "direct+cache", NULL},
                  {FM_IO_MMAP, 0, false, "mmap", NULL},
@@ -209,11 +212,13 @@ FM_TEST(store_prefill_reads_each_expert_once_per_chunk) {
     CHECK_OK(fm_session_eval(s, ids, 128, NULL, false)); /* one chunk: 128 tokens x top-4 = 512 routings */
     for (int l = 0; l < m->cfg.n_layers; l++) {
         fm_store_layer_stats st = fm_store_layer_stats_get(m->store, l);
-        uint64_t reads = st.bytes_read / m->packed->experts[l].stride;
-        CHECK_MSG(reads <= (uint64_t)m->cfg.n_experts && st.requested <= (uint64_t)m->cfg.n_experts,
-                  "layer %d: %llu reads for %d experts (512 token routings)", l, (unsigned long long)reads, m->cfg.n_experts);
-        CHECK_MSG(reads == st.requested, "layer %d: %llu reads for %llu experts requested", l, (unsigned long long)reads,
-                  (unsigned long long)st.requested);
+        /* fetched = read, or used in place from the page cache (the files were just written) */
+        uint64_t fetched = st.bytes_read / m->packed->experts[l].stride + st.mapped;
+        CHECK_MSG(fetched <= (uint64_t)m->cfg.n_experts && st.requested <= (uint64_t)m->cfg.n_experts,
+                  "layer %d: %llu fetches for %d experts (512 token routings)", l, (unsigned long long)fetched,
+                  m->cfg.n_experts);
+        CHECK_MSG(fetched == st.requested, "layer %d: %llu fetches for %llu experts requested", l,
+                  (unsigned long long)fetched, (unsigned long long)st.requested);
     }
     fm_session_free(s);
     fm_model_free(m);
@@ -528,4 +533,178 @@ FM_TEST(store_bench_rows_per_engine) {
     }
     CHECK_MSG(uring_rows == 5, "io-bench: %d uring rows (depths 1..16)", uring_rows);
     json_decref(a);
+}
+
+/* Whether the first page of `len` bytes at `off` of `path` is in the page cache (a test's own
+ * mapping, so that the store's is not touched). */
+static bool page_resident(const char *path, uint64_t off) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    unsigned char v = 0;
+    void *p = mmap(NULL, 4096, PROT_READ, MAP_SHARED, fd, (off_t)off);
+    close(fd);
+    if (p == MAP_FAILED) return false;
+    bool in = mincore(p, 4096, &v) == 0 && (v & 1);
+    munmap(p, 4096);
+    return in;
+}
+
+/* Drops the clean, unmapped pages of path from the page cache. */
+static void evict(const char *path) {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return;
+    fdatasync(fd);
+    posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+    close(fd);
+}
+
+/* map_resident (the pread engine without a cache): experts in the page cache are handed out in
+ * place, from the file's mapping, and counted as mapped; evicted ones are read into the store's
+ * buffers; a request mixing both streams through the ring in order. Every block equals the file. */
+FM_TEST(store_map_resident_uses_the_page_cache_in_place) {
+    char dir[512];
+    if (!make_tiny(t, "store_map_resident", dir, sizeof dir)) return;
+    fm_packed_model *pm;
+    CHECK_OK(fm_packed_open(dir, &pm));
+    const int layer = 1, n = 4;
+    const char *path = pm->experts[layer].file;
+    uint64_t stride = pm->experts[layer].stride;
+    size_t fsize = 0;
+    uint8_t *file = (uint8_t *)fm_test_read_file(path, &fsize); /* also brings it into the page cache */
+    REQUIRE(file && fsize == stride * (uint64_t)pm->config.n_experts);
+    fm_store_options o = {.engine = FM_IO_PREAD, .io_threads = 2, .map_resident = true};
+    fm_expert_store *st;
+    CHECK_OK(fm_store_open(pm, 2, &o, &st)); /* a ring of 2 buffers: 4 experts stream through it */
+    void *mem;
+    uint64_t mem_bytes;
+    fm_store_buffer_memory(st, &mem, &mem_bytes);
+    REQUIRE(mem && mem_bytes);
+    const uint8_t *lo = (const uint8_t *)mem, *hi = lo + mem_bytes;
+    const int E = pm->config.n_experts;
+    REQUIRE(E >= 4 * n);
+    /* far apart: a page fault maps the resident pages around it too (fault-around, large folios),
+     * and mapped pages stay in the page cache */
+    int32_t warm[4] = {0, 1, 2, 3}, cold[4] = {E - 4, E - 3, E - 2, E - 1};
+    int32_t mix[4] = {cold[0], warm[1], warm[2], cold[3]};
+    /* 1: all in the page cache: in place, nothing read */
+    CHECK_OK(fm_store_request(st, layer, warm, n));
+    for (int i = 0; i < n; i++) {
+        const uint8_t *b;
+        CHECK_OK(fm_store_wait(st, i, &b));
+        CHECK_MSG(memcmp(b, file + (uint64_t)warm[i] * stride, stride) == 0, "warm expert %d differs", warm[i]);
+        CHECK_MSG(b < lo || b >= hi, "warm expert %d was copied into the buffers", warm[i]);
+    }
+    fm_store_layer_stats ls = fm_store_layer_stats_get(st, layer);
+    CHECK_MSG(ls.mapped == (uint64_t)n && ls.bytes_read == 0, "warm: %llu mapped, %llu bytes read",
+              (unsigned long long)ls.mapped, (unsigned long long)ls.bytes_read);
+    /* 2: evicted: read into the buffers (pages the store has touched stay: they are mapped) */
+    evict(path);
+    if (page_resident(path, (uint64_t)cold[0] * stride)) {
+        fprintf(stderr, "  eviction: the file system keeps the pages (posix_fadvise DONTNEED), rest skipped\n");
+    } else {
+        for (int round = 0; round < 2; round++) {
+            const int32_t *ids = round ? mix : cold;
+            int want_mapped = round ? 2 : 0;
+            if (round) evict(path);
+            fm_store_layer_stats before = fm_store_layer_stats_get(st, layer);
+            CHECK_OK(fm_store_request(st, layer, ids, n)); /* waited for in order, as streaming needs */
+            for (int i = 0; i < n; i++) {
+                const uint8_t *b;
+                CHECK_OK(fm_store_wait(st, i, &b));
+                CHECK_MSG(memcmp(b, file + (uint64_t)ids[i] * stride, stride) == 0, "round %d: expert %d differs", round,
+                          ids[i]);
+            }
+            ls = fm_store_layer_stats_get(st, layer);
+            CHECK_MSG(ls.mapped - before.mapped == (uint64_t)want_mapped &&
+                          ls.bytes_read - before.bytes_read == (uint64_t)(n - want_mapped) * stride,
+                      "round %d: %llu mapped, %llu bytes read (want %d mapped)", round,
+                      (unsigned long long)(ls.mapped - before.mapped),
+                      (unsigned long long)(ls.bytes_read - before.bytes_read), want_mapped);
+        }
+    }
+    fm_store_free(st);
+    /* without the option, or with a cache, nothing is served in place */
+    for (int c = 0; c < 2; c++) {
+        fm_store_options oc = {.engine = FM_IO_PREAD, .io_threads = 2, .map_resident = c == 1,
+                               .cache_bytes = c == 1 ? 1 << 20 : 0};
+        CHECK_OK(fm_store_open(pm, 4, &oc, &st));
+        CHECK_OK(fm_store_request(st, layer, warm, 4));
+        for (int i = 0; i < 4; i++) {
+            const uint8_t *b;
+            CHECK_OK(fm_store_wait(st, i, &b));
+            CHECK(memcmp(b, file + (uint64_t)warm[i] * stride, stride) == 0);
+        }
+        CHECK_MSG(fm_store_layer_stats_get(st, layer).mapped == 0, "case %d served in place", c);
+        fm_store_free(st);
+    }
+    free(file);
+    fm_packed_close(pm);
+}
+
+/* Runs child() in a forked process with stderr into a buffer; returns its wait status. */
+static int run_child(void (*child)(fm_packed_model *), fm_packed_model *pm, char *err, size_t cap) {
+    int fds[2];
+    err[0] = 0;
+    if (pipe(fds) != 0) return -1;
+    fflush(NULL);
+    pid_t pid = fork();
+    if (pid == 0) {
+        close(fds[0]);
+        dup2(fds[1], STDERR_FILENO);
+        child(pm);
+        _exit(7); /* child() ends the process itself */
+    }
+    close(fds[1]);
+    size_t n = 0;
+    ssize_t r;
+    while (pid > 0 && n + 1 < cap && (r = read(fds[0], err + n, cap - 1 - n)) > 0) n += (size_t)r;
+    err[n] = 0;
+    close(fds[0]);
+    int status = -1;
+    if (pid > 0) waitpid(pid, &status, 0);
+    return status;
+}
+
+static void touch_truncated_expert(fm_packed_model *pm) {
+    fm_store_options o = {.engine = FM_IO_PREAD, .io_threads = 1, .map_resident = true};
+    fm_expert_store *st;
+    int32_t id = 5;
+    const uint8_t *b;
+    size_t n;
+    free(fm_test_read_file(pm->experts[2].file, &n)); /* in the page cache: served in place */
+    if (fm_store_open(pm, 4, &o, &st) != FM_OK || fm_store_request(st, 2, &id, 1) != FM_OK ||
+        fm_store_wait(st, 0, &b) != FM_OK)
+        _exit(3);
+    if (fm_store_layer_stats_get(st, 2).mapped != 1) _exit(4);
+    if (truncate(pm->experts[2].file, 0) != 0) _exit(5);
+    volatile uint8_t v = b[100];
+    (void)v;
+    _exit(6);
+}
+
+static void touch_truncated_dense(fm_packed_model *pm) {
+    char path[600];
+    snprintf(path, sizeof path, "%s/dense.bin", pm->dir);
+    if (truncate(path, 0) != 0) _exit(5);
+    volatile char v = ((const volatile char *)pm->tensors[0].data)[0];
+    (void)v;
+    _exit(6);
+}
+
+/* A mapped model file truncated while in use: SIGBUS becomes a message naming the file and the
+ * expert and layer (or the offset in dense.bin) and exit status 1, not a silent crash. */
+FM_TEST(store_truncated_while_mapped_names_the_file) {
+    char dir[512], err[2048];
+    if (!make_tiny(t, "store_sigbus", dir, sizeof dir)) return;
+    fm_packed_model *pm;
+    CHECK_OK(fm_packed_open(dir, &pm));
+    int status = run_child(touch_truncated_expert, pm, err, sizeof err);
+    CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(err, "L002.bin: expert 5 of layer 2") &&
+                  strstr(err, "truncated"),
+              "expert: status %#x, stderr: %s", status, err);
+    status = run_child(touch_truncated_dense, pm, err, sizeof err);
+    CHECK_MSG(WIFEXITED(status) && WEXITSTATUS(status) == 1 && strstr(err, "dense.bin: offset ") &&
+                  strstr(err, "truncated"),
+              "dense: status %#x, stderr: %s", status, err);
+    fm_packed_close(pm);
 }

@@ -52,9 +52,10 @@ enum {
 #define FM_CLI_MODEL_HELP                                                                          \
     "  -t, --threads N       compute threads (default: all CPUs)\n"                               \
     "  --experts K           routed experts per token (default: the model's; fewer lowers quality)\n" \
-    "  --io ENGINE           how experts are read: pread (default; the page cache caches), direct\n" \
-    "                        (O_DIRECT, bypasses the page cache), uring (io_uring + O_DIRECT, no\n" \
-    "                        reader threads), mmap (for comparison)\n"                          \
+    "  --io ENGINE           how experts are read: pread (default; the page cache caches, and\n" \
+    "                        without --cache experts already in it are used in place on the CPU),\n" \
+    "                        direct (O_DIRECT, bypasses the page cache), uring (io_uring + O_DIRECT,\n" \
+    "                        no reader threads), mmap (for comparison)\n"                       \
     "  --io-threads N        expert reader threads (default 4)\n"                                 \
     "  --cache SIZE          in-process RAM cache for experts, e.g. 8G (default none)\n"           \
     "  --mem-budget SIZE     everything the process may keep; the cache gets what the dense weights\n" \

@@ -491,7 +491,7 @@ typedef struct bench_run {
     uint64_t prefill_reads, prefill_max_layer_reads;
     double pf[5];                              /* prefill seconds: mixer, route, shared, wait, experts */
     double mixer, route, shared, wait, compute; /* decode seconds summed over tokens and layers */
-    uint64_t store_bytes, requested, hits, guessed, guessed_right, disk_bytes, spec_reads, spec_hits;
+    uint64_t store_bytes, requested, hits, mapped, guessed, guessed_right, disk_bytes, spec_reads, spec_hits;
     uint64_t spec_wasted_bytes;                /* speculative reads that reached RAM and were never used */
     fm_cuda_stats vram;                        /* --backend cuda: the VRAM expert cache during decode */
     fm_cuda_stats pf_vram;                     /* --backend cuda: the same during prefill */
@@ -603,6 +603,7 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
         r->store_bytes += st.bytes_read;
         r->requested += st.requested;
         r->hits += st.hits;
+        r->mapped += st.mapped;
         r->spec_reads += st.spec_reads;
         r->spec_hits += st.spec_hits;
         if (st.spec_done > st.spec_hits) r->spec_wasted_bytes += (st.spec_done - st.spec_hits) * pm->experts[l].stride;
@@ -644,7 +645,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
     printf("{\"model\": \"%s\", \"layers\": %d, \"io\": \"%s\", \"threads\": %d, \"prompt\": %lld, \"gen\": %lld, "
            "\"decode_tok_s\": %.4f, \"prefill_tok_s\": %.4f, \"layer_ms\": %.4f, \"floor_ms\": %.4f, "
            "\"floor_ratio\": %.4f, \"floor_disk_ms\": %.4f, \"floor_ram_ms\": %.4f, \"disk_gbs\": %.3f, \"disk_gbs_before\": %.3f, \"disk_gbs_after\": %.3f, "
-           "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, "
+           "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, \"mapped_rate\": %.4f, "
            "\"mixer_ms\": %.4f, \"route_ms\": %.4f, \"shared_ms\": %.4f, \"wait_ms\": %.4f, \"expert_ms\": %.4f, "
            "\"head_ms\": %.4f, \"prefill_expert_reads\": %llu, \"prefill_max_layer_reads\": %llu, \"peak_rss\": %llu, "
            "\"mem_budget\": %llu, \"prefetch_accuracy\": %.4f, \"prefill_mixer_s\": %.4f, \"prefill_route_s\": %.4f, "
@@ -655,7 +656,8 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->disk_before, b->disk_after, b->ram_gbs,
            (unsigned long long)r->store_bytes, (unsigned long long)r->disk_bytes,
-           r->requested ? (double)r->hits / (double)r->requested : 0.0, r->mixer * per, r->route * per, r->shared * per,
+           r->requested ? (double)r->hits / (double)r->requested : 0.0,
+           r->requested ? (double)r->mapped / (double)r->requested : 0.0, r->mixer * per, r->route * per, r->shared * per,
            r->wait * per, r->compute * per, r->head_s * 1e3 / (double)b->n_gen, (unsigned long long)r->prefill_reads,
            (unsigned long long)r->prefill_max_layer_reads, (unsigned long long)r->rss, (unsigned long long)p->mem_budget,
            r->guessed ? (double)r->guessed_right / (double)r->guessed : 0.0, r->pf[0], r->pf[1], r->pf[2], r->pf[3], r->pf[4],
@@ -729,9 +731,11 @@ static void print_text(const bench_setup *b, const fm_model *m, const fm_model_p
         printf("per layer    %.2f ms = mixer %.2f + route %.2f + shared %.2f + expert wait %.2f + expert compute %.2f\n",
                r->layer_ms, r->mixer * per, r->route * per, r->shared * per, r->wait * per, r->compute * per);
     printf("lm_head      %.2f ms per token\n", r->head_s * 1e3 / (double)b->n_gen);
-    printf("bytes        %s from expert files (%s from the disk), hit rate %.1f%%, %s touched per token\n",
+    printf("bytes        %s from expert files (%s from the disk), hit rate %.1f%%, %.1f%% used in place from the page"
+           " cache, %s touched per token\n",
            fm_human_bytes((double)r->store_bytes, b1, sizeof b1), fm_human_bytes((double)r->disk_bytes, b2, sizeof b2),
            r->requested ? 100.0 * (double)r->hits / (double)r->requested : 0.0,
+           r->requested ? 100.0 * (double)r->mapped / (double)r->requested : 0.0,
            fm_human_bytes((double)b->touched_token, b3, sizeof b3));
     if (m->gpu)
         printf("floor        %.2f ms per layer = max(disk %.2f, host->GPU copies %.2f at %.1f GB/s pinned, GPU %.3f at %.0f GB/s):"

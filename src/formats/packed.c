@@ -12,6 +12,7 @@
 
 #include "quant/quant.h"
 #include "util/error.h"
+#include "util/mapguard.h"
 
 #define TRY(expr)                                                                                  \
     do {                                                                                           \
@@ -447,6 +448,7 @@ static fm_status open_dense(fm_packed_model *m, json_t *dense, const char *what)
             close(fd);
             return fm_error_set(FM_ERR_IO, "%s: cannot map: %s", path, strerror(errno));
         }
+        fm_mapguard_add(m->dense_map, m->dense_size, path, -1, 0); /* a truncated file: a clear error */
     }
     close(fd);
     size_t n = json_object_size(tensors);
@@ -603,7 +605,10 @@ fail:
 
 void fm_packed_close(fm_packed_model *m) {
     if (!m) return;
-    if (m->dense_map) munmap(m->dense_map, m->dense_size);
+    if (m->dense_map) {
+        fm_mapguard_remove(m->dense_map);
+        munmap(m->dense_map, m->dense_size);
+    }
     if (m->experts)
         for (int l = 0; l < m->config.n_layers; l++) free(m->experts[l].file);
     free(m->experts);

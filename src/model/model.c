@@ -171,6 +171,11 @@ fm_status fm_model_open(const char *dir, const fm_model_params *params, fm_model
     fm_store_options so = {.engine = p.io_engine, .io_threads = p.io_threads, .cache_bytes = p.cache_bytes};
     const char *fail_at = getenv("FLASHMOE_FAIL_READ_AT"); /* fault injection for tests */
     if (fail_at) so.fail_read_at = strtoll(fail_at, NULL, 10);
+    /* experts in the page cache used in place (no copy): on the CPU backend (the GPU path copies
+     * from page-locked buffers), not when injected faults test the reads; FLASHMOE_MAP_RESIDENT=0
+     * turns it off (measurements) */
+    const char *map_env = getenv("FLASHMOE_MAP_RESIDENT");
+    so.map_resident = p.backend != FM_BACKEND_CUDA && !so.fail_read_at && !(map_env && !strcmp(map_env, "0"));
     st = plan_memory(m, &p, &so);
     if (st != FM_OK) goto fail;
     st = fm_store_open(m->packed, store_capacity(m), &so, &m->store);

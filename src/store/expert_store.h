@@ -2,7 +2,9 @@
  * layer's experts by id as soon as routing is known (fm_store_request), computes what it can, and
  * takes each expert's bytes as they arrive (fm_store_wait). Behind that: a read engine (a pool of
  * pread threads, the same with O_DIRECT, io_uring, or mmap for comparison), and optionally an
- * in-process RAM cache with frequency-weighted LRU replacement. Counters per layer feed
+ * in-process RAM cache with frequency-weighted LRU replacement. With the pread engine and no
+ * cache (trusting the page cache), experts already in the page cache can be used in place through
+ * a mapping of the file instead of being copied out (map_resident). Counters per layer feed
  * `flashmoe bench`. One request at a time; the model's thread calls it; the pread/direct engines
  * read on the store's own threads, io_uring has no threads: the model's thread sends a request's
  * reads and reaps their completions while it waits.
@@ -30,11 +32,16 @@ typedef struct fm_store_options {
     uint64_t cache_bytes; /* in-process RAM cache (0 = none: buffers for one request only) */
     int64_t fail_read_at; /* fault injection for tests: the N-th read (1-based) fails with EIO; 0 = never
                            * (set from the environment variable FLASHMOE_FAIL_READ_AT by fm_model_open) */
+    bool map_resident;    /* pread engine without a RAM cache: an expert whose pages are all in the page
+                           * cache is used in place, through a read-only mapping of its layer file,
+                           * instead of being copied out by a read (counted as `mapped`); the others
+                           * are read as before */
 } fm_store_options;
 
 typedef struct fm_store_layer_stats {
     uint64_t requested; /* experts asked for */
     uint64_t hits;      /* served from the RAM cache (not counting speculative reads) */
+    uint64_t mapped;    /* served in place from the page cache (map_resident), not read */
     uint64_t spec_reads; /* speculative reads started by fm_store_hint */
     uint64_t spec_hits;  /* requested experts that a speculative read had brought in */
     uint64_t spec_done;  /* speculative reads that reached RAM (the rest were dropped unstarted) */
@@ -103,7 +110,8 @@ const char *fm_io_engine_name(fm_io_engine e);
 /* The one block of memory every block that fm_store_wait hands out lies in (the read buffers and
  * the RAM cache's slots: *base, *bytes, page-aligned), so that a caller may page-lock it for DMA
  * (the CUDA backend registers it). The mmap engine has none (*base NULL, *bytes 0): its blocks are
- * in the file mappings. The block stays valid and in place until fm_store_free. */
+ * in the file mappings, as are the blocks served in place with map_resident. The block stays
+ * valid and in place until fm_store_free. */
 void fm_store_buffer_memory(const fm_expert_store *s, void **base, uint64_t *bytes);
 
 /* True when the store keeps a RAM cache (cache_bytes above one request's buffers, not mmap). */

@@ -725,3 +725,74 @@ FM_TEST(int8_dispatch) {
     CHECK(fm_cpu_matmul_int8(FM_CPU_INT8_AMX, 2, NULL, out, ones, 2, &W) == FM_CPU_INT8_OFF);
     CHECK(out[0] == 6 && out[1] == 15 && out[2] == 6 && out[3] == 15);
 }
+
+/* fm_cpu_matvec_many: each product's output is bit-identical to fm_cpu_matmul of one token, for
+ * every int8 path this CPU has (and the float kernels), 1 to 3 threads, fresh random weights of
+ * mixed types and shapes (two sharing x, as gate and up do); every output written, no write
+ * outside it; batches the one-dispatch path cannot take (a float weight among them, more than
+ * FM_CPU_MV_MANY products) give the same answers through one call each. */
+FM_TEST(matvec_many_equals_one_by_one) {
+    rng_seed();
+    static const struct {
+        fm_dtype dt;
+        int64_t N, K;
+        int gs;
+        fm_dtype sd;
+    } shapes[] = {{FM_DTYPE_Q4, 512, 2048, 64, FM_DTYPE_BF16}, {FM_DTYPE_Q4, 512, 2048, 64, FM_DTYPE_BF16},
+                  {FM_DTYPE_Q4, 2048, 512, 64, FM_DTYPE_BF16}, {FM_DTYPE_Q8, 96, 256, 32, FM_DTYPE_F16},
+                  {FM_DTYPE_Q2, 40, 128, 64, FM_DTYPE_F32},    {FM_DTYPE_Q4, 1, 256, 128, FM_DTYPE_BF16},
+                  {FM_DTYPE_Q8, 300, 1024, 64, FM_DTYPE_BF16}, {FM_DTYPE_F32, 24, 64, 0, FM_DTYPE_F32}};
+    enum { NS = sizeof shapes / sizeof *shapes, NB = 40 };
+    wbuf wb[NS];
+    float *xs[NS], *got[NB], *want[NB];
+    fm_cpu_mv mv[NB];
+    for (int i = 0; i < NS; i++) {
+        REQUIRE(make_weight(&wb[i], shapes[i].dt, shapes[i].N, shapes[i].K, shapes[i].gs, shapes[i].sd, 0));
+        xs[i] = malloc(sizeof(float) * (size_t)shapes[i].K);
+        REQUIRE(xs[i]);
+        for (int64_t c = 0; c < shapes[i].K; c++) xs[i][c] = (float)rnd();
+    }
+    memcpy(xs[1], xs[0], sizeof(float) * 2048); /* the first two share their input */
+    /* batch b of product j: weight j % n_w (n_w = NS - 1 leaves the float weight out) */
+    const fm_cpu_int8 was = fm_cpu_matmul_int8_mode();
+    const fm_cpu_int8 modes[] = {FM_CPU_INT8_OFF, FM_CPU_INT8_AVX2, FM_CPU_INT8_AVXVNNI, FM_CPU_INT8_VNNI};
+    for (size_t mi = 0; mi < sizeof modes / sizeof *modes; mi++) {
+        if (!fm_cpu_int8_supported(modes[mi])) continue;
+        fm_cpu_set_int8_mode(modes[mi]);
+        for (int threads = 1; threads <= 3; threads++) {
+            fm_pool *pool = fm_pool_init(threads);
+            REQUIRE(pool);
+            const struct {
+                int n, n_w;
+            } batches[] = {{2, 2}, {NS - 1, NS - 1}, {NS, NS}, {NB, NS - 1}, {16, NS - 1}};
+            for (size_t bi = 0; bi < sizeof batches / sizeof *batches; bi++) {
+                const int n = batches[bi].n;
+                for (int j = 0; j < n; j++) {
+                    const int wi = j % batches[bi].n_w;
+                    got[j] = alloc_out(shapes[wi].N);
+                    want[j] = alloc_out(shapes[wi].N);
+                    REQUIRE(got[j] && want[j]);
+                    mv[j] = (fm_cpu_mv){got[j] + GUARD, xs[wi], &wb[wi].w};
+                    fm_cpu_matmul(pool, want[j] + GUARD, xs[wi], 1, &wb[wi].w);
+                }
+                fm_cpu_matvec_many(pool, mv, n);
+                for (int j = 0; j < n; j++) {
+                    const int wi = j % batches[bi].n_w;
+                    CHECK_MSG(!memcmp(got[j] + GUARD, want[j] + GUARD, sizeof(float) * (size_t)shapes[wi].N) &&
+                                  guards_intact(got[j], shapes[wi].N),
+                              "path %s, %d threads, batch of %d: product %d (%s %lldx%lld) differs",
+                              fm_cpu_int8_name(modes[mi]), threads, n, j, fm_dtype_name(shapes[wi].dt),
+                              (long long)shapes[wi].N, (long long)shapes[wi].K);
+                    free(got[j]);
+                    free(want[j]);
+                }
+            }
+            fm_pool_free(pool);
+        }
+    }
+    fm_cpu_set_int8_mode(was);
+    for (int i = 0; i < NS; i++) {
+        wbuf_free(&wb[i]);
+        free(xs[i]);
+    }
+}

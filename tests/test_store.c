@@ -81,6 +81,8 @@ FM_TEST(store_engines_and_cache_agree) {
         const char *name;
         const char *env; /* io_uring variant: NAME=VALUE set for the run */
     } cases[] = {{FM_IO_PREAD, 0, false, "pread, every expert copied", "FLASHMOE_MAP_RESIDENT=0"},
+                 {FM_IO_PREAD, 0, false, "pread, one expert at a time", "FLASHMOE_EXPERT_BATCH=0"},
+                 {FM_IO_PREAD, 0, false, "pread, copied, one at a time", "FLASHMOE_MAP_RESIDENT=0 FLASHMOE_EXPERT_BATCH=0"},
                  {FM_IO_PREAD, 1 << 20, false, "pread+cache", NULL},
                  {FM_IO_DIRECT, 0, false, "direct", NULL},
                  {FM_IO_DIRECT, 1 << 20, false, "direct+cache", NULL},
@@ -586,8 +588,12 @@ FM_TEST(store_map_resident_uses_the_page_cache_in_place) {
      * and mapped pages stay in the page cache */
     int32_t warm[4] = {0, 1, 2, 3}, cold[4] = {E - 4, E - 3, E - 2, E - 1};
     int32_t mix[4] = {cold[0], warm[1], warm[2], cold[3]};
-    /* 1: all in the page cache: in place, nothing read */
+    /* 1: all in the page cache: in place, nothing read, all ready at once */
     CHECK_OK(fm_store_request(st, layer, warm, n));
+    const uint8_t *ready[4];
+    CHECK(fm_store_ready_run(st, 0, n, ready) == n && fm_store_ready_run(st, 1, 2, ready + 1) == 2);
+    for (int i = 0; i < n; i++)
+        CHECK_MSG(memcmp(ready[i], file + (uint64_t)warm[i] * stride, stride) == 0, "ready expert %d differs", warm[i]);
     for (int i = 0; i < n; i++) {
         const uint8_t *b;
         CHECK_OK(fm_store_wait(st, i, &b));
@@ -613,6 +619,9 @@ FM_TEST(store_map_resident_uses_the_page_cache_in_place) {
                 CHECK_OK(fm_store_wait(st, i, &b));
                 CHECK_MSG(memcmp(b, file + (uint64_t)ids[i] * stride, stride) == 0, "round %d: expert %d differs", round,
                           ids[i]);
+                /* a streaming buffer is not "ready": only the wait hands it out (a mapped one is) */
+                CHECK_MSG(fm_store_ready_run(st, i, 1, ready) == (round && (i == 1 || i == 2)), "round %d: expert %d ready",
+                          round, ids[i]);
             }
             ls = fm_store_layer_stats_get(st, layer);
             CHECK_MSG(ls.mapped - before.mapped == (uint64_t)want_mapped &&
@@ -634,6 +643,8 @@ FM_TEST(store_map_resident_uses_the_page_cache_in_place) {
             CHECK_OK(fm_store_wait(st, i, &b));
             CHECK(memcmp(b, file + (uint64_t)warm[i] * stride, stride) == 0);
         }
+        /* with a cache every finished read stays until the next request: ready */
+        CHECK_MSG(fm_store_ready_run(st, 0, 4, ready) == (c == 1 ? 4 : 0), "case %d: ready run", c);
         CHECK_MSG(fm_store_layer_stats_get(st, layer).mapped == 0, "case %d served in place", c);
         fm_store_free(st);
     }

@@ -18,6 +18,13 @@
 
 #define FM_MAX_CHUNK 512 /* tokens per prefill chunk: each expert is read at most once per chunk */
 
+/* One token: experts whose bytes are all in (fm_store_ready_run) are computed EXPERT_BATCH at a
+ * time, their gates and ups in one dispatch of the thread pool, then their downs in one
+ * (fm_cpu_matvec_many): a 35B-A3B expert's 512 x 2048 Q4 product alone spends about half its time
+ * in the dispatch and the ramp. FLASHMOE_EXPERT_BATCH=0 at session init: one expert at a time
+ * (measurements). */
+#define EXPERT_BATCH (FM_CPU_MV_MANY / 2)
+
 struct fm_session {
     fm_model *m;
     int64_t n_ctx, n_past;
@@ -47,6 +54,9 @@ struct fm_session {
     int32_t *guess;          /* (n_experts_used) the guessed experts */
     int64_t n_guess;
     int guess_layer;         /* the layer guessed for, -1 if none */
+    float *eg, *eu, *ey;     /* one token's ready experts in one go (EXPERT_BATCH of them): gate / up (I
+                              * floats each), down (H) */
+    bool expert_batch;       /* FLASHMOE_EXPERT_BATCH is not 0 (read at session init) */
     double head_seconds; /* final norm + lm_head */
     fm_cuda_session *gpu; /* --backend cuda: the state lives on the GPU (forward_cuda.c) */
 };
@@ -115,8 +125,13 @@ fm_status fm_session_init(fm_model *m, int64_t n_ctx, fm_session **out) {
     s->guess_logits = calloc((size_t)c->n_experts, sizeof(float));
     s->guess = calloc((size_t)c->n_experts, sizeof(int32_t));
     s->guess_layer = -1;
+    const char *batch_env = getenv("FLASHMOE_EXPERT_BATCH");
+    s->expert_batch = !(batch_env && !strcmp(batch_env, "0"));
+    s->eg = malloc(sizeof(float) * EXPERT_BATCH * (size_t)c->n_ff_expert);
+    s->eu = malloc(sizeof(float) * EXPERT_BATCH * (size_t)c->n_ff_expert);
+    s->ey = malloc(sizeof(float) * EXPERT_BATCH * (size_t)c->n_embd);
     if (!s->k_cache || !s->v_cache || !s->conv_state || !s->ssm_state || !s->expert_start || !s->expert_fill ||
-        !s->expert_uniq || !s->timing || !s->guess_logits || !s->guess)
+        !s->expert_uniq || !s->timing || !s->guess_logits || !s->guess || !s->eg || !s->eu || !s->ey)
         goto nomem;
     if (m->gpu) { /* CUDA backend: no CPU state */
         fm_status st = fm_forward_cuda_session_init(m, n_ctx, s->timing, &s->head_seconds, &s->gpu);
@@ -163,6 +178,9 @@ void fm_session_free(fm_session *s) {
     free(s->buf_b);
     free(s->buf_c);
     free(s->buf_d);
+    free(s->eg);
+    free(s->eu);
+    free(s->ey);
     free(s->small);
     free(s->topk_ids);
     free(s->topk_w);
@@ -413,6 +431,50 @@ static void guess_next_layer(fm_session *s, int l, const float *xn) {
 }
 
 /* out (T, H) = sum over each token's top-k experts of w * SwiGLU_e(xn) + sigmoid(xn . g_s) SwiGLU_shared(xn). */
+
+/* One token's routed experts ids[0..n) of layer l (the store's current request), out += w_e *
+ * expert_e(xn) in request order, the same products and sums as one expert at a time: experts
+ * already in (fm_store_ready_run) go EXPERT_BATCH at a time through fm_cpu_matvec_many, and when
+ * none is, the next is waited for (*waited += the time) and computed alone. */
+static fm_status experts_one_token(fm_session *s, int l, const int32_t *ids, int n, float *out, double *waited) {
+    fm_model *m = s->m;
+    const fm_config *c = &m->cfg;
+    const fm_packed_expert_layer *L = &m->packed->experts[l];
+    const int64_t H = c->n_embd, I = c->n_ff_expert;
+    for (int i = 0; i < n;) {
+        const uint8_t *blocks[EXPERT_BATCH];
+        int nb = fm_store_ready_run(m->store, i, n - i < EXPERT_BATCH ? n - i : EXPERT_BATCH, blocks);
+        if (nb == 0) {
+            double tw = fm_time_now();
+            fm_status st = fm_store_wait(m->store, i, &blocks[0]);
+            *waited += fm_time_now() - tw;
+            if (st != FM_OK) return st;
+            nb = 1;
+        }
+        fm_weight wg[EXPERT_BATCH], wu[EXPERT_BATCH], wd[EXPERT_BATCH];
+        fm_cpu_mv mv[2 * EXPERT_BATCH];
+        for (int j = 0; j < nb; j++) {
+            wg[j] = fm_packed_weight(&L->parts[FM_PART_GATE], blocks[j]);
+            wu[j] = fm_packed_weight(&L->parts[FM_PART_UP], blocks[j]);
+            wd[j] = fm_packed_weight(&L->parts[FM_PART_DOWN], blocks[j]);
+            mv[2 * j] = (fm_cpu_mv){s->eg + j * I, s->xn, &wg[j]};
+            mv[2 * j + 1] = (fm_cpu_mv){s->eu + j * I, s->xn, &wu[j]};
+        }
+        fm_cpu_matvec_many(m->pool, mv, 2 * nb);
+        fm_store_poll(m->store); /* later experts' reads go on while these compute */
+        for (int64_t q = 0; q < nb * I; q++) s->eg[q] = fm_silu(s->eg[q]) * s->eu[q];
+        for (int j = 0; j < nb; j++) mv[j] = (fm_cpu_mv){s->ey + j * H, s->eg + j * I, &wd[j]};
+        fm_cpu_matvec_many(m->pool, mv, nb);
+        for (int j = 0; j < nb; j++) {
+            const int32_t e = ids[i + j];
+            const float wt = s->tok_w[s->expert_start[e]], *y = s->ey + j * H;
+            for (int64_t q = 0; q < H; q++) out[q] += wt * y[q];
+        }
+        i += nb;
+    }
+    return FM_OK;
+}
+
 static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *out) {
     fm_model *m = s->m;
     const fm_config *c = &m->cfg;
@@ -507,6 +569,10 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     for (int g0 = 0; g0 < n_uniq && st == FM_OK; g0 += cap) {
         int n = n_uniq - g0 < cap ? n_uniq - g0 : cap;
         if (g0 > 0) st = fm_store_request(m->store, l, uniq + g0, n);
+        if (T == 1 && s->expert_batch) {
+            st = st == FM_OK ? experts_one_token(s, l, uniq + g0, n, out, &waited) : st;
+            continue;
+        }
         for (int i = 0; i < n && st == FM_OK; i++) {
             const uint8_t *block;
             double tw = fm_time_now();

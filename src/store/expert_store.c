@@ -853,6 +853,23 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
     return FM_OK;
 }
 
+int fm_store_ready_run(fm_expert_store *s, int i0, int max, const uint8_t **blocks) {
+    bool threads = s->opt.engine == FM_IO_PREAD || s->opt.engine == FM_IO_DIRECT;
+    bool ring = streaming(s); /* buffers reused once a later expert is waited for */
+    int n = 0;
+    if (s->opt.engine == FM_IO_URING) { /* take the reads finished since the last look */
+        uring_reap(s, false);
+        uring_pump(s);
+    }
+    if (threads) pthread_mutex_lock(&s->mu);
+    for (int i = i0; i >= 0 && i < s->req_n && n < max; i++, n++) {
+        if (s->done[i] != 1 || (ring && s->req_slot[i] >= 0)) break;
+        blocks[n] = s->req_ptr[i];
+    }
+    if (threads) pthread_mutex_unlock(&s->mu);
+    return n;
+}
+
 void fm_store_hint(fm_expert_store *s, int layer, const int32_t *ids, int n) {
     const fm_config *c = &s->pm->config;
     if (s->opt.engine == FM_IO_MMAP || layer < 0 || layer >= s->n_layers) return;

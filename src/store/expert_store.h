@@ -76,6 +76,13 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
  * or an id out of range fails with a message naming the layer, the expert and the file. */
 fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
 
+/* Without waiting: how many experts of the current request from i0 on (at most max) are in memory
+ * in a row with blocks that stay valid until the next request (RAM cache hits and finished reads
+ * with a cache, experts used in place, mmap); their blocks into blocks[]. 0 when expert i0 is not
+ * in yet, or its block is a streaming buffer (which only fm_store_wait hands out). Lets the model
+ * compute several ready experts in one go. */
+int fm_store_ready_run(fm_expert_store *s, int i0, int max, const uint8_t **blocks);
+
 /* A hint, given after fm_store_request, that experts ids[0..n) of `layer` are likely to be
  * requested next. With a RAM cache (and the pread, direct or uring engine) their reads start at
  * once into cache slots, queued behind the current request's own reads: the next request finds

@@ -438,16 +438,26 @@ static void int8_t1_rows_avxvnni(void *arg, int64_t r0, int64_t r1) { fm_kern_av
 
 #define T1_STACK_COLS 16384 /* one token at up to 16K columns needs no allocation */
 
-/* One token through the in-place kernel of path k (kernels.h): AVX2's, AVXVNNI's, else VNNI's;
- * false if the scratch cannot be had. */
-static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
+static fm_pool_fn t1_rows_fn(fm_cpu_int8 k) {
+    return !int8_avx2(k) ? int8_t1_rows : k == FM_CPU_INT8_AVX2 ? int8_t1_rows_avx2 : int8_t1_rows_avxvnni;
+}
+
+/* The one-token kernel's scratch for w on path k: the rounded activations (Kc bytes a level; the
+ * AVX2 Q8 kernel: int16, 4 Kc in all), then dx and xs (G floats each). */
+static size_t t1_scratch_bytes(fm_cpu_int8 k, const fm_weight *w) {
     const bool avx2 = int8_avx2(k);
     const int64_t Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
     const bool wide = avx2 && fm_quant_bits(w->dtype) == 8; /* the AVX2 Q8 kernel reads the int16 Q */
-    const size_t bytes = (size_t)((wide ? 4 : 2) * Kc) + sizeof(float) * (size_t)(2 * G);
-    unsigned char stack_buf[4 * T1_STACK_COLS + 2 * sizeof(float) * (T1_STACK_COLS / 32)] __attribute__((aligned(64)));
-    unsigned char *buf = bytes <= sizeof stack_buf ? stack_buf : aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-    if (!buf) return false;
+    return (size_t)((wide ? 4 : 2) * Kc) + sizeof(float) * (size_t)(2 * G);
+}
+
+/* Rounds one token x for w's in-place kernel of path k into buf (t1_scratch_bytes(k, w) bytes,
+ * 64-byte aligned) and fills that kernel's job *j (out: w->rows floats). */
+static void t1_prepare(fm_cpu_int8 k, int levels, unsigned char *buf, float *out, const float *x, const fm_weight *w,
+                       fm_kern_i8_job *j) {
+    const bool avx2 = int8_avx2(k);
+    const int64_t Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
+    const bool wide = avx2 && fm_quant_bits(w->dtype) == 8;
     int8_t *xq = (int8_t *)buf, *xq2 = levels == 2 ? (int8_t *)buf + Kc : NULL;
     int16_t *xw = wide ? (int16_t *)(void *)(buf + 2 * Kc) : NULL;
     float *dx = (float *)(void *)(buf + (wide ? 4 : 2) * Kc), *xs = dx + G; /* Kc: a multiple of 32 (64 for VNNI) */
@@ -461,22 +471,93 @@ static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out,
         if (avx2) fm_kern_avx2_i8_t1_order(w, v);
         else fm_kern_i8_t1_order(w, v);
     }
-    fm_kern_i8_job j = {.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs,
-                        .xw = xw, .xw_stride = Kc};
+    *j = (fm_kern_i8_job){.out = out, .n_tokens = 1, .w = w, .xq = xq, .xq2 = xq2, .xq_stride = Kc, .dx = dx, .xs = xs,
+                          .xw = xw, .xw_stride = Kc};
+}
+
+/* One token through the in-place kernel of path k (kernels.h): AVX2's, AVXVNNI's, else VNNI's;
+ * false if the scratch cannot be had. */
+static bool matmul_int8_t1(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, const fm_weight *w) {
+    const size_t bytes = t1_scratch_bytes(k, w);
+    unsigned char stack_buf[4 * T1_STACK_COLS + 2 * sizeof(float) * (T1_STACK_COLS / 32)] __attribute__((aligned(64)));
+    unsigned char *buf = bytes <= sizeof stack_buf ? stack_buf : aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+    if (!buf) return false;
+    fm_kern_i8_job j;
+    t1_prepare(k, levels, buf, out, x, w, &j);
     /* one contiguous share per thread of at least ~1M multiply-adds, as below (AVX2: ~256K) */
-    fm_pool_run(pool, !avx2 ? int8_t1_rows : k == FM_CPU_INT8_AVX2 ? int8_t1_rows_avx2 : int8_t1_rows_avxvnni, &j,
-                w->rows, int8_min_work(k) / w->cols + 1);
+    fm_pool_run(pool, t1_rows_fn(k), &j, w->rows, int8_min_work(k) / w->cols + 1);
     if (buf != stack_buf) free(buf);
     return true;
+}
+
+/* Whether path k can take w with `levels` levels (else fm_cpu_matmul_int8 runs the float kernels). */
+static bool int8_takes(fm_cpu_int8 k, int levels, const fm_weight *w) {
+    return k != FM_CPU_INT8_OFF && (levels == 1 || levels == 2) && fm_dtype_is_quant(w->dtype) &&
+           fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype);
+}
+
+/* The path fm_cpu_matmul runs one token of w on: its pick, less what the CPU lacks. */
+static fm_cpu_int8 t1_path(int levels, const fm_weight *w) {
+    fm_cpu_int8 k = fm_cpu_int8_pick(fm_cpu_matmul_int8_mode(), levels, w, 1);
+    while (k > FM_CPU_INT8_OFF && !fm_cpu_int8_supported(k)) k = (fm_cpu_int8)(k - 1);
+    return int8_takes(k, levels, w) ? k : FM_CPU_INT8_OFF;
+}
+
+typedef struct t1_many_job {
+    fm_pool_fn fn;
+    int n;
+    fm_kern_i8_job *jobs;
+    const int64_t *row0; /* [n + 1]: product i has the batch's rows row0[i] .. row0[i + 1] - 1 */
+} t1_many_job;
+
+static void t1_many_rows(void *arg, int64_t r0, int64_t r1) {
+    const t1_many_job *m = arg;
+    int i = 0;
+    while (m->row0[i + 1] <= r0) i++;
+    for (; i < m->n && m->row0[i] < r1; i++) {
+        const int64_t a = r0 > m->row0[i] ? r0 : m->row0[i], b = r1 < m->row0[i + 1] ? r1 : m->row0[i + 1];
+        m->fn(&m->jobs[i], a - m->row0[i], b - m->row0[i]);
+    }
+}
+
+#define T1_MANY_STACK (192 * 1024) /* the batch's activation scratch, on the stack */
+
+void fm_cpu_matvec_many(fm_pool *pool, const fm_cpu_mv *mv, int n) {
+    const int levels = fm_cpu_int8_levels();
+    fm_cpu_int8 k = n > 1 && n <= FM_CPU_MV_MANY ? t1_path(levels, mv[0].w) : FM_CPU_INT8_OFF;
+    size_t total = 0;
+    int64_t min_cols = INT64_MAX;
+    for (int i = 0; i < n && k != FM_CPU_INT8_OFF; i++) {
+        if (t1_path(levels, mv[i].w) != k) {
+            k = FM_CPU_INT8_OFF;
+            break;
+        }
+        total += (t1_scratch_bytes(k, mv[i].w) + 63) & ~(size_t)63;
+        if (mv[i].w->cols < min_cols) min_cols = mv[i].w->cols;
+    }
+    if (k == FM_CPU_INT8_OFF || total > T1_MANY_STACK) { /* one product at a time */
+        for (int i = 0; i < n; i++) fm_cpu_matmul(pool, mv[i].out, mv[i].x, 1, mv[i].w);
+        return;
+    }
+    unsigned char buf[T1_MANY_STACK] __attribute__((aligned(64)));
+    fm_kern_i8_job jobs[FM_CPU_MV_MANY];
+    int64_t row0[FM_CPU_MV_MANY + 1];
+    size_t off = 0;
+    row0[0] = 0;
+    for (int i = 0; i < n; i++) {
+        t1_prepare(k, levels, buf + off, mv[i].out, mv[i].x, mv[i].w, &jobs[i]);
+        off += (t1_scratch_bytes(k, mv[i].w) + 63) & ~(size_t)63;
+        row0[i + 1] = row0[i] + mv[i].w->rows;
+    }
+    t1_many_job m = {.fn = t1_rows_fn(k), .n = n, .jobs = jobs, .row0 = row0};
+    /* as one product: a share of at least ~1M multiply-adds a thread (AVX2 ~256K) */
+    fm_pool_run(pool, t1_many_rows, &m, row0[n], int8_min_work(k) / min_cols + 1);
 }
 
 fm_cpu_int8 fm_cpu_matmul_int8(fm_cpu_int8 k, int levels, fm_pool *pool, float *out, const float *x, int64_t n_tokens,
                                const fm_weight *w) {
     while (k > FM_CPU_INT8_OFF && !fm_cpu_int8_supported(k)) k = (fm_cpu_int8)(k - 1);
-    const bool ok = k != FM_CPU_INT8_OFF && n_tokens > 0 && (levels == 1 || levels == 2) &&
-                    fm_dtype_is_quant(w->dtype) &&
-                    fm_quant_nbytes(w->dtype, 1, w->cols, w->group_size, w->scale_dtype) &&
-                    n_tokens <= (INT64_MAX / 8 - 15) / (w->cols + 64);
+    const bool ok = int8_takes(k, levels, w) && n_tokens > 0 && n_tokens <= (INT64_MAX / 8 - 15) / (w->cols + 64);
     const bool avx2 = int8_avx2(k);
     if (ok && n_tokens == 1 && matmul_int8_t1(k, levels, pool, out, x, w)) return avx2 ? k : FM_CPU_INT8_VNNI;
     void *buf = NULL;

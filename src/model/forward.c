@@ -295,6 +295,18 @@ static void conv_channels(void *arg, int64_t c0, int64_t c1) {
     }
 }
 
+/* out[i] (T, W_i.rows) = x (T, cols) W_i^T for n products of one input: one token in one dispatch
+ * of the pool (fm_cpu_matvec_many, bit-identical), more tokens one matmul each. */
+static void matmul_one_input(fm_pool *pool, const float *x, int64_t T, int n, float *const *out, const fm_weight *const *w) {
+    if (T == 1) {
+        fm_cpu_mv mv[4];
+        for (int i = 0; i < n; i++) mv[i] = (fm_cpu_mv){out[i], x, w[i]};
+        fm_cpu_matvec_many(pool, mv, n);
+        return;
+    }
+    for (int i = 0; i < n; i++) fm_cpu_matmul(pool, out[i], x, T, w[i]);
+}
+
 /* out (T, H) = GatedDeltaNet(xn (T, H)); updates the layer's conv and recurrent state. */
 static fm_status linear_attention(fm_session *s, int l, int64_t T, const float *xn, float *out) {
     const fm_config *c = &s->m->cfg;
@@ -302,12 +314,10 @@ static fm_status linear_attention(fm_session *s, int l, int64_t T, const float *
     fm_pool *pool = s->m->pool;
     int64_t cd = fm_config_conv_dim(c), vd = fm_config_value_dim(c), nv = c->lin_n_v_heads, K = c->conv_kernel;
     float *qkv = s->buf_a, *conv_out = s->buf_b, *z = s->buf_c, *core = s->buf_d, *ba = s->small;
-    fm_cpu_matmul(pool, qkv, xn, T, &w->in_qkv);
-    fm_cpu_matmul(pool, z, xn, T, &w->in_z);
     /* b and a side by side per token: (T, 2*nv) */
     float *b_tmp = core, *a_tmp = core + T * nv; /* core is free until the recurrence */
-    fm_cpu_matmul(pool, b_tmp, xn, T, &w->in_b);
-    fm_cpu_matmul(pool, a_tmp, xn, T, &w->in_a);
+    matmul_one_input(pool, xn, T, 4, (float *const[]){qkv, z, b_tmp, a_tmp},
+                     (const fm_weight *const[]){&w->in_qkv, &w->in_z, &w->in_b, &w->in_a});
     for (int64_t t = 0; t < T; t++) {
         memcpy(ba + t * 2 * nv, b_tmp + t * nv, sizeof(float) * (size_t)nv);
         memcpy(ba + t * 2 * nv + nv, a_tmp + t * nv, sizeof(float) * (size_t)nv);
@@ -377,8 +387,10 @@ static fm_status full_attention(fm_session *s, int l, int64_t T, const float *xn
     const fm_layer_weights *w = &s->m->layers[l];
     fm_pool *pool = s->m->pool;
     int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv, pos0 = s->n_past;
-    float *qg = s->buf_a, *kv = s->buf_b, *q = s->buf_c, *gate = s->buf_d;
-    fm_cpu_matmul(pool, qg, xn, T, &w->q_proj);
+    /* k then v in buf_b: (T, nkv, d) each (buf_b's width is at least 2 * n_head * d) */
+    float *qg = s->buf_a, *kv = s->buf_b, *vv = s->buf_b + T * nkv * d, *q = s->buf_c, *gate = s->buf_d;
+    matmul_one_input(pool, xn, T, 3, (float *const[]){qg, kv, vv},
+                     (const fm_weight *const[]){&w->q_proj, &w->k_proj, &w->v_proj});
     /* q_proj rows per head: [query (d) | gate (d)] */
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < nh; h++) {
@@ -389,15 +401,13 @@ static fm_status full_attention(fm_session *s, int l, int64_t T, const float *xn
             fm_cpu_rope_neox(qd, c->rot_dim, pos0 + t, c->rope_theta);
         }
     float *kc = s->k_cache[l], *vc = s->v_cache[l];
-    fm_cpu_matmul(pool, kv, xn, T, &w->k_proj);
     for (int64_t t = 0; t < T; t++)
         for (int64_t h = 0; h < nkv; h++) {
             float *dst = kc + ((pos0 + t) * nkv + h) * d;
             fm_cpu_rmsnorm(dst, kv + (t * nkv + h) * d, w->k_norm, d, c->norm_eps);
             fm_cpu_rope_neox(dst, c->rot_dim, pos0 + t, c->rope_theta);
         }
-    fm_cpu_matmul(pool, kv, xn, T, &w->v_proj);
-    memcpy(vc + pos0 * nkv * d, kv, sizeof(float) * (size_t)(T * nkv * d));
+    memcpy(vc + pos0 * nkv * d, vv, sizeof(float) * (size_t)(T * nkv * d));
     float *att = s->buf_a; /* q_proj output no longer needed */
     attn_job j = {s, l, T, pos0, q, gate, att};
     fm_pool_run(pool, attn_heads, &j, nh, 1);
@@ -546,8 +556,7 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     if (c->n_ff_shared > 0) {
         int64_t Is = c->n_ff_shared;
         float *g = s->buf_a, *u = s->buf_b, *y = s->buf_c;
-        fm_cpu_matmul(pool, g, xn, T, &w->sh_gate);
-        fm_cpu_matmul(pool, u, xn, T, &w->sh_up);
+        matmul_one_input(pool, xn, T, 2, (float *const[]){g, u}, (const fm_weight *const[]){&w->sh_gate, &w->sh_up});
         fm_store_poll(m->store); /* the routed experts' reads go on while this computes */
         for (int64_t i = 0; i < T * Is; i++) g[i] = fm_silu(g[i]) * u[i];
         fm_cpu_matmul(pool, y, g, T, &w->sh_down);

@@ -1,6 +1,9 @@
 /* flashmoe: the command-line entry point; dispatches to one file per subcommand. */
+#include <execinfo.h>
+#include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 
@@ -33,7 +36,27 @@ static void usage(FILE *f) {
                "  flashmoe run -m ~/models/q35-packed --prompt-ids 1,2,3 -n 16 --print-ids\n");
 }
 
+/* A crash (a bug) says so and where, then ends as the signal would: the backtrace's addresses
+ * (binary+offset) resolve with addr2line against the unstripped build. */
+static void on_crash(int sig) {
+    static const char msg[] = "flashmoe: crashed (a bug; please report it with this backtrace):\n";
+    ssize_t w = write(STDERR_FILENO, msg, sizeof msg - 1);
+    (void)w;
+    void *frames[48];
+    backtrace_symbols_fd(frames, backtrace(frames, 48), STDERR_FILENO);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+static void catch_crashes(void) {
+    void *warm[1];
+    backtrace(warm, 1); /* loads the unwinder now, not inside the handler */
+    static const int sigs[] = {SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGABRT};
+    for (size_t i = 0; i < sizeof sigs / sizeof *sigs; i++) signal(sigs[i], on_crash);
+}
+
 int main(int argc, char **argv) {
+    catch_crashes();
     if (argc < 2) {
         usage(stderr);
         return FM_EXIT_USAGE;

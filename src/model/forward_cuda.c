@@ -433,6 +433,10 @@ static uint64_t session_bytes(const fm_model *m, int64_t n_ctx, int64_t cap) {
 void fm_forward_cuda_session_free(fm_cuda_session *s) {
     if (!s) return;
     fm_cuda *ctx = s->ctx;
+    /* a diagnostic (docs/CUDA.md), while the graph's buffers still exist: the session is over */
+    const char *prof = getenv("FLASHMOE_CUDA_GRAPH_PROFILE");
+    if (prof && atoi(prof) > 0 && s->graph && fm_cuda_graph_profile(ctx, s->graph, atoi(prof), stderr) != FM_OK)
+        fprintf(stderr, "flashmoe: FLASHMOE_CUDA_GRAPH_PROFILE: %s\n", fm_last_error());
     for (int l = 0; s->kc && l < s->m->cfg.n_layers; l++) {
         fm_cuda_buf_free(ctx, s->kc[l]);
         fm_cuda_buf_free(ctx, s->vc[l]);
@@ -442,9 +446,6 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
     float *bufs[] = {s->inv_freq, s->x, s->xn, s->mix, s->a, s->b, s->c, s->d, s->small, s->shl, s->logits,
                      (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y, s->gxn, s->glog, (float *)s->gids};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) fm_cuda_buf_free(ctx, bufs[i]);
-    const char *prof = getenv("FLASHMOE_CUDA_GRAPH_PROFILE"); /* a diagnostic (docs/CUDA.md): the session is over */
-    if (prof && atoi(prof) > 0 && s->graph && fm_cuda_graph_profile(ctx, s->graph, atoi(prof), stderr) != FM_OK)
-        fprintf(stderr, "flashmoe: FLASHMOE_CUDA_GRAPH_PROFILE: %s\n", fm_last_error());
     fm_cuda_graph_free(ctx, s->graph);
     fm_cuda_buf_free(ctx, s->pos_dev);
     fm_cuda_host_free(ctx, s->h_x);

@@ -2,6 +2,7 @@
 #ifndef FM_BACKEND_CUDA_INTERNAL_H
 #define FM_BACKEND_CUDA_INTERNAL_H
 
+#include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -60,6 +61,17 @@ fm_status fm_cuda_fail(cudaError_t e, const char *call, const char *file, int li
         if (!(ctx)) return fm_error_set(FM_ERR_ARG, "CUDA: NULL context");                         \
         FM_CUDA_CHECK(cudaSetDevice((ctx)->device));                                               \
     } while (0)
+
+/* A quantized weight's scale or bias as float from its stored bits (kind 0 BF16 and 1 F16: the low
+ * 16 bits of raw; 2 F32), and element i of an array of them at p. */
+__device__ __forceinline__ float fm_scale_bits(uint32_t raw, int kind) {
+    return kind == 0 ? __uint_as_float(raw << 16)
+                     : kind == 1 ? __half2float(__ushort_as_half((unsigned short)raw)) : __uint_as_float(raw);
+}
+__device__ __forceinline__ float fm_scale_load(const unsigned char *p, long long i, int kind) {
+    if (kind == 2) return __ldg((const float *)p + i);
+    return fm_scale_bits(__ldg((const unsigned short *)p + i), kind);
+}
 
 /* Programmatic dependent launch (docs/CUDA.md "One-token matvecs"): fm_pdl_trigger() at the start
  * of a kernel lets a successor launched with the programmatic-serialization attribute start its

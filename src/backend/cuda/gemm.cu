@@ -68,13 +68,6 @@ __host__ __device__ constexpr int gm_smem_bytes(int bits) {
            2 * 2 * GM_BM * 2 * 4;
 }
 
-template <int SK> __device__ __forceinline__ float gm_scale(const unsigned char *base, long long i) {
-    if constexpr (SK == 2) return __ldg((const float *)base + i);
-    const unsigned short u = __ldg((const unsigned short *)base + i);
-    if constexpr (SK == 0) return __uint_as_float((uint32_t)u << 16);
-    else return __half2float(__ushort_as_half(u));
-}
-
 /* Byte c of w0 and of w1 (Q8 values) as a bf16 pair (exact: q <= 255 has 8 significant bits). */
 __device__ __forceinline__ uint32_t q8_pair_bf16(uint32_t w0, uint32_t w1, uint32_t sel) {
     const float a = __uint_as_float(__byte_perm(w0, 0x4B000000u, sel)) - 8388608.0f;
@@ -127,7 +120,7 @@ __global__ void __launch_bounds__(GM_THREADS, 2) gemm_q(const __grid_constant__ 
         for (int i = 0; i < 4; i++) xv[i] = xok ? __ldg(xsrc + kb * (GM_BK / 4) + i) : make_float4(0.f, 0.f, 0.f, 0.f);
         if (sload) {
 #pragma unroll
-            for (int h = 0; h < 2; h++) sv[h] = gm_scale<SK>(sbase, sidx + (kb * GM_BK + 32 * h) / GS);
+            for (int h = 0; h < 2; h++) sv[h] = fm_scale_load(sbase, sidx + (kb * GM_BK + 32 * h) / GS, SK);
         }
     };
     auto store_x = [&](int buf) {

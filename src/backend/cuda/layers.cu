@@ -1000,12 +1000,6 @@ __device__ __forceinline__ float q8_float(uint32_t w, uint32_t sel) {
     return __uint_as_float(__byte_perm(w, 0x4B000000u, sel)) - 8388608.0f;
 }
 
-__device__ __forceinline__ float load_sv(const unsigned char *p, long long idx, int kind) {
-    if (kind == 2) return __ldg((const float *)p + idx);
-    const unsigned short u = __ldg((const unsigned short *)p + idx);
-    return kind == 0 ? __uint_as_float((uint32_t)u << 16) : __half2float(__ushort_as_half(u));
-}
-
 __device__ __forceinline__ float2 half2_f(uint32_t w, int kind) {
     if (kind == EK_BF16) return make_float2(__uint_as_float(w << 16), __uint_as_float(w & 0xFFFF0000u));
     return __half22float2(*reinterpret_cast<const __half2 *>(&w));
@@ -1114,12 +1108,12 @@ template <int KIND> __global__ void __launch_bounds__(EMV_WARPS * 32) expert_mv_
         if (has2) a1 = __ldg(wa + c2), b1 = __ldg(wb + c2);
         if constexpr (T::Q) {
             const long long g0 = ((long long)c * T::VPC) >> p.gs_log2, g2 = ((long long)c2 * T::VPC) >> p.gs_log2;
-            const float sa0 = load_sv(sbase, rca * groups + g0, kind), ba0 = load_sv(bbase, rca * groups + g0, kind);
-            const float sb0 = load_sv(sbase, rcb * groups + g0, kind), bb0 = load_sv(bbase, rcb * groups + g0, kind);
+            const float sa0 = fm_scale_load(sbase, rca * groups + g0, kind), ba0 = fm_scale_load(bbase, rca * groups + g0, kind);
+            const float sb0 = fm_scale_load(sbase, rcb * groups + g0, kind), bb0 = fm_scale_load(bbase, rcb * groups + g0, kind);
             float sa2 = 0.f, ba2 = 0.f, sb2 = 0.f, bb2 = 0.f;
             if (has2) {
-                sa2 = load_sv(sbase, rca * groups + g2, kind), ba2 = load_sv(bbase, rca * groups + g2, kind);
-                sb2 = load_sv(sbase, rcb * groups + g2, kind), bb2 = load_sv(bbase, rcb * groups + g2, kind);
+                sa2 = fm_scale_load(sbase, rca * groups + g2, kind), ba2 = fm_scale_load(bbase, rca * groups + g2, kind);
+                sb2 = fm_scale_load(sbase, rcb * groups + g2, kind), bb2 = fm_scale_load(bbase, rcb * groups + g2, kind);
             }
             float da = 0.f, db = 0.f;
             chunk_dot2<KIND>(a0, b0, xs4 + c, C, da, db);

@@ -217,10 +217,7 @@ template <int KIND> struct ChunkRegs {
 
 /* A scale or bias as float: from the raw bits (FM_CUDA_SCALE_PREFETCH) or as stored. */
 #if FM_CUDA_SCALE_PREFETCH
-__device__ __forceinline__ float scale_value(uint32_t raw, int kind) {
-    return kind == 0 ? __uint_as_float(raw << 16)
-                     : kind == 1 ? __half2float(__ushort_as_half((unsigned short)raw)) : __uint_as_float(raw);
-}
+__device__ __forceinline__ float scale_value(uint32_t raw, int kind) { return fm_scale_bits(raw, kind); }
 #else
 __device__ __forceinline__ float scale_value(float v, int) { return v; }
 #endif

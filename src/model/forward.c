@@ -18,11 +18,11 @@
 
 #define FM_MAX_CHUNK 512 /* tokens per prefill chunk: each expert is read at most once per chunk */
 
-/* One token: experts whose bytes are all in (fm_store_ready_run) are computed EXPERT_BATCH at a
- * time, their gates and ups in one dispatch of the thread pool, then their downs in one
- * (fm_cpu_matvec_many): a 35B-A3B expert's 512 x 2048 Q4 product alone spends about half its time
- * in the dispatch and the ramp. FLASHMOE_EXPERT_BATCH=0 at session init: one expert at a time
- * (measurements). */
+/* Experts that serve one token (all of a decode step's, most of a short prompt's) and whose bytes
+ * are all in (fm_store_ready_run) are computed EXPERT_BATCH at a time, their gates and ups in one
+ * dispatch of the thread pool, then their downs in one (fm_cpu_matvec_many): a 35B-A3B expert's
+ * 512 x 2048 Q4 product alone spends about half its time in the dispatch and the ramp.
+ * FLASHMOE_EXPERT_BATCH=0 at session init: one expert at a time (measurements). */
 #define EXPERT_BATCH (FM_CPU_MV_MANY / 2)
 
 struct fm_session {
@@ -442,47 +442,37 @@ static void guess_next_layer(fm_session *s, int l, const float *xn) {
 
 /* out (T, H) = sum over each token's top-k experts of w * SwiGLU_e(xn) + sigmoid(xn . g_s) SwiGLU_shared(xn). */
 
-/* One token's routed experts ids[0..n) of layer l (the store's current request), out += w_e *
- * expert_e(xn) in request order, the same products and sums as one expert at a time: experts
- * already in (fm_store_ready_run) go EXPERT_BATCH at a time through fm_cpu_matvec_many, and when
- * none is, the next is waited for (*waited += the time) and computed alone. */
-static fm_status experts_one_token(fm_session *s, int l, const int32_t *ids, int n, float *out, double *waited) {
+/* Experts ids[0..nb) of layer l (blocks: their bytes) that each serve one token (xn's row and
+ * weight from the chunk's token lists): out[token] += w * expert(xn[token]) in that order, the
+ * gates and ups of all in one dispatch of the pool, then the downs in one (fm_cpu_matvec_many;
+ * bit-identical to one expert at a time). nb <= EXPERT_BATCH. */
+static void experts_single_token(fm_session *s, int l, const int32_t *ids, const uint8_t *const *blocks, int nb,
+                                 const float *xn, float *out) {
     fm_model *m = s->m;
     const fm_config *c = &m->cfg;
     const fm_packed_expert_layer *L = &m->packed->experts[l];
     const int64_t H = c->n_embd, I = c->n_ff_expert;
-    for (int i = 0; i < n;) {
-        const uint8_t *blocks[EXPERT_BATCH];
-        int nb = fm_store_ready_run(m->store, i, n - i < EXPERT_BATCH ? n - i : EXPERT_BATCH, blocks);
-        if (nb == 0) {
-            double tw = fm_time_now();
-            fm_status st = fm_store_wait(m->store, i, &blocks[0]);
-            *waited += fm_time_now() - tw;
-            if (st != FM_OK) return st;
-            nb = 1;
-        }
-        fm_weight wg[EXPERT_BATCH], wu[EXPERT_BATCH], wd[EXPERT_BATCH];
-        fm_cpu_mv mv[2 * EXPERT_BATCH];
-        for (int j = 0; j < nb; j++) {
-            wg[j] = fm_packed_weight(&L->parts[FM_PART_GATE], blocks[j]);
-            wu[j] = fm_packed_weight(&L->parts[FM_PART_UP], blocks[j]);
-            wd[j] = fm_packed_weight(&L->parts[FM_PART_DOWN], blocks[j]);
-            mv[2 * j] = (fm_cpu_mv){s->eg + j * I, s->xn, &wg[j]};
-            mv[2 * j + 1] = (fm_cpu_mv){s->eu + j * I, s->xn, &wu[j]};
-        }
-        fm_cpu_matvec_many(m->pool, mv, 2 * nb);
-        fm_store_poll(m->store); /* later experts' reads go on while these compute */
-        for (int64_t q = 0; q < nb * I; q++) s->eg[q] = fm_silu(s->eg[q]) * s->eu[q];
-        for (int j = 0; j < nb; j++) mv[j] = (fm_cpu_mv){s->ey + j * H, s->eg + j * I, &wd[j]};
-        fm_cpu_matvec_many(m->pool, mv, nb);
-        for (int j = 0; j < nb; j++) {
-            const int32_t e = ids[i + j];
-            const float wt = s->tok_w[s->expert_start[e]], *y = s->ey + j * H;
-            for (int64_t q = 0; q < H; q++) out[q] += wt * y[q];
-        }
-        i += nb;
+    fm_weight wg[EXPERT_BATCH], wu[EXPERT_BATCH], wd[EXPERT_BATCH];
+    fm_cpu_mv mv[2 * EXPERT_BATCH];
+    for (int j = 0; j < nb; j++) {
+        const float *x = xn + (int64_t)s->tok_list[s->expert_start[ids[j]]] * H;
+        wg[j] = fm_packed_weight(&L->parts[FM_PART_GATE], blocks[j]);
+        wu[j] = fm_packed_weight(&L->parts[FM_PART_UP], blocks[j]);
+        wd[j] = fm_packed_weight(&L->parts[FM_PART_DOWN], blocks[j]);
+        mv[2 * j] = (fm_cpu_mv){s->eg + j * I, x, &wg[j]};
+        mv[2 * j + 1] = (fm_cpu_mv){s->eu + j * I, x, &wu[j]};
     }
-    return FM_OK;
+    fm_cpu_matvec_many(m->pool, mv, 2 * nb);
+    fm_store_poll(m->store); /* later experts' reads go on while these compute */
+    for (int64_t q = 0; q < nb * I; q++) s->eg[q] = fm_silu(s->eg[q]) * s->eu[q];
+    for (int j = 0; j < nb; j++) mv[j] = (fm_cpu_mv){s->ey + j * H, s->eg + j * I, &wd[j]};
+    fm_cpu_matvec_many(m->pool, mv, nb);
+    for (int j = 0; j < nb; j++) {
+        const int64_t at = s->expert_start[ids[j]];
+        const float wt = s->tok_w[at], *y = s->ey + j * H;
+        float *o = out + (int64_t)s->tok_list[at] * H;
+        for (int64_t q = 0; q < H; q++) o[q] += wt * y[q];
+    }
 }
 
 static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *out) {
@@ -578,18 +568,34 @@ static fm_status moe(fm_session *s, int l, int64_t T, const float *xn, float *ou
     for (int g0 = 0; g0 < n_uniq && st == FM_OK; g0 += cap) {
         int n = n_uniq - g0 < cap ? n_uniq - g0 : cap;
         if (g0 > 0) st = fm_store_request(m->store, l, uniq + g0, n);
-        if (T == 1 && s->expert_batch) {
-            st = st == FM_OK ? experts_one_token(s, l, uniq + g0, n, out, &waited) : st;
-            continue;
-        }
-        for (int i = 0; i < n && st == FM_OK; i++) {
+        for (int i = 0; i < n && st == FM_OK;) {
+            int32_t e = uniq[g0 + i];
+            int64_t n_tok = start[e + 1] - start[e];
+            /* a run of experts with one token each (every expert of a decode step): those already in
+             * go EXPERT_BATCH at a time; when none is, the next is waited for and goes alone */
+            int run = 0;
+            while (s->expert_batch && i + run < n && run < EXPERT_BATCH &&
+                   start[uniq[g0 + i + run] + 1] - start[uniq[g0 + i + run]] == 1)
+                run++;
+            const uint8_t *blocks[EXPERT_BATCH];
+            int nb = run ? fm_store_ready_run(m->store, i, run, blocks) : 0;
+            if (run && !nb) {
+                double tw = fm_time_now();
+                st = fm_store_wait(m->store, i, &blocks[0]);
+                waited += fm_time_now() - tw;
+                nb = 1;
+            }
+            if (run) {
+                if (st == FM_OK) experts_single_token(s, l, uniq + g0 + i, blocks, nb, xn, out);
+                i += nb;
+                continue;
+            }
             const uint8_t *block;
             double tw = fm_time_now();
             st = fm_store_wait(m->store, i, &block);
             waited += fm_time_now() - tw;
             if (st != FM_OK) break;
-            int32_t e = uniq[g0 + i];
-            int64_t n_tok = start[e + 1] - start[e];
+            i++;
             fm_weight wg = fm_packed_weight(&L->parts[FM_PART_GATE], block);
             fm_weight wu = fm_packed_weight(&L->parts[FM_PART_UP], block);
             fm_weight wd = fm_packed_weight(&L->parts[FM_PART_DOWN], block);

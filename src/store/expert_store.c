@@ -858,10 +858,15 @@ int fm_store_ready_run(fm_expert_store *s, int i0, int max, const uint8_t **bloc
     bool ring = streaming(s); /* buffers reused once a later expert is waited for */
     int n = 0;
     if (s->opt.engine == FM_IO_URING) { /* take the reads finished since the last look */
+        if (i0 > s->released) s->released = i0; /* as a wait for i0: done with every earlier one */
         uring_reap(s, false);
         uring_pump(s);
     }
     if (threads) pthread_mutex_lock(&s->mu);
+    if (threads && i0 > s->released) { /* as a wait for i0: a streaming read may take its buffer */
+        s->released = i0;
+        if (s->q_head < s->q_tail) pthread_cond_broadcast(&s->work);
+    }
     for (int i = i0; i >= 0 && i < s->req_n && n < max; i++, n++) {
         if (s->done[i] != 1 || (ring && s->req_slot[i] >= 0)) break;
         blocks[n] = s->req_ptr[i];

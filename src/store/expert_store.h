@@ -79,7 +79,8 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block);
 /* Without waiting: how many experts of the current request from i0 on (at most max) are in memory
  * in a row with blocks that stay valid until the next request (RAM cache hits and finished reads
  * with a cache, experts used in place, mmap); their blocks into blocks[]. 0 when expert i0 is not
- * in yet, or its block is a streaming buffer (which only fm_store_wait hands out). Lets the model
+ * in yet, or its block is a streaming buffer (which only fm_store_wait hands out). Like a wait for
+ * i0, it ends the validity of the streaming buffers of the experts before i0. Lets the model
  * compute several ready experts in one go. */
 int fm_store_ready_run(fm_expert_store *s, int i0, int max, const uint8_t **blocks);
 

@@ -54,7 +54,7 @@ struct fm_session {
     int32_t *guess;          /* (n_experts_used) the guessed experts */
     int64_t n_guess;
     int guess_layer;         /* the layer guessed for, -1 if none */
-    float *eg, *eu, *ey;     /* one token's ready experts in one go (EXPERT_BATCH of them): gate / up (I
+    float *eg, *eu, *ey;     /* a batch of single-token experts (EXPERT_BATCH at most): gate / up (I
                               * floats each), down (H) */
     bool expert_batch;       /* FLASHMOE_EXPERT_BATCH is not 0 (read at session init) */
     double head_seconds; /* final norm + lm_head */
@@ -295,8 +295,8 @@ static void conv_channels(void *arg, int64_t c0, int64_t c1) {
     }
 }
 
-/* out[i] (T, W_i.rows) = x (T, cols) W_i^T for n products of one input: one token in one dispatch
- * of the pool (fm_cpu_matvec_many, bit-identical), more tokens one matmul each. */
+/* out[i] (T, W_i.rows) = x (T, cols) W_i^T for n <= 4 products of one input: one token in one
+ * dispatch of the pool (fm_cpu_matvec_many, bit-identical), more tokens one matmul each. */
 static void matmul_one_input(fm_pool *pool, const float *x, int64_t T, int n, float *const *out, const fm_weight *const *w) {
     if (T == 1) {
         fm_cpu_mv mv[4];

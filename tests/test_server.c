@@ -690,7 +690,8 @@ FM_TEST(server_http_errors) {
     /* /metrics: Prometheus text with the counters the issue asks for */
     curl(&s, "GET", "/metrics", "-H 'Authorization: Bearer sekret'", &status, out, sizeof out);
     const char *names[] = {"flashmoe_generated_tokens_total ", "flashmoe_decode_tokens_per_second ", "flashmoe_queue_depth ",
-                           "flashmoe_expert_cache_hit_ratio ", "flashmoe_expert_bytes_read_total ", "flashmoe_prompt_tokens_cached_total ",
+                           "flashmoe_expert_cache_hit_ratio ", "flashmoe_expert_bytes_read_total ", "flashmoe_expert_in_place_total ",
+                           "flashmoe_prompt_tokens_cached_total ",
                            "# TYPE flashmoe_generated_tokens_total counter", "flashmoe_http_responses_total{code=\"400\"} "};
     for (size_t i = 0; i < sizeof names / sizeof *names; i++) CHECK_MSG(status == 200 && strstr(out, names[i]), "metrics lack %s", names[i]);
     CHECK(metric(&s, "flashmoe_generated_tokens_total") < 0); /* (it needs the key) */

@@ -214,17 +214,20 @@ int fm_cli_run(int argc, char **argv) {
         double steps = (double)(res.n_generated - 1);
         if (steps > 0) {
             double mixer = 0, route = 0, shared = 0, wait = 0, comp = 0;
-            uint64_t bytes = 0;
+            uint64_t bytes = 0, requested = 0, in_place = 0;
             for (int l = 0; l < m->cfg.n_layers; l++) {
                 const fm_layer_timing *lt = fm_session_layer_timing(s, l);
                 mixer += lt->mixer, route += lt->route, shared += lt->shared, wait += lt->expert_wait, comp += lt->expert_compute;
-                bytes += fm_store_layer_stats_get(m->store, l).bytes_read;
+                const fm_store_layer_stats ls = fm_store_layer_stats_get(m->store, l);
+                bytes += ls.bytes_read, requested += ls.requested, in_place += ls.mapped;
             }
             fprintf(stderr, "decode:  %lld tokens in %.3f s (%.2f tok/s)\n", (long long)steps, res.decode_seconds,
                     steps / res.decode_seconds);
             fprintf(stderr, "all evals: mixer %.2f s, routing %.2f, shared expert %.2f, expert I/O wait %.2f, expert "
-                            "compute %.2f, lm_head %.2f; %.1f MB of experts read\n",
-                    mixer, route, shared, wait, comp, fm_session_head_seconds(s), (double)bytes / 1e6);
+                            "compute %.2f, lm_head %.2f; %.1f MB of experts read, %llu of %llu used in place from the "
+                            "page cache\n",
+                    mixer, route, shared, wait, comp, fm_session_head_seconds(s), (double)bytes / 1e6,
+                    (unsigned long long)in_place, (unsigned long long)requested);
         }
     }
 done:

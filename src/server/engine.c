@@ -441,16 +441,18 @@ static void admit(fm_engine *e) {
 
 static void snapshot_store(fm_engine *e) {
     const fm_model *m = e->model;
-    uint64_t req = 0, hits = 0, bytes = 0;
+    uint64_t req = 0, hits = 0, mapped = 0, bytes = 0;
     for (int l = 0; m->store && l < m->cfg.n_layers; l++) {
         fm_store_layer_stats s = fm_store_layer_stats_get(m->store, l);
         req += s.requested;
         hits += s.hits;
+        mapped += s.mapped;
         bytes += s.bytes_read;
     }
     pthread_mutex_lock(&e->mu);
     e->stats.expert_requested = req;
     e->stats.expert_hits = hits;
+    e->stats.expert_mapped = mapped;
     e->stats.expert_bytes_read = bytes;
     pthread_mutex_unlock(&e->mu);
 }

@@ -116,7 +116,7 @@ typedef struct fm_engine_stats {
     uint64_t prefill_tokens;   /* prompt tokens evaluated */
     uint64_t generated_tokens;
     double prefill_seconds, decode_seconds; /* engine-thread time spent in each */
-    uint64_t expert_requested, expert_hits, expert_bytes_read; /* the expert store's counters */
+    uint64_t expert_requested, expert_hits, expert_mapped, expert_bytes_read; /* the expert store's counters */
 } fm_engine_stats;
 
 /* A consistent copy of the engine's counters (any thread). */

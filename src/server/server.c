@@ -953,6 +953,8 @@ static void metrics(fm_server *s, fm_http_request *req) {
             (unsigned long long)st.expert_requested);
     COUNTER("flashmoe_expert_cache_hits_total", "Of those, served from the in-process expert cache.", "%llu",
             (unsigned long long)st.expert_hits);
+    COUNTER("flashmoe_expert_in_place_total", "Of those, used in place from the page cache (not read).", "%llu",
+            (unsigned long long)st.expert_mapped);
     GAUGE("flashmoe_expert_cache_hit_ratio", "Expert cache hits / expert requests (since start).", "%.6f",
           st.expert_requested ? (double)st.expert_hits / (double)st.expert_requested : 0.0);
     COUNTER("flashmoe_expert_bytes_read_total", "Bytes of experts read from the expert files.", "%llu",

@@ -366,3 +366,19 @@ FM_TEST(bad_mlx_no_quantization_block) {
     REQUIRE(edit_config(dir, drop_quantization));
     expect_convert_error(t, dir, "config.json has no \"quantization\" block");
 }
+
+/* A crash ends with a backtrace on stderr and the signal's status: bench on a tiny model is sent
+ * SIGSEGV while it runs (src/cli/main.c). */
+FM_TEST(bad_crash_prints_a_backtrace) {
+    char dir[512], cmd[4096], out[16384];
+    fm_test_tmpdir("bad_crash", dir, sizeof dir);
+    const char *bin = fm_test_bin();
+    snprintf(cmd, sizeof cmd,
+             "%s synth --preset tiny --force --no-progress '%s/m' >/dev/null 2>&1 && "
+             "{ %s bench -m '%s/m' --prompt 4 --gen 20000 >/dev/null 2>'%s/err' & p=$!; sleep 1; kill -SEGV $p; "
+             "wait $p; echo \"status $?\"; cat '%s/err'; }",
+             bin, dir, bin, dir, dir, dir);
+    int rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 0 && strstr(out, "status 139") && strstr(out, "flashmoe: crashed (a bug") && strstr(out, "flashmoe(+0x"),
+              "rc %d: %.2000s", rc, out);
+}

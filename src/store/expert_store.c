@@ -804,11 +804,21 @@ fm_status fm_store_request(fm_expert_store *s, int layer, const int32_t *ids, in
     return FM_OK;
 }
 
+/* The consumer is done with every expert of the request before i (it waits for i, or takes a
+ * ready run from i): a streaming read may take their buffers. Reader-thread engines: s->mu held. */
+static void release_before(fm_expert_store *s, int i) {
+    if (i <= s->released) return;
+    s->released = i;
+    /* only a queued read can be waiting for a buffer to be released: waking idle readers for
+     * nothing cost ~0.25 ms a layer on 2 cores when every expert was served in place */
+    if (s->opt.engine != FM_IO_URING && s->q_head < s->q_tail) pthread_cond_broadcast(&s->work);
+}
+
 fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
     if (i < 0 || i >= s->req_n) return fm_error_set(FM_ERR_ARG, "expert store: wait for %d of %d", i, s->req_n);
     unsigned char state;
     if (s->opt.engine == FM_IO_URING) {
-        if (i > s->released) s->released = i; /* waiting for i: the consumer is done with every earlier one */
+        release_before(s, i);
         uring_reap(s, false);
         uring_pump(s);
         if ((state = s->done[i]) == 0) {
@@ -827,12 +837,7 @@ fm_status fm_store_wait(fm_expert_store *s, int i, const uint8_t **block) {
         if (s->spec_n) uring_pump(s); /* the request's reads may all be in now */
     } else {
         pthread_mutex_lock(&s->mu);
-        if (i > s->released) { /* waiting for i: the consumer is done with every earlier one */
-            s->released = i;
-            /* only a queued read can be waiting for a buffer to be released: waking idle readers for
-             * nothing cost ~0.25 ms a layer on 2 cores when every expert was served in place */
-            if (s->q_head < s->q_tail) pthread_cond_broadcast(&s->work);
-        }
+        release_before(s, i);
         state = s->done[i];
         if (state == 0) {
             double t0 = fm_time_now();
@@ -858,14 +863,13 @@ int fm_store_ready_run(fm_expert_store *s, int i0, int max, const uint8_t **bloc
     bool ring = streaming(s); /* buffers reused once a later expert is waited for */
     int n = 0;
     if (s->opt.engine == FM_IO_URING) { /* take the reads finished since the last look */
-        if (i0 > s->released) s->released = i0; /* as a wait for i0: done with every earlier one */
+        release_before(s, i0);
         uring_reap(s, false);
         uring_pump(s);
     }
-    if (threads) pthread_mutex_lock(&s->mu);
-    if (threads && i0 > s->released) { /* as a wait for i0: a streaming read may take its buffer */
-        s->released = i0;
-        if (s->q_head < s->q_tail) pthread_cond_broadcast(&s->work);
+    if (threads) {
+        pthread_mutex_lock(&s->mu);
+        release_before(s, i0);
     }
     for (int i = i0; i >= 0 && i < s->req_n && n < max; i++, n++) {
         if (s->done[i] != 1 || (ring && s->req_slot[i] >= 0)) break;

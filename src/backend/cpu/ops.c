@@ -442,13 +442,21 @@ static fm_pool_fn t1_rows_fn(fm_cpu_int8 k) {
     return !int8_avx2(k) ? int8_t1_rows : k == FM_CPU_INT8_AVX2 ? int8_t1_rows_avx2 : int8_t1_rows_avxvnni;
 }
 
-/* The one-token kernel's scratch for w on path k: the rounded activations (Kc bytes a level; the
- * AVX2 Q8 kernel: int16, 4 Kc in all), then dx and xs (G floats each). */
-static size_t t1_scratch_bytes(fm_cpu_int8 k, const fm_weight *w) {
+/* The one-token kernel's scratch for w on path k: the rounded activations (*Kc bytes a level, Kc a
+ * multiple of 32 (64 for VNNI); with *wide, the AVX2 Q8 kernel's int16 Q: 4 Kc in all), then dx and
+ * xs (*G floats each). Returns its bytes. */
+static size_t t1_layout(fm_cpu_int8 k, const fm_weight *w, int64_t *Kc, int64_t *G, bool *wide) {
     const bool avx2 = int8_avx2(k);
-    const int64_t Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
-    const bool wide = avx2 && fm_quant_bits(w->dtype) == 8; /* the AVX2 Q8 kernel reads the int16 Q */
-    return (size_t)((wide ? 4 : 2) * Kc) + sizeof(float) * (size_t)(2 * G);
+    *Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w);
+    *G = w->cols / w->group_size;
+    *wide = avx2 && fm_quant_bits(w->dtype) == 8;
+    return (size_t)((*wide ? 4 : 2) * *Kc) + sizeof(float) * (size_t)(2 * *G);
+}
+
+static size_t t1_scratch_bytes(fm_cpu_int8 k, const fm_weight *w) {
+    int64_t Kc, G;
+    bool wide;
+    return t1_layout(k, w, &Kc, &G, &wide);
 }
 
 /* Rounds one token x for w's in-place kernel of path k into buf (t1_scratch_bytes(k, w) bytes,
@@ -456,11 +464,12 @@ static size_t t1_scratch_bytes(fm_cpu_int8 k, const fm_weight *w) {
 static void t1_prepare(fm_cpu_int8 k, int levels, unsigned char *buf, float *out, const float *x, const fm_weight *w,
                        fm_kern_i8_job *j) {
     const bool avx2 = int8_avx2(k);
-    const int64_t Kc = avx2 ? fm_kern_avx2_i8_t1_cols(w) : fm_kern_i8_t1_cols(w), G = w->cols / w->group_size;
-    const bool wide = avx2 && fm_quant_bits(w->dtype) == 8;
+    int64_t Kc, G;
+    bool wide;
+    t1_layout(k, w, &Kc, &G, &wide);
     int8_t *xq = (int8_t *)buf, *xq2 = levels == 2 ? (int8_t *)buf + Kc : NULL;
     int16_t *xw = wide ? (int16_t *)(void *)(buf + 2 * Kc) : NULL;
-    float *dx = (float *)(void *)(buf + (wide ? 4 : 2) * Kc), *xs = dx + G; /* Kc: a multiple of 32 (64 for VNNI) */
+    float *dx = (float *)(void *)(buf + (wide ? 4 : 2) * Kc), *xs = dx + G;
     memset(buf + w->cols, 0, (size_t)(Kc - w->cols));
     if (xq2) memset(xq2 + w->cols, 0, (size_t)(Kc - w->cols));
     if (avx2) fm_kern_avx2_i8_quant(w, x, 0, 1, xq, xq2, Kc, dx, xs);
@@ -525,30 +534,24 @@ static void t1_many_rows(void *arg, int64_t r0, int64_t r1) {
 void fm_cpu_matvec_many(fm_pool *pool, const fm_cpu_mv *mv, int n) {
     const int levels = fm_cpu_int8_levels();
     fm_cpu_int8 k = n > 1 && n <= FM_CPU_MV_MANY ? t1_path(levels, mv[0].w) : FM_CPU_INT8_OFF;
-    size_t total = 0;
-    int64_t min_cols = INT64_MAX;
+    size_t at[FM_CPU_MV_MANY + 1] = {0}; /* product i's scratch at buf + at[i] */
+    int64_t row0[FM_CPU_MV_MANY + 1] = {0}, min_cols = INT64_MAX;
     for (int i = 0; i < n && k != FM_CPU_INT8_OFF; i++) {
-        if (t1_path(levels, mv[i].w) != k) {
+        if (i && t1_path(levels, mv[i].w) != k) {
             k = FM_CPU_INT8_OFF;
             break;
         }
-        total += (t1_scratch_bytes(k, mv[i].w) + 63) & ~(size_t)63;
+        at[i + 1] = at[i] + ((t1_scratch_bytes(k, mv[i].w) + 63) & ~(size_t)63);
+        row0[i + 1] = row0[i] + mv[i].w->rows;
         if (mv[i].w->cols < min_cols) min_cols = mv[i].w->cols;
     }
-    if (k == FM_CPU_INT8_OFF || total > T1_MANY_STACK) { /* one product at a time */
+    if (k == FM_CPU_INT8_OFF || at[n] > T1_MANY_STACK) { /* one product at a time */
         for (int i = 0; i < n; i++) fm_cpu_matmul(pool, mv[i].out, mv[i].x, 1, mv[i].w);
         return;
     }
     unsigned char buf[T1_MANY_STACK] __attribute__((aligned(64)));
     fm_kern_i8_job jobs[FM_CPU_MV_MANY];
-    int64_t row0[FM_CPU_MV_MANY + 1];
-    size_t off = 0;
-    row0[0] = 0;
-    for (int i = 0; i < n; i++) {
-        t1_prepare(k, levels, buf + off, mv[i].out, mv[i].x, mv[i].w, &jobs[i]);
-        off += (t1_scratch_bytes(k, mv[i].w) + 63) & ~(size_t)63;
-        row0[i + 1] = row0[i] + mv[i].w->rows;
-    }
+    for (int i = 0; i < n; i++) t1_prepare(k, levels, buf + at[i], mv[i].out, mv[i].x, mv[i].w, &jobs[i]);
     t1_many_job m = {.fn = t1_rows_fn(k), .n = n, .jobs = jobs, .row0 = row0};
     /* as one product: a share of at least ~1M multiply-adds a thread (AVX2 ~256K) */
     fm_pool_run(pool, t1_many_rows, &m, row0[n], int8_min_work(k) / min_cols + 1);

@@ -125,3 +125,51 @@ FM_TEST(mixer_dot_and_scale_axpy_levels_match_f64) {
     }
     fprintf(stderr, "  dot: worst error %.2e of sum |a b| (seed %llu)\n", worst, (unsigned long long)seed0);
 }
+
+/* fm_cpu_argmax at every level against the definition (the first i with x[i] > every earlier x),
+ * on fresh random rows: lengths around the 32-float step and a vocabulary's, the maximum placed
+ * in the head, the body and the tail, ties (the first must win), -0 against +0, rows of -inf, and
+ * a NaN anywhere (-1). */
+FM_TEST(mixer_argmax_levels_match_definition) {
+    rng_seed();
+    static const int64_t ns[] = {0, 1, 7, 31, 32, 33, 63, 100, 1000, 248320};
+    float *x = malloc(sizeof(float) * 248320);
+    REQUIRE(x);
+    int cases = 0;
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        const int64_t n = ns[ni];
+        for (int kind = 0; kind < 7; kind++) {
+            for (int64_t i = 0; i < n; i++) x[i] = (float)rnd() * 10.0f;
+            int64_t at = n ? (int64_t)((rnd() * 0.5 + 0.5) * (double)n) % n : 0;
+            if (kind == 1 && n) x[n - 1] = 20.0f;                   /* the max in the tail */
+            if (kind == 2 && n > 3) x[at] = x[n - 1] = x[n / 2] = 30.0f; /* ties: the first wins */
+            if (kind == 3)                                           /* zeros of both signs are the max */
+                for (int64_t i = 0; i < n; i++) x[i] = i == at ? 0.0f : i % 3 ? -0.0f : -fabsf(x[i]) - 1.0f;
+            if (kind == 4)
+                for (int64_t i = 0; i < n; i++) x[i] = -INFINITY;
+            if (kind == 5 && n) x[at] = NAN;
+            if (kind == 6 && n) x[n - 1] = NAN;
+            int64_t want = n ? 0 : -1;
+            for (int64_t i = 0; i < n; i++) {
+                if (x[i] != x[i]) {
+                    want = -1;
+                    break;
+                }
+                if (x[i] > x[want]) want = i;
+            }
+            for (fm_cpu_level lv = FM_CPU_SCALAR; lv <= FM_CPU_AVX512; lv++) {
+                if (!fm_cpu_level_supported(lv)) continue;
+                float m = 12345.0f;
+                int64_t got = fm_cpu_argmax_at(lv, x, n, &m);
+                CHECK_MSG(got == want, "%s argmax n %lld kind %d: %lld, want %lld", fm_cpu_level_name(lv),
+                          (long long)n, kind, (long long)got, (long long)want);
+                if (got == want && want >= 0)
+                    CHECK_MSG(memcmp(&m, &x[want], sizeof m) == 0, "%s argmax n %lld kind %d: max %g, want %g",
+                              fm_cpu_level_name(lv), (long long)n, kind, m, x[want]);
+                cases++;
+            }
+        }
+    }
+    CHECK(cases >= 70);
+    free(x);
+}

@@ -15,6 +15,7 @@
 #include <liburing.h>
 
 #include "backend/cpu/membw.h"
+#include "backend/cpu/mixer_kernels.h"
 #include "cli/cli.h"
 #include "flashmoe.h"
 #include "model/forward_cuda.h"
@@ -472,11 +473,11 @@ static void io_bench(const fm_packed_model *pm, int n_probe, bool json) {
 
 enum { OPT_PROMPT = 256, OPT_GEN, OPT_COLD, OPT_IO_ONLY, OPT_JSON, OPT_ENGINES };
 
+/* Greedy decoding's next token (0 for a row with a NaN: bench measures speed, not text). */
 static int32_t argmax(const float *x, int64_t n) {
-    int64_t b = 0;
-    for (int64_t i = 1; i < n; i++)
-        if (x[i] > x[b]) b = i;
-    return (int32_t)b;
+    float m;
+    int64_t b = fm_cpu_argmax(x, n, &m);
+    return b < 0 ? 0 : (int32_t)b;
 }
 
 /* What one measurement (prefill, then decode) of one opened model found. */

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "backend/cpu/mixer_kernels.h"
 #include "util/error.h"
 
 /* ============================== generator ================================= */
@@ -206,22 +207,18 @@ static fm_status prepare(fm_sampler *s, const float *logits, const float **out, 
         }
         l = s->work;
     }
-    float m = -INFINITY;
-    int32_t am = -1;
-    for (int32_t i = 0; i < s->n; i++) {
-        float x = l[i];
-        if (x > m) {
-            m = x;
-            am = i;
-        } else if (x != x) {
-            return fm_error_set(FM_ERR_ARG, "sampler: logit %d is NaN", i);
-        }
+    float m = 0;
+    int64_t am = fm_cpu_argmax(l, s->n, &m); /* vectorised: a token's scan of the vocabulary */
+    if (am < 0) {
+        int32_t i = 0;
+        while (i < s->n && l[i] == l[i]) i++;
+        return fm_error_set(FM_ERR_ARG, "sampler: logit %d is NaN", i);
     }
-    if (am < 0) return fm_error_set(FM_ERR_ARG, "sampler: every logit is -inf");
-    if (isinf(m)) return fm_error_set(FM_ERR_ARG, "sampler: logit %d is +inf", am);
+    if (m == -INFINITY) return fm_error_set(FM_ERR_ARG, "sampler: every logit is -inf");
+    if (isinf(m)) return fm_error_set(FM_ERR_ARG, "sampler: logit %lld is +inf", (long long)am);
     *out = l;
     *max_out = m;
-    *argmax = am;
+    *argmax = (int32_t)am;
     return FM_OK;
 }
 

@@ -4,6 +4,7 @@
 #include "backend/cpu/mixer_kernels.h"
 
 #include <immintrin.h>
+#include <math.h>
 
 /* ------------------------------------------------------------------------ scalar references */
 
@@ -43,6 +44,17 @@ static float dot_ref(const float *a, const float *b, int64_t n) {
 
 static void scale_axpy_ref(float *y, float s, float a, const float *x, int64_t n) {
     for (int64_t i = 0; i < n; i++) y[i] = y[i] * s + a * x[i];
+}
+
+static int64_t argmax_ref(const float *x, int64_t n, float *max_out) {
+    if (n < 1) return -1;
+    int64_t best = 0;
+    for (int64_t i = 0; i < n; i++) {
+        if (x[i] != x[i]) return -1;
+        if (x[i] > x[best]) best = i;
+    }
+    *max_out = x[best];
+    return best;
 }
 
 /* ------------------------------------------------------------------------ AVX-512 */
@@ -220,6 +232,45 @@ AVX2_TARGET static void scale_axpy_avx2(float *y, float s, float a, const float 
     for (; i < n; i++) y[i] = y[i] * s + a * x[i];
 }
 
+/* Two passes: the largest value (and whether any is NaN) over 32 floats a step, then the first
+ * index holding it. A row of logits (1 MB) stays in cache between the passes. */
+AVX2_TARGET static int64_t argmax_avx2(const float *x, int64_t n, float *max_out) {
+    if (n < 32) return argmax_ref(x, n, max_out);
+    __m256 m[4], nan = _mm256_setzero_ps();
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; u++) m[u] = _mm256_set1_ps(-INFINITY);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            __m256 v = _mm256_loadu_ps(x + i + 8 * u);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            m[u] = _mm256_max_ps(m[u], v);
+        }
+    }
+    if (_mm256_movemask_ps(nan)) return -1;
+    __m256 mm = _mm256_max_ps(_mm256_max_ps(m[0], m[1]), _mm256_max_ps(m[2], m[3]));
+    float lanes[8];
+    _mm256_storeu_ps(lanes, mm);
+    float best = lanes[0];
+    for (int u = 1; u < 8; u++) best = lanes[u] > best ? lanes[u] : best;
+    for (; i < n; i++) {
+        if (x[i] != x[i]) return -1;
+        if (x[i] > best) best = x[i];
+    }
+    const __m256 vb = _mm256_set1_ps(best);
+    for (i = 0; i + 8 <= n; i += 8) {
+        int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(x + i), vb, _CMP_EQ_OQ));
+        if (hit) {
+            i += __builtin_ctz((unsigned)hit);
+            break;
+        }
+    }
+    while (x[i] != best) i++; /* the tail; found above, x[i] == best already */
+    *max_out = x[i];           /* x's own zero, where best is -0 or +0 */
+    return i;
+}
+
 /* ------------------------------------------------------------------------ dispatch */
 
 static fm_cpu_level usable(fm_cpu_level level) {
@@ -261,4 +312,12 @@ void fm_cpu_scale_axpy_at(fm_cpu_level level, float *y, float s, float a, const 
 
 void fm_cpu_scale_axpy(float *y, float s, float a, const float *x, int64_t n) {
     fm_cpu_scale_axpy_at(fm_cpu_matmul_level(), y, s, a, x, n);
+}
+
+int64_t fm_cpu_argmax_at(fm_cpu_level level, const float *x, int64_t n, float *max_out) {
+    return usable(level) >= FM_CPU_AVX2 ? argmax_avx2(x, n, max_out) : argmax_ref(x, n, max_out);
+}
+
+int64_t fm_cpu_argmax(const float *x, int64_t n, float *max_out) {
+    return fm_cpu_argmax_at(fm_cpu_matmul_level(), x, n, max_out);
 }

@@ -148,6 +148,8 @@ struct fm_cuda_session {
     double *head_seconds;
     float **kc, **vc, **conv, **ssm; /* [n_layers] device */
     float *inv_freq;
+    int att_split;     /* fm_cuda_attention_decode's blocks a head (docs/CUDA.md) */
+    void *att_scratch; /* its scratch when att_split > 1 (zero-filled) */
     float *x, *xn, *mix, *a, *b, *c, *d, *small, *shl, *logits;
     int32_t *rt;  /* (cap*k) ids, then (cap*k) float weights */
     int32_t *tab; /* (cap*k) token list | (cap*k) rows | (cap*k) float weights */
@@ -427,6 +429,9 @@ static uint64_t session_bytes(const fm_model *m, int64_t n_ctx, int64_t cap) {
     b += (uint64_t)(3 * cap * H + 4 * cap * wide + cap * narrow + cap + LOGIT_ROWS * V) * f;
     b += (uint64_t)(2 * cap * k + 3 * cap * k) * 4 + (uint64_t)(4 * cap * k * max64(H, c->n_ff_expert)) * f;
     b += (uint64_t)(H + c->n_experts + 2 * k) * f; /* the next-layer guess: gxn, glog, gids */
+    b += align_up(fm_cuda_attention_decode_scratch_bytes(
+                      (int)c->n_head, (int)c->head_dim, fm_cuda_attention_decode_splits(m->gpu->ctx, (int)c->n_head, n_ctx)),
+                  DEV_ALIGN);
     return b + 35 * DEV_ALIGN;
 }
 
@@ -444,7 +449,8 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
         fm_cuda_buf_free(ctx, s->ssm[l]);
     }
     float *bufs[] = {s->inv_freq, s->x, s->xn, s->mix, s->a, s->b, s->c, s->d, s->small, s->shl, s->logits,
-                     (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y, s->gxn, s->glog, (float *)s->gids};
+                     (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y, s->gxn, s->glog, (float *)s->gids,
+                     (float *)s->att_scratch};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) fm_cuda_buf_free(ctx, bufs[i]);
     fm_cuda_graph_free(ctx, s->graph);
     fm_cuda_buf_free(ctx, s->pos_dev);
@@ -692,6 +698,12 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
     DALLOC(s->gxn, H * f);
     DALLOC(s->glog, E * f);
     DALLOC(s->gids, 2 * k * 4);
+    s->att_split = fm_cuda_attention_decode_splits(s->ctx, (int)c->n_head, n_ctx);
+    size_t att_bytes = fm_cuda_attention_decode_scratch_bytes((int)c->n_head, (int)c->head_dim, s->att_split);
+    if (att_bytes) {
+        DALLOC(s->att_scratch, att_bytes);
+        if ((st = fm_cuda_buf_fill(s->ctx, s->att_scratch, 0, att_bytes)) != FM_OK) goto fail;
+    }
 #undef DALLOC
     if (c->rot_dim > 0) {
         float inv[4096];
@@ -1212,7 +1224,7 @@ static fm_status full_attention_dev(fm_cuda_session *s, int l) {
     }
     if (fuse) {
         TRY(fm_cuda_attention_decode(ctx, att, qg, kv, w->q_norm, w->k_norm, eps, c->rot_dim, s->inv_freq, s->kc[l],
-                                     s->vc[l], s->pos_dev, (int)nh, (int)nkv, (int)d));
+                                     s->vc[l], s->pos_dev, (int)nh, (int)nkv, (int)d, s->att_split, s->att_scratch));
         return matvec1(ctx, s->mix, &w->o_proj, att);
     }
     TRY(fm_cuda_head_norm_rope_at(ctx, q, 0, d, qg, 2 * d, w->q_norm, 1, (int)nh, (int)d, eps, c->rot_dim, s->inv_freq,

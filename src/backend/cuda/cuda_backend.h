@@ -336,12 +336,23 @@ fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float *q, const f
 
 /* One token's full attention at position *pos_dev in one kernel, as fm_cuda_head_norm_rope_at of q
  * (q_norm) and of k (k_norm) with rot_dim and inv_freq, fm_cuda_store_at of v, and fm_cuda_attention_at
- * (results and caches bit-identical to those four calls): qg (n_head, 2 d) = per head [q | gate], kv
- * = [k (n_head_kv d) | v (n_head_kv d)]; k and v go into the caches (n_ctx, n_head_kv, d) at the
- * position; out (n_head, d). d <= 512. */
+ * (equal within float rounding: the softmax is summed in another order): qg (n_head, 2 d) = per head
+ * [q | gate], kv = [k (n_head_kv d) | v (n_head_kv d)]; k and v go into the caches (n_ctx, n_head_kv,
+ * d) at the position; out (n_head, d). d <= 512. The context is split over up to n_split blocks a
+ * head (1..32; see fm_cuda_attention_decode_splits); n_split > 1 needs `scratch`, a device buffer of
+ * fm_cuda_attention_decode_scratch_bytes, zero-filled before its first use (the kernel leaves it so);
+ * calls that share a scratch must not run concurrently. */
 fm_status fm_cuda_attention_decode(fm_cuda *ctx, float *out, const float *qg, const float *kv, const float *q_norm,
                                    const float *k_norm, float eps, int rot_dim, const float *inv_freq, float *k_cache,
-                                   float *v_cache, const int64_t *pos_dev, int n_head, int n_head_kv, int d);
+                                   float *v_cache, const int64_t *pos_dev, int n_head, int n_head_kv, int d,
+                                   int n_split, void *scratch);
+
+/* The split count fm_cuda_attention_decode should use for caches of n_ctx positions: enough blocks
+ * to fill the SMs at long contexts (1 when n_ctx is short). */
+int fm_cuda_attention_decode_splits(const fm_cuda *ctx, int n_head, int64_t n_ctx);
+
+/* Bytes of fm_cuda_attention_decode's scratch for n_split (0 when n_split <= 1). */
+size_t fm_cuda_attention_decode_scratch_bytes(int n_head, int d, int n_split);
 
 /* dst[*pos_dev * pos_stride + i] = src[i] for i < n (e.g. v into its KV cache row). */
 fm_status fm_cuda_store_at(fm_cuda *ctx, float *dst, int64_t pos_stride, const float *src, int64_t n,

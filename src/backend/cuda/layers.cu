@@ -521,117 +521,234 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, c
     }
 }
 
-/* head_norm_rope_kernel's arithmetic for one head of one token at position pos, by the whole block
- * (blockDim.x 128, as that kernel's): dst[0..d) (shared memory) = rope(rmsnorm(src) * w); tmp: d
- * floats of shared memory. Begins and ends with the block in step. */
-__device__ void head_norm_rope_block(float *dst, float *tmp, const float *src, const float *w, int d, float eps,
-                                     int rot_dim, const float *inv_freq, long long pos, float *red) {
-    float ss = 0.f;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) ss = fmaf(src[i], src[i], ss);
-    const float tot = block_sum(ss, red);
-    const float scale = 1.0f / sqrtf(tot / (float)d + eps);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) tmp[i] = src[i] * scale * w[i];
+/* ---- one token's gated attention with its q / k norms, RoPE and KV-cache store in one kernel (the
+ * decode step's head_norm_rope_at for q and for k, store_at for v and attention_at).
+ * Grid (n_head, n_split), ATD_THREADS threads. Block (h, s) norms and rotates q of head h and k of its
+ * KV head into shared memory, takes v there too (every load of that at once, the weights before the
+ * PDL wait, one reduction for both norms); block (h, 0) of the first head of each KV group
+ * writes that k and v into the caches at pos = *pos_dev. Positions < pos are read from the caches,
+ * position pos from shared memory (so no block waits for another's store).
+ * The positions 0..pos are cut in chunks of ATD_CHUNK; split s takes chunks s, s + n_split, ...
+ * (only the first min(n_split, chunks) splits have work; the others end at once). Per chunk, two
+ * passes with no serial chain through the softmax: (1) each warp scores ATD_PPW positions at once
+ * (their k loads all in flight) into shared memory; (2) the chunk's max and exponentials, then each
+ * thread accumulates its columns of sum_j e_j v_j over the chunk, ATD_VB v rows in flight. Chunks
+ * merge online (running max M, sum L, o). With one active split the block writes
+ * out = o / L * sigmoid(gate); with more, each writes (M, L, o) into the scratch and the last to
+ * finish (a per-head counter, reset by that block) merges them in split order (deterministic).
+ * qg: per head [q (d) | gate (d)]; kv: [k (nkv d) | v (nkv d)]. Grids are small (heads x splits):
+ * one block an SM, so the registers are not capped for occupancy (80 spilled, 167 do not). ---- */
+constexpr int ATD_WARPS = 8;
+constexpr int ATD_THREADS = ATD_WARPS * 32;
+constexpr int ATD_CHUNK = 64;
+constexpr int ATD_PPW = 4;
+constexpr int ATD_VB = 8;
+constexpr int ATD_COLS = ATT_MAX_D / ATD_THREADS;
+constexpr int ATD_MAX_SPLIT = 32;
+
+/* The scratch's layout: a counter per head (rounded to 4), then (M, L) per (head, split), then o. */
+__host__ __device__ inline long long atd_ml_offset(int nh) { return (nh + 3) / 4 * 4; }
+__host__ __device__ inline long long atd_o_offset(int nh, int n_split) {
+    return atd_ml_offset(nh) + 2LL * nh * n_split;
+}
+
+__global__ void __launch_bounds__(ATD_THREADS, 1) attention_decode_kernel(
+    float *out, const float *qg, const float *kv, const float *qw, const float *kw, float eps, int rot_dim,
+    const float *inv_freq, float *kc, float *vc, const long long *pos_dev, int nh, int nkv, int d, float scale,
+    float *scratch) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch */
+    extern __shared__ float ad_sh[]; /* sq | sk | sv | tq | tk, d floats each */
+    __shared__ float red[2][ATD_WARPS];
+    __shared__ float sc[ATD_CHUNK], se[ATD_CHUNK], fsplit[ATD_MAX_SPLIT];
+    __shared__ int last_sh;
+    float *sq = ad_sh, *sk = ad_sh + d, *sv = ad_sh + 2 * d, *tq = ad_sh + 3 * d, *tk = ad_sh + 4 * d;
+    const int h = blockIdx.x, s = blockIdx.y, S = gridDim.y, group = nh / nkv, kvh = h / group;
+    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5, half = rot_dim / 2;
+    /* the prologue: every load at once. Weights first (constants: before the PDL wait), then q, k, v;
+     * one reduction gives both norms; RoPE pairs element i with i +- half through shared memory. */
+    float wq[ATD_COLS], wk[ATD_COLS], fr[ATD_COLS], qval[ATD_COLS], kval[ATD_COLS], vval[ATD_COLS];
+#pragma unroll
+    for (int e = 0; e < ATD_COLS; e++) {
+        const int i = threadIdx.x + ATD_THREADS * e, j = i < half ? i : i - half;
+        wq[e] = i < d ? qw[i] : 0.f;
+        wk[e] = i < d ? kw[i] : 0.f;
+        fr[e] = i < rot_dim ? inv_freq[j] : 0.f;
+    }
+    fm_pdl_wait(); /* the predecessor's writes are visible from here */
+    const long long pos = *pos_dev, nchunk = pos / ATD_CHUNK + 1;
+    const int active = (int)(nchunk < S ? nchunk : S);
+    if (s >= active) return; /* the whole block: before any barrier */
+    float ssq = 0.f, ssk = 0.f;
+#pragma unroll
+    for (int e = 0; e < ATD_COLS; e++) {
+        const int i = threadIdx.x + ATD_THREADS * e;
+        qval[e] = i < d ? qg[(long long)h * 2 * d + i] : 0.f;
+        kval[e] = i < d ? kv[(long long)kvh * d + i] : 0.f;
+        vval[e] = i < d ? kv[(long long)(nkv + kvh) * d + i] : 0.f;
+    }
+#pragma unroll
+    for (int e = 0; e < ATD_COLS; e++) ssq = fmaf(qval[e], qval[e], ssq), ssk = fmaf(kval[e], kval[e], ssk);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        ssq += __shfl_xor_sync(0xffffffffu, ssq, off);
+        ssk += __shfl_xor_sync(0xffffffffu, ssk, off);
+    }
+    if (lane == 0) red[0][wid] = ssq, red[1][wid] = ssk;
     __syncthreads();
-    const int half = rot_dim / 2;
-    for (int i = threadIdx.x; i < d; i += blockDim.x) {
-        if (i < half) {
-            const float f = (float)pos * inv_freq[i];
-            const float c = cosf(f), s = sinf(f), a = tmp[i], b = tmp[i + half];
-            dst[i] = a * c - b * s;
-            dst[i + half] = b * c + a * s;
-        } else if (i >= rot_dim) {
-            dst[i] = tmp[i];
+    ssq = ssk = 0.f;
+#pragma unroll
+    for (int w = 0; w < ATD_WARPS; w++) ssq += red[0][w], ssk += red[1][w];
+    const float scq = 1.0f / sqrtf(ssq / (float)d + eps), sck = 1.0f / sqrtf(ssk / (float)d + eps);
+#pragma unroll
+    for (int e = 0; e < ATD_COLS; e++) {
+        const int i = threadIdx.x + ATD_THREADS * e;
+        if (i < d) {
+            qval[e] = qval[e] * scq * wq[e];
+            kval[e] = kval[e] * sck * wk[e];
+            tq[i] = qval[e];
+            tk[i] = kval[e];
+            sv[i] = vval[e];
         }
     }
     __syncthreads();
-}
-
-/* ---- one token's gated attention with its q / k norms, RoPE and KV-cache store in one kernel (the
- * decode step's head_norm_rope_at for q and for k, store_at for v and attention_at): block h
- * (ATT_WARPS warps) norms and rotates q of head h and k of its KV head into shared memory, takes v
- * there too, and the first block of each KV head writes that k and v into the caches at *pos_dev;
- * the attention then reads positions < pos from the caches and position pos from shared memory (so
- * no block waits for another's store). Every value is computed as by the four kernels: results and
- * caches bit-identical to them. qg: per head [q (d) | gate (d)]; kv: [k (nkv d) | v (nkv d)]. ---- */
-__global__ void __launch_bounds__(ATT_WARPS * 32) attention_decode_kernel(
-    float *out, const float *qg, const float *kv, const float *qw, const float *kw, float eps, int rot_dim,
-    const float *inv_freq, float *kc, float *vc, const long long *pos_dev, int nh, int nkv, int d, float scale) {
-    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
-    fm_pdl_wait();    /* the predecessor's writes are visible from here */
-    extern __shared__ float ad_sh[]; /* sq | sk | sv | tmp, d floats each */
-    __shared__ float red[32];
-    __shared__ float sm_m[ATT_WARPS], sm_s[ATT_WARPS];
-    __shared__ float sm_o[ATT_WARPS][ATT_MAX_D];
-    float *sq = ad_sh, *sk = ad_sh + d, *sv = ad_sh + 2 * d, *tmp = ad_sh + 3 * d;
-    const int h = blockIdx.x, group = nh / nkv, kvh = h / group;
-    const long long pos = *pos_dev;
-    head_norm_rope_block(sq, tmp, qg + (long long)h * 2 * d, qw, d, eps, rot_dim, inv_freq, pos, red);
-    head_norm_rope_block(sk, tmp, kv + (long long)kvh * d, kw, d, eps, rot_dim, inv_freq, pos, red);
-    for (int i = threadIdx.x; i < d; i += blockDim.x) sv[i] = kv[(long long)(nkv + kvh) * d + i];
+#pragma unroll
+    for (int e = 0; e < ATD_COLS; e++) {
+        const int i = threadIdx.x + ATD_THREADS * e;
+        if (i < d && i < rot_dim) { /* neox: (i, i + half) rotate by pos * inv_freq[i mod half] */
+            const float f = (float)pos * fr[e], c = cosf(f), sn = sinf(f);
+            if (i < half) {
+                sq[i] = qval[e] * c - tq[i + half] * sn;
+                sk[i] = kval[e] * c - tk[i + half] * sn;
+            } else {
+                sq[i] = qval[e] * c + tq[i - half] * sn;
+                sk[i] = kval[e] * c + tk[i - half] * sn;
+            }
+        } else if (i < d) {
+            sq[i] = qval[e];
+            sk[i] = kval[e];
+        }
+    }
     __syncthreads();
-    if (h % group == 0)
+    if (s == 0 && h % group == 0)
         for (int i = threadIdx.x; i < d; i += blockDim.x) {
             kc[(pos * nkv + kvh) * d + i] = sk[i];
             vc[(pos * nkv + kvh) * d + i] = sv[i];
         }
-    /* attention_kernel's loop, q from sq, position pos from sk / sv */
-    const int lane = threadIdx.x & 31, wid = threadIdx.x >> 5;
-    float qreg[ATT_PER_LANE], o[ATT_PER_LANE];
+    float qreg[ATT_PER_LANE], o[ATD_COLS];
 #pragma unroll
     for (int i = 0; i < ATT_PER_LANE; i++) {
         const int c = lane + 32 * i;
         qreg[i] = c < d ? sq[c] : 0.f;
-        o[i] = 0.f;
     }
-    float m = -INFINITY, sum = 0.f;
-    for (long long p = wid; p <= pos; p += ATT_WARPS) {
-        const float *k = p == pos ? sk : kc + (p * nkv + kvh) * d, *v = p == pos ? sv : vc + (p * nkv + kvh) * d;
-        float part = 0.f;
 #pragma unroll
-        for (int i = 0; i < ATT_PER_LANE; i++) {
-            const int c = lane + 32 * i;
-            if (c < d) part = fmaf(qreg[i], k[c], part);
+    for (int cc = 0; cc < ATD_COLS; cc++) o[cc] = 0.f;
+    float M = -INFINITY, L = 0.f;
+    for (long long chunk = s; chunk < nchunk; chunk += S) {
+        const long long p0 = chunk * ATD_CHUNK;
+        const int n = (int)(pos + 1 - p0 < ATD_CHUNK ? pos + 1 - p0 : ATD_CHUNK);
+        /* (1) scores */
+        for (int j0 = wid * ATD_PPW; j0 < n; j0 += ATD_WARPS * ATD_PPW) {
+            const float *kr[ATD_PPW];
+            float part[ATD_PPW];
+#pragma unroll
+            for (int u = 0; u < ATD_PPW; u++) {
+                const long long p = p0 + j0 + u;
+                kr[u] = j0 + u >= n || p == pos ? sk : kc + (p * nkv + kvh) * d;
+                part[u] = 0.f;
+            }
+#pragma unroll
+            for (int i = 0; i < ATT_PER_LANE; i++) {
+                const int c = lane + 32 * i;
+                if (c < d) {
+#pragma unroll
+                    for (int u = 0; u < ATD_PPW; u++) part[u] = fmaf(qreg[i], kr[u][c], part[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < ATD_PPW; u++)
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) part[u] += __shfl_xor_sync(0xffffffffu, part[u], off);
+            if (lane == 0)
+#pragma unroll
+                for (int u = 0; u < ATD_PPW; u++)
+                    if (j0 + u < n) sc[j0 + u] = part[u] * scale;
         }
+        __syncthreads();
+        /* (2) the chunk's weights, then o = o f + sum_j e_j v_j */
+        float cm = -INFINITY;
+        for (int j = 0; j < n; j++) cm = fmaxf(cm, sc[j]);
+        const float mnew = fmaxf(M, cm), f = expf(M - mnew);
+        for (int j = threadIdx.x; j < n; j += ATD_THREADS) se[j] = expf(sc[j] - mnew);
+        __syncthreads();
+        float csum = 0.f;
+        for (int j = 0; j < n; j++) csum += se[j];
+        L = L * f + csum;
+        M = mnew;
 #pragma unroll
-        for (int off = 16; off > 0; off >>= 1) part += __shfl_xor_sync(0xffffffffu, part, off);
-        const float sc = part * scale;
-        if (sc > m) {
-            const float rescale = expf(m - sc);
-            sum *= rescale;
+        for (int cc = 0; cc < ATD_COLS; cc++) {
+            const int c = threadIdx.x + ATD_THREADS * cc;
+            if (c < d) {
+                float acc = o[cc] * f;
+                for (int j = 0; j < n; j += ATD_VB) {
+                    float vv[ATD_VB];
 #pragma unroll
-            for (int i = 0; i < ATT_PER_LANE; i++) o[i] *= rescale;
-            m = sc;
+                    for (int u = 0; u < ATD_VB; u++) {
+                        const long long p = p0 + j + u;
+                        vv[u] = j + u >= n ? 0.f : p == pos ? sv[c] : vc[(p * nkv + kvh) * d + c];
+                    }
+#pragma unroll
+                    for (int u = 0; u < ATD_VB; u++)
+                        if (j + u < n) acc = fmaf(se[j + u], vv[u], acc);
+                }
+                o[cc] = acc;
+            }
         }
-        const float e = expf(sc - m);
-        sum += e;
-#pragma unroll
-        for (int i = 0; i < ATT_PER_LANE; i++) {
-            const int c = lane + 32 * i;
-            if (c < d) o[i] = fmaf(e, v[c], o[i]);
-        }
-    }
-    if (lane == 0) {
-        sm_m[wid] = m;
-        sm_s[wid] = sum;
-    }
-#pragma unroll
-    for (int i = 0; i < ATT_PER_LANE; i++) {
-        const int c = lane + 32 * i;
-        if (c < d) sm_o[wid][c] = o[i];
-    }
-    __syncthreads();
-    float M = -INFINITY;
-    for (int w = 0; w < ATT_WARPS; w++) M = fmaxf(M, sm_m[w]);
-    float tot = 0.f, f[ATT_WARPS];
-    for (int w = 0; w < ATT_WARPS; w++) {
-        f[w] = sm_m[w] == -INFINITY ? 0.f : expf(sm_m[w] - M);
-        tot += sm_s[w] * f[w];
+        __syncthreads(); /* sc / se are rewritten by the next chunk */
     }
     const float *g = qg + (long long)h * 2 * d + d;
-    for (int c = threadIdx.x; c < d; c += ATT_WARPS * 32) {
-        float acc = 0.f;
-        for (int w = 0; w < ATT_WARPS; w++) acc += sm_o[w][c] * f[w];
-        out[(long long)h * d + c] = acc / tot * sigmoid(g[c]);
+    if (active == 1) {
+#pragma unroll
+        for (int cc = 0; cc < ATD_COLS; cc++) {
+            const int c = threadIdx.x + ATD_THREADS * cc;
+            if (c < d) out[(long long)h * d + c] = o[cc] / L * sigmoid(g[c]);
+        }
+        return;
+    }
+    unsigned *count = reinterpret_cast<unsigned *>(scratch);
+    float *ml = scratch + atd_ml_offset(nh), *po = scratch + atd_o_offset(nh, S);
+#pragma unroll
+    for (int cc = 0; cc < ATD_COLS; cc++) {
+        const int c = threadIdx.x + ATD_THREADS * cc;
+        if (c < d) po[((long long)h * S + s) * d + c] = o[cc];
+    }
+    if (threadIdx.x == 0) {
+        ml[2 * ((long long)h * S + s)] = M;
+        ml[2 * ((long long)h * S + s) + 1] = L;
+    }
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        const unsigned done = atomicAdd(count + h, 1u);
+        last_sh = done + 1 == (unsigned)active;
+        if (last_sh) atomicExch(count + h, 0u);
+    }
+    __syncthreads();
+    if (!last_sh) return;
+    __threadfence();
+    float Mx = -INFINITY;
+    for (int t = 0; t < active; t++) Mx = fmaxf(Mx, __ldcg(ml + 2 * ((long long)h * S + t)));
+    for (int t = threadIdx.x; t < active; t += ATD_THREADS) fsplit[t] = expf(__ldcg(ml + 2 * ((long long)h * S + t)) - Mx);
+    __syncthreads();
+    float tot = 0.f;
+    for (int t = 0; t < active; t++) tot += __ldcg(ml + 2 * ((long long)h * S + t) + 1) * fsplit[t];
+#pragma unroll
+    for (int cc = 0; cc < ATD_COLS; cc++) {
+        const int c = threadIdx.x + ATD_THREADS * cc;
+        if (c < d) {
+            float acc = 0.f;
+            for (int t = 0; t < active; t++) acc = fmaf(__ldcg(po + ((long long)h * S + t) * d + c), fsplit[t], acc);
+            out[(long long)h * d + c] = acc / tot * sigmoid(g[c]);
+        }
     }
 }
 
@@ -1454,21 +1571,35 @@ extern "C" fm_status fm_cuda_attention_at(fm_cuda *ctx, float *out, const float 
     return FM_OK;
 }
 
+extern "C" int fm_cuda_attention_decode_splits(const fm_cuda *ctx, int n_head, int64_t n_ctx) {
+    if (!ctx || n_head <= 0 || n_ctx <= ATD_CHUNK) return 1;
+    int64_t by_sms = ctx->sm_count / n_head, by_ctx = (n_ctx + ATD_CHUNK - 1) / ATD_CHUNK;
+    int64_t n = by_sms < by_ctx ? by_sms : by_ctx;
+    return n < 1 ? 1 : n > ATD_MAX_SPLIT ? ATD_MAX_SPLIT : (int)n;
+}
+
+extern "C" size_t fm_cuda_attention_decode_scratch_bytes(int n_head, int d, int n_split) {
+    if (n_head <= 0 || d <= 0 || n_split <= 1) return 0;
+    return sizeof(float) * (size_t)(atd_o_offset(n_head, n_split) + (long long)n_head * n_split * d);
+}
+
 extern "C" fm_status fm_cuda_attention_decode(fm_cuda *ctx, float *out, const float *qg, const float *kv,
                                               const float *q_norm, const float *k_norm, float eps, int rot_dim,
                                               const float *inv_freq, float *k_cache, float *v_cache,
-                                              const int64_t *pos_dev, int n_head, int n_head_kv, int d) {
+                                              const int64_t *pos_dev, int n_head, int n_head_kv, int d, int n_split,
+                                              void *scratch) {
     FM_CUDA_CTX(ctx);
     LAYER_ARG_CHECK(n_head > 0 && n_head_kv > 0 && n_head % n_head_kv == 0 && d > 0 && d <= ATT_MAX_D &&
-                        rot_dim >= 0 && rot_dim <= d && rot_dim % 2 == 0,
-                    "CUDA attention_decode: bad shape (%d/%d heads of %d, rot %d; at most %d)", n_head, n_head_kv, d,
-                    rot_dim, ATT_MAX_D);
-    LAYER_ARG_CHECK(out && qg && kv && q_norm && k_norm && k_cache && v_cache && pos_dev && (rot_dim == 0 || inv_freq),
+                        rot_dim >= 0 && rot_dim <= d && rot_dim % 2 == 0 && n_split >= 1 && n_split <= ATD_MAX_SPLIT,
+                    "CUDA attention_decode: bad shape (%d/%d heads of %d, rot %d, %d splits; at most %d dims, %d splits)",
+                    n_head, n_head_kv, d, rot_dim, n_split, ATT_MAX_D, ATD_MAX_SPLIT);
+    LAYER_ARG_CHECK(out && qg && kv && q_norm && k_norm && k_cache && v_cache && pos_dev && (rot_dim == 0 || inv_freq) &&
+                        (n_split == 1 || scratch),
                     "CUDA attention_decode: NULL pointer");
-    FM_CUDA_CHECK(fm_launch_pdl(ctx, attention_decode_kernel, dim3((unsigned)n_head), dim3(ATT_WARPS * 32),
-                                sizeof(float) * 4 * (size_t)d, out, qg, kv, q_norm, k_norm, eps, rot_dim, inv_freq,
-                                k_cache, v_cache, (const long long *)pos_dev, n_head, n_head_kv, d,
-                                1.0f / sqrtf((float)d)));
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, attention_decode_kernel, dim3((unsigned)n_head, (unsigned)n_split),
+                                dim3(ATD_THREADS), sizeof(float) * 5 * (size_t)d, out, qg, kv, q_norm, k_norm, eps,
+                                rot_dim, inv_freq, k_cache, v_cache, (const long long *)pos_dev, n_head, n_head_kv, d,
+                                1.0f / sqrtf((float)d), (float *)scratch));
     FM_CUDA_CHECK_LAUNCH("attention_decode_kernel");
     return FM_OK;
 }

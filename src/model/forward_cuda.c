@@ -429,9 +429,8 @@ static uint64_t session_bytes(const fm_model *m, int64_t n_ctx, int64_t cap) {
     b += (uint64_t)(3 * cap * H + 4 * cap * wide + cap * narrow + cap + LOGIT_ROWS * V) * f;
     b += (uint64_t)(2 * cap * k + 3 * cap * k) * 4 + (uint64_t)(4 * cap * k * max64(H, c->n_ff_expert)) * f;
     b += (uint64_t)(H + c->n_experts + 2 * k) * f; /* the next-layer guess: gxn, glog, gids */
-    b += align_up(fm_cuda_attention_decode_scratch_bytes(
-                      (int)c->n_head, (int)c->head_dim, fm_cuda_attention_decode_splits(m->gpu->ctx, (int)c->n_head, n_ctx)),
-                  DEV_ALIGN);
+    int att_split = fm_cuda_attention_decode_splits(m->gpu->ctx, (int)c->n_head, n_ctx);
+    b += align_up(fm_cuda_attention_decode_scratch_bytes((int)c->n_head, (int)c->head_dim, att_split), DEV_ALIGN);
     return b + 35 * DEV_ALIGN;
 }
 

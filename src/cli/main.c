@@ -30,10 +30,11 @@ static void usage(FILE *f) {
     fprintf(f, "flashmoe — run Mixture-of-Experts language models larger than memory, streaming experts from disk\n\n"
                "usage: flashmoe COMMAND [options]   (flashmoe COMMAND --help for its options)\n\ncommands:\n");
     for (size_t i = 0; i < sizeof commands / sizeof *commands; i++)
-        fprintf(f, "  %-10s %s\n", commands[i].name, commands[i].summary);
-    fprintf(f, "\nexample:\n"
+        fprintf(f, "  %-11s %s\n", commands[i].name, commands[i].summary);
+    fprintf(f, "\nexamples:\n"
                "  flashmoe convert ~/models/Qwen3.5-35B-A3B ~/models/q35-packed\n"
-               "  flashmoe run -m ~/models/q35-packed --prompt-ids 1,2,3 -n 16 --print-ids\n");
+               "  flashmoe run -m ~/models/q35-packed -p 'The capital of France is' -n 16\n"
+               "  flashmoe chat -m ~/models/q35-packed\n");
 }
 
 /* A crash (a bug) says so and where, then ends as the signal would: the backtrace's addresses

@@ -461,7 +461,8 @@ static void check_matvec(fm_test_ctx *t, fm_cuda *c, stats *st, int n) {
         }
         dw_shape[i] = h[i].w;
         dw_shape[i].data = dw[i];
-        mv[i] = (fm_cuda_mv){&dw_shape[i], share ? mv[i - 1].x : (float *)dx[i] + x_off, (float *)dout[i] + GUARD, NULL};
+        mv[i] = (fm_cuda_mv){
+            .w = &dw_shape[i], .x = share ? mv[i - 1].x : (float *)dx[i] + x_off, .out = (float *)dout[i] + GUARD};
     }
     if (fm_cuda_matvec(c, mv, n) != FM_OK) {
         t->failures++;
@@ -499,9 +500,36 @@ done:
     free(h), free(mv), free(dw_shape), free(x), free(out), free(dw), free(dx), free(dout);
 }
 
-/* fm_cuda_matvec's pair mode (w_up): out = silu(W x) * (W_up x) against float64 sums, held to the
- * bound carried through silu (|silu'| <= 1.1): 1e-5 (1.1 mag_g |u| + |silu(g)| mag_u) + 1e-6 |out|,
- * with mag as compare_out's; next to an ordinary product in the same launch. */
+/* got (N) against silu(G x) * (U x) in float64, held to the bound carried through silu (|silu'| <=
+ * 1.1): 1e-5 (1.1 mag_g |u| + |silu(g)| mag_u) + 1e-6 |out|, with mag as compare_out's; worst: the
+ * largest error / bound * 1e-5 seen. False (reported once) on a failure. */
+static bool compare_pair(fm_test_ctx *t, double *worst, const char *what, const hweight *hg, const hweight *hu,
+                         const float *x, const float *got) {
+    const int64_t N = hg->w.rows, K = hg->w.cols;
+    for (int64_t r = 0; r < N; r++) {
+        double gv = 0, gm = 0, uv = 0, um = 0;
+        for (int64_t k = 0; k < K; k++) {
+            gv += (double)hg->deq[r * K + k] * x[k];
+            gm += (fabs((double)hg->deq[r * K + k]) + 2.0 * hg->absb[r * K + k]) * fabs((double)x[k]);
+            uv += (double)hu->deq[r * K + k] * x[k];
+            um += (fabs((double)hu->deq[r * K + k]) + 2.0 * hu->absb[r * K + k]) * fabs((double)x[k]);
+        }
+        const double sg = gv / (1.0 + exp(-gv)), ref = sg * uv;
+        const double tol = 1e-5 * (1.1 * gm * fabs(uv) + fabs(sg) * um) + 1e-6 * fabs(ref) + 1e-30;
+        const double err = isnan(got[r]) ? INFINITY : fabs((double)got[r] - ref);
+        if (err / tol * 1e-5 > *worst) *worst = err / tol * 1e-5;
+        if (!(err <= tol)) {
+            t->failures++;
+            fprintf(stderr, "  %s: out[%lld] = %.9g, float64 %.9g, tol %.3g (seed %llu)\n", what, (long long)r, got[r],
+                    ref, tol, (unsigned long long)fm_test_cuda_seed());
+            return false;
+        }
+    }
+    return true;
+}
+
+/* fm_cuda_matvec's pair mode (w_up): out = silu(W x) * (W_up x) against float64 sums
+ * (compare_pair), next to an ordinary product in the same launch. */
 static void check_matvec_pair(fm_test_ctx *t, fm_cuda *c, double *worst, fm_dtype dt, int gs, fm_dtype sd, int64_t N,
                               int64_t K) {
     hweight hg, hu, ho;
@@ -529,7 +557,8 @@ static void check_matvec_pair(fm_test_ctx *t, fm_cuda *c, double *worst, fm_dtyp
     fm_weight wg = hg.w, wu = hu.w, wo = ho.w;
     wg.data = dg, wu.data = du, wo.data = dox;
     CHECK(fm_cuda_matvec_takes(&wg, dx));
-    fm_cuda_mv mv[2] = {{&wo, dx, (float *)dout2 + GUARD, NULL}, {&wg, dx, (float *)dout + GUARD, &wu}};
+    fm_cuda_mv mv[2] = {{.w = &wo, .x = dx, .out = (float *)dout2 + GUARD},
+                        {.w = &wg, .x = dx, .out = (float *)dout + GUARD, .w_up = &wu}};
     if (fm_cuda_matvec(c, mv, 2) != FM_OK || fm_cuda_buf_download(c, got, dout, sizeof(float) * (size_t)(N + 2 * GUARD)) ||
         fm_cuda_buf_download(c, got2, dout2, sizeof(float) * (size_t)(N + 2 * GUARD))) {
         t->failures++;
@@ -547,31 +576,256 @@ static void check_matvec_pair(fm_test_ctx *t, fm_cuda *c, double *worst, fm_dtyp
     snprintf(what, sizeof what, "matvec pair's neighbour %s g%d [%lld, %lld]", fm_dtype_name(dt), gs, (long long)N,
              (long long)K);
     compare_out(t, &st, what, &ho, x, 1, got2 + GUARD);
-    for (int64_t r = 0; r < N; r++) {
-        double gv = 0, gm = 0, uv = 0, um = 0;
-        for (int64_t k = 0; k < K; k++) {
-            gv += (double)hg.deq[r * K + k] * x[k];
-            gm += (fabs((double)hg.deq[r * K + k]) + 2.0 * hg.absb[r * K + k]) * fabs((double)x[k]);
-            uv += (double)hu.deq[r * K + k] * x[k];
-            um += (fabs((double)hu.deq[r * K + k]) + 2.0 * hu.absb[r * K + k]) * fabs((double)x[k]);
-        }
-        const double sg = gv / (1.0 + exp(-gv)), ref = sg * uv;
-        const double tol = 1e-5 * (1.1 * gm * fabs(uv) + fabs(sg) * um) + 1e-6 * fabs(ref) + 1e-30;
-        const double err = isnan(got[GUARD + r]) ? INFINITY : fabs((double)got[GUARD + r] - ref);
-        if (err / tol * 1e-5 > *worst) *worst = err / tol * 1e-5;
-        if (!(err <= tol)) {
-            t->failures++;
-            fprintf(stderr, "  matvec pair %s g%d [%lld, %lld]: out[%lld] = %.9g, float64 %.9g, tol %.3g (seed %llu)\n",
-                    fm_dtype_name(dt), gs, (long long)N, (long long)K, (long long)r, got[GUARD + r], ref, tol,
-                    (unsigned long long)fm_test_cuda_seed());
-            break;
-        }
-    }
+    snprintf(what, sizeof what, "matvec pair %s g%d [%lld, %lld]", fm_dtype_name(dt), gs, (long long)N, (long long)K);
+    compare_pair(t, worst, what, &hg, &hu, x, got + GUARD);
 done:
     fm_cuda_buf_free(c, dg), fm_cuda_buf_free(c, du), fm_cuda_buf_free(c, dox), fm_cuda_buf_free(c, dx);
     fm_cuda_buf_free(c, dout), fm_cuda_buf_free(c, dout2);
     hweight_free(&hg), hweight_free(&hu), hweight_free(&ho);
     free(x), free(got), free(got2);
+}
+
+/* fm_cuda_mv's folded norm and residual: four products of type dt ([N, K]) in one call,
+ *   0: W0 (rmsnorm(x) * nw) with norm_out, against float64 and the CPU on fm_cpu_rmsnorm's xn
+ *      (compare_out), and norm_out against that xn within 1e-5 relative (the sum of squares is
+ *      added in another order);
+ *   1: the SwiGLU pair silu(Wg xn) * (Wu xn) with the norm (compare_pair on the CPU's xn);
+ *   2: W2 x, no norm, the same raw x (a launch of its own);
+ *   3: res + W2 x into res (residual == out): bit for bit res + product 2's output (the same rows
+ *      of the same launch);
+ * with NR chosen and forced to 2, 4, 8, outputs poisoned and guarded. */
+static void check_matvec_fold(fm_test_ctx *t, fm_cuda *c, stats *st, double *worst_pair, fm_dtype dt, int gs,
+                              fm_dtype sd, int64_t N, int64_t K) {
+    hweight h[4];
+    memset(h, 0, sizeof h);
+    float *x = malloc(sizeof(float) * (size_t)K), *nw = malloc(sizeof(float) * (size_t)K);
+    float *xn = malloc(sizeof(float) * (size_t)K), *res = malloc(sizeof(float) * (size_t)N), *gxn = poisoned(K);
+    float *o[4] = {poisoned(N), poisoned(N), poisoned(N), poisoned(N)};
+    void *dw[4] = {NULL, NULL, NULL, NULL}, *dout[4] = {NULL, NULL, NULL, NULL}, *dx = NULL, *dnw = NULL, *dxn = NULL;
+    char what[200], sub[240];
+    const bool q = fm_dtype_is_quant(dt);
+    snprintf(what, sizeof what, "matvec fold %s g%d [%lld, %lld]", fm_dtype_name(dt), gs, (long long)N, (long long)K);
+    bool ok = x && nw && xn && res && gxn && o[0] && o[1] && o[2] && o[3];
+    for (int i = 0; i < 4; i++) ok = make_hweight(&h[i], dt, N, K, gs, q ? sd : FM_DTYPE_UNKNOWN) && ok;
+    if (!ok) {
+        t->failures++;
+        goto done;
+    }
+    const float eps = 1e-6f;
+    for (int64_t j = 0; j < K; j++) x[j] = (float)rnd() * 3.0f, nw[j] = (float)(0.5 + rnd());
+    for (int64_t r = 0; r < N; r++) res[r] = (float)rnd();
+    fm_cpu_rmsnorm(xn, x, nw, K, eps);
+    for (int i = 0; i < 4; i++)
+        if (fm_cuda_buf_alloc(c, h[i].bytes, &dw[i]) || fm_cuda_buf_upload(c, dw[i], h[i].data, h[i].bytes) ||
+            fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(N + 2 * GUARD), &dout[i]))
+            ok = false;
+    if (!ok || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)K, &dx) ||
+        fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)K) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)K, &dnw) ||
+        fm_cuda_buf_upload(c, dnw, nw, sizeof(float) * (size_t)K) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(K + 2 * GUARD), &dxn)) {
+        t->failures++;
+        fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+        goto done;
+    }
+    fm_weight w[4];
+    for (int i = 0; i < 4; i++) w[i] = h[i].w, w[i].data = dw[i];
+    static const char *const rpt[] = {NULL, "2", "4", "8"};
+    for (int ri = 0; ri < 4; ri++) {
+        if (rpt[ri]) setenv("FLASHMOE_CUDA_MV_RPT", rpt[ri], 1);
+        else unsetenv("FLASHMOE_CUDA_MV_RPT");
+        float *out[4];
+        for (int i = 0; i < 4; i++) out[i] = (float *)dout[i] + GUARD;
+        fm_cuda_mv mv[4] = {{.w = &w[0], .x = dx, .out = out[0]},
+                            {.w = &w[1], .x = dx, .out = out[1], .w_up = &w[2]},
+                            {.w = &w[3], .x = dx, .out = out[2]},
+                            {.w = &w[3], .x = dx, .out = out[3]}};
+        mv[0].norm_w = mv[1].norm_w = dnw;
+        mv[0].norm_eps = mv[1].norm_eps = eps;
+        mv[0].norm_out = (float *)dxn + GUARD;
+        mv[3].residual = out[3];
+        bool run = true;
+        for (int i = 0; i < 4; i++)
+            run = run && fm_cuda_buf_upload(c, dout[i], o[i], sizeof(float) * (size_t)(N + 2 * GUARD)) == FM_OK;
+        run = run && fm_cuda_buf_upload(c, out[3], res, sizeof(float) * (size_t)N) == FM_OK &&
+              fm_cuda_buf_upload(c, dxn, gxn, sizeof(float) * (size_t)(K + 2 * GUARD)) == FM_OK &&
+              fm_cuda_matvec(c, mv, 4) == FM_OK;
+        float *got[4], *gotn = poisoned(K);
+        for (int i = 0; i < 4; i++) got[i] = poisoned(N);
+        REQUIRE(gotn && got[0] && got[1] && got[2] && got[3]);
+        for (int i = 0; i < 4; i++)
+            run = run && fm_cuda_buf_download(c, got[i], dout[i], sizeof(float) * (size_t)(N + 2 * GUARD)) == FM_OK;
+        run = run && fm_cuda_buf_download(c, gotn, dxn, sizeof(float) * (size_t)(K + 2 * GUARD)) == FM_OK;
+        snprintf(sub, sizeof sub, "%s NR %s", what, rpt[ri] ? rpt[ri] : "auto");
+        bool good = run;
+        if (!run) {
+            t->failures++;
+            fprintf(stderr, "  %s: %s\n", sub, fm_last_error());
+        }
+        for (int64_t j = 0; good && j < GUARD; j++) {
+            bool guards = gotn[j] == SENTINEL && gotn[GUARD + K + j] == SENTINEL;
+            for (int i = 0; i < 4; i++) guards = guards && got[i][j] == SENTINEL && got[i][GUARD + N + j] == SENTINEL;
+            if (!guards) {
+                t->failures++, good = false;
+                fprintf(stderr, "  %s: wrote outside an output\n", sub);
+            }
+        }
+        for (int64_t j = 0; good && j < K; j++)
+            if (!(fabsf(gotn[GUARD + j] - xn[j]) <= 1e-5f * fabsf(xn[j]) + 1e-30f)) {
+                t->failures++, good = false;
+                fprintf(stderr, "  %s: norm_out[%lld] = %.9g, cpu %.9g (seed %llu)\n", sub, (long long)j,
+                        gotn[GUARD + j], xn[j], (unsigned long long)fm_test_cuda_seed());
+            }
+        for (int64_t r = 0; good && r < N; r++) {
+            const float want = res[r] + got[2][GUARD + r];
+            if (memcmp(&want, &got[3][GUARD + r], sizeof want)) {
+                t->failures++, good = false;
+                fprintf(stderr, "  %s: residual out[%lld] = %.9g, res + W x %.9g\n", sub, (long long)r,
+                        got[3][GUARD + r], want);
+            }
+        }
+        good = good && compare_out(t, st, sub, &h[0], xn, 1, got[0] + GUARD);
+        good = good && compare_pair(t, worst_pair, sub, &h[1], &h[2], xn, got[1] + GUARD);
+        good = good && compare_out(t, st, sub, &h[3], x, 1, got[2] + GUARD);
+        free(gotn);
+        for (int i = 0; i < 4; i++) free(got[i]);
+        if (!good) break;
+        st->cases++;
+    }
+done:
+    unsetenv("FLASHMOE_CUDA_MV_RPT");
+    for (int i = 0; i < 4; i++) {
+        hweight_free(&h[i]);
+        fm_cuda_buf_free(c, dw[i]), fm_cuda_buf_free(c, dout[i]);
+        free(o[i]);
+    }
+    fm_cuda_buf_free(c, dx), fm_cuda_buf_free(c, dnw), fm_cuda_buf_free(c, dxn);
+    free(x), free(nw), free(xn), free(res), free(gxn);
+}
+
+/* fm_cuda_mv's conv epilogue: a product [N, K] of type dt whose outputs feed the one-token conv
+ * (kernel ck) against the product and then fm_cuda_conv1d_silu: out, conv_out and the state bit
+ * for bit, over three tokens in a row (the state carried), with the folded norm too. */
+static void check_matvec_conv(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int gs, int64_t N, int64_t K, int ck) {
+    hweight h;
+    const bool q = fm_dtype_is_quant(dt);
+    float *x = malloc(sizeof(float) * (size_t)K), *nw = malloc(sizeof(float) * (size_t)K);
+    float *cw = malloc(sizeof(float) * (size_t)(N * ck)), *st = malloc(sizeof(float) * (size_t)(N * (ck - 1)));
+    float *got[2][3];
+    void *dw = NULL, *dx = NULL, *dnw = NULL, *dcw = NULL, *dst[2] = {NULL, NULL}, *dout[2] = {NULL, NULL},
+         *dco[2] = {NULL, NULL};
+    const size_t so = sizeof(float) * (size_t)N, ss = sizeof(float) * (size_t)(N * (ck - 1));
+    char what[160];
+    snprintf(what, sizeof what, "matvec conv %s [%lld, %lld] K %d", fm_dtype_name(dt), (long long)N, (long long)K, ck);
+    for (int a = 0; a < 2; a++)
+        got[a][0] = malloc(so), got[a][1] = malloc(so), got[a][2] = malloc(ss);
+    bool ok = make_hweight(&h, dt, N, K, gs, q ? FM_DTYPE_BF16 : FM_DTYPE_UNKNOWN) && x && nw && cw && st;
+    for (int a = 0; a < 2; a++) ok = ok && got[a][0] && got[a][1] && got[a][2];
+    if (!ok) {
+        t->failures++;
+        goto done;
+    }
+    for (int64_t j = 0; j < K; j++) nw[j] = (float)(0.5 + rnd());
+    for (int64_t j = 0; j < N * ck; j++) cw[j] = (float)rnd();
+    for (int64_t j = 0; j < N * (ck - 1); j++) st[j] = (float)rnd();
+    if (fm_cuda_buf_alloc(c, h.bytes, &dw) || fm_cuda_buf_upload(c, dw, h.data, h.bytes) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)K, &dx) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)K, &dnw) ||
+        fm_cuda_buf_upload(c, dnw, nw, sizeof(float) * (size_t)K) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(N * ck), &dcw) ||
+        fm_cuda_buf_upload(c, dcw, cw, sizeof(float) * (size_t)(N * ck)))
+        ok = false;
+    for (int a = 0; a < 2; a++)
+        if (!ok || fm_cuda_buf_alloc(c, so, &dout[a]) || fm_cuda_buf_alloc(c, so, &dco[a]) ||
+            fm_cuda_buf_alloc(c, ss, &dst[a]) || fm_cuda_buf_upload(c, dst[a], st, ss))
+            ok = false;
+    if (!ok) {
+        t->failures++;
+        fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+        goto done;
+    }
+    fm_weight w = h.w;
+    w.data = dw;
+    for (int tok = 0; tok < 3; tok++) {
+        for (int64_t j = 0; j < K; j++) x[j] = (float)rnd() * 2.0f;
+        fm_cuda_mv two = {.w = &w, .x = dx, .out = dout[0], .norm_w = dnw, .norm_eps = 1e-6f};
+        fm_cuda_mv one = two;
+        one.out = dout[1], one.conv_w = dcw, one.conv_state = dst[1], one.conv_out = dco[1], one.conv_k = ck;
+        if (fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)K) || fm_cuda_matvec(c, &two, 1) ||
+            fm_cuda_conv1d_silu(c, dco[0], dout[0], dst[0], dcw, 1, N, ck) || fm_cuda_matvec(c, &one, 1)) {
+            t->failures++;
+            fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+            goto done;
+        }
+        for (int a = 0; a < 2; a++)
+            if (fm_cuda_buf_download(c, got[a][0], dout[a], so) || fm_cuda_buf_download(c, got[a][1], dco[a], so) ||
+                fm_cuda_buf_download(c, got[a][2], dst[a], ss)) {
+                t->failures++;
+                fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+                goto done;
+            }
+        CHECK_MSG(!memcmp(got[0][0], got[1][0], so) && !memcmp(got[0][1], got[1][1], so) &&
+                      !memcmp(got[0][2], got[1][2], ss),
+                  "%s token %d: out, conv out or state not the two launches' bit for bit (seed %llu)", what, tok,
+                  (unsigned long long)fm_test_cuda_seed());
+        bool finite = true;
+        for (int64_t r = 0; r < N; r++) finite = finite && isfinite(got[1][1][r]);
+        CHECK_MSG(finite, "%s token %d: a conv output is not finite", what, tok);
+    }
+done:
+    hweight_free(&h);
+    fm_cuda_buf_free(c, dw), fm_cuda_buf_free(c, dx), fm_cuda_buf_free(c, dnw), fm_cuda_buf_free(c, dcw);
+    for (int a = 0; a < 2; a++) {
+        fm_cuda_buf_free(c, dst[a]), fm_cuda_buf_free(c, dout[a]), fm_cuda_buf_free(c, dco[a]);
+        free(got[a][0]), free(got[a][1]), free(got[a][2]);
+    }
+    free(x), free(nw), free(cw), free(st);
+}
+
+FM_TEST(cuda_matvec_norm_fold) {
+    CUDA_OR_SKIP(c);
+    stats st = {0};
+    double worst_pair = 0;
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_Q8, 64, FM_DTYPE_BF16, 512, 2048); /* 35B: 128 lanes a row */
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_Q4, 64, FM_DTYPE_BF16, 300, 4096);
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_Q4, 128, FM_DTYPE_F16, 64, 512); /* 16 lanes a row */
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_Q8, 32, FM_DTYPE_F32, 1025, 96); /* 8 lanes */
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_BF16, 0, FM_DTYPE_UNKNOWN, 37, 256);
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_F32, 0, FM_DTYPE_UNKNOWN, 100, 1100); /* 275 chunks: 2 a lane */
+    check_matvec_fold(t, c, &st, &worst_pair, FM_DTYPE_F16, 0, FM_DTYPE_UNKNOWN, 33, 64);
+    check_matvec_conv(t, c, FM_DTYPE_Q8, 64, 8192, 2048, 4); /* 35B in_proj_qkv and its conv */
+    check_matvec_conv(t, c, FM_DTYPE_Q4, 32, 300, 256, 2);
+    check_matvec_conv(t, c, FM_DTYPE_F32, 0, 77, 96, 8);
+    /* errors: nothing enqueued */
+    fm_weight wq8 = {.dtype = FM_DTYPE_Q8, .rows = 8, .cols = 64, .data = (void *)256, .group_size = 32};
+    wq8.scale_dtype = FM_DTYPE_BF16;
+    fm_weight wq2 = wq8;
+    wq2.dtype = FM_DTYPE_Q2;
+    fm_cuda_mv bad = {.w = &wq8, .x = (const float *)256, .out = (float *)4096};
+    bad.norm_out = (float *)8192; /* without norm_w */
+    CHECK(fm_cuda_matvec(c, &bad, 1) == FM_ERR_ARG);
+    bad.norm_w = (const float *)1024;
+    bad.norm_eps = -1.f;
+    CHECK(fm_cuda_matvec(c, &bad, 1) == FM_ERR_ARG);
+    bad.norm_eps = 1e-6f;
+    bad.norm_out = (float *)(256 + 4 * 10); /* overlaps x */
+    CHECK(fm_cuda_matvec(c, &bad, 1) == FM_ERR_ARG);
+    bad.norm_out = NULL;
+    bad.norm_w = (const float *)1028; /* not 16-byte aligned */
+    CHECK(fm_cuda_matvec(c, &bad, 1) == FM_ERR_UNSUPPORTED);
+    fm_cuda_mv pair = {.w = &wq8, .x = (const float *)256, .out = (float *)4096, .w_up = &wq8};
+    pair.residual = (const float *)4096;
+    CHECK(fm_cuda_matvec(c, &pair, 1) == FM_ERR_ARG);
+    fm_cuda_mv q2 = {.w = &wq2, .x = (const float *)256, .out = (float *)4096};
+    q2.residual = (const float *)4096; /* Q2 takes the fallback, which has no residual */
+    CHECK(fm_cuda_matvec(c, &q2, 1) == FM_ERR_UNSUPPORTED);
+    fm_cuda_mv conv = {.w = &wq8, .x = (const float *)256, .out = (float *)4096, .conv_w = (const float *)8192,
+                       .conv_state = (float *)16384, .conv_out = (float *)32768, .conv_k = 9}; /* K > 8 */
+    CHECK(fm_cuda_matvec(c, &conv, 1) == FM_ERR_ARG);
+    conv.conv_k = 4, conv.conv_state = NULL;
+    CHECK(fm_cuda_matvec(c, &conv, 1) == FM_ERR_ARG);
+    CHECK_OK(fm_cuda_sync(c));
+    stats_print("one-token matvec with the folded norm", &st);
+    fprintf(stderr, "  folded pair: worst error / bound * 1e-5 = %.2e\n", worst_pair);
 }
 
 /* fm_cuda_expert_matvec_with: the routed experts' down (KE of NE experts, type dt, [N, K], x_up
@@ -628,7 +882,7 @@ static void check_expert_with(fm_test_ctx *t, fm_cuda *c, stats *st, fm_dtype dt
     shape.data = NULL, wd.data = dd;
     fm_cuda_expert_mv dn = {.table = tab, .ids = ids, .k = KE, .n_parts = 1, .n_experts = NE, .part_off = {0, 0},
                             .x = dx, .x_up = dxu, .x_stride = K, .out = {dY, NULL}, .out_stride = N};
-    fm_cuda_mv extra = {&wd, dx2, (float *)dO + GUARD, NULL};
+    fm_cuda_mv extra = {.w = &wd, .x = dx2, .out = (float *)dO + GUARD};
     static const char *const rpt[] = {NULL, "2", "4", "8"};
     char what[160];
     snprintf(what, sizeof what, "experts %s [%lld, %lld] with %s [%lld, %lld]", fm_dtype_name(dt), (long long)N,
@@ -697,7 +951,7 @@ FM_TEST(cuda_matvec_experts_with_dense) {
     fm_weight q2 = {.dtype = FM_DTYPE_Q2, .rows = 8, .cols = 64, .data = (void *)16, .group_size = 32,
                     .scale_dtype = FM_DTYPE_BF16};
     fm_weight shape = {.dtype = FM_DTYPE_Q4, .rows = 64, .cols = 256, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
-    fm_cuda_mv bad = {&q2, NULL, (float *)16, NULL};
+    fm_cuda_mv bad = {.w = &q2, .x = NULL, .out = (float *)16};
     fm_cuda_expert_mv dn = {.table = (const void *const *)16, .ids = (const int32_t *)16, .k = 2, .n_parts = 1,
                             .n_experts = 4, .x = (const float *)16, .out = {(float *)16, NULL}};
     CHECK(fm_cuda_expert_matvec_with(c, &shape, &dn, &bad) == FM_ERR_ARG);
@@ -705,7 +959,7 @@ FM_TEST(cuda_matvec_experts_with_dense) {
     dn0.k = 0;
     fm_weight wok = shape;
     wok.data = (void *)256;
-    fm_cuda_mv good = {&wok, (const float *)16, (float *)16, NULL};
+    fm_cuda_mv good = {.w = &wok, .x = (const float *)16, .out = (float *)16};
     CHECK(fm_cuda_expert_matvec_with(c, &shape, &dn0, &good) == FM_ERR_ARG);
     CHECK_OK(fm_cuda_sync(c));
     stats_print("experts + a dense product in one launch", &st);
@@ -716,23 +970,28 @@ FM_TEST(cuda_matvec_experts_with_dense) {
  * fused launch repeated (its block count must be back at 0 after each launch), NR forced 2/4/8 (more
  * or fewer blocks counting), rows duplicated in the float routers (exact ties, to the lower id), and
  * cases the fusion does not take (E > 1024, k > 32: two launches). The two calls' top-k itself is
- * held to the CPU by cuda_layer_router_topk. */
-static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E, int64_t H, int k, int norm, bool ties) {
+ * held to the CPU by cuda_layer_router_topk. fold: every product with the folded RMSNorm of x and
+ * the router's with norm_out (the one-token step's router group), in both forms. */
+static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E, int64_t H, int k, int norm, bool ties,
+                              bool fold) {
     const bool q = fm_dtype_is_quant(dt);
     const int64_t I = 512;
     hweight hr, hg, hu, hs;
     memset(&hg, 0, sizeof hg), memset(&hu, 0, sizeof hu), memset(&hs, 0, sizeof hs);
     void *dr = NULL, *dg = NULL, *du = NULL, *ds = NULL, *dx = NULL, *dl = NULL, *dsh = NULL, *dsl = NULL, *dids = NULL,
-         *dwt = NULL;
-    float *x = malloc(sizeof(float) * (size_t)H), *l0 = malloc(sizeof(float) * (size_t)E), *l1 = malloc(sizeof(float) * (size_t)E);
+         *dwt = NULL, *dnw = NULL, *dxn = NULL;
+    float *nw = malloc(sizeof(float) * (size_t)H), *x = malloc(sizeof(float) * (size_t)H),
+          *l0 = malloc(sizeof(float) * (size_t)E), *l1 = malloc(sizeof(float) * (size_t)E);
     float *sh0 = malloc(sizeof(float) * (size_t)I), *sh1 = malloc(sizeof(float) * (size_t)I), sl0 = 0, sl1 = 0;
     int32_t i0[64], i1[64];
     float w0[64], w1[64];
     char what[160];
-    snprintf(what, sizeof what, "matvec_topk %s [%lld, %lld] top-%d norm %d%s", fm_dtype_name(dt), (long long)E,
-             (long long)H, k, norm, ties ? " ties" : "");
-    bool ok = x && l0 && l1 && sh0 && sh1 && make_hweight(&hr, dt, E, H, q ? 64 : 0, q ? FM_DTYPE_BF16 : FM_DTYPE_UNKNOWN) &&
-              make_hweight(&hg, FM_DTYPE_Q8, I, H, 64, FM_DTYPE_BF16) && make_hweight(&hu, FM_DTYPE_Q8, I, H, 64, FM_DTYPE_BF16) &&
+    snprintf(what, sizeof what, "matvec_topk %s [%lld, %lld] top-%d norm %d%s%s", fm_dtype_name(dt), (long long)E,
+             (long long)H, k, norm, ties ? " ties" : "", fold ? " folded rmsnorm" : "");
+    bool ok = nw && x && l0 && l1 && sh0 && sh1 &&
+              make_hweight(&hr, dt, E, H, q ? 64 : 0, q ? FM_DTYPE_BF16 : FM_DTYPE_UNKNOWN) &&
+              make_hweight(&hg, FM_DTYPE_Q8, I, H, 64, FM_DTYPE_BF16) &&
+              make_hweight(&hu, FM_DTYPE_Q8, I, H, 64, FM_DTYPE_BF16) &&
               make_hweight(&hs, FM_DTYPE_Q8, 1, H, 64, FM_DTYPE_BF16);
     if (!ok) {
         t->failures++;
@@ -743,12 +1002,15 @@ static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E
             const size_t rb = (size_t)H * fm_dtype_size(dt);
             memcpy(hr.data + (size_t)r * rb, hr.data + (size_t)(r - 1) * rb, rb);
         }
-    for (int64_t j = 0; j < H; j++) x[j] = (float)rnd() * 0.5f;
-    if (fm_cuda_buf_alloc(c, hr.bytes, &dr) || fm_cuda_buf_upload(c, dr, hr.data, hr.bytes) ||
-        fm_cuda_buf_alloc(c, hg.bytes, &dg) || fm_cuda_buf_upload(c, dg, hg.data, hg.bytes) ||
-        fm_cuda_buf_alloc(c, hu.bytes, &du) || fm_cuda_buf_upload(c, du, hu.data, hu.bytes) ||
-        fm_cuda_buf_alloc(c, hs.bytes, &ds) || fm_cuda_buf_upload(c, ds, hs.data, hs.bytes) ||
-        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dx) || fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)H) ||
+    for (int64_t j = 0; j < H; j++) x[j] = (float)rnd() * 0.5f, nw[j] = (float)(0.5 + rnd());
+    if (fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dnw) ||
+        fm_cuda_buf_upload(c, dnw, nw, sizeof(float) * (size_t)H) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dxn) || fm_cuda_buf_alloc(c, hr.bytes, &dr) ||
+        fm_cuda_buf_upload(c, dr, hr.data, hr.bytes) || fm_cuda_buf_alloc(c, hg.bytes, &dg) ||
+        fm_cuda_buf_upload(c, dg, hg.data, hg.bytes) || fm_cuda_buf_alloc(c, hu.bytes, &du) ||
+        fm_cuda_buf_upload(c, du, hu.data, hu.bytes) || fm_cuda_buf_alloc(c, hs.bytes, &ds) ||
+        fm_cuda_buf_upload(c, ds, hs.data, hs.bytes) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dx) ||
+        fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)H) ||
         fm_cuda_buf_alloc(c, sizeof(float) * (size_t)E, &dl) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)I, &dsh) ||
         fm_cuda_buf_alloc(c, sizeof(float), &dsl) || fm_cuda_buf_alloc(c, sizeof(int32_t) * 64, &dids) ||
         fm_cuda_buf_alloc(c, sizeof(float) * 64, &dwt)) {
@@ -758,7 +1020,10 @@ static void check_matvec_topk(fm_test_ctx *t, fm_cuda *c, fm_dtype dt, int64_t E
     }
     fm_weight wr = hr.w, wg = hg.w, wu = hu.w, ws = hs.w;
     wr.data = dr, wg.data = dg, wu.data = du, ws.data = ds;
-    const fm_cuda_mv mv[3] = {{&wr, dx, dl, NULL}, {&wg, dx, dsh, &wu}, {&ws, dx, dsl, NULL}};
+    fm_cuda_mv mv[3] = {
+        {.w = &wr, .x = dx, .out = dl}, {.w = &wg, .x = dx, .out = dsh, .w_up = &wu}, {.w = &ws, .x = dx, .out = dsl}};
+    for (int i = 0; fold && i < 3; i++) mv[i].norm_w = dnw, mv[i].norm_eps = 1e-6f;
+    if (fold) mv[0].norm_out = dxn;
     static const char *const rpt[] = {NULL, "2", "4", "8"};
     for (int ri = 0; ri < 4; ri++) {
         if (rpt[ri]) setenv("FLASHMOE_CUDA_MV_RPT", rpt[ri], 1);
@@ -799,22 +1064,24 @@ done:
     hweight_free(&hr), hweight_free(&hg), hweight_free(&hu), hweight_free(&hs);
     fm_cuda_buf_free(c, dr), fm_cuda_buf_free(c, dg), fm_cuda_buf_free(c, du), fm_cuda_buf_free(c, ds);
     fm_cuda_buf_free(c, dx), fm_cuda_buf_free(c, dl), fm_cuda_buf_free(c, dsh), fm_cuda_buf_free(c, dsl);
-    fm_cuda_buf_free(c, dids), fm_cuda_buf_free(c, dwt);
-    free(x), free(l0), free(l1), free(sh0), free(sh1);
+    fm_cuda_buf_free(c, dids), fm_cuda_buf_free(c, dwt), fm_cuda_buf_free(c, dnw), fm_cuda_buf_free(c, dxn);
+    free(nw), free(x), free(l0), free(l1), free(sh0), free(sh1);
 }
 
 FM_TEST(cuda_matvec_topk_fused) {
     CUDA_OR_SKIP(c);
-    check_matvec_topk(t, c, FM_DTYPE_Q8, 256, 2048, 8, 1, false); /* the 35B router */
-    check_matvec_topk(t, c, FM_DTYPE_Q8, 512, 4096, 10, 1, false); /* the 397B router */
-    check_matvec_topk(t, c, FM_DTYPE_Q4, 128, 512, 8, 0, false);
-    check_matvec_topk(t, c, FM_DTYPE_BF16, 300, 256, 32, 1, true);
-    check_matvec_topk(t, c, FM_DTYPE_F32, 1024, 128, 5, 0, true);
-    check_matvec_topk(t, c, FM_DTYPE_F32, 40, 64, 40, 1, false);    /* k > 32: two launches */
-    check_matvec_topk(t, c, FM_DTYPE_BF16, 1500, 64, 8, 1, true);   /* E > 1024: two launches */
+    for (int fold = 0; fold < 2; fold++) {
+        check_matvec_topk(t, c, FM_DTYPE_Q8, 256, 2048, 8, 1, false, fold);  /* the 35B router */
+        check_matvec_topk(t, c, FM_DTYPE_Q8, 512, 4096, 10, 1, false, fold); /* the 397B router */
+        check_matvec_topk(t, c, FM_DTYPE_Q4, 128, 512, 8, 0, false, fold);
+        check_matvec_topk(t, c, FM_DTYPE_BF16, 300, 256, 32, 1, true, fold);
+        check_matvec_topk(t, c, FM_DTYPE_F32, 1024, 128, 5, 0, true, fold);
+        check_matvec_topk(t, c, FM_DTYPE_F32, 40, 64, 40, 1, false, fold);  /* k > 32: two launches */
+        check_matvec_topk(t, c, FM_DTYPE_BF16, 1500, 64, 8, 1, true, fold); /* E > 1024: two launches */
+    }
     /* errors: nothing enqueued */
     fm_weight w = {.dtype = FM_DTYPE_F32, .rows = 8, .cols = 64, .data = (void *)256};
-    fm_cuda_mv mv = {&w, (const float *)256, (float *)256, NULL};
+    fm_cuda_mv mv = {.w = &w, .x = (const float *)256, .out = (float *)256};
     CHECK(fm_cuda_matvec_topk(c, &mv, 0, (int32_t *)256, (float *)256, 2, true) == FM_ERR_ARG);
     CHECK(fm_cuda_matvec_topk(c, &mv, 1, (int32_t *)256, (float *)256, 9, true) == FM_ERR_ARG);
     CHECK(fm_cuda_matvec_topk(c, &mv, 1, NULL, (float *)256, 2, true) == FM_ERR_ARG);
@@ -846,7 +1113,7 @@ FM_TEST(cuda_matvec_one_token) {
     /* errors: nothing enqueued */
     fm_weight q2 = {.dtype = FM_DTYPE_Q2, .rows = 8, .cols = 64, .data = (void *)16, .group_size = 32,
                     .scale_dtype = FM_DTYPE_BF16};
-    fm_cuda_mv bad = {&q2, NULL, (float *)16, NULL};
+    fm_cuda_mv bad = {.w = &q2, .x = NULL, .out = (float *)16};
     CHECK(fm_cuda_matvec(c, &bad, 1) == FM_ERR_ARG);
     CHECK(fm_cuda_matvec(c, NULL, 1) == FM_ERR_ARG);
     CHECK_OK(fm_cuda_matvec(c, NULL, 0));

@@ -1157,11 +1157,16 @@ FM_TEST(cuda_forward_quantized_match_cpu) {
     check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, false, 0, FM_VRAM_LRU);
 }
 
-/* Resident mode without graphs (each one-token step enqueued as it goes, no host sync) and the
+/* Resident mode without graphs (each one-token step enqueued as it goes, no host sync), without
+ * the norms folded into the products (FLASHMOE_CUDA_NORM_FOLD=0: a launch per norm) and the
  * per-layer host path with every expert in VRAM (FLASHMOE_CUDA_RESIDENT=0): the same logits. */
 FM_TEST(cuda_forward_resident_modes_match_cpu) {
     CUDA_OR_SKIP(c);
     (void)c;
+    setenv("FLASHMOE_CUDA_NORM_FOLD", "0", 1);
+    check_fixture(t, "qwen35_moe_release_bf16", FM_DTYPE_UNKNOWN, false, 0, FM_VRAM_LRU);
+    check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q8, false, 0, FM_VRAM_LRU);
+    unsetenv("FLASHMOE_CUDA_NORM_FOLD");
     setenv("FLASHMOE_CUDA_GRAPH", "0", 1);
     check_fixture(t, "qwen35_moe_f32", FM_DTYPE_UNKNOWN, false, 0, FM_VRAM_LRU);
     check_fixture(t, "qwen35_moe_q64_bf16", FM_DTYPE_Q4, false, 0, FM_VRAM_LRU);

@@ -248,7 +248,7 @@ static int time_group(fm_cuda *c, const dgroup *g, unsigned char *w, size_t gbyt
                 ws[i] = (fm_weight){.dtype = FM_DTYPE_Q8, .rows = g->rows[i], .cols = g->cols,
                                     .data = w + (size_t)cp * gbytes + off[i], .group_size = 64,
                                     .scale_dtype = FM_DTYPE_BF16};
-                mv[i] = (fm_cuda_mv){&ws[i], x, out + (size_t)i * 8192, NULL};
+                mv[i] = (fm_cuda_mv){.w = &ws[i], .x = x, .out = out + (size_t)i * 8192};
             }
             if (is_new) {
                 if (fm_cuda_matvec(c, mv, g->n)) return die("matvec");
@@ -531,7 +531,7 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
                                             .x_up = is_new ? NULL : U, .x_stride = 512, .out = {Y, NULL},
                                             .out_stride = 2048};
                     shd_w.data = (unsigned char *)shw + (size_t)s * shb;
-                    fm_cuda_mv shmv = {&shd_w, G, Ysh, NULL};
+                    fm_cuda_mv shmv = {.w = &shd_w, .x = G, .out = Ysh};
                     if (pass == 3) {
                         if (fm_cuda_expert_matvec_with(c, &sd, &dn, &shmv)) return die("expert matvec with");
                         continue;

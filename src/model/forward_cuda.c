@@ -172,6 +172,8 @@ struct fm_cuda_session {
     float *h_logits;    /* pinned, V floats */
     fm_cuda_graph *graph;
     int dev_steps;      /* one-token device steps run (the graph is captured at the second) */
+    bool fold;          /* the one-token step folds its RMSNorms into the products (fold_norms_ok) */
+    bool conv_fold;     /* and the DeltaNet conv into in_proj_qkv's epilogue (fold && K <= 8) */
 };
 
 static uint64_t align_up(uint64_t v, uint64_t a) { return (v + a - 1) / a * a; }
@@ -574,6 +576,35 @@ static fm_status resident_fill(fm_model *m, fm_cuda_model *g) {
     return FM_OK;
 }
 
+/* True when the one-token step can fold every RMSNorm of x into the products that read it
+ * (fm_cuda_mv's norm_w: the input norm into the mixer's input projections, the post-attention norm
+ * into the router group) and add the mixer's output projection to x in that product (residual):
+ * every such product is taken by the one-token kernel (x: any 16-byte aligned device vector) and
+ * the norm weights are 16-byte aligned. Then no norm needs a launch of its own and the MoE's
+ * combine only adds (docs/CUDA.md "Norms folded into the products"). FLASHMOE_CUDA_NORM_FOLD=0:
+ * never (the launches of before, for measurements). */
+static bool fold_norms_ok(const fm_model *m, const fm_cuda_model *g, const float *x) {
+    const char *e = getenv("FLASHMOE_CUDA_NORM_FOLD");
+    if (e && !strcmp(e, "0")) return false;
+    const fm_config *c = &m->cfg;
+    for (int l = 0; l < c->n_layers; l++) {
+        const fm_layer_weights *w = &g->layers[l];
+        const fm_weight *lin[] = {&w->in_qkv, &w->in_z, &w->in_b, &w->in_a, &w->out_proj};
+        const fm_weight *att[] = {&w->q_proj, &w->k_proj, &w->v_proj, &w->o_proj};
+        const fm_weight *moe[] = {&w->router, &w->sh_gate, &w->sh_up, &w->sh_router};
+        const bool is_lin = c->layer_kind[l] == FM_LAYER_LINEAR;
+        const fm_weight *const *mixer = is_lin ? lin : att;
+        const int n_mixer = is_lin ? 5 : 4, n_moe = c->n_ff_shared > 0 ? 4 : 1;
+        for (int i = 0; i < n_mixer; i++)
+            if (!fm_cuda_matvec_takes(mixer[i], x)) return false;
+        for (int i = 0; i < n_moe; i++)
+            if (!fm_cuda_matvec_takes(moe[i], x)) return false;
+        if (!w->input_norm || !w->post_attn_norm || (uintptr_t)w->input_norm % 16 || (uintptr_t)w->post_attn_norm % 16)
+            return false;
+    }
+    return true;
+}
+
 /* Sizes the expert cache with what the budget leaves once the first session is placed. */
 static fm_status cache_init(fm_model *m, fm_cuda_model *g) {
     const fm_config *c = &m->cfg;
@@ -726,6 +757,11 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
         goto fail;
     if ((st = fm_forward_cuda_session_reset(s)) != FM_OK) goto fail;
     if (!g->slots && (st = cache_init(m, g)) != FM_OK) goto fail;
+    s->fold = fold_norms_ok(m, g, s->x);
+    const char *cf = getenv("FLASHMOE_CUDA_CONV_FOLD"); /* =0: the conv's own launch (measurements) */
+    s->conv_fold = s->fold && c->conv_kernel >= 2 && c->conv_kernel <= 8 && !(cf && !strcmp(cf, "0"));
+    for (int l = 0; l < c->n_layers; l++) /* a channel a row of in_proj_qkv */
+        if (c->layer_kind[l] == FM_LAYER_LINEAR && g->layers[l].in_qkv.rows != fm_config_conv_dim(c)) s->conv_fold = false;
     *out = s;
     return FM_OK;
 fail:
@@ -1171,10 +1207,19 @@ static fm_status moe(fm_cuda_session *s, int l, int64_t T) {
 
 /* ---- one token without host synchronisation (resident mode): the position in s->pos_dev ---- */
 
-/* out = W x for one token through the one-token kernel (fm_cuda_matvec). */
-static fm_status matvec1(fm_cuda *ctx, float *out, const fm_weight *w, const float *x) {
-    fm_cuda_mv mv = {w, x, out, NULL};
-    return fm_cuda_matvec(ctx, &mv, 1);
+/* mv[0..n) read the RMSNorm of their x with weights norm_w (fm_cuda_mv's folded norm). */
+static void fold_norm(fm_cuda_mv *mv, int n, const float *norm_w, float eps) {
+    for (int i = 0; i < n; i++) {
+        mv[i].norm_w = norm_w;
+        mv[i].norm_eps = eps;
+    }
+}
+
+/* The mixer's output projection of a: with folded norms x += W a in one product (its residual),
+ * else s->mix = W a (added to x by the post-attention norm's launch). */
+static fm_status mixer_out_dev(fm_cuda_session *s, const fm_weight *w, const float *a) {
+    fm_cuda_mv mv = {.w = w, .x = a, .out = s->fold ? s->x : s->mix, .residual = s->fold ? s->x : NULL};
+    return fm_cuda_matvec(s->ctx, &mv, 1);
 }
 
 /* linear_attention for one token: the four input projections in one launch (they share xn). */
@@ -1184,10 +1229,20 @@ static fm_status linear_attention_dev(fm_cuda_session *s, int l) {
     fm_cuda *ctx = s->ctx;
     int64_t cd = fm_config_conv_dim(c), nv = c->lin_n_v_heads;
     float *qkv = s->a, *conv_out = s->b, *z = s->c, *core = s->d, *bb = s->small, *aa = s->small + nv;
-    fm_cuda_mv mv[4] = {{&w->in_qkv, s->xn, qkv, NULL}, {&w->in_z, s->xn, z, NULL}, {&w->in_b, s->xn, bb, NULL},
-                        {&w->in_a, s->xn, aa, NULL}};
+    const float *in = s->fold ? s->x : s->xn; /* folded: the input norm inside the products */
+    fm_cuda_mv mv[4] = {{.w = &w->in_qkv, .x = in, .out = qkv},
+                        {.w = &w->in_z, .x = in, .out = z},
+                        {.w = &w->in_b, .x = in, .out = bb},
+                        {.w = &w->in_a, .x = in, .out = aa}};
+    if (s->fold) fold_norm(mv, 4, w->input_norm, (float)c->norm_eps);
+    if (s->conv_fold) { /* the conv and its SiLU in in_proj_qkv's epilogue */
+        mv[0].conv_w = w->conv;
+        mv[0].conv_state = s->conv[l];
+        mv[0].conv_out = conv_out;
+        mv[0].conv_k = c->conv_kernel;
+    }
     TRY(fm_cuda_matvec(ctx, mv, 4));
-    TRY(fm_cuda_conv1d_silu(ctx, conv_out, qkv, s->conv[l], w->conv, 1, cd, c->conv_kernel));
+    if (!s->conv_fold) TRY(fm_cuda_conv1d_silu(ctx, conv_out, qkv, s->conv[l], w->conv, 1, cd, c->conv_kernel));
     /* the delta rule and the gated norm in one kernel; FLASHMOE_CUDA_DELTA_FUSE=0: two (measurements) */
     static int fuse = -1;
     if (fuse < 0) {
@@ -1202,7 +1257,7 @@ static fm_status linear_attention_dev(fm_cuda_session *s, int l) {
                                (int)nv, c->lin_k_dim, c->lin_v_dim));
         TRY(fm_cuda_rmsnorm_gated(ctx, core, core, z, w->ssm_norm, nv, c->lin_v_dim, (float)c->norm_eps));
     }
-    return matvec1(ctx, s->mix, &w->out_proj, core);
+    return mixer_out_dev(s, &w->out_proj, core);
 }
 
 static fm_status full_attention_dev(fm_cuda_session *s, int l) {
@@ -1212,8 +1267,11 @@ static fm_status full_attention_dev(fm_cuda_session *s, int l) {
     int64_t d = c->head_dim, nh = c->n_head, nkv = c->n_head_kv;
     float *qg = s->a, *kv = s->b, *q = s->c, *att = s->d, eps = (float)c->norm_eps;
     /* q (per head [query (d) | gate (d)]), k and v: one launch */
-    fm_cuda_mv mv[3] = {{&w->q_proj, s->xn, qg, NULL}, {&w->k_proj, s->xn, kv, NULL},
-                        {&w->v_proj, s->xn, kv + nkv * d, NULL}};
+    const float *in = s->fold ? s->x : s->xn; /* folded: the input norm inside the products */
+    fm_cuda_mv mv[3] = {{.w = &w->q_proj, .x = in, .out = qg},
+                        {.w = &w->k_proj, .x = in, .out = kv},
+                        {.w = &w->v_proj, .x = in, .out = kv + nkv * d}};
+    if (s->fold) fold_norm(mv, 3, w->input_norm, eps);
     TRY(fm_cuda_matvec(ctx, mv, 3));
     /* q / k norms, RoPE, the cache store and the attention in one kernel; FLASHMOE_CUDA_ATT_FUSE=0: four */
     static int fuse = -1;
@@ -1224,7 +1282,7 @@ static fm_status full_attention_dev(fm_cuda_session *s, int l) {
     if (fuse) {
         TRY(fm_cuda_attention_decode(ctx, att, qg, kv, w->q_norm, w->k_norm, eps, c->rot_dim, s->inv_freq, s->kc[l],
                                      s->vc[l], s->pos_dev, (int)nh, (int)nkv, (int)d, s->att_split, s->att_scratch));
-        return matvec1(ctx, s->mix, &w->o_proj, att);
+        return mixer_out_dev(s, &w->o_proj, att);
     }
     TRY(fm_cuda_head_norm_rope_at(ctx, q, 0, d, qg, 2 * d, w->q_norm, 1, (int)nh, (int)d, eps, c->rot_dim, s->inv_freq,
                                   s->pos_dev));
@@ -1232,12 +1290,15 @@ static fm_status full_attention_dev(fm_cuda_session *s, int l) {
                                   s->inv_freq, s->pos_dev));
     TRY(fm_cuda_store_at(ctx, s->vc[l], nkv * d, kv + nkv * d, nkv * d, s->pos_dev));
     TRY(fm_cuda_attention_at(ctx, att, q, qg + d, 2 * d, s->kc[l], s->vc[l], 1, s->pos_dev, (int)nh, (int)nkv, (int)d));
-    return matvec1(ctx, s->mix, &w->o_proj, att);
+    return mixer_out_dev(s, &w->o_proj, att);
 }
 
-/* x += moe(xn) for one token, the expert ids staying on the device; then xn = rmsnorm(x) * next_norm
- * (the next layer's input norm or the final norm), fused into the combine. */
-static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
+/* x += moe(rmsnorm(x) * post_attn_norm) for one token, the expert ids staying on the device (with
+ * s->fold the router group normalises x and stores xn for the experts, else xn is the post-attention
+ * norm's output); then, with norm_after, xn = rmsnorm(x) * next_norm (the next layer's input norm or
+ * the final norm) fused into the combine, else the combine alone (the next layer's products
+ * normalise x). */
+static fm_status moe_dev(fm_cuda_session *s, int l, bool norm_after, const float *next_norm) {
     fm_model *m = s->m;
     fm_cuda_model *g = s->g;
     const fm_config *c = &m->cfg;
@@ -1249,15 +1310,20 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     /* the router and the shared expert's gate, up and gate logit share xn: one launch (per type),
      * the shared expert's SwiGLU in its output when the one-token kernel takes gate/up as a pair */
     float *ysh = NULL, *gs = s->a, *us = s->b;
-    fm_cuda_mv mv[4] = {{&w->router, s->xn, s->small, NULL}};
+    const float *in = s->fold ? s->x : s->xn;
+    fm_cuda_mv mv[4] = {{.w = &w->router, .x = in, .out = s->small}};
     int nmv = 1;
     bool pair = false;
     if (c->n_ff_shared > 0) {
-        pair = same_shape(&w->sh_gate, &w->sh_up) && fm_cuda_matvec_takes(&w->sh_gate, s->xn) &&
-               fm_cuda_matvec_takes(&w->sh_up, s->xn);
-        mv[nmv++] = (fm_cuda_mv){&w->sh_gate, s->xn, gs, pair ? &w->sh_up : NULL};
-        if (!pair) mv[nmv++] = (fm_cuda_mv){&w->sh_up, s->xn, us, NULL};
-        mv[nmv++] = (fm_cuda_mv){&w->sh_router, s->xn, s->shl, NULL};
+        pair = same_shape(&w->sh_gate, &w->sh_up) && fm_cuda_matvec_takes(&w->sh_gate, in) &&
+               fm_cuda_matvec_takes(&w->sh_up, in);
+        mv[nmv++] = (fm_cuda_mv){.w = &w->sh_gate, .x = in, .out = gs, .w_up = pair ? &w->sh_up : NULL};
+        if (!pair) mv[nmv++] = (fm_cuda_mv){.w = &w->sh_up, .x = in, .out = us};
+        mv[nmv++] = (fm_cuda_mv){.w = &w->sh_router, .x = in, .out = s->shl};
+    }
+    if (s->fold) { /* the post-attention norm in the products; the router's product stores xn */
+        fold_norm(mv, nmv, w->post_attn_norm, (float)c->norm_eps);
+        mv[0].norm_out = s->xn;
     }
     /* the router's top-k: the same launch's last block (or, FLASHMOE_CUDA_TOPK_FUSE=0, a second
      * launch) */
@@ -1266,7 +1332,7 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
     if (c->n_ff_shared > 0) { /* as moe() */
         ysh = s->c;
         if (!pair) TRY(fm_cuda_swiglu(ctx, gs, gs, us, c->n_ff_shared));
-        shd = (fm_cuda_mv){&w->sh_down, gs, ysh, NULL};
+        shd = (fm_cuda_mv){.w = &w->sh_down, .x = gs, .out = ysh};
     }
     const fm_packed_expert_layer *L = &m->packed->experts[l];
     const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
@@ -1284,6 +1350,7 @@ static fm_status moe_dev(fm_cuda_session *s, int l, const float *next_norm) {
                             .part_off = {(int64_t)pd->offset, 0}, .x = s->G, .x_up = old_emv ? s->U : NULL,
                             .x_stride = I, .out = {s->Y, NULL}, .out_stride = H};
     TRY(fm_cuda_expert_matvec_with(ctx, &sd, &dn, ysh ? &shd : NULL));
+    if (!norm_after) return fm_cuda_moe_combine_topk(ctx, s->x, ysh, s->shl, s->Y, ids, tw, 1, (int)k, H);
     return fm_cuda_moe_combine_topk_norm(ctx, s->x, s->xn, next_norm, (float)c->norm_eps, ysh, s->shl, s->Y, ids, tw, 1,
                                          (int)k, H);
 }
@@ -1300,15 +1367,17 @@ static fm_status step_dev(fm_cuda_session *s, bool head) {
     float eps = (float)c->norm_eps;
     TRY(fm_cuda_upload_async(ctx, s->x, s->h_x, sizeof(float) * (size_t)H));
     TRY(fm_cuda_upload_async(ctx, s->pos_dev, s->h_pos, sizeof(int64_t)));
-    /* the first layer's input norm; every later norm of x (the next layer's input norm, the final
-     * norm) is fused into the previous layer's MoE combine */
-    TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, g->layers[0].input_norm, 1, H, eps));
+    /* With s->fold every norm of x but the final one is inside the products that read it. Else the
+     * first layer's input norm here, and every later norm of x (the next layer's input norm, the
+     * final norm) fused into the previous layer's MoE combine. */
+    if (!s->fold) TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, NULL, g->layers[0].input_norm, 1, H, eps));
     for (int l = 0; l < c->n_layers; l++) {
         const fm_layer_weights *w = &g->layers[l];
         double t0 = fm_time_now();
         TRY(c->layer_kind[l] == FM_LAYER_LINEAR ? linear_attention_dev(s, l) : full_attention_dev(s, l));
-        TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, s->mix, w->post_attn_norm, 1, H, eps));
-        TRY(moe_dev(s, l, l + 1 < c->n_layers ? g->layers[l + 1].input_norm : g->out_norm));
+        if (!s->fold) TRY(fm_cuda_add_rmsnorm(ctx, s->x, s->xn, s->mix, w->post_attn_norm, 1, H, eps));
+        const bool last = l + 1 == c->n_layers;
+        TRY(moe_dev(s, l, last || !s->fold, last ? g->out_norm : g->layers[l + 1].input_norm));
         s->timing[l].mixer += fm_time_now() - t0; /* enqueueing only: the GPU time shows in the head's wait */
     }
     if (!head) return FM_OK;

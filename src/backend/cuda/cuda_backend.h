@@ -181,6 +181,24 @@ typedef struct fm_cuda_mv {
     const float *x;
     float *out;
     const fm_weight *w_up;
+    /* Optional, zero for none; they need the one-token kernel (fm_cuda_matvec_takes(w, x) and
+     * norm_w 16-byte aligned, else FM_ERR_UNSUPPORTED). norm_w (cols floats): the product's input
+     * is x / sqrt(mean(x^2) + norm_eps) * norm_w, the RMSNorm of fm_cuda_rmsnorm folded into the
+     * product (x is then the raw residual stream); norm_out (needs norm_w, must not overlap x): that
+     * normalised input also stored there; residual (not with w_up; may equal out): out = residual
+     * + W x. The results agree with fm_cuda_rmsnorm then the product within float rounding (the sum
+     * of squares is added in another order). conv_w (rows x conv_k), conv_state ((conv_k - 1) x
+     * rows), conv_out (rows), 2 <= conv_k <= 8, not with w_up: the outputs are also the input of
+     * fm_cuda_conv1d_silu(conv_out, out, conv_state, conv_w, 1 token, rows channels, conv_k), done
+     * in the product's epilogue (the same values and state bit for bit); conv_out must not overlap
+     * out or conv_state. */
+    const float *norm_w;
+    float norm_eps;
+    float *norm_out;
+    const float *residual;
+    const float *conv_w;
+    float *conv_state, *conv_out;
+    int conv_k;
 } fm_cuda_mv;
 
 /* Products per launch of fm_cuda_matvec's kernel. */

@@ -939,12 +939,70 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_kernel(float *__restric
     for (long long i = threadIdx.x; i < H; i += blockDim.x) orow[i] = xr[i] * scale * (nw ? nw[i] : 1.0f);
 }
 
+/* Token t's k (<= KM) expert ids and routing weights, each thread its own copy in registers:
+ * rank[j] = how many of the ids are below ids[j] (a token's ids are distinct), so that adding slot
+ * j's value at step rank[j] adds the experts in ascending id without a sort or a barrier. */
+template <int KM>
+__device__ __forceinline__ void combine_ranks(const int32_t *ids, const float *w, int k, int rank[KM], float wv[KM]) {
+    int32_t id[KM];
+#pragma unroll
+    for (int j = 0; j < KM; j++) {
+        id[j] = j < k ? ids[j] : INT32_MAX;
+        wv[j] = j < k ? w[j] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < KM; j++) {
+        rank[j] = 0;
+#pragma unroll
+        for (int i = 0; i < KM; i++) rank[j] += i < k && id[i] < id[j];
+    }
+}
+
+/* acc + the sum over slots of wv[j] * yv[j], added in ascending id (combine_ranks), as
+ * moe_combine_topk_kernel adds them. */
+template <int KM>
+__device__ __forceinline__ float combine_experts(float acc, const float yv[KM], const int rank[KM], const float wv[KM],
+                                                 int k) {
+#pragma unroll
+    for (int r = 0; r < KM; r++)
+        if (r < k) {
+            float yy = 0.f, ww = 0.f;
+#pragma unroll
+            for (int j = 0; j < KM; j++)
+                if (rank[j] == r) yy = yv[j], ww = wv[j];
+            acc += ww * yy;
+        }
+    return acc;
+}
+
+/* moe_combine_topk_kernel for k <= KM in one round of loads after the PDL wait (every thread ranks
+ * the ids itself, combine_ranks, and loads its expert values by slot before the first addition):
+ * the same arithmetic, so the same x bit for bit. One value a thread. */
+template <int KM>
+__global__ void __launch_bounds__(BLOCK)
+    moe_combine_regs_kernel(float *__restrict__ x, const float *__restrict__ shared, const float *__restrict__ sl,
+                            const float *__restrict__ Y, const int32_t *ids, const float *__restrict__ w, int k,
+                            long long H) {
+    fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
+    fm_pdl_wait();    /* the predecessor's writes are visible from here */
+    const long long t = blockIdx.y, i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= H) return;
+    int rank[KM];
+    float wv[KM], yv[KM];
+    combine_ranks<KM>(ids + t * k, w + t * k, k, rank, wv);
+#pragma unroll
+    for (int j = 0; j < KM; j++) yv[j] = j < k ? Y[(t * k + j) * H + i] : 0.f;
+    const float xv = x[t * H + i], sg = shared ? sigmoid(sl[t]) : 0.f;
+    const float acc = shared ? sg * shared[t * H + i] : 0.f;
+    x[t * H + i] = xv + combine_experts<KM>(acc, yv, rank, wv, k);
+}
+
 /* moe_combine_norm_kernel for k <= CN_K and H <= NPT * blockDim.x (NPT <= CN_NPT), with fewer dependent memory
  * round trips and the same arithmetic (bit-identical: each element's additions and each thread's
  * sum of squares in the same order): the norm weights loaded before the PDL wait; every thread
- * loads the k ids and weights itself and ranks the ids in registers (no sort by one thread and no
- * barrier before the combine); all of a thread's expert values loaded before the first addition;
- * x kept in registers for the norm's second pass. */
+ * ranks the ids itself (combine_ranks: no sort by one thread and no barrier before the combine);
+ * all of a thread's expert values loaded before the first addition; x kept in registers for the
+ * norm's second pass. */
 constexpr int CN_K = 8, CN_NPT = 4;
 
 template <int NPT>
@@ -965,20 +1023,9 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_regs_kernel(float *__re
         nwv[u] = i < H && nw ? nw[i] : 1.0f; /* a weight: never written by the step */
     }
     fm_pdl_wait(); /* the predecessors' writes are visible from here */
-    int32_t id[CN_K];
+    int rank[CN_K];
     float wv[CN_K];
-#pragma unroll
-    for (int j = 0; j < CN_K; j++) {
-        id[j] = j < k ? ids[t * k + j] : INT32_MAX;
-        wv[j] = j < k ? w[t * k + j] : 0.f;
-    }
-    int rank[CN_K]; /* a token's ids are distinct: rank j = how many ids are below ids[j] */
-#pragma unroll
-    for (int j = 0; j < CN_K; j++) {
-        rank[j] = 0;
-#pragma unroll
-        for (int i = 0; i < CN_K; i++) rank[j] += i < k && id[i] < id[j];
-    }
+    combine_ranks<CN_K>(ids + t * k, w + t * k, k, rank, wv);
     const float sg = shared ? sigmoid(sl[t]) : 0.f;
     float *xr = x + t * H, *orow = xn + t * H;
     float xv[NPT], yv[NPT][CN_K], shv[NPT];
@@ -996,16 +1043,7 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_regs_kernel(float *__re
     for (int u = 0; u < NPT; u++) {
         const long long i = threadIdx.x + (long long)u * bd;
         if (i < H) {
-            float acc = shared ? sg * shv[u] : 0.f;
-#pragma unroll
-            for (int r = 0; r < CN_K; r++) /* the experts in ascending id, as moe_combine_topk_kernel */
-                if (r < k) {
-                    float yy = 0.f, ww = 0.f;
-#pragma unroll
-                    for (int j = 0; j < CN_K; j++)
-                        if (rank[j] == r) yy = yv[u][j], ww = wv[j];
-                    acc += ww * yy;
-                }
+            const float acc = combine_experts<CN_K>(shared ? sg * shv[u] : 0.f, yv[u], rank, wv, k);
             const float v = xv[u] + acc;
             xr[i] = v;
             xv[u] = v;
@@ -1626,9 +1664,14 @@ extern "C" fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const floa
                     (long long)n_tokens, k, (long long)H);
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_topk: NULL pointer");
-    dim3 grid(blocks_for(H, BLOCK, 64), (unsigned)n_tokens);
-    FM_CUDA_CHECK(fm_launch_pdl(ctx, moe_combine_topk_kernel, dim3(grid), dim3(BLOCK), 0, x, shared, shared_logit, Y,
-                                ids, w, k, (long long)H));
+    /* k <= 16: every value its own thread, one round of loads (moe_combine_regs_kernel) */
+    const bool regs = k <= 16 && H <= (int64_t)BLOCK * 65535;
+    dim3 grid(regs ? blocks_for(H, BLOCK, 65535) : blocks_for(H, BLOCK, 64), (unsigned)n_tokens);
+    FM_CUDA_CHECK(fm_launch_pdl(ctx,
+                                !regs    ? moe_combine_topk_kernel
+                                : k <= 8 ? moe_combine_regs_kernel<8>
+                                         : moe_combine_regs_kernel<16>,
+                                dim3(grid), dim3(BLOCK), 0, x, shared, shared_logit, Y, ids, w, k, (long long)H));
     FM_CUDA_CHECK_LAUNCH("moe_combine_topk_kernel");
     return FM_OK;
 }

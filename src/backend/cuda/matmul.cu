@@ -933,11 +933,50 @@ struct MvShape {
     int gs_log2, scale_kind;       /* quantized: log2 of the group size; 0 BF16, 1 F16, 2 F32 */
 };
 
+/* The folded input norm, the residual and the conv of a one-token product (fm_cuda_mv's norm_w,
+ * norm_eps, norm_out, residual, conv_*); all NULL: none. */
+struct MvFold {
+    const float *nw;  /* the input is x / sqrt(mean(x^2) + eps) * nw (the kernel's NORM = true) */
+    float *xn;        /* with nw: that input also stored here by the product's first block */
+    const float *res; /* out = res + W x */
+    const float *conv_w;
+    float *conv_state, *conv_out;
+    float eps;
+    int conv_k;
+};
+
+constexpr int MV_CONV_K = 8; /* the longest conv the epilogue takes */
+
+/* Stores output `row` (of `rows`) of a product: v, plus the residual; with a conv, also channel
+ * row's causal conv over [its state; v] with the SiLU, and the state advanced: the arithmetic of
+ * layers.cu's conv1d_silu_one_kernel, so the same values bit for bit. One thread a row. */
+__device__ __forceinline__ void mv_store(const MvFold &f, float *out, int row, int rows, float v) {
+    out[row] = f.res ? f.res[row] + v : v;
+    if (!f.conv_w) return;
+    const int K = f.conv_k;
+    const long long C = rows;
+    float wv[MV_CONV_K], sv[MV_CONV_K];
+#pragma unroll
+    for (int j = 0; j < MV_CONV_K; j++) {
+        wv[j] = j < K ? f.conv_w[(long long)row * K + j] : 0.f;
+        sv[j] = j < K - 1 ? f.conv_state[(long long)j * C + row] : 0.f;
+    }
+    float acc = 0.f;
+#pragma unroll
+    for (int j = 0; j < MV_CONV_K; j++)
+        if (j < K) acc += wv[j] * (j < K - 1 ? sv[j] : v);
+    f.conv_out[row] = acc / (1.0f + expf(-acc));
+#pragma unroll
+    for (int i = 0; i < MV_CONV_K - 1; i++) /* keep the last K-1 inputs */
+        if (i < K - 1) f.conv_state[(long long)i * C + row] = i + 1 < K - 1 ? sv[i + 1] : v;
+}
+
 struct MvProd {
     const unsigned char *w, *w_up; /* w_up: pair mode (out = silu(W x) * (W_up x)), else NULL */
     const float *x;
     float *out;
     MvShape s;
+    MvFold f;
     int blk0; /* the product's first block in the launch */
 };
 
@@ -966,13 +1005,22 @@ __device__ __forceinline__ float mv_silu(float x) { return x / (1.0f + expf(-x))
 
 /* Row block rblk of one product: rows (rblk * G + group) * RO + r, RO = NR (or NR / 2 with pair,
  * whose rows r >= NR / 2 are the same rows of wb). x: cols floats, 16-byte aligned (xu: silu(x) *
- * xu is the input). Every thread of the block calls it. */
-template <int KIND, int NR>
+ * xu is the input). f: the folded norm (NORM: f.nw, 16-byte aligned) and the residual. Every thread
+ * of the block calls it.
+ *
+ * The norm is linear in the dot products: W (x * nw * g) = g * (W (x * nw)) with g = 1 / sqrt(sum
+ * x^2 / cols + eps), so each thread multiplies its chunk of x by nw as it loads it and adds up the
+ * squares of x; the lanes of a group cover every chunk of x, so the group's reduction that meets
+ * the partial dot products also gives sum x^2, and the outputs are scaled by g before the pair's
+ * SwiGLU and the residual. No launch of its own, and no pass over x before the weights stream. */
+template <int KIND, int NR, bool NORM = false>
 __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *wa, const unsigned char *wb,
-                                         const float *x, const float *xu, float *out, int rblk, bool pair) {
+                                         const float *x, const float *xu, float *out, int rblk, bool pair,
+                                         const MvFold &f = MvFold{}) {
     using T = KT<KIND>;
     constexpr int VPW = T::VPW, VPC = 4 * VPW, NQ = VPC / 4, H = NR / 2;
-    __shared__ float red[WARPS][NR];
+    constexpr int NS = NR + (NORM ? 1 : 0); /* the reduced sums: NR rows and, with NORM, sum x^2 */
+    __shared__ float red[WARPS][NS];
     const int lg = s.lpr_log2, L = 1 << lg, G = THREADS >> lg;
     const int grp = (int)threadIdx.x >> lg, lt = (int)threadIdx.x & (L - 1);
     const int RO = pair ? H : NR;
@@ -980,7 +1028,7 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
     const int row0 = (rblk * G + grp) * RO;
     const long long groups = T::Q ? (long long)s.cols >> s.gs_log2 : 0;
     const int sk = s.scale_kind;
-    float acc[NR];
+    float acc[NR], ssq = 0.f;
 #pragma unroll
     for (int r = 0; r < NR; r++) acc[r] = 0.f;
     for (int c = lt; c < C; c += L) {
@@ -1008,6 +1056,18 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
         const float4 *x4 = (const float4 *)x + (long long)c * NQ;
 #pragma unroll
         for (int j = 0; j < NQ; j++) xv[j] = __ldg(x4 + j);
+        if constexpr (NORM) {
+            float4 nv[NQ];
+            const float4 *n4 = (const float4 *)f.nw + (long long)c * NQ;
+#pragma unroll
+            for (int j = 0; j < NQ; j++) nv[j] = __ldg(n4 + j);
+#pragma unroll
+            for (int j = 0; j < NQ; j++) {
+                ssq = fmaf(xv[j].x, xv[j].x, ssq), ssq = fmaf(xv[j].y, xv[j].y, ssq);
+                ssq = fmaf(xv[j].z, xv[j].z, ssq), ssq = fmaf(xv[j].w, xv[j].w, ssq);
+                xv[j] = make_float4(xv[j].x * nv[j].x, xv[j].y * nv[j].y, xv[j].z * nv[j].z, xv[j].w * nv[j].w);
+            }
+        }
         if (xu) {
             const float4 *u4 = (const float4 *)xu + (long long)c * NQ;
 #pragma unroll
@@ -1049,27 +1109,41 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
         }
     }
     fm_pdl_wait(); /* threads without a chunk: before any store */
+    float gain = 1.f; /* NORM: 1 / sqrt(mean(x^2) + eps), the same in every group */
     if (L <= 32) {
 #pragma unroll
         for (int r = 0; r < NR; r++)
             for (int o = L >> 1; o > 0; o >>= 1) acc[r] += __shfl_xor_sync(0xffffffffu, acc[r], o);
+        if constexpr (NORM) {
+            for (int o = L >> 1; o > 0; o >>= 1) ssq += __shfl_xor_sync(0xffffffffu, ssq, o);
+            gain = 1.0f / sqrtf(ssq / (float)s.cols + f.eps);
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] *= gain;
+        }
         if (lt == 0) {
 #pragma unroll
             for (int r = 0; r < NR; r++) {
                 if (r >= RO || row0 + r >= rows) continue;
-                out[row0 + r] = pair ? mv_silu(acc[r]) * acc[(r + H) % NR] : acc[r];
+                mv_store(f, out, row0 + r, rows, pair ? mv_silu(acc[r]) * acc[(r + H) % NR] : acc[r]);
             }
         }
     } else {
         const int warp = (int)threadIdx.x >> 5;
 #pragma unroll
         for (int r = 0; r < NR; r++) acc[r] = warp_sum(acc[r]);
+        if constexpr (NORM) ssq = warp_sum(ssq);
         if ((threadIdx.x & 31) == 0) {
 #pragma unroll
             for (int r = 0; r < NR; r++) red[warp][r] = acc[r];
+            if constexpr (NORM) red[warp][NS - 1] = ssq;
         }
         __syncthreads();
         const int wpg = L >> 5; /* warps of a group */
+        if constexpr (NORM) { /* group 0's sum (every group's is the same sum in the same order) */
+            float t = 0.f;
+            for (int i = 0; i < wpg; i++) t += red[i][NS - 1];
+            gain = 1.0f / sqrtf(t / (float)s.cols + f.eps);
+        }
         if ((int)threadIdx.x < G * RO) {
             const int g = (int)threadIdx.x / RO, r = (int)threadIdx.x - g * RO, row = (rblk * G + g) * RO + r;
             float v = 0.f, u = 0.f;
@@ -1077,9 +1151,13 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
                 v += red[g * wpg + i][r];
                 if (pair) u += red[g * wpg + i][r + H];
             }
-            if (row < rows) out[row] = pair ? mv_silu(v) * u : v;
+            if constexpr (NORM) v *= gain, u *= gain;
+            if (row < rows) mv_store(f, out, row, rows, pair ? mv_silu(v) * u : v);
         }
     }
+    if constexpr (NORM) /* the normalised input for later kernels (the experts), by the first block */
+        if (f.xn && rblk == 0)
+            for (int i = (int)threadIdx.x; i < s.cols; i += THREADS) f.xn[i] = x[i] * gain * f.nw[i];
 }
 
 /* fm_cuda_matvec_topk: every block of product i (the router's logits) counts itself done; the last
@@ -1107,13 +1185,14 @@ __device__ __forceinline__ void mv_topk_tail(const MvParams &p, int i) {
     else fm_topk_warp<32>(p.tk_ids, p.tk_w, lg, E, p.tk_k, p.tk_norm, lane);
 }
 
-template <int KIND, int NR, bool TK>
+/* NORM: every product of the launch has the folded norm (mv_run launches those apart). */
+template <int KIND, int NR, bool TK, bool NORM>
 __global__ void __launch_bounds__(THREADS) mv_dense(const __grid_constant__ MvParams p) {
     fm_pdl_trigger();
     int i = 0;
     while (i + 1 < p.n && (int)blockIdx.x >= p.m[i + 1].blk0) i++;
     const MvProd &d = p.m[i];
-    mv_block<KIND, NR>(d.s, d.w, d.w_up, d.x, nullptr, d.out, (int)blockIdx.x - d.blk0, d.w_up != nullptr);
+    mv_block<KIND, NR, NORM>(d.s, d.w, d.w_up, d.x, nullptr, d.out, (int)blockIdx.x - d.blk0, d.w_up != nullptr, d.f);
     if constexpr (TK)
         if (i == p.tk_prod) mv_topk_tail(p, i);
 }
@@ -1158,19 +1237,22 @@ __global__ void __launch_bounds__(THREADS) mv_expert_x(const __grid_constant__ M
 typedef void (*mv_dense_fn)(const MvParams);
 typedef void (*mv_exp_fn)(const MvExpParams);
 
-template <int KIND, bool TK> mv_dense_fn mv_dense_for(int nr) {
-    return nr == 8 ? mv_dense<KIND, 8, TK> : nr == 4 ? mv_dense<KIND, 4, TK> : mv_dense<KIND, 2, TK>;
+template <int KIND, bool TK, bool NORM> mv_dense_fn mv_dense_for(int nr) {
+    return nr == 8 ? mv_dense<KIND, 8, TK, NORM> : nr == 4 ? mv_dense<KIND, 4, TK, NORM> : mv_dense<KIND, 2, TK, NORM>;
 }
-template <bool TK> mv_dense_fn mv_dense_tk(int kind, int nr) {
+template <bool TK, bool NORM> mv_dense_fn mv_dense_tk(int kind, int nr) {
     switch (kind) {
-    case K_F32: return mv_dense_for<K_F32, TK>(nr);
-    case K_F16: return mv_dense_for<K_F16, TK>(nr);
-    case K_BF16: return mv_dense_for<K_BF16, TK>(nr);
-    case K_Q8: return mv_dense_for<K_Q8, TK>(nr);
-    default: return mv_dense_for<K_Q4, TK>(nr);
+    case K_F32: return mv_dense_for<K_F32, TK, NORM>(nr);
+    case K_F16: return mv_dense_for<K_F16, TK, NORM>(nr);
+    case K_BF16: return mv_dense_for<K_BF16, TK, NORM>(nr);
+    case K_Q8: return mv_dense_for<K_Q8, TK, NORM>(nr);
+    default: return mv_dense_for<K_Q4, TK, NORM>(nr);
     }
 }
-mv_dense_fn mv_dense_kernel(int kind, int nr, bool tk) { return tk ? mv_dense_tk<true>(kind, nr) : mv_dense_tk<false>(kind, nr); }
+mv_dense_fn mv_dense_kernel(int kind, int nr, bool tk, bool norm) {
+    return tk ? (norm ? mv_dense_tk<true, true>(kind, nr) : mv_dense_tk<true, false>(kind, nr))
+              : (norm ? mv_dense_tk<false, true>(kind, nr) : mv_dense_tk<false, false>(kind, nr));
+}
 template <int KIND> mv_exp_fn mv_exp_for(int nr) {
     return nr == 8 ? mv_expert<KIND, 8> : nr == 4 ? mv_expert<KIND, 4> : mv_expert<KIND, 2>;
 }
@@ -1246,7 +1328,8 @@ template <typename F> int mv_pick_nr(const fm_cuda *ctx, F blocks_of) {
     return best;
 }
 
-fm_status mv_launch(fm_cuda *ctx, int kind, MvParams &P) {
+/* Launches P's products (all of one kind; with norm, all with the folded norm) and empties P. */
+fm_status mv_launch(fm_cuda *ctx, int kind, bool norm, MvParams &P) {
     if (P.n == 0) return FM_OK;
     const int nr = mv_pick_nr(ctx, [&](int r) {
         long long b = 0;
@@ -1259,7 +1342,8 @@ fm_status mv_launch(fm_cuda *ctx, int kind, MvParams &P) {
         b += mv_blocks(P.m[i].s, P.m[i].w_up ? nr / 2 : nr);
     }
     if (b > 0x7fffffffLL) return fm_error_set(FM_ERR_ARG, "CUDA matvec: too many rows in one launch");
-    FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_dense_kernel(kind, nr, P.tk_prod >= 0), dim3((unsigned)b), dim3(THREADS), 0, P));
+    FM_CUDA_CHECK(
+        fm_launch_pdl(ctx, mv_dense_kernel(kind, nr, P.tk_prod >= 0, norm), dim3((unsigned)b), dim3(THREADS), 0, P));
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token matvec kernel");
     P.n = 0;
     P.tk_prod = -1;
@@ -1274,6 +1358,32 @@ extern "C" bool fm_cuda_matvec_takes(const fm_weight *w, const float *x) {
     MvShape s;
     if (!w || !w->data || check_shape(w, &p, &kind) != FM_OK) return false;
     return (uintptr_t)w->data % 16 == 0 && (uintptr_t)x % 16 == 0 && mv_shape(w, kind, &s);
+}
+
+/* The folded norm's, the residual's and the conv's checks of product i (fm_cuda_mv's contract). */
+static fm_status mv_check_fold(const fm_cuda_mv *m, int i) {
+    const bool conv = m->conv_w || m->conv_state || m->conv_out || m->conv_k;
+    if (!m->norm_w && !m->norm_out && !m->residual && !conv) return FM_OK;
+    if (conv && (!m->conv_w || !m->conv_state || !m->conv_out || m->conv_k < 2 || m->conv_k > MV_CONV_K || m->w_up))
+        return fm_error_set(FM_ERR_ARG,
+                            "CUDA matvec: product %d: a conv needs conv_w, conv_state, conv_out, 2 <= conv_k <= %d "
+                            "(got %d) and no SwiGLU pair",
+                            i, MV_CONV_K, m->conv_k);
+    if (m->norm_out && !m->norm_w)
+        return fm_error_set(FM_ERR_ARG, "CUDA matvec: product %d: norm_out without norm_w", i);
+    if (m->norm_w && !(m->norm_eps >= 0.f && m->norm_eps < INFINITY))
+        return fm_error_set(FM_ERR_ARG, "CUDA matvec: product %d: bad norm epsilon %g", i, (double)m->norm_eps);
+    if (m->residual && m->w_up)
+        return fm_error_set(FM_ERR_ARG, "CUDA matvec: product %d: a residual with a SwiGLU pair", i);
+    const uintptr_t x0 = (uintptr_t)m->x, x1 = x0 + sizeof(float) * (size_t)m->w->cols, n0 = (uintptr_t)m->norm_out;
+    if (m->norm_out && n0 < x1 && x0 < n0 + sizeof(float) * (size_t)m->w->cols)
+        return fm_error_set(FM_ERR_ARG, "CUDA matvec: product %d: norm_out overlaps x", i);
+    if (!fm_cuda_matvec_takes(m->w, m->x) || (uintptr_t)m->norm_w % 16)
+        return fm_error_set(FM_ERR_UNSUPPORTED,
+                            "CUDA matvec: product %d: a folded norm, residual or conv needs the one-token kernel (16-byte "
+                            "aligned weights, x and norm weights, rows of whole 16-byte chunks, not Q2)",
+                            i);
+    return FM_OK;
 }
 
 /* fm_cuda_matvec's argument checks (nothing is enqueued). */
@@ -1298,6 +1408,7 @@ static fm_status mv_check(const fm_cuda_mv *mv, int n) {
                                     "CUDA matvec: product %d: w_up (SwiGLU pair) needs the one-token kernel (16-byte "
                                     "aligned weights and x, rows of whole 16-byte chunks, not Q2)", i);
         }
+        if ((st = mv_check_fold(&mv[i], i)) != FM_OK) return st;
     }
     return FM_OK;
 }
@@ -1321,13 +1432,15 @@ static bool mv_topk_fuse_on() {
  * launch that carries product 0 when it can (*fused), else the caller launches it. */
 static fm_status mv_run(fm_cuda *ctx, const fm_cuda_mv *mv, int n, const MvTopk *tk, bool *fused) {
     if (fused) *fused = false;
-    for (int kind = 0; kind < K_NONE; kind++) {
+    for (int kn = 0; kn < 2 * K_NONE; kn++) { /* a launch per weight type, with and without the norm */
+        const int kind = kn >> 1;
+        const bool norm = kn & 1;
         MvParams P;
         P.n = 0;
         P.tk_prod = -1;
         for (int i = 0; i < n; i++) {
             const fm_weight *w = mv[i].w;
-            if (kind_of(w->dtype) != kind || w->rows == 0) continue;
+            if (kind_of(w->dtype) != kind || (mv[i].norm_w != nullptr) != norm || w->rows == 0) continue;
             MvShape s;
             const bool ok = (uintptr_t)w->data % 16 == 0 && (uintptr_t)mv[i].x % 16 == 0 && mv_shape(w, kind, &s);
             if (!ok) { /* the general path */
@@ -1345,14 +1458,16 @@ static fm_status mv_run(fm_cuda *ctx, const fm_cuda_mv *mv, int n, const MvTopk 
                 P.tk_count = ctx->tk_count;
                 *fused = true;
             }
-            P.m[P.n++] = MvProd{(const unsigned char *)w->data, (const unsigned char *)(mv[i].w_up ? mv[i].w_up->data : nullptr),
-                                mv[i].x, mv[i].out, s, 0};
+            const MvFold f = {mv[i].norm_w,    mv[i].norm_out, mv[i].residual, mv[i].conv_w,
+                              mv[i].conv_state, mv[i].conv_out, mv[i].norm_eps, mv[i].conv_k};
+            const unsigned char *wu = (const unsigned char *)(mv[i].w_up ? mv[i].w_up->data : nullptr);
+            P.m[P.n++] = MvProd{(const unsigned char *)w->data, wu, mv[i].x, mv[i].out, s, f, 0};
             if (P.n == FM_CUDA_MV_MAX) {
-                fm_status st = mv_launch(ctx, kind, P);
+                fm_status st = mv_launch(ctx, kind, norm, P);
                 if (st != FM_OK) return st;
             }
         }
-        fm_status st = mv_launch(ctx, kind, P);
+        fm_status st = mv_launch(ctx, kind, norm, P);
         if (st != FM_OK) return st;
     }
     return FM_OK;
@@ -1448,8 +1563,8 @@ static fm_status mv_experts_with(fm_cuda *ctx, const fm_weight *shape, const fm_
     if (!mv_exp_params(shape, mv, X.e, &kind)) return FM_OK;
     /* the dense product: fm_cuda_matvec's one-token kernel must take it */
     Params p2;
-    if (!extra->w || !extra->w->data || !extra->x || !extra->out || extra->w_up ||
-        check_shape(extra->w, &p2, &kind2) != FM_OK || !fm_cuda_matvec_takes(extra->w, extra->x))
+    if (!extra->w || !extra->w->data || !extra->x || !extra->out || extra->w_up || extra->norm_w || extra->norm_out ||
+        extra->residual || extra->conv_w || check_shape(extra->w, &p2, &kind2) != FM_OK || !fm_cuda_matvec_takes(extra->w, extra->x))
         return FM_OK;
     const int ny = X.e.pair ? mv->k : mv->k * mv->n_parts;
     const MvShape &s = X.e.s;
@@ -1459,7 +1574,7 @@ static fm_status mv_experts_with(fm_cuda *ctx, const fm_weight *shape, const fm_
     const int nr = mv_pick_nr(ctx, [&](int r) { return mv_blocks(s, pair ? r / 2 : r) * ny + mv_blocks(ds, r); });
     X.bx = (int)mv_blocks(s, pair ? nr / 2 : nr);
     X.dbx = (int)mv_blocks(ds, nr);
-    X.d = MvProd{(const unsigned char *)extra->w->data, nullptr, extra->x, extra->out, ds, 0};
+    X.d = MvProd{(const unsigned char *)extra->w->data, nullptr, extra->x, extra->out, ds, MvFold{}, 0};
     const unsigned gx = (unsigned)(X.bx > X.dbx ? X.bx : X.dbx);
     FM_CUDA_CHECK(fm_launch_pdl(ctx, mv_expx_kernel(kind, kind2, nr), dim3(gx, (unsigned)ny + 1), dim3(THREADS), 0, X));
     FM_CUDA_CHECK_LAUNCH("the CUDA one-token expert matvec kernel (with a dense product)");

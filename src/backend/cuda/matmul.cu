@@ -1005,8 +1005,8 @@ __device__ __forceinline__ float mv_silu(float x) { return x / (1.0f + expf(-x))
 
 /* Row block rblk of one product: rows (rblk * G + group) * RO + r, RO = NR (or NR / 2 with pair,
  * whose rows r >= NR / 2 are the same rows of wb). x: cols floats, 16-byte aligned (xu: silu(x) *
- * xu is the input). f: the folded norm (NORM: f.nw, 16-byte aligned) and the residual. Every thread
- * of the block calls it.
+ * xu is the input). f: the folded norm (NORM: f.nw, 16-byte aligned), the residual and the conv
+ * (mv_store). Every thread of the block calls it.
  *
  * The norm is linear in the dot products: W (x * nw * g) = g * (W (x * nw)) with g = 1 / sqrt(sum
  * x^2 / cols + eps), so each thread multiplies its chunk of x by nw as it loads it and adds up the

@@ -951,16 +951,18 @@ constexpr int MV_CONV_K = 8; /* the longest conv the epilogue takes */
  * row's causal conv over [its state; v] with the SiLU, and the state advanced: the arithmetic of
  * layers.cu's conv1d_silu_one_kernel, so the same values bit for bit. One thread a row. */
 __device__ __forceinline__ void mv_store(const MvFold &f, float *out, int row, int rows, float v) {
-    out[row] = f.res ? f.res[row] + v : v;
-    if (!f.conv_w) return;
     const int K = f.conv_k;
     const long long C = rows;
     float wv[MV_CONV_K], sv[MV_CONV_K];
+    if (f.conv_w) { /* loaded before out is stored: nvcc cannot know out does not alias them */
 #pragma unroll
-    for (int j = 0; j < MV_CONV_K; j++) {
-        wv[j] = j < K ? f.conv_w[(long long)row * K + j] : 0.f;
-        sv[j] = j < K - 1 ? f.conv_state[(long long)j * C + row] : 0.f;
+        for (int j = 0; j < MV_CONV_K; j++) {
+            wv[j] = j < K ? f.conv_w[(long long)row * K + j] : 0.f;
+            sv[j] = j < K - 1 ? f.conv_state[(long long)j * C + row] : 0.f;
+        }
     }
+    out[row] = f.res ? f.res[row] + v : v;
+    if (!f.conv_w) return;
     float acc = 0.f;
 #pragma unroll
     for (int j = 0; j < MV_CONV_K; j++)
@@ -969,6 +971,18 @@ __device__ __forceinline__ void mv_store(const MvFold &f, float *out, int row, i
 #pragma unroll
     for (int i = 0; i < MV_CONV_K - 1; i++) /* keep the last K-1 inputs */
         if (i < K - 1) f.conv_state[(long long)i * C + row] = i + 1 < K - 1 ? sv[i + 1] : v;
+}
+
+/* Pulls into L1 what mv_store will load for `row` (the residual, the conv's weights and state), so
+ * the epilogue does not add a memory round trip after the reduction. Only after the PDL wait (L1 is
+ * not coherent with the predecessors' writes before it). */
+__device__ __forceinline__ void mv_store_prefetch(const MvFold &f, int row, int rows) {
+    if (row < 0 || row >= rows) return;
+    if (f.res) asm volatile("prefetch.global.L1 [%0];" ::"l"(f.res + row));
+    if (!f.conv_w) return;
+    asm volatile("prefetch.global.L1 [%0];" ::"l"(f.conv_w + (long long)row * f.conv_k));
+    for (int j = 0; j < f.conv_k - 1; j++)
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(f.conv_state + (long long)j * rows + row));
 }
 
 struct MvProd {
@@ -1031,6 +1045,9 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
     float acc[NR], ssq = 0.f;
 #pragma unroll
     for (int r = 0; r < NR; r++) acc[r] = 0.f;
+    /* the first row this thread stores (the two reductions below) */
+    const int st_row = L <= 32 ? (lt < RO ? row0 + lt : -1)
+                               : ((int)threadIdx.x < G * RO ? (rblk * G + (int)threadIdx.x / RO) * RO + (int)threadIdx.x % RO : -1);
     for (int c = lt; c < C; c += L) {
         uint4 q[NR];
         uint32_t sr[NR], br[NR];
@@ -1052,6 +1069,7 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
             }
         }
         fm_pdl_wait(); /* the weights are constant; x is the predecessor's output */
+        if (c == lt && (f.res || f.conv_w)) mv_store_prefetch(f, st_row, rows);
         float4 xv[NQ];
         const float4 *x4 = (const float4 *)x + (long long)c * NQ;
 #pragma unroll
@@ -1109,6 +1127,7 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
         }
     }
     fm_pdl_wait(); /* threads without a chunk: before any store */
+    if (lt >= C && (f.res || f.conv_w)) mv_store_prefetch(f, st_row, rows);
     float gain = 1.f; /* NORM: 1 / sqrt(mean(x^2) + eps), the same in every group */
     if (L <= 32) {
 #pragma unroll
@@ -1120,12 +1139,12 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
 #pragma unroll
             for (int r = 0; r < NR; r++) acc[r] *= gain;
         }
-        if (lt == 0) {
+        /* every lane holds the sums: lane lt stores rows r = lt (mod L), so the stores (and the
+         * residual's and the conv's loads, which may alias out) are not one lane's serial chain */
 #pragma unroll
-            for (int r = 0; r < NR; r++) {
-                if (r >= RO || row0 + r >= rows) continue;
-                mv_store(f, out, row0 + r, rows, pair ? mv_silu(acc[r]) * acc[(r + H) % NR] : acc[r]);
-            }
+        for (int r = 0; r < NR; r++) {
+            if (r >= RO || (r & (L - 1)) != lt || row0 + r >= rows) continue;
+            mv_store(f, out, row0 + r, rows, pair ? mv_silu(acc[r]) * acc[(r + H) % NR] : acc[r]);
         }
     } else {
         const int warp = (int)threadIdx.x >> 5;
@@ -1155,9 +1174,12 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
             if (row < rows) mv_store(f, out, row, rows, pair ? mv_silu(v) * u : v);
         }
     }
-    if constexpr (NORM) /* the normalised input for later kernels (the experts), by the first block */
-        if (f.xn && rblk == 0)
-            for (int i = (int)threadIdx.x; i < s.cols; i += THREADS) f.xn[i] = x[i] * gain * f.nw[i];
+    if constexpr (NORM) /* the normalised input for later kernels (the experts), a slice per block */
+        if (f.xn) {
+            const int nblk = (rows + G * RO - 1) / (G * RO), per = (s.cols + nblk - 1) / nblk;
+            const int end = min(s.cols, (rblk + 1) * per);
+            for (int i = rblk * per + (int)threadIdx.x; i < end; i += THREADS) f.xn[i] = x[i] * gain * f.nw[i];
+        }
 }
 
 /* fm_cuda_matvec_topk: every block of product i (the router's logits) counts itself done; the last

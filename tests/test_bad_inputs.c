@@ -320,6 +320,43 @@ FM_TEST(cli_convert_refuses_existing_output) {
     CHECK_MSG(rc == 0 && strstr(out, "qwen3_5_moe"), "rc %d: %s", rc, out);
 }
 
+/* info --json: one parseable object whose sizes add up (the dense tensors to dense_bytes, a token's
+ * experts to layers x top-k x the expert's bytes), the model path escaped (a '"' in it); --tensors
+ * lists every dense tensor and the expert parts; a bad option is a usage error. */
+FM_TEST(cli_info_json_and_tensors) {
+    char m[512], link[600], cmd[2048];
+    static char out[1 << 16];
+    packed_model(m, sizeof m);
+    snprintf(link, sizeof link, "%s_q\"uote", m);
+    snprintf(cmd, sizeof cmd, "rm -f '%s' && ln -s \"$(cd '%s' && pwd)\" '%s' && %s info -m '%s' --json --tensors", link,
+             m, link, fm_test_bin(), link);
+    int rc = fm_test_run_cmd(cmd, out, sizeof out);
+    json_error_t err;
+    json_t *j = rc == 0 ? json_loads(out, 0, &err) : NULL;
+    CHECK_MSG(j != NULL, "rc %d, not JSON: %s", rc, out);
+    if (j) {
+        CHECK(json_is_string(json_object_get(j, "model")) && !strcmp(json_string_value(json_object_get(j, "model")), link));
+        CHECK(!strcmp(json_string_value(json_object_get(j, "architecture")), "qwen3_5_moe"));
+        json_t *ts = json_object_get(j, "tensors");
+        const json_int_t layers = json_integer_value(json_object_get(j, "layers")),
+                         used = json_integer_value(json_object_get(j, "experts_used")),
+                         per = json_integer_value(json_object_get(j, "expert_bytes"));
+        json_int_t sum = 0;
+        for (size_t i = 0; i < json_array_size(ts); i++) sum += json_integer_value(json_object_get(json_array_get(ts, i), "bytes"));
+        CHECK(json_array_size(ts) > 0 && (json_int_t)json_array_size(ts) == json_integer_value(json_object_get(j, "dense_tensors")));
+        CHECK_MSG(sum == json_integer_value(json_object_get(j, "dense_bytes")), "tensor bytes %lld", (long long)sum);
+        CHECK(layers > 0 && used > 0 && per > 0 &&
+              json_integer_value(json_object_get(j, "token_expert_bytes")) == layers * used * per);
+        json_decref(j);
+    }
+    snprintf(cmd, sizeof cmd, "%s info -m '%s' --tensors", fm_test_bin(), m);
+    rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 0 && strstr(out, "embed_tokens") && strstr(out, "layer 0 expert down"), "rc %d: %s", rc, out);
+    snprintf(cmd, sizeof cmd, "%s info -m '%s' --jsn", fm_test_bin(), m);
+    rc = fm_test_run_cmd(cmd, out, sizeof out);
+    CHECK_MSG(rc == 2 && strstr(out, "flashmoe info --help"), "rc %d: %s", rc, out);
+}
+
 /* ---- MLX-quantized checkpoints ---- */
 
 #define MLX_MODEL "tests/fixtures/qwen35_moe_q64_mlx4/model"

@@ -131,6 +131,10 @@ char *fm_cli_read_stream(FILE *f, size_t *n);
 /* fm_cli_read_stream of the file at `path`; NULL if it cannot be opened or read. */
 char *fm_cli_read_file(const char *path, size_t *n);
 
+/* Writes s to f as a JSON string literal, quotes included: '"', '\\' and control characters
+ * escaped, other bytes as they are. */
+void fm_cli_json_string(FILE *f, const char *s);
+
 /* Parses a size with an optional K/M/G/T suffix (powers of 1024; "1.5G" allowed). */
 bool fm_cli_parse_size(const char *s, uint64_t *out);
 

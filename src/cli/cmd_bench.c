@@ -643,7 +643,9 @@ static void apply_floors(const bench_setup *b, int n_layers, bench_run *r) {
 static void print_json(const bench_setup *b, const fm_model *m, const fm_model_params *p, const bench_run *r) {
     const fm_config *cf = &m->cfg;
     double per = 1e3 / (double)b->n_gen / cf->n_layers;
-    printf("{\"model\": \"%s\", \"layers\": %d, \"io\": \"%s\", \"threads\": %d, \"prompt\": %lld, \"gen\": %lld, "
+    printf("{\"model\": ");
+    fm_cli_json_string(stdout, b->model);
+    printf(", \"layers\": %d, \"io\": \"%s\", \"threads\": %d, \"prompt\": %lld, \"gen\": %lld, "
            "\"decode_tok_s\": %.4f, \"prefill_tok_s\": %.4f, \"layer_ms\": %.4f, \"floor_ms\": %.4f, "
            "\"floor_ratio\": %.4f, \"floor_disk_ms\": %.4f, \"floor_ram_ms\": %.4f, \"disk_gbs\": %.3f, \"disk_gbs_before\": %.3f, \"disk_gbs_after\": %.3f, "
            "\"ram_gbs\": %.3f, \"bytes_read\": %llu, \"disk_bytes\": %llu, \"hit_rate\": %.4f, \"mapped_rate\": %.4f, "
@@ -653,7 +655,7 @@ static void print_json(const bench_setup *b, const fm_model *m, const fm_model_p
            "\"prefill_shared_s\": %.4f, \"prefill_wait_s\": %.4f, \"prefill_expert_s\": %.4f, \"io_asked\": \"%s\", "
            "\"io_direct\": %s, \"spec_reads\": %llu, \"spec_hits\": %llu, \"spec_wasted_bytes\": %llu, \"cpu_other\": %.4f, \"cpu_steal\": %.4f, "
            "\"disk_busy\": %.4f, \"disk_queue\": %.3f",
-           b->model, cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
+           cf->n_layers, fm_io_engine_name(r->engine), fm_pool_size(m->pool), (long long)b->n_prompt,
            (long long)b->n_gen, (double)b->n_gen / r->decode_s, (double)b->n_prompt / r->prefill_s, r->layer_ms, r->floor_ms,
            r->layer_ms / r->floor_ms, r->floor_disk_ms, r->floor_ram_ms, b->disk_gbs, b->disk_before, b->disk_after, b->ram_gbs,
            (unsigned long long)r->store_bytes, (unsigned long long)r->disk_bytes,

@@ -386,9 +386,11 @@ int fm_cli_kernelbench(int argc, char **argv) {
         }
     }
     if (json) {
-        printf("{\"cpu\": \"%s\", \"threads\": %d, \"mib\": %lld, \"repeats\": %lld, \"group_size\": %lld, "
+        printf("{\"cpu\": ");
+        fm_cli_json_string(stdout, cpu);
+        printf(", \"threads\": %d, \"mib\": %lld, \"repeats\": %lld, \"group_size\": %lld, "
                "\"matmul_level\": \"%s\", \"ram_gbs\": %.3f, \"ram_gbs_1thread\": %.3f, \"results\": [",
-               cpu, nth, (long long)mib, (long long)repeats, (long long)group, fm_cpu_level_name(fm_cpu_matmul_level()),
+               nth, (long long)mib, (long long)repeats, (long long)group, fm_cpu_level_name(fm_cpu_matmul_level()),
                ram_all, ram_one);
         for (int i = 0; i < n_res; i++)
             printf("%s\n  {\"type\": \"%s\", \"rows\": %lld, \"cols\": %lld, \"level\": \"%s\", \"tokens\": %lld, "

@@ -85,6 +85,16 @@ bool fm_cli_parse_ids(const char *cmd, const char *s, int32_t **ids, int64_t *n)
     return true;
 }
 
+void fm_cli_json_string(FILE *f, const char *s) {
+    fputc('"', f);
+    for (const unsigned char *p = (const unsigned char *)s; *p; p++) {
+        if (*p == '"' || *p == '\\') fprintf(f, "\\%c", *p);
+        else if (*p < 0x20) fprintf(f, "\\u%04x", *p);
+        else fputc(*p, f);
+    }
+    fputc('"', f);
+}
+
 bool fm_cli_parse_size(const char *s, uint64_t *out) {
     if (!s || !*s) return false;
     errno = 0;

@@ -116,6 +116,11 @@ int64_t fm_session_n_past(const fm_session *session);
 fm_status fm_session_eval(fm_session *session, const int32_t *ids, int64_t n_tokens, float *logits,
                           bool all_logits);
 
+/* fm_session_eval for greedy decoding: *next = the id of the last token's largest logit (the lowest
+ * id among equal ones), or -1 when a logit is NaN. With --backend cuda and every expert in VRAM the
+ * argmax of a decode step runs on the GPU and the logits never leave it. */
+fm_status fm_session_eval_greedy(fm_session *session, const int32_t *ids, int64_t n_tokens, int32_t *next);
+
 #ifdef __cplusplus
 }
 #endif

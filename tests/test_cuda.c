@@ -23,6 +23,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend/cpu/mixer_kernels.h"
 #include "backend/cpu/ops.h"
 #include "backend/cuda/cuda_backend.h"
 #include "quant/quant.h"
@@ -1286,4 +1287,54 @@ FM_TEST(cuda_swiglu) {
             free(g), free(u), free(got);
         }
     fprintf(stderr, "  swiglu: worst |gpu - cpu| / |cpu| = %.2e\n", worst);
+}
+
+/* fm_cuda_argmax against fm_cpu_argmax (the first largest; -1 with a NaN): random vectors of
+ * lengths around the kernel's part and block boundaries, the maximum planted at several places
+ * (equal values: the lowest index), -0 against +0, every value -inf, one NaN; bad arguments. */
+FM_TEST(cuda_argmax) {
+    CUDA_OR_SKIP(c);
+    static const int64_t ns[] = {1, 2, 31, 257, 2048, 2049, 65539, 248320, 540673, 2000003};
+    void *scratch = NULL, *dout = NULL, *dx = NULL;
+    const int64_t nmax = 2000003;
+    float *x = malloc(sizeof(float) * (size_t)nmax);
+    REQUIRE(x);
+    bool ok = fm_cuda_buf_alloc(c, fm_cuda_argmax_scratch_bytes(), &scratch) == FM_OK &&
+              fm_cuda_buf_alloc(c, sizeof(int32_t), &dout) == FM_OK &&
+              fm_cuda_buf_alloc(c, sizeof(float) * (size_t)nmax, &dx) == FM_OK;
+    CHECK_MSG(ok, "%s", fm_last_error());
+    int cases = 0;
+    for (int ni = 0; ok && ni < (int)(sizeof ns / sizeof *ns); ni++)
+        for (int kind = 0; ok && kind < 6; kind++) {
+            const int64_t n = ns[ni];
+            for (int64_t i = 0; i < n; i++) x[i] = (float)(rnd() * 8.0);
+            if (kind == 1) /* the maximum at several places, the last one first in no block order */
+                for (int j = 0; j < 5; j++) x[(int64_t)(rnd_u64() % (uint64_t)n)] = 100.f;
+            if (kind == 2 && n > 1) { /* ties between +0 and -0 as the largest */
+                for (int64_t i = 0; i < n; i++) x[i] = -fabsf(x[i]) - 1.f;
+                x[n - 1] = 0.f, x[n / 2] = -0.f;
+            }
+            if (kind == 3)
+                for (int64_t i = 0; i < n; i++) x[i] = -INFINITY;
+            if (kind == 4) x[(int64_t)(rnd_u64() % (uint64_t)n)] = NAN;
+            if (kind == 5) x[n - 1] = INFINITY, x[0] = INFINITY; /* +inf twice: the first */
+            float top;
+            const int64_t want = fm_cpu_argmax(x, n, &top);
+            int32_t got = -7;
+            ok = fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)n) == FM_OK &&
+                 fm_cuda_buf_fill(c, dout, 0x5a, sizeof(int32_t)) == FM_OK &&
+                 fm_cuda_argmax(c, (int32_t *)dout, (const float *)dx, n, scratch) == FM_OK &&
+                 fm_cuda_buf_download(c, &got, dout, sizeof got) == FM_OK;
+            CHECK_MSG(ok, "%s", fm_last_error());
+            CHECK_MSG(!ok || got == want, "argmax n=%lld case %d: gpu %d, cpu %lld (seed %llu)", (long long)n, kind, got,
+                      (long long)want, (unsigned long long)fm_test_cuda_seed());
+            cases++;
+        }
+    fprintf(stderr, "  argmax: %d cases\n", cases);
+    CHECK(fm_cuda_argmax(c, (int32_t *)dout, (const float *)dx, 0, scratch) == FM_ERR_ARG);
+    CHECK(fm_cuda_argmax(c, (int32_t *)dout, (const float *)dx, 4, NULL) == FM_ERR_ARG);
+    CHECK(fm_cuda_argmax(c, NULL, (const float *)dx, 4, scratch) == FM_ERR_ARG);
+    CHECK(fm_cuda_argmax(NULL, (int32_t *)dout, (const float *)dx, 4, scratch) == FM_ERR_ARG);
+    fm_cuda_buf_free(c, scratch), fm_cuda_buf_free(c, dout), fm_cuda_buf_free(c, dx);
+    free(x);
 }

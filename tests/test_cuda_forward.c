@@ -30,6 +30,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "backend/cpu/mixer_kernels.h"
 #include "backend/cpu/ops.h"
 #include "formats/npy.h"
 #include "model/convert.h"
@@ -1049,6 +1050,33 @@ static bool run_model(fm_test_ctx *t, fm_model *m, const int32_t *ids, int64_t n
     return ok;
 }
 
+/* fm_session_eval_greedy on model m (the argmax on the device in a resident one-token step) picks
+ * the same GREEDY_STEPS tokens after the prompt ids[0..n) as the host's argmax of fm_session_eval's
+ * logits. */
+#define GREEDY_STEPS 12
+static void check_greedy(fm_test_ctx *t, fm_model *m, const char *name, const int32_t *ids, int64_t n) {
+    fm_session *s = NULL;
+    int64_t V = fm_model_n_vocab(m);
+    float *logits = malloc(sizeof(float) * (size_t)V), top;
+    int32_t want[GREEDY_STEPS], got[GREEDY_STEPS];
+    REQUIRE(logits);
+    fm_status st = fm_session_init(m, n + GREEDY_STEPS, &s);
+    if (st == FM_OK) st = fm_session_eval(s, ids, n, logits, false);
+    for (int i = 0; st == FM_OK && i < GREEDY_STEPS; i++) {
+        want[i] = (int32_t)fm_cpu_argmax(logits, V, &top);
+        if (i + 1 < GREEDY_STEPS) st = fm_session_eval(s, &want[i], 1, logits, false);
+    }
+    if (st == FM_OK) fm_session_reset(s), st = fm_session_eval_greedy(s, ids, n, &got[0]);
+    for (int i = 1; st == FM_OK && i < GREEDY_STEPS; i++) st = fm_session_eval_greedy(s, &got[i - 1], 1, &got[i]);
+    CHECK_MSG(st == FM_OK, "%s greedy: %s", name, fm_last_error());
+    int agree = 0;
+    while (st == FM_OK && agree < GREEDY_STEPS && got[agree] == want[agree]) agree++;
+    CHECK_MSG(st != FM_OK || agree == GREEDY_STEPS, "%s: fm_session_eval_greedy agrees for %d of %d tokens (%d, not %d)",
+              name, agree, GREEDY_STEPS, agree < GREEDY_STEPS ? got[agree] : 0, agree < GREEDY_STEPS ? want[agree] : 0);
+    fm_session_free(s);
+    free(logits);
+}
+
 /* Converts fixture `name` (weights to `quant`, UNKNOWN = as stored) and compares GPU with CPU;
  * with check_ref, also the GPU with the fixture's transformers logits (test_model.c's bound). */
 static void check_fixture(fm_test_ctx *t, const char *name, fm_dtype quant, bool check_ref, uint64_t budget,
@@ -1133,6 +1161,7 @@ static void check_fixture(fm_test_ctx *t, const char *name, fm_dtype quant, bool
     CHECK_MSG((st.dev_steps > 0) == want_dev, "%s: %llu device steps", name, (unsigned long long)st.dev_steps);
     CHECK_MSG((st.graph_steps > 0) == want_graph && (!want_graph || st.graph_steps + 1 == st.dev_steps), "%s: %llu graph replays of %llu",
               name, (unsigned long long)st.graph_steps, (unsigned long long)st.dev_steps);
+    check_greedy(t, gpu, name, ids.data, n < PREFILL_SPLIT ? n : PREFILL_SPLIT); /* after the counts above */
 done:
     fm_model_free(gpu);
     fm_model_free(cpu);

@@ -144,6 +144,18 @@ static void check_loaded(fm_test_ctx *t, fixture *fx, double tol) {
         free(last);
         CHECK_MSG(agree == f.greedy.n_elements, "greedy continuation agrees for %lld of %lld tokens", (long long)agree,
                   (long long)f.greedy.n_elements);
+        /* the same continuation through fm_session_eval_greedy (the prompt in one batch, then steps) */
+        fm_session_reset(s);
+        int32_t next = -1;
+        agree = 0;
+        fm_status st = fm_session_eval_greedy(s, ids, n, &next);
+        for (int64_t i = 0; st == FM_OK && i < f.greedy.n_elements && next == want[i]; i++) {
+            agree++;
+            st = fm_session_eval_greedy(s, &next, 1, &next);
+        }
+        CHECK_MSG(agree == f.greedy.n_elements, "fm_session_eval_greedy agrees for %lld of %lld tokens (%s)",
+                  (long long)agree, (long long)f.greedy.n_elements, st == FM_OK ? "ok" : fm_last_error());
+        CHECK(fm_session_eval_greedy(s, ids, 1, NULL) == FM_ERR_ARG);
     }
     if (!f.incr.data) goto done;
     /* incremental: prefill of PREFILL_SPLIT ids, then one at a time */

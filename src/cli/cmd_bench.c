@@ -481,6 +481,15 @@ static int32_t argmax(const float *x, int64_t n) {
     return b < 0 ? 0 : (int32_t)b;
 }
 
+/* One greedy decode step: *next in, the token after it out (0 for a NaN logit, as argmax). The
+ * argmax runs where the logits are (on the GPU with --backend cuda and resident experts). */
+static fm_status decode_one(fm_session *s, int32_t *next) {
+    int32_t got;
+    fm_status st = fm_session_eval_greedy(s, next, 1, &got);
+    if (st == FM_OK) *next = got < 0 ? 0 : got;
+    return st;
+}
+
 /* What one measurement (prefill, then decode) of one opened model found. */
 typedef struct bench_run {
     fm_io_engine asked, engine; /* the engine asked for, the one the store reads with */
@@ -566,11 +575,10 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     /* decode */
     int32_t next = argmax(logits, V);
     for (int i = 0; m->gpu && fm_forward_cuda_stats(m).graphs && i < GPU_WARMUP_TOKENS; i++) {
-        if (fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
+        if (decode_one(s, &next) != FM_OK) {
             rc = fm_cli_fail("bench");
             goto done;
         }
-        next = argmax(logits, V);
     }
     if (b->cold) drop_expert_pages(pm);
     fm_store_reset_stats(m->store);
@@ -581,11 +589,10 @@ static int measure(fm_model *m, const bench_setup *b, bench_run *r) {
     disk_sample dk0 = disk_sample_now(pm);
     t0 = fm_time_now();
     for (int64_t i = 0; i < b->n_gen; i++) {
-        if (fm_session_eval(s, &next, 1, logits, false) != FM_OK) {
+        if (decode_one(s, &next) != FM_OK) {
             rc = fm_cli_fail("bench");
             goto done;
         }
-        next = argmax(logits, V);
     }
     r->decode_s = fm_time_now() - t0;
     cpu_shares(cpu0, cpu_sample_now(), &r->cpu_other, &r->cpu_steal);

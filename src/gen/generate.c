@@ -38,7 +38,12 @@ fm_status fm_generate(fm_session *s, const fm_tokenizer *tok, const int32_t *pro
         st = fm_error_set(FM_ERR_ARG, "nothing to generate from: the prompt is empty");
         goto done;
     }
-    if ((st = fm_session_eval(s, prompt, n_prompt, logits, false)) != FM_OK) goto done;
+    /* plain greedy: each step's argmax is taken where the logits are (on the GPU in resident mode) */
+    const bool greedy = fm_sampler_params_greedy(&gp->sampling);
+    int32_t next = -1;
+    if ((st = greedy ? fm_session_eval_greedy(s, prompt, n_prompt, &next)
+                     : fm_session_eval(s, prompt, n_prompt, logits, false)) != FM_OK)
+        goto done;
     res->n_prompt = n_prompt;
     double t1 = fm_time_now();
     res->prefill_seconds = t1 - t0;
@@ -51,8 +56,12 @@ fm_status fm_generate(fm_session *s, const fm_tokenizer *tok, const int32_t *pro
             res->finish = FM_FINISH_CANCELLED;
             break;
         }
-        int32_t id;
-        if ((st = fm_sampler_sample(smp, logits, &id)) != FM_OK) goto done;
+        int32_t id = next;
+        if (greedy && id < 0) {
+            st = fm_error_set(FM_ERR_ARG, "sampler: a logit is NaN");
+            goto done;
+        }
+        if (!greedy && (st = fm_sampler_sample(smp, logits, &id)) != FM_OK) goto done;
         if ((st = fm_sampler_accept(smp, id)) != FM_OK) goto done;
         res->ids[res->n_generated++] = id;
         size_t n_text = tok ? fm_detok_push(&dt, id, text, sizeof text) : 0;
@@ -69,7 +78,8 @@ fm_status fm_generate(fm_session *s, const fm_tokenizer *tok, const int32_t *pro
             break;
         }
         if (i + 1 == gp->max_tokens) break;
-        if ((st = fm_session_eval(s, &id, 1, logits, false)) != FM_OK) goto done;
+        if ((st = greedy ? fm_session_eval_greedy(s, &id, 1, &next) : fm_session_eval(s, &id, 1, logits, false)) != FM_OK)
+            goto done;
     }
     if (res->finish != FM_FINISH_STOP) { /* show what was held back */
         size_t n_text = tok ? fm_detok_flush(&dt, text, sizeof text) : 0;

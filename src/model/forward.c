@@ -59,6 +59,7 @@ struct fm_session {
     bool expert_batch;       /* FLASHMOE_EXPERT_BATCH is not 0 (read at session init) */
     double head_seconds; /* final norm + lm_head */
     fm_cuda_session *gpu; /* --backend cuda: the state lives on the GPU (forward_cuda.c) */
+    float *greedy_logits; /* (n_vocab) fm_session_eval_greedy's on the CPU, allocated at its first call */
 };
 
 const fm_layer_timing *fm_session_layer_timing(const fm_session *s, int layer) { return &s->timing[layer]; }
@@ -161,6 +162,7 @@ nomem:
 void fm_session_free(fm_session *s) {
     if (!s) return;
     fm_forward_cuda_session_free(s->gpu);
+    free(s->greedy_logits);
     for (int l = 0; s->k_cache && l < s->m->cfg.n_layers; l++) {
         free(s->k_cache[l]);
         free(s->v_cache[l]);
@@ -660,7 +662,9 @@ static fm_status eval_chunk(fm_session *s, const int32_t *ids, int64_t T, float 
     return FM_OK;
 }
 
-fm_status fm_session_eval(fm_session *s, const int32_t *ids, int64_t n, float *logits, bool all_logits) {
+/* fm_session_eval, and with next (logits NULL) fm_session_eval_greedy's argmax of the last token. */
+static fm_status session_eval(fm_session *s, const int32_t *ids, int64_t n, float *logits, bool all_logits,
+                              int32_t *next) {
     const fm_config *c = &s->m->cfg;
     if (n < 1) return fm_error_set(FM_ERR_ARG, "nothing to evaluate (0 tokens)");
     for (int64_t i = 0; i < n; i++)
@@ -676,10 +680,29 @@ fm_status fm_session_eval(fm_session *s, const int32_t *ids, int64_t n, float *l
         float *out = NULL;
         if (logits && all_logits) out = logits + i * c->n_vocab;
         else if (logits && last) out = logits;
-        fm_status st = s->gpu ? fm_forward_cuda_eval_chunk(s->gpu, s->n_past, ids + i, T, out, all_logits)
-                              : eval_chunk(s, ids + i, T, out, all_logits);
+        else if (next && last && !s->gpu) out = s->greedy_logits;
+        fm_status st;
+        if (s->gpu && next && last) st = fm_forward_cuda_eval_greedy(s->gpu, s->n_past, ids + i, T, next);
+        else if (s->gpu) st = fm_forward_cuda_eval_chunk(s->gpu, s->n_past, ids + i, T, out, all_logits);
+        else st = eval_chunk(s, ids + i, T, out, all_logits);
         if (st != FM_OK) return st;
         if (s->gpu) s->n_past += T;
     }
+    if (next && !s->gpu) {
+        float top;
+        *next = (int32_t)fm_cpu_argmax(s->greedy_logits, c->n_vocab, &top);
+    }
     return FM_OK;
+}
+
+fm_status fm_session_eval(fm_session *s, const int32_t *ids, int64_t n, float *logits, bool all_logits) {
+    return session_eval(s, ids, n, logits, all_logits, NULL);
+}
+
+fm_status fm_session_eval_greedy(fm_session *s, const int32_t *ids, int64_t n, int32_t *next) {
+    if (!next) return fm_error_set(FM_ERR_ARG, "fm_session_eval_greedy: next is NULL");
+    if (!s->gpu && !s->greedy_logits &&
+        !(s->greedy_logits = malloc(sizeof(float) * (size_t)s->m->cfg.n_vocab)))
+        return fm_error_set(FM_ERR_NOMEM, "out of memory for the logits");
+    return session_eval(s, ids, n, NULL, false, next);
 }

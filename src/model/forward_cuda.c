@@ -54,6 +54,10 @@ fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *g, int64_t pos0, const int
     (void)g, (void)pos0, (void)ids, (void)T, (void)logits, (void)all_logits;
     return no_cuda();
 }
+fm_status fm_forward_cuda_eval_greedy(fm_cuda_session *g, int64_t pos0, const int32_t *ids, int64_t T, int32_t *next) {
+    (void)g, (void)pos0, (void)ids, (void)T, (void)next;
+    return no_cuda();
+}
 fm_cuda_stats fm_forward_cuda_stats(const fm_model *m) {
     (void)m;
     fm_cuda_stats s = {0};
@@ -79,6 +83,7 @@ fm_status fm_forward_cuda_h2d_gbs(fm_model *m, double *gbs) {
 
 #include <math.h>
 
+#include "backend/cpu/mixer_kernels.h"
 #include "backend/cpu/ops.h"
 #include "backend/cuda/cuda_backend.h"
 #include "util/progress.h"
@@ -170,6 +175,9 @@ struct fm_cuda_session {
     int64_t *pos_dev;   /* device: the token's position */
     int64_t *h_pos;     /* pinned */
     float *h_logits;    /* pinned, V floats */
+    void *argmax_scratch; /* device: fm_cuda_argmax's */
+    int32_t *argmax_dev;  /* device: the greedy step's argmax */
+    int32_t *h_argmax;    /* pinned: its copy */
     fm_cuda_graph *graph;
     int dev_steps;      /* one-token device steps run (the graph is captured at the second) */
     bool fold;          /* the one-token step folds its RMSNorms into the products (fold_norms_ok) */
@@ -451,7 +459,7 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
     }
     float *bufs[] = {s->inv_freq, s->x, s->xn, s->mix, s->a, s->b, s->c, s->d, s->small, s->shl, s->logits,
                      (float *)s->rt, (float *)s->tab, s->X, s->G, s->U, s->Y, s->gxn, s->glog, (float *)s->gids,
-                     (float *)s->att_scratch};
+                     (float *)s->att_scratch, (float *)s->argmax_scratch, (float *)s->argmax_dev};
     for (size_t i = 0; i < sizeof bufs / sizeof *bufs; i++) fm_cuda_buf_free(ctx, bufs[i]);
     fm_cuda_graph_free(ctx, s->graph);
     fm_cuda_buf_free(ctx, s->pos_dev);
@@ -459,6 +467,7 @@ void fm_forward_cuda_session_free(fm_cuda_session *s) {
     fm_cuda_host_free(ctx, s->h_tab);
     fm_cuda_host_free(ctx, s->h_pos);
     fm_cuda_host_free(ctx, s->h_logits);
+    fm_cuda_host_free(ctx, s->h_argmax);
     fm_cuda_host_free(ctx, s->h_guess);
     free(s->kc);
     free(s->vc);
@@ -728,6 +737,8 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
     DALLOC(s->gxn, H * f);
     DALLOC(s->glog, E * f);
     DALLOC(s->gids, 2 * k * 4);
+    DALLOC(s->argmax_scratch, fm_cuda_argmax_scratch_bytes());
+    DALLOC(s->argmax_dev, sizeof(int32_t));
     s->att_split = fm_cuda_attention_decode_splits(s->ctx, (int)c->n_head, n_ctx);
     size_t att_bytes = fm_cuda_attention_decode_scratch_bytes((int)c->n_head, (int)c->head_dim, s->att_split);
     if (att_bytes) {
@@ -752,6 +763,7 @@ fm_status fm_forward_cuda_session_init(fm_model *m, int64_t n_ctx, fm_layer_timi
         (st = fm_cuda_host_alloc(s->ctx, (size_t)(3 * cap * k) * 4, (void **)&s->h_tab)) != FM_OK ||
         (st = fm_cuda_host_alloc(s->ctx, sizeof(int64_t), (void **)&s->h_pos)) != FM_OK ||
         (st = fm_cuda_host_alloc(s->ctx, (size_t)V * f, (void **)&s->h_logits)) != FM_OK ||
+        (st = fm_cuda_host_alloc(s->ctx, sizeof(int32_t), (void **)&s->h_argmax)) != FM_OK ||
         (st = fm_cuda_host_alloc(s->ctx, (size_t)k * 4, (void **)&s->h_guess)) != FM_OK ||
         (st = fm_cuda_buf_alloc(s->ctx, sizeof(int64_t), (void **)&s->pos_dev)) != FM_OK)
         goto fail;
@@ -1385,8 +1397,9 @@ static fm_status step_dev(fm_cuda_session *s, bool head) {
 }
 
 /* One token at pos0 in resident mode: eagerly at the session's first such step, then as a replay
- * of the graph captured at the second. logits: NULL or [V]. */
-static fm_status eval_token_dev(fm_cuda_session *s, int64_t pos0, int32_t id, float *logits) {
+ * of the graph captured at the second. logits: NULL or [V]; next: NULL, or the argmax of the
+ * logits, found on the device (only 4 bytes come back; -1 when a logit is NaN). */
+static fm_status eval_token_dev(fm_cuda_session *s, int64_t pos0, int32_t id, float *logits, int32_t *next) {
     fm_model *m = s->m;
     fm_cuda *ctx = s->ctx;
     const fm_config *c = &m->cfg;
@@ -1396,7 +1409,7 @@ static fm_status eval_token_dev(fm_cuda_session *s, int64_t pos0, int32_t id, fl
     for (int l = 0; l < c->n_layers; l++) s->timing[l].experts_used += (uint64_t)k;
     s->g->stats.requested += (uint64_t)(c->n_layers * k); /* all resident: every one a hit */
     s->g->stats.hits += (uint64_t)(c->n_layers * k);
-    if (!logits) {
+    if (!logits && !next) {
         s->g->stats.dev_steps++;
         TRY(step_dev(s, false));
         return fm_cuda_sync(ctx); /* h_x and h_pos are read by then */
@@ -1420,10 +1433,24 @@ static fm_status eval_token_dev(fm_cuda_session *s, int64_t pos0, int32_t id, fl
     }
     s->dev_steps++;
     double t1 = fm_time_now();
-    TRY(fm_cuda_download_async(ctx, s->h_logits, s->logits, sizeof(float) * (size_t)V));
+    if (next) {
+        TRY(fm_cuda_argmax(ctx, s->argmax_dev, s->logits, V, s->argmax_scratch));
+        TRY(fm_cuda_download_async(ctx, s->h_argmax, s->argmax_dev, sizeof(int32_t)));
+    } else {
+        TRY(fm_cuda_download_async(ctx, s->h_logits, s->logits, sizeof(float) * (size_t)V));
+    }
     TRY(fm_cuda_sync(ctx));
-    memcpy(logits, s->h_logits, sizeof(float) * (size_t)V);
+    if (next) *next = *s->h_argmax;
+    else memcpy(logits, s->h_logits, sizeof(float) * (size_t)V);
     *s->head_seconds += fm_time_now() - t1; /* the wait for the whole step's GPU work */
+    return FM_OK;
+}
+
+/* A chunk of T tokens at pos0 fits the session's scratch and context. */
+static fm_status chunk_check(const fm_cuda_session *s, int64_t pos0, int64_t T) {
+    if (T < 1 || T > s->cap || pos0 < 0 || pos0 + T > s->n_ctx)
+        return fm_error_set(FM_ERR_ARG, "--backend cuda: a chunk of %lld tokens at %lld (at most %lld, context %lld)",
+                            (long long)T, (long long)pos0, (long long)s->cap, (long long)s->n_ctx);
     return FM_OK;
 }
 
@@ -1435,10 +1462,8 @@ fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *s, int64_t pos0, const int
     fm_cuda *ctx = s->ctx;
     int64_t H = c->n_embd, V = c->n_vocab;
     float eps = (float)c->norm_eps;
-    if (T < 1 || T > s->cap || pos0 + T > s->n_ctx)
-        return fm_error_set(FM_ERR_ARG, "--backend cuda: a chunk of %lld tokens at %lld (at most %lld, context %lld)",
-                            (long long)T, (long long)pos0, (long long)s->cap, (long long)s->n_ctx);
-    if (T == 1 && g->dev_moe) return eval_token_dev(s, pos0, ids[0], logits);
+    TRY(chunk_check(s, pos0, T));
+    if (T == 1 && g->dev_moe) return eval_token_dev(s, pos0, ids[0], logits, NULL);
     /* the embedding rows, looked up in host memory */
     for (int64_t t = 0; t < T; t++) fm_cpu_get_row(s->h_x + t * H, &m->embed, ids[t]);
     TRY(fm_cuda_upload_async(ctx, s->x, s->h_x, sizeof(float) * (size_t)(T * H)));
@@ -1461,6 +1486,15 @@ fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *s, int64_t pos0, const int
         TRY(fm_cuda_buf_download(ctx, logits + (r - first) * V, s->logits, sizeof(float) * (size_t)(n * V)));
     }
     *s->head_seconds += fm_time_now() - t0;
+    return FM_OK;
+}
+
+fm_status fm_forward_cuda_eval_greedy(fm_cuda_session *s, int64_t pos0, const int32_t *ids, int64_t T, int32_t *next) {
+    TRY(chunk_check(s, pos0, T));
+    if (T == 1 && s->g->dev_moe) return eval_token_dev(s, pos0, ids[0], NULL, next);
+    TRY(fm_forward_cuda_eval_chunk(s, pos0, ids, T, s->h_logits, false)); /* the logits to the host */
+    float top;
+    *next = (int32_t)fm_cpu_argmax(s->h_logits, s->m->cfg.n_vocab, &top);
     return FM_OK;
 }
 

@@ -78,6 +78,11 @@ fm_status fm_forward_cuda_session_reset(fm_cuda_session *g);
 fm_status fm_forward_cuda_eval_chunk(fm_cuda_session *g, int64_t pos0, const int32_t *ids, int64_t T, float *logits,
                                      bool all_logits);
 
+/* fm_forward_cuda_eval_chunk for greedy decoding: *next = the index of the last token's first
+ * largest logit, or -1 when a logit is NaN (fm_cpu_argmax's). In a resident one-token step the
+ * argmax runs on the device and only the index comes back; otherwise on the host's logits. */
+fm_status fm_forward_cuda_eval_greedy(fm_cuda_session *g, int64_t pos0, const int32_t *ids, int64_t T, int32_t *next);
+
 /* The expert cache's counters (all zero for a CPU model), and their reset. */
 fm_cuda_stats fm_forward_cuda_stats(const fm_model *m);
 void fm_forward_cuda_reset_stats(fm_model *m);

@@ -52,6 +52,11 @@ struct fm_sampler {
     cand *cands;
 };
 
+bool fm_sampler_params_greedy(const fm_sampler_params *p) {
+    return p->temperature <= 0.0f && p->repetition_penalty == 1.0f && p->presence_penalty == 0.0f &&
+           p->frequency_penalty == 0.0f;
+}
+
 fm_sampler_params fm_sampler_default_params(void) {
     return (fm_sampler_params){.temperature = 1.0f,
                                .top_k = 0,

@@ -40,6 +40,10 @@ typedef struct fm_sampler fm_sampler;
 /* Neutral parameters: temperature 1, no top-k / top-p / min-p, no penalties, seed 0. */
 fm_sampler_params fm_sampler_default_params(void);
 
+/* True when the parameters pick the largest logit and nothing else (temperature <= 0, no
+ * penalties): then the caller may take the argmax where the logits are (fm_session_eval_greedy). */
+bool fm_sampler_params_greedy(const fm_sampler_params *params);
+
 /* Creates a sampler for n_vocab logits. params NULL = defaults. Errors: FM_ERR_ARG naming the
  * parameter out of range (NaN, top_p <= 0, min_p > 1, repetition_penalty <= 0, n_vocab < 1 or
  * >= 2^31), FM_ERR_NOMEM. */

@@ -237,6 +237,13 @@ fm_status fm_cuda_rmsnorm(fm_cuda *ctx, float *out, const float *x, const float 
  * gate or up. Enqueued. */
 fm_status fm_cuda_swiglu(fm_cuda *ctx, float *out, const float *gate, const float *up, int64_t n);
 
+/* *out (device) = the index of the first largest of x[0..n) (device), or -1 when any x[i] is NaN:
+ * fm_cpu_argmax's index (greedy decoding without the logits leaving the device). scratch: device
+ * memory of fm_cuda_argmax_scratch_bytes(), not used by anything else until the argmax has run.
+ * Enqueued (two launches); FM_ERR_ARG for n < 1 or n > INT32_MAX or a NULL pointer. */
+fm_status fm_cuda_argmax(fm_cuda *ctx, int32_t *out, const float *x, int64_t n, void *scratch);
+size_t fm_cuda_argmax_scratch_bytes(void);
+
 #ifdef __cplusplus
 }
 #endif

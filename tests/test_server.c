@@ -378,6 +378,34 @@ FM_TEST(server_prompt_cache) {
     srv_stop(t, &s);
 }
 
+/* A greedy request (temperature 0: only the argmax comes back from each step) answers with the
+ * text `flashmoe run --temp 0` prints for the same prompt ids, and again on the slot's second job. */
+FM_TEST(server_greedy_matches_run) {
+    char dir[512], cmd[2048];
+    static char want[8192], out[65536];
+    srv s = {0};
+    if (!server_model(t, dir, sizeof dir)) return;
+    if (fm_test_run_cmd("command -v curl", out, sizeof out) != 0) SKIP("curl is not installed");
+    snprintf(cmd, sizeof cmd, "%s run -m '%s' --prompt-ids 5,17,99,1000,7 -n 8 --temp 0 2>/dev/null", fm_test_bin(), dir);
+    CHECK(fm_test_run_cmd(cmd, want, sizeof want) == 0);
+    size_t n = strlen(want);
+    if (n && want[n - 1] == '\n') want[n - 1] = 0;
+    CHECK_MSG(want[0], "run printed nothing");
+    if (!srv_start(t, &s, dir, "--parallel 1")) return;
+    for (int round = 0; round < 2; round++) {
+        int status = 0;
+        curl(&s, "POST", "/v1/completions",
+             "-H 'Content-Type: application/json' -d '{\"prompt\": [5, 17, 99, 1000, 7], \"max_tokens\": 8, \"temperature\": 0}'",
+             &status, out, sizeof out);
+        json_error_t err;
+        json_t *j = status == 200 ? json_loads(out, 0, &err) : NULL;
+        const char *text = json_string_value(json_object_get(json_array_get(json_object_get(j, "choices"), 0), "text"));
+        CHECK_MSG(text && !strcmp(text, want), "round %d: status %d, server %s, run \"%s\"", round, status, out, want);
+        json_decref(j);
+    }
+    srv_stop(t, &s);
+}
+
 /* ================================================================== cancellation and the queue */
 
 /* A long forced answer, so generation never stops by itself. */

@@ -63,6 +63,8 @@ typedef struct slot {
     fm_stop *stop;
     fm_detok dt;
     float *logits;
+    bool greedy;  /* plain greedy sampling: only the argmax comes back (fm_session_eval_greedy) */
+    int32_t next; /* greedy: the last eval's argmax (-1: a NaN logit) */
     double t_begin, prefill_s, decode_s;
 } slot;
 
@@ -306,6 +308,8 @@ static void begin(fm_engine *e, slot *sl) {
     sl->prefill_s = sl->decode_s = 0;
     sl->t_begin = fm_time_now();
     sl->begun = true;
+    sl->greedy = fm_sampler_params_greedy(&j->sp);
+    sl->next = -1;
     fm_status st = fm_sampler_new(&j->sp, e->V, &sl->smp);
     for (size_t i = 0; st == FM_OK && i < j->n_prompt; i++) st = fm_sampler_accept(sl->smp, j->prompt[i]);
     if (st == FM_OK)
@@ -348,7 +352,8 @@ static void step(fm_engine *e, slot *sl) {
         int64_t n = (int64_t)j->n_prompt - sl->pos;
         if (n > e->cfg.prefill_chunk) n = e->cfg.prefill_chunk;
         bool last = sl->pos + n == (int64_t)j->n_prompt;
-        st = fm_session_eval(sl->s, j->prompt + sl->pos, n, last ? sl->logits : NULL, false);
+        st = last && sl->greedy ? fm_session_eval_greedy(sl->s, j->prompt + sl->pos, n, &sl->next)
+                                : fm_session_eval(sl->s, j->prompt + sl->pos, n, last ? sl->logits : NULL, false);
         if (st != FM_OK) {
             fail(e, sl, st);
             return;
@@ -369,6 +374,11 @@ static void step(fm_engine *e, slot *sl) {
         else if (j->n_stop_ids) id = j->stop_ids[0];
         else {
             finish(e, sl, FM_FINISH_LENGTH, FM_OK, NULL);
+            return;
+        }
+    } else if (sl->greedy) {
+        if ((id = sl->next) < 0) {
+            fail(e, sl, fm_error_set(FM_ERR_ARG, "sampler: a logit is NaN"));
             return;
         }
     } else if ((st = fm_sampler_sample(sl->smp, sl->logits, &id)) != FM_OK) {
@@ -392,7 +402,8 @@ static void step(fm_engine *e, slot *sl) {
     if (emit_len) job_append(j, emit, emit_len);
     bool more = why == FM_STOP_NONE && sl->n_gen < j->max_tokens;
     if (more) { /* the last token is never evaluated: the session holds prompt + all but the last */
-        if ((st = fm_session_eval(sl->s, &id, 1, sl->logits, false)) != FM_OK) {
+        st = sl->greedy ? fm_session_eval_greedy(sl->s, &id, 1, &sl->next) : fm_session_eval(sl->s, &id, 1, sl->logits, false);
+        if (st != FM_OK) {
             fail(e, sl, st);
             return;
         }

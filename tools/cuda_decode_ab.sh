@@ -8,6 +8,8 @@
 #
 # CONFIG: "default", or environment settings joined by commas, e.g.
 #   tools/cuda_decode_ab.sh 3 default FLASHMOE_CUDA_NORM_FOLD=0,FLASHMOE_CUDA_CONV_FOLD=0
+# A setting FLASHMOE_BIN=PATH runs that binary for the configuration (two builds A/B'd):
+#   tools/cuda_decode_ab.sh 3 default FLASHMOE_BIN=/tmp/old/flashmoe
 # Settings (environment): PRESET (qwen3.5-35b-a3b), LAYERS (40), QUANT (q4), PROMPT (16), GEN (64),
 # BACKEND (cuda), MODEL (/tmp/decode_ab_model: made if missing), OUT (/tmp/decode_ab: JSON lines
 # in $OUT/runs.jsonl, each with the configuration added).
@@ -34,7 +36,12 @@ for ((r = 1; r <= ROUNDS; r++)); do
     for cfg in "$@"; do
         envs=()
         [ "$cfg" = default ] || IFS=, read -r -a envs <<<"$cfg"
-        line=$(env ${envs[@]+"${envs[@]}"} "$BIN" bench -m "$MODEL" --backend "$BACKEND" --prompt "$PROMPT" --gen "$GEN" \
+        bin=$BIN
+        for e in ${envs[@]+"${envs[@]}"}; do
+            case "$e" in FLASHMOE_BIN=*) bin=${e#FLASHMOE_BIN=} ;; esac
+        done
+        [ -x "$bin" ] || { echo "cuda_decode_ab: no flashmoe binary at $bin" >&2; exit 2; }
+        line=$(env ${envs[@]+"${envs[@]}"} "$bin" bench -m "$MODEL" --backend "$BACKEND" --prompt "$PROMPT" --gen "$GEN" \
             --json 2>"$O/stderr.txt")
         tok=$(printf '%s' "$line" | grep -o '"decode_tok_s": [0-9.]*' | grep -o '[0-9.]*$')
         if [ -z "$tok" ]; then

@@ -966,6 +966,223 @@ FM_TEST(cuda_matvec_experts_with_dense) {
     stats_print("experts + a dense product in one launch", &st);
 }
 
+/* fm_cuda_expert_ffn (gate+up, down and the shared down in one launch of clusters) against float64
+ * sums of the decoded weights. The expert output goes through two float32 products, so its bound
+ * carries the first one's error: with mag_g, mag_u the usual bounds of gate's and up's sums (see
+ * compare_out) and g, u, h = silu(g) u in float64,
+ *   dh = 1e-5 (1.1 |u| mag_g + max(|g|, 0.28) mag_u)    (|silu'| <= 1.1, |silu(g)| <= max(g, 0.28))
+ *   |y_r - sum_c D_rc h_c| <= 1e-5 sum_c (|D_rc| + 2 |b_rc|) |h_c| + sum_c |D_rc| dh_c.
+ * The parts of a slot's output are added as fm_cuda_moe_combine_parts adds them; that combine is
+ * checked too (|gpu - cpu| <= 1e-5 of the sum of the magnitudes of its terms), and the dense product
+ * as every matmul (compare_out). Outputs poisoned with NaN and guarded by sentinels. cluster: the
+ * FLASHMOE_CUDA_FFN value (NULL: the automatic choice). Returns false when the fused launch does not
+ * take the case (nothing checked). */
+static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, int64_t I, int k, fm_dtype dt2,
+                             const char *cluster) {
+    enum { NE = 19 };
+    hweight hw[NE][3], hd;
+    memset(hw, 0, sizeof hw), memset(&hd, 0, sizeof hd);
+    const bool dense = dt2 != FM_DTYPE_UNKNOWN;
+    void *dw = NULL, *tab = NULL, *ids = NULL, *dx = NULL, *dd = NULL, *dx2 = NULL, *dY = NULL, *dO = NULL;
+    void *dsh = NULL, *dlg = NULL, *dwt = NULL, *dxr = NULL;
+    float *x = malloc(sizeof(float) * (size_t)H), *x2 = malloc(sizeof(float) * (size_t)I);
+    float *Y = NULL, *o = poisoned(H), *xr = malloc(sizeof(float) * (size_t)H), *sh = malloc(sizeof(float) * (size_t)H);
+    float *xr_gpu = malloc(sizeof(float) * (size_t)H), *yv = malloc(sizeof(float) * (size_t)(k * H));
+    double *g = malloc(sizeof(double) * (size_t)I), *u = malloc(sizeof(double) * (size_t)I);
+    double *h = malloc(sizeof(double) * (size_t)I), *dh = malloc(sizeof(double) * (size_t)I);
+    bool ok = x && x2 && o && xr && sh && xr_gpu && yv && g && u && h && dh, taken = false;
+    size_t off[NE], part_off[3], tot = 0;
+    char what[160];
+    snprintf(what, sizeof what, "expert FFN H %lld I %lld top-%d, dense %s, cluster %s", (long long)H, (long long)I, k,
+             dense ? fm_dtype_name(dt2) : "none", cluster ? cluster : "auto");
+    for (int e = 0; e < NE && ok; e++) {
+        size_t at = 0;
+        for (int pi = 0; pi < 3; pi++) {
+            ok &= make_hweight(&hw[e][pi], FM_DTYPE_Q4, pi < 2 ? I : H, pi < 2 ? H : I, 64, FM_DTYPE_BF16);
+            part_off[pi] = at;
+            at += (hw[e][pi].bytes + 255) / 256 * 256;
+        }
+        off[e] = tot;
+        tot += at;
+    }
+    if (dense) ok &= make_hweight(&hd, dt2, H, I, fm_dtype_is_quant(dt2) ? 32 : 0,
+                                  fm_dtype_is_quant(dt2) ? FM_DTYPE_F16 : FM_DTYPE_UNKNOWN);
+    if (!ok) {
+        t->failures++;
+        goto done;
+    }
+    for (int64_t j = 0; j < H; j++) x[j] = (float)rnd(), xr[j] = (float)rnd(), sh[j] = (float)rnd();
+    for (int64_t j = 0; j < I; j++) x2[j] = (float)rnd();
+    fm_weight gshape = hw[0][0].w, dshape = hw[0][2].w, wd = hd.w;
+    gshape.data = dshape.data = NULL;
+    if (fm_cuda_buf_alloc(c, tot, &dw) || fm_cuda_buf_alloc(c, sizeof(void *) * NE, &tab) ||
+        fm_cuda_buf_alloc(c, sizeof(int32_t) * (size_t)k, &ids) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dx) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)I, &dx2) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(H + 2 * GUARD), &dO) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dsh) || fm_cuda_buf_alloc(c, sizeof(float), &dlg) ||
+        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)k, &dwt) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dxr) ||
+        (dense && fm_cuda_buf_alloc(c, hd.bytes, &dd))) {
+        t->failures++;
+        goto done;
+    }
+    wd.data = dd;
+    void *htab[NE];
+    for (int e = 0; e < NE; e++) {
+        htab[e] = (unsigned char *)dw + off[e];
+        for (int pi = 0; pi < 3; pi++)
+            if (fm_cuda_buf_upload(c, (unsigned char *)htab[e] + part_off[pi], hw[e][pi].data, hw[e][pi].bytes)) ok = false;
+    }
+    int32_t hids[16];
+    float hwt[16], logit = (float)rnd();
+    for (int j = 0; j < k; j++) hids[j] = (int32_t)((j * 7 + 3) % NE), hwt[j] = (float)fabs(rnd()); /* NE prime: distinct */
+    if (!ok || fm_cuda_buf_upload(c, tab, htab, sizeof htab) || fm_cuda_buf_upload(c, ids, hids, sizeof(int32_t) * (size_t)k) ||
+        fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)H) || fm_cuda_buf_upload(c, dx2, x2, sizeof(float) * (size_t)I) ||
+        fm_cuda_buf_upload(c, dO, o, sizeof(float) * (size_t)(H + 2 * GUARD)) ||
+        fm_cuda_buf_upload(c, dsh, sh, sizeof(float) * (size_t)H) || fm_cuda_buf_upload(c, dlg, &logit, sizeof logit) ||
+        fm_cuda_buf_upload(c, dwt, hwt, sizeof(float) * (size_t)k) || fm_cuda_buf_upload(c, dxr, xr, sizeof(float) * (size_t)H) ||
+        (dense && fm_cuda_buf_upload(c, dd, hd.data, hd.bytes))) {
+        t->failures++;
+        goto done;
+    }
+    if (cluster) setenv("FLASHMOE_CUDA_FFN", cluster, 1);
+    fm_cuda_mv extra = {.w = &wd, .x = dx2, .out = (float *)dO + GUARD};
+    const int parts = fm_cuda_expert_ffn_parts(c, &gshape, &dshape, k, dense ? &extra : NULL);
+    if (parts == 0) goto done;
+    taken = true;
+    const int64_t ny = (int64_t)k * parts * H;
+    if (!(Y = poisoned(ny)) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(ny + 2 * GUARD), &dY) ||
+        fm_cuda_buf_upload(c, dY, Y, sizeof(float) * (size_t)(ny + 2 * GUARD))) {
+        t->failures++;
+        goto done;
+    }
+    fm_cuda_expert_ffn_args f = {.table = tab, .ids = ids, .k = k, .n_experts = NE, .gate_off = (int64_t)part_off[0],
+                                 .up_off = (int64_t)part_off[1], .down_off = (int64_t)part_off[2], .x = dx,
+                                 .out = (float *)dY + GUARD};
+    if (fm_cuda_expert_ffn(c, &gshape, &dshape, &f, dense ? &extra : NULL) ||
+        fm_cuda_moe_combine_parts(c, dxr, dsh, dlg, (float *)dY + GUARD, ids, dwt, k, parts, H) ||
+        fm_cuda_buf_download(c, Y, dY, sizeof(float) * (size_t)(ny + 2 * GUARD)) ||
+        fm_cuda_buf_download(c, o, dO, sizeof(float) * (size_t)(H + 2 * GUARD)) ||
+        fm_cuda_buf_download(c, xr_gpu, dxr, sizeof(float) * (size_t)H)) {
+        t->failures++;
+        fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+        goto done;
+    }
+    for (int64_t j = 0; j < GUARD; j++)
+        if (Y[j] != SENTINEL || Y[GUARD + ny + j] != SENTINEL || o[j] != SENTINEL || o[GUARD + H + j] != SENTINEL) {
+            t->failures++;
+            fprintf(stderr, "  %s: wrote outside its outputs\n", what);
+            goto done;
+        }
+    for (int j = 0; j < k; j++) {
+        const int e = hids[j];
+        const hweight *G = &hw[e][0], *U = &hw[e][1], *D = &hw[e][2];
+        for (int64_t i = 0; i < I; i++) {
+            double sg = 0, su = 0, mg = 0, mu = 0;
+            for (int64_t cc = 0; cc < H; cc++) {
+                const double xc = x[cc];
+                sg += (double)G->deq[i * H + cc] * xc, su += (double)U->deq[i * H + cc] * xc;
+                mg += (fabs((double)G->deq[i * H + cc]) + 2.0 * G->absb[i * H + cc]) * fabs(xc);
+                mu += (fabs((double)U->deq[i * H + cc]) + 2.0 * U->absb[i * H + cc]) * fabs(xc);
+            }
+            g[i] = sg, u[i] = su, h[i] = sg / (1.0 + exp(-sg)) * su;
+            dh[i] = 1e-5 * (1.1 * fabs(su) * mg + fmax(fabs(sg), 0.28) * mu);
+        }
+        for (int64_t r = 0; r < H; r++) {
+            double y = 0, tol = 0;
+            for (int64_t i = 0; i < I; i++) {
+                const double w = D->deq[r * I + i];
+                y += w * h[i];
+                tol += 1e-5 * (fabs(w) + 2.0 * D->absb[r * I + i]) * fabs(h[i]) + fabs(w) * dh[i];
+            }
+            float got = 0.f;
+            for (int p = 0; p < parts; p++) got += Y[GUARD + ((int64_t)j * parts + p) * H + r];
+            yv[j * H + r] = got;
+            const double err = fabs((double)got - y);
+            if (!(err <= tol + 1e-30)) {
+                t->failures++;
+                fprintf(stderr, "  %s: slot %d (expert %d) row %lld = %.9g, float64 %.9g, bound %.3g (seed %llu)\n",
+                        what, j, e, (long long)r, got, y, tol, (unsigned long long)fm_test_cuda_seed());
+                goto done;
+            }
+            if (err / (tol + 1e-30) * 1e-5 > st->worst_f64) st->worst_f64 = err / (tol + 1e-30) * 1e-5;
+        }
+    }
+    /* the combine of the parts: x + sigmoid(logit) shared + the experts in ascending id */
+    int order[16];
+    for (int j = 0; j < k; j++) order[j] = j;
+    for (int a = 1; a < k; a++)
+        for (int b = a; b > 0 && hids[order[b]] < hids[order[b - 1]]; b--) {
+            const int tmp = order[b];
+            order[b] = order[b - 1], order[b - 1] = tmp;
+        }
+    const double sgm = 1.0 / (1.0 + exp(-(double)logit));
+    for (int64_t r = 0; r < H; r++) {
+        double want = xr[r] + sgm * sh[r], mag = fabs(xr[r]) + fabs(sgm * sh[r]);
+        for (int j = 0; j < k; j++) {
+            const int s = order[j];
+            want += (double)hwt[s] * yv[s * H + r], mag += fabs((double)hwt[s] * yv[s * H + r]);
+        }
+        if (!(fabs(xr_gpu[r] - want) <= 1e-5 * mag + 1e-30)) {
+            t->failures++;
+            fprintf(stderr, "  %s: combine of %d parts, x[%lld] = %.9g, float64 %.9g\n", what, parts, (long long)r,
+                    xr_gpu[r], want);
+            goto done;
+        }
+    }
+    if (dense && !compare_out(t, st, what, &hd, x2, 1, o + GUARD)) goto done;
+    st->cases++;
+done:
+    unsetenv("FLASHMOE_CUDA_FFN");
+    for (int e = 0; e < NE; e++)
+        for (int pi = 0; pi < 3; pi++) hweight_free(&hw[e][pi]);
+    hweight_free(&hd);
+    fm_cuda_buf_free(c, dw), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids), fm_cuda_buf_free(c, dx);
+    fm_cuda_buf_free(c, dd), fm_cuda_buf_free(c, dx2), fm_cuda_buf_free(c, dY), fm_cuda_buf_free(c, dO);
+    fm_cuda_buf_free(c, dsh), fm_cuda_buf_free(c, dlg), fm_cuda_buf_free(c, dwt), fm_cuda_buf_free(c, dxr);
+    free(x), free(x2), free(Y), free(o), free(xr), free(sh), free(xr_gpu), free(yv), free(g), free(u), free(h), free(dh);
+    return taken;
+}
+
+FM_TEST(cuda_expert_ffn_fused) {
+    CUDA_OR_SKIP(c);
+    const char *desc = fm_cuda_device_desc(c);
+    const bool sm90 = strstr(desc, "sm_9") || strstr(desc, "sm_1");
+    stats st = {0};
+    /* the 35B-A3B shapes (Q8 shared down), both cluster sizes; then other shapes and dense kinds */
+    static const char *const cl[] = {NULL, "16", "8"};
+    for (int i = 0; i < 3; i++) {
+        const bool taken = check_expert_ffn(t, c, &st, 2048, 512, 8, FM_DTYPE_Q8, cl[i]);
+        if (!taken && sm90) {
+            t->failures++;
+            fprintf(stderr, "  the 35B shapes (cluster %s) were not taken on %s: %s\n", cl[i] ? cl[i] : "auto", desc,
+                    fm_last_error());
+        }
+    }
+    if (!sm90) SKIP("the fused expert FFN needs compute capability 9 or later (%s)", desc);
+    CHECK(check_expert_ffn(t, c, &st, 1024, 256, 4, FM_DTYPE_BF16, NULL));
+    CHECK(check_expert_ffn(t, c, &st, 2048, 512, 6, FM_DTYPE_UNKNOWN, "8"));
+    CHECK(check_expert_ffn(t, c, &st, 512, 512, 3, FM_DTYPE_Q4, NULL));
+    /* shapes it does not take: parts 0, and fm_cuda_expert_ffn refuses with nothing enqueued */
+    fm_weight gu = {.dtype = FM_DTYPE_Q4, .rows = 1024, .cols = 4096, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight dn = gu;
+    dn.rows = 4096, dn.cols = 1024;
+    CHECK(fm_cuda_expert_ffn_parts(c, &gu, &dn, 10, NULL) == 0); /* the 397B shapes: H > 2048 */
+    fm_weight gq8 = gu, dq8 = dn;
+    gq8.dtype = dq8.dtype = FM_DTYPE_Q8, gq8.cols = dq8.rows = 1024, gq8.rows = dq8.cols = 256;
+    CHECK(fm_cuda_expert_ffn_parts(c, &gq8, &dq8, 4, NULL) == 0); /* Q8 experts */
+    fm_cuda_expert_ffn_args f = {.table = (const void *const *)16, .ids = (const int32_t *)16, .k = 10, .n_experts = 16,
+                                 .x = (const float *)16, .out = (float *)16};
+    CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_UNSUPPORTED);
+    f.x = NULL;
+    CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_ARG);
+    f.x = (const float *)16, f.up_off = 8;
+    CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_ARG);
+    CHECK(fm_cuda_moe_combine_parts(c, (float *)16, NULL, NULL, (const float *)16, (const int32_t *)16,
+                                    (const float *)16, 17, 1, 64) == FM_ERR_ARG);
+    CHECK_OK(fm_cuda_sync(c));
+    fprintf(stderr, "  expert FFN: %d cases, worst error / bound = %.2e\n", st.cases, st.worst_f64 / 1e-5);
+    if (st.worst_cpu > 0) stats_print("expert FFN's dense product", &st);
+}
+
 /* fm_cuda_matvec_topk against its two calls (fm_cuda_matvec, then fm_cuda_router_topk of product
  * 0's output): the same logits, ids and weights bit for bit, the other products' outputs too; the
  * fused launch repeated (its block count must be back at 0 after each launch), NR forced 2/4/8 (more

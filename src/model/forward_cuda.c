@@ -1350,6 +1350,18 @@ static fm_status moe_dev(fm_cuda_session *s, int l, bool norm_after, const float
     const fm_packed_tensor *pg = &L->parts[FM_PART_GATE], *pu = &L->parts[FM_PART_UP], *pd = &L->parts[FM_PART_DOWN];
     fm_weight sg = fm_packed_weight(pg, g->slots_mem), sd = fm_packed_weight(pd, g->slots_mem); /* shapes */
     const void *const *table = (const void *const *)(g->table + (size_t)l * (size_t)E);
+    /* gate+up and down of the k experts (and the shared down) in one launch of clusters where the
+     * device and the shapes allow (fm_cuda_expert_ffn; its parts need parts * H floats a slot of Y) */
+    if (!norm_after) {
+        const int parts = fm_cuda_expert_ffn_parts(ctx, &sg, &sd, (int)k, ysh ? &shd : NULL);
+        if (parts > 0 && k <= 16 && parts * H <= s->cap * max64(H, I)) {
+            fm_cuda_expert_ffn_args f = {.table = table, .ids = ids, .k = (int)k, .n_experts = (int)E,
+                                    .gate_off = (int64_t)pg->offset, .up_off = (int64_t)pu->offset,
+                                    .down_off = (int64_t)pd->offset, .x = s->xn, .out = s->Y};
+            TRY(fm_cuda_expert_ffn(ctx, &sg, &sd, &f, ysh ? &shd : NULL));
+            return fm_cuda_moe_combine_parts(ctx, s->x, ysh, s->shl, s->Y, ids, tw, (int)k, parts, H);
+        }
+    }
     /* gate and up of the k experts with the SwiGLU in their output (G = silu(gate) * up), then down;
      * FLASHMOE_CUDA_EMV_OLD=1 keeps the earlier kernel with the SwiGLU in down's input staging */
     static int old_emv = -1;

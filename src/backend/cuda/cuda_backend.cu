@@ -54,6 +54,8 @@ extern "C" fm_status fm_cuda_init(int device, fm_cuda **out) {
     if (!c) return fm_error_set(FM_ERR_NOMEM, "fm_cuda_init: out of memory");
     c->device = device;
     c->sm_count = prop.multiProcessorCount;
+    c->cc_major = prop.major;
+    c->ffn_clusters[0] = c->ffn_clusters[1] = -1;
     c->l2_bytes = prop.l2CacheSize;
     snprintf(c->desc, sizeof c->desc, "%s, sm_%d%d, %d SMs, %.1f GiB", prop.name, prop.major, prop.minor,
              prop.multiProcessorCount, (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));

@@ -440,6 +440,44 @@ fm_status fm_cuda_expert_matvec(fm_cuda *ctx, const fm_weight *shape, const fm_c
 fm_status fm_cuda_expert_matvec_with(fm_cuda *ctx, const fm_weight *shape, const fm_cuda_expert_mv *mv,
                                      const fm_cuda_mv *extra);
 
+/* One token's routed experts' whole SwiGLU FFN, and optionally one dense one-token product
+ * (`extra`, fm_cuda_mv's form without w_up, norm, residual or conv: the shared expert's down), in
+ * one launch of thread-block clusters (sm_90 and later; matmul.cu, docs/CUDA.md "The experts' FFN
+ * in one launch"). For slot j < k, e = ids[j] (clamped to [0, n_experts)), whose gate, up ([I, H],
+ * the shape gate_up) and down ([H, I], the shape down) start at table[e] + *_off:
+ *   h = silu(gate x) * (up x), and out + (j * parts + p) * H = down[:, p-th 1/parts of I] h[that part],
+ * so expert j's output is the sum of its `parts` rows (fm_cuda_moe_combine_parts adds them).
+ * Float32 sums in another order than the two launches (fm_cuda_expert_matvec with swiglu_out, then
+ * fm_cuda_expert_matvec_with): equal within rounding, not bit for bit. */
+typedef struct fm_cuda_expert_ffn_args {
+    const void *const *table; /* device: [n_experts] base address of each expert's block */
+    const int32_t *ids;       /* device: k expert ids */
+    int k, n_experts;
+    int64_t gate_off, up_off, down_off; /* bytes from an expert's base to its parts (multiples of 16) */
+    const float *x;           /* device: [H], 16-byte aligned */
+    float *out;               /* device: [k * parts][H] */
+} fm_cuda_expert_ffn_args;
+
+/* The `parts` fm_cuda_expert_ffn splits each expert into on this device (1 or 2), or 0 when the
+ * fused launch does not take these shapes (then fm_cuda_expert_matvec and _with): Q4 experts with
+ * H <= 2048 and I / parts a multiple of 32 and <= 512, a GPU of compute capability 9 or later on
+ * which k * parts clusters of 16 (or 8) blocks are resident at once, extra (if any) Q8, Q4 or BF16
+ * with rows of at most 64 16-byte chunks. FLASHMOE_CUDA_FFN=0 turns it off; 8 or 16 allows only
+ * that cluster size (measurements, tests). */
+int fm_cuda_expert_ffn_parts(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down, int k,
+                             const fm_cuda_mv *extra);
+
+/* Enqueues the fused FFN. FM_ERR_ARG for NULL pointers, k < 1, misaligned offsets or x;
+ * FM_ERR_UNSUPPORTED where fm_cuda_expert_ffn_parts is 0. Nothing is enqueued on an error. */
+fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down,
+                             const fm_cuda_expert_ffn_args *f, const fm_cuda_mv *extra);
+
+/* fm_cuda_moe_combine_topk for one token whose expert j's output is the sum of rows j * parts + p
+ * (p = 0, 1, ... added in that order) of Y: fm_cuda_expert_ffn's output. k <= 16, 1 <= parts <= 4;
+ * with parts = 1 the same x bit for bit as fm_cuda_moe_combine_topk. */
+fm_status fm_cuda_moe_combine_parts(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit,
+                                    const float *Y, const int32_t *ids, const float *w, int k, int parts, int64_t H);
+
 /* CUDA graphs of the context's stream: between capture_begin and capture_end, the functions of
  * this header record their work instead of running it (nothing that synchronises may be called:
  * no fm_cuda_buf_upload / download / free / sync; host memory in uploads must be page-locked and is

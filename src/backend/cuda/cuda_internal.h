@@ -32,7 +32,8 @@ struct fm_cuda {
     int cev_next, cev_pending;
     double copy_ms;       /* summed over finished timed copies */
     uint64_t copy_bytes, copy_count;
-    int sm_count;
+    int sm_count, cc_major;
+    int ffn_clusters[2];  /* matmul.cu: the most resident clusters of the expert FFN kernel (8, 16 blocks); -1 unknown */
     int64_t l2_bytes;
     unsigned *tk_count;   /* device: fm_cuda_matvec_topk's count of finished blocks (0 between launches) */
     char desc[256];

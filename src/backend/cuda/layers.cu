@@ -982,7 +982,7 @@ template <int KM>
 __global__ void __launch_bounds__(BLOCK)
     moe_combine_regs_kernel(float *__restrict__ x, const float *__restrict__ shared, const float *__restrict__ sl,
                             const float *__restrict__ Y, const int32_t *ids, const float *__restrict__ w, int k,
-                            long long H) {
+                            int parts, long long H) {
     fm_pdl_trigger(); /* PDL (cuda_internal.h): the successor may launch; */
     fm_pdl_wait();    /* the predecessor's writes are visible from here */
     const long long t = blockIdx.y, i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -991,7 +991,11 @@ __global__ void __launch_bounds__(BLOCK)
     float wv[KM], yv[KM];
     combine_ranks<KM>(ids + t * k, w + t * k, k, rank, wv);
 #pragma unroll
-    for (int j = 0; j < KM; j++) yv[j] = j < k ? Y[(t * k + j) * H + i] : 0.f;
+    for (int j = 0; j < KM; j++) yv[j] = j < k ? Y[(t * k + j) * parts * H + i] : 0.f;
+    for (int p = 1; p < parts; p++) /* expert j's output in parts (fm_cuda_expert_ffn) */
+#pragma unroll
+        for (int j = 0; j < KM; j++)
+            if (j < k) yv[j] += Y[((t * k + j) * parts + p) * H + i];
     const float xv = x[t * H + i], sg = shared ? sigmoid(sl[t]) : 0.f;
     const float acc = shared ? sg * shared[t * H + i] : 0.f;
     x[t * H + i] = xv + combine_experts<KM>(acc, yv, rank, wv, k);
@@ -1665,14 +1669,30 @@ extern "C" fm_status fm_cuda_moe_combine_topk(fm_cuda *ctx, float *x, const floa
     if (n_tokens == 0) return FM_OK;
     LAYER_ARG_CHECK(x && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_topk: NULL pointer");
     /* k <= 16: every value its own thread, one round of loads (moe_combine_regs_kernel) */
-    const bool regs = k <= 16 && H <= (int64_t)BLOCK * 65535;
-    dim3 grid(regs ? blocks_for(H, BLOCK, 65535) : blocks_for(H, BLOCK, 64), (unsigned)n_tokens);
-    FM_CUDA_CHECK(fm_launch_pdl(ctx,
-                                !regs    ? moe_combine_topk_kernel
-                                : k <= 8 ? moe_combine_regs_kernel<8>
-                                         : moe_combine_regs_kernel<16>,
-                                dim3(grid), dim3(BLOCK), 0, x, shared, shared_logit, Y, ids, w, k, (long long)H));
+    if (k <= 16 && H <= (int64_t)BLOCK * 65535) {
+        FM_CUDA_CHECK(fm_launch_pdl(ctx, k <= 8 ? moe_combine_regs_kernel<8> : moe_combine_regs_kernel<16>,
+                                    dim3(blocks_for(H, BLOCK, 65535), (unsigned)n_tokens), dim3(BLOCK), 0, x, shared,
+                                    shared_logit, Y, ids, w, k, 1, (long long)H));
+    } else {
+        FM_CUDA_CHECK(fm_launch_pdl(ctx, moe_combine_topk_kernel, dim3(blocks_for(H, BLOCK, 64), (unsigned)n_tokens),
+                                    dim3(BLOCK), 0, x, shared, shared_logit, Y, ids, w, k, (long long)H));
+    }
     FM_CUDA_CHECK_LAUNCH("moe_combine_topk_kernel");
+    return FM_OK;
+}
+
+extern "C" fm_status fm_cuda_moe_combine_parts(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit,
+                                               const float *Y, const int32_t *ids, const float *w, int k, int parts,
+                                               int64_t H) {
+    FM_CUDA_CTX(ctx);
+    LAYER_ARG_CHECK(k >= 1 && k <= 16 && parts >= 1 && parts <= 4 && H > 0 && H <= (int64_t)BLOCK * 65535,
+                    "CUDA moe_combine_parts: bad shape (top-%d, %d parts, %lld; at most top-16 and 4 parts)", k, parts,
+                    (long long)H);
+    LAYER_ARG_CHECK(x && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_parts: NULL pointer");
+    FM_CUDA_CHECK(fm_launch_pdl(ctx, k <= 8 ? moe_combine_regs_kernel<8> : moe_combine_regs_kernel<16>,
+                                dim3(blocks_for(H, BLOCK, 65535), 1u), dim3(BLOCK), 0, x, shared, shared_logit, Y, ids,
+                                w, k, parts, (long long)H));
+    FM_CUDA_CHECK_LAUNCH("moe_combine_regs_kernel");
     return FM_OK;
 }
 

@@ -985,6 +985,69 @@ __device__ __forceinline__ void mv_store_prefetch(const MvFold &f, int row, int 
         asm volatile("prefetch.global.L1 [%0];" ::"l"(f.conv_state + (long long)j * rows + row));
 }
 
+/* One 16-byte chunk c of row `row` of a one-token product's weight w: its words, and for the
+ * quantized kinds the raw scale and bias of its group (16 or 32 bits, scale_value decodes them). */
+template <int KIND>
+__device__ __forceinline__ void mv_load_chunk(const MvShape &s, const unsigned char *w, long long row, int c, uint4 &q,
+                                              uint32_t &sr, uint32_t &br) {
+    using T = KT<KIND>;
+    q = ld_stream((const uint4 *)w + row * s.chunks + c);
+    if constexpr (T::Q) {
+        constexpr int VPC = 4 * T::VPW;
+        const long long gi = row * ((long long)s.cols >> s.gs_log2) + (((long long)c * VPC) >> s.gs_log2);
+        if (s.scale_kind == 2) {
+            sr = __ldg((const unsigned int *)(w + s.scale_off) + gi);
+            br = __ldg((const unsigned int *)(w + s.bias_off) + gi);
+        } else {
+            sr = __ldg((const unsigned short *)(w + s.scale_off) + gi);
+            br = __ldg((const unsigned short *)(w + s.bias_off) + gi);
+        }
+    } else {
+        sr = br = 0;
+    }
+}
+
+/* A chunk's x (NQ float4, as loaded) made ready for mv_chunk_acc: for the quantized kinds returns
+ * sum(x) and scales each element by the 2^-k its unpacked value carries (exponent_shift); else 0,
+ * x unchanged. */
+template <int KIND, int NQ> __device__ __forceinline__ float mv_x_prep(float4 (&xv)[NQ]) {
+    float xsum = 0.f;
+    if constexpr (KT<KIND>::Q) {
+        constexpr int VPW = KT<KIND>::VPW;
+#pragma unroll
+        for (int j = 0; j < NQ; j++) xsum += (xv[j].x + xv[j].y) + (xv[j].z + xv[j].w);
+        if constexpr (KIND != K_Q8) {
+#pragma unroll
+            for (int j = 0; j < NQ; j++) { /* x carries 2^-k of its element's unpacked value */
+                const int e0 = (4 * j) % VPW;
+                xv[j].x *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0)) << 23);
+                xv[j].y *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 1)) << 23);
+                xv[j].z *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 2)) << 23);
+                xv[j].w *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 3)) << 23);
+            }
+        }
+    }
+    return xsum;
+}
+
+/* acc plus one chunk's dot product with its x (mv_x_prep'd; xsum its return): the FMA form
+ * s * sum(q x) + b * sum(x) for the quantized kinds, the plain sum for the float ones. */
+template <int KIND, int NQ>
+__device__ __forceinline__ float mv_chunk_acc(float acc, const uint4 &q, const float4 (&xv)[NQ], uint32_t sr,
+                                              uint32_t br, int sk, float xsum) {
+    constexpr int VPW = KT<KIND>::VPW;
+    float part = 0.f;
+    static_for<NQ>([&](auto J) {
+        constexpr int j = decltype(J)::value;
+        static_for<4>([&](auto CC) {
+            constexpr int v = 4 * j + decltype(CC)::value, i = v / VPW, e = v % VPW;
+            part = fmaf(unpack<KIND, e>(word_of(q, i)), comp_of(xv[j], decltype(CC)::value), part);
+        });
+    });
+    if constexpr (KT<KIND>::Q) return fmaf(fm_scale_bits(sr, sk), part, fmaf(fm_scale_bits(br, sk), xsum, acc));
+    else return acc + part;
+}
+
 struct MvProd {
     const unsigned char *w, *w_up; /* w_up: pair mode (out = silu(W x) * (W_up x)), else NULL */
     const float *x;
@@ -1040,7 +1103,6 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
     const int RO = pair ? H : NR;
     const int rows = s.rows, C = s.chunks;
     const int row0 = (rblk * G + grp) * RO;
-    const long long groups = T::Q ? (long long)s.cols >> s.gs_log2 : 0;
     const int sk = s.scale_kind;
     float acc[NR], ssq = 0.f;
 #pragma unroll
@@ -1056,17 +1118,7 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
             const bool second = pair && r >= H;
             const unsigned char *w = second ? wb : wa;
             const long long row = min(row0 + (second ? r - H : r), rows - 1); /* clamped: read, never stored */
-            q[r] = ld_stream((const uint4 *)w + row * C + c);
-            if constexpr (T::Q) {
-                const long long gi = row * groups + (((long long)c * VPC) >> s.gs_log2);
-                if (sk == 2) {
-                    sr[r] = __ldg((const unsigned int *)(w + s.scale_off) + gi);
-                    br[r] = __ldg((const unsigned int *)(w + s.bias_off) + gi);
-                } else {
-                    sr[r] = __ldg((const unsigned short *)(w + s.scale_off) + gi);
-                    br[r] = __ldg((const unsigned short *)(w + s.bias_off) + gi);
-                }
-            }
+            mv_load_chunk<KIND>(s, w, row, c, q[r], sr[r], br[r]);
         }
         fm_pdl_wait(); /* the weights are constant; x is the predecessor's output */
         if (c == lt && (f.res || f.conv_w)) mv_store_prefetch(f, st_row, rows);
@@ -1095,36 +1147,9 @@ __device__ __forceinline__ void mv_block(const MvShape &s, const unsigned char *
                                     mv_silu(xv[j].w) * u.w);
             }
         }
-        float xsum = 0.f;
-        if constexpr (T::Q) {
+        const float xsum = mv_x_prep<KIND>(xv);
 #pragma unroll
-            for (int j = 0; j < NQ; j++) xsum += (xv[j].x + xv[j].y) + (xv[j].z + xv[j].w);
-            if constexpr (KIND != K_Q8) {
-#pragma unroll
-                for (int j = 0; j < NQ; j++) { /* x carries 2^-k of its element's unpacked value */
-                    const int e0 = (4 * j) % VPW;
-                    xv[j].x *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0)) << 23);
-                    xv[j].y *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 1)) << 23);
-                    xv[j].z *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 2)) << 23);
-                    xv[j].w *= __uint_as_float((uint32_t)(127 - exponent_shift<KIND>(e0 + 3)) << 23);
-                }
-            }
-        }
-#pragma unroll
-        for (int r = 0; r < NR; r++) {
-            float part = 0.f;
-            static_for<NQ>([&](auto J) {
-                constexpr int j = decltype(J)::value;
-                static_for<4>([&](auto CC) {
-                    constexpr int v = 4 * j + decltype(CC)::value, i = v / VPW, e = v % VPW;
-                    part = fmaf(unpack<KIND, e>(word_of(q[r], i)), comp_of(xv[j], decltype(CC)::value), part);
-                });
-            });
-            if constexpr (T::Q)
-                acc[r] = fmaf(scale_value(sr[r], sk), part, fmaf(scale_value(br[r], sk), xsum, acc[r]));
-            else
-                acc[r] += part;
-        }
+        for (int r = 0; r < NR; r++) acc[r] = mv_chunk_acc<KIND>(acc[r], q[r], xv, sr[r], br[r], sk, xsum);
     }
     fm_pdl_wait(); /* threads without a chunk: before any store */
     if (lt >= C && (f.res || f.conv_w)) mv_store_prefetch(f, st_row, rows);
@@ -1614,4 +1639,351 @@ extern "C" fm_status fm_cuda_expert_matvec_with(fm_cuda *ctx, const fm_weight *s
     /* two launches; the dense product's checks first, so that nothing is enqueued on an argument error */
     if ((st = mv_check(extra, 1)) != FM_OK || (st = fm_cuda_expert_matvec(ctx, shape, mv)) != FM_OK) return st;
     return fm_cuda_matvec(ctx, extra, 1);
+}
+
+namespace {
+
+/* ---- The routed experts' whole SwiGLU FFN in one launch of thread-block clusters (sm_90) ----
+ *
+ * fm_cuda_expert_ffn. Gate+up, then down as two launches leave the GPU idle between them: down's
+ * weight addresses depend on the router's ids and its input on every gate+up block, so its loads
+ * start only after the first launch has drained. Here a cluster of CS blocks (one block of 512
+ * threads an SM) owns one expert slot, or one of its `parts` (1/parts of the intermediate rows
+ * with the matching columns of down, whose partial sums the combine adds): as soon as the ids are
+ * known, every block issues the loads of its gate/up rows (phase A) and of its down rows (phase B)
+ * together, so the whole FFN's weights are in flight in one memory round trip. A block's SwiGLU
+ * outputs go into every peer's shared memory (distributed shared memory) and one hardware cluster
+ * barrier separates the phases: no global-memory counters, no polling. The dense product (the
+ * shared expert's down) rides along, its rows split over all blocks and its loads issued before
+ * the PDL wait, its arithmetic done while the cluster barrier settles. Q4 experts only (the
+ * shapes fm_cuda_expert_ffn_parts accepts). */
+constexpr int FFN_THREADS = 512, FFN_WARPS = FFN_THREADS / 32;
+constexpr int FFN_A_IT = 2; /* phase A: chunks of a gate/up row a lane (a row is <= 64 chunks) */
+constexpr int FFN_B_NR = 4; /* phase B: down rows a row group */
+constexpr int FFN_D_IT = 2; /* the dense product: chunks of its row a lane */
+constexpr int FFN_H_MAX = 512; /* the intermediate values a cluster exchanges (I / parts) */
+
+struct FfnParams {
+    const unsigned char *const *table;
+    const int32_t *ids;
+    long long gate_off, up_off, down_off;
+    MvShape sa, sb;         /* gate / up [I, H]; down [H, I] */
+    const float *x;         /* [H] */
+    float *out;             /* [k * parts][H] */
+    long long out_stride;
+    int n_experts, parts;
+    int ia;                 /* intermediate values a block computes in phase A (<= 2 a warp) */
+    int rb, lb_log2;        /* down rows a block; log2 of the lanes of a down row */
+    const unsigned char *dw; /* the dense product, or NULL */
+    MvShape sd;
+    const float *dx;
+    float *dout;
+    int rd, ld_log2;        /* its rows a block; log2 of the lanes of one of its rows */
+};
+
+/* NR rows' chunks c0 + it * step (it < IT, those below cend) in registers, the rows' weights at
+ * w[r] with shape s; chunk c's scales are those of absolute chunk cbase + c. */
+template <int KIND, int NR, int IT> struct FfnRows {
+    uint4 q[IT][NR];
+    uint32_t sr[IT][NR], br[IT][NR];
+
+    __device__ __forceinline__ void load(const unsigned char *const (&w)[NR], const MvShape &s, const int (&row)[NR],
+                                         int cbase, int c0, int step, int cend) {
+#pragma unroll
+        for (int it = 0; it < IT; it++) {
+            const int c = c0 + it * step;
+#pragma unroll
+            for (int r = 0; r < NR; r++) {
+                if (c < cend) mv_load_chunk<KIND>(s, w[r], row[r], cbase + c, q[it][r], sr[it][r], br[it][r]);
+                else q[it][r] = make_uint4(0, 0, 0, 0), sr[it][r] = br[it][r] = 0;
+            }
+        }
+    }
+
+    /* acc[r] += the rows' dot products with x (x + c * VPC is chunk c's input; GLOBAL: read
+     * through the non-coherent path, else shared memory) over this lane's chunks */
+    template <bool GLOBAL>
+    __device__ __forceinline__ void accumulate(float (&acc)[NR], const float *x, int sk, int c0, int step, int cend) const {
+        constexpr int NQ = KT<KIND>::VPW; /* float4s of x a chunk: 4 * VPW values */
+#pragma unroll
+        for (int it = 0; it < IT; it++) {
+            const int c = c0 + it * step;
+            if (c >= cend) break;
+            float4 xv[NQ];
+            const float4 *x4 = (const float4 *)x + (long long)c * NQ;
+#pragma unroll
+            for (int j = 0; j < NQ; j++) xv[j] = GLOBAL ? __ldg(x4 + j) : x4[j];
+            const float xsum = mv_x_prep<KIND>(xv);
+#pragma unroll
+            for (int r = 0; r < NR; r++) acc[r] = mv_chunk_acc<KIND>(acc[r], q[it][r], xv, sr[it][r], br[it][r], sk, xsum);
+        }
+    }
+};
+
+/* v summed over the L = 2^lg lanes of each aligned group of a warp (every lane gets its group's sum) */
+__device__ __forceinline__ float ffn_group_sum(float v, int lg) {
+    for (int o = (1 << lg) >> 1; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_arrive_release() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.arrive.release.aligned;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait_acquire() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("barrier.cluster.wait.acquire.aligned;" ::: "memory");
+#endif
+}
+/* *(p in the shared memory of the cluster's block `rank`) = v */
+__device__ __forceinline__ void cluster_store(float *p, int rank, float v) {
+#if __CUDA_ARCH__ >= 900
+    uint32_t local = (uint32_t)__cvta_generic_to_shared(p), remote;
+    asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(local), "r"(rank));
+    asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(remote), "f"(v) : "memory");
+#endif
+}
+
+/* blockIdx.x = unit * CS + rank, unit = slot * parts + part; KD: the dense product's kind (K_NONE:
+ * none). Launched with cluster dimensions (CS, 1, 1), only on sm_90 and later. */
+template <int KD, int CS>
+__global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_constant__ FfnParams p) {
+#if __CUDA_ARCH__ >= 900
+    constexpr int VPC = 4 * KT<K_Q4>::VPW; /* 32 */
+    __shared__ float4 hs4[FFN_H_MAX / 4];  /* this unit's SwiGLU outputs, written by every block of the cluster */
+    float *hs = (float *)hs4;
+    fm_pdl_trigger();
+    cluster_arrive_relaxed(); /* (waited for before the first remote store: every block has started) */
+    const int rank = (int)(blockIdx.x % CS), unit = (int)(blockIdx.x / CS);
+    const int slot = unit / p.parts, part = unit - slot * p.parts;
+    const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
+
+    /* the dense product's row for this lane's group: its weights are constant, loaded before the PDL wait */
+    constexpr int KDL = KD == K_NONE ? K_Q8 : KD; /* (a kind to instantiate with when there is none) */
+    FfnRows<KDL, 1, FFN_D_IT> dr;
+    const int spwd = 32 >> p.ld_log2, gd = lane >> p.ld_log2, ltd = lane & ((1 << p.ld_log2) - 1);
+    const int dloc = warp * spwd + gd, drow = (int)blockIdx.x * p.rd + dloc;
+    const bool dvalid = KD != K_NONE && p.dw && dloc < p.rd && drow < p.sd.rows;
+    if constexpr (KD != K_NONE) {
+        const unsigned char *const dws[1] = {p.dw};
+        const int drows[1] = {dvalid ? drow : 0};
+        dr.load(dws, p.sd, drows, 0, ltd, 1 << p.ld_log2, dvalid ? p.sd.chunks : 0);
+    }
+
+    fm_pdl_wait(); /* the ids, x and the dense product's input come from the predecessors */
+    const int e = min(max(p.ids[slot], 0), p.n_experts - 1);
+    const unsigned char *base = p.table[e];
+    const int ipart = p.sa.rows / p.parts; /* intermediate values of a part */
+
+    /* phase A's loads: intermediates i0, i0 + 1 of this warp (gate and up rows) */
+    const int il = rank * p.ia + 2 * warp, i0 = part * ipart + il;
+    const bool a_any = 2 * warp < p.ia, a_two = 2 * warp + 1 < p.ia;
+    FfnRows<K_Q4, 4, FFN_A_IT> ar;
+    {
+        const unsigned char *g = base + p.gate_off, *u = base + p.up_off;
+        const unsigned char *const ws[4] = {g, g, u, u};
+        const int r1 = a_two ? i0 + 1 : i0;
+        const int rows[4] = {i0, r1, i0, r1};
+        ar.load(ws, p.sa, rows, 0, lane, 32, a_any ? p.sa.chunks : 0);
+    }
+    /* phase B's loads: FFN_B_NR down rows a row group, the part's columns */
+    const int lb = 1 << p.lb_log2, spwb = 32 >> p.lb_log2, gb = lane >> p.lb_log2, ltb = lane & (lb - 1);
+    const int cb = ipart / VPC; /* chunks of the part in a down row */
+    const int bloc = (warp * spwb + gb) * FFN_B_NR, brow0 = rank * p.rb + bloc;
+    FfnRows<K_Q4, FFN_B_NR, 1> br;
+    {
+        const unsigned char *d = base + p.down_off;
+        const unsigned char *const ws[FFN_B_NR] = {d, d, d, d};
+        int rows[FFN_B_NR];
+#pragma unroll
+        for (int r = 0; r < FFN_B_NR; r++) rows[r] = bloc + r < p.rb ? brow0 + r : brow0; /* clamped: read, not stored */
+        br.load(ws, p.sb, rows, part * cb, ltb, lb, bloc < p.rb ? cb : 0);
+    }
+
+    /* phase A: gate and up of two intermediate values, their SwiGLU into every block of the cluster */
+    float a[4] = {0.f, 0.f, 0.f, 0.f};
+    ar.accumulate<true>(a, p.x, p.sa.scale_kind, lane, 32, a_any ? p.sa.chunks : 0);
+#pragma unroll
+    for (int r = 0; r < 4; r++) a[r] = ffn_group_sum(a[r], 5);
+    const float h0 = mv_silu(a[0]) * a[2], h1 = mv_silu(a[1]) * a[3];
+    cluster_wait_acquire(); /* every block of the cluster runs: its shared memory may be written */
+    {
+        const int peer = lane & 15, which = lane >> 4;
+        if (peer < CS && (which ? a_two : a_any)) cluster_store(hs + il + which, peer, which ? h1 : h0);
+    }
+    cluster_arrive_release();
+
+    /* the dense product while the barrier settles */
+    if constexpr (KD != K_NONE) {
+        float d[1] = {0.f};
+        dr.template accumulate<true>(d, p.dx, p.sd.scale_kind, ltd, 1 << p.ld_log2, dvalid ? p.sd.chunks : 0);
+        d[0] = ffn_group_sum(d[0], p.ld_log2);
+        if (dvalid && ltd == 0) p.dout[drow] = d[0];
+    }
+
+    cluster_wait_acquire(); /* every block's SwiGLU outputs are in hs */
+    /* phase B: the part's share of down for this block's rows */
+    float b[FFN_B_NR] = {};
+    br.accumulate<false>(b, hs, p.sb.scale_kind, ltb, lb, bloc < p.rb ? cb : 0);
+#pragma unroll
+    for (int r = 0; r < FFN_B_NR; r++) {
+        b[r] = ffn_group_sum(b[r], p.lb_log2);
+        if (ltb == r && bloc + r < p.rb) p.out[(long long)unit * p.out_stride + brow0 + r] = b[r];
+    }
+#endif
+}
+
+typedef void (*ffn_fn)(const FfnParams);
+template <int CS> ffn_fn ffn_kernel_cs(int kd) {
+    return kd == K_Q8 ? mv_expert_ffn<K_Q8, CS> : kd == K_Q4 ? mv_expert_ffn<K_Q4, CS>
+         : kd == K_BF16 ? mv_expert_ffn<K_BF16, CS> : kd == K_NONE ? mv_expert_ffn<K_NONE, CS> : nullptr;
+}
+ffn_fn ffn_kernel(int kd, int cs) { return cs == 16 ? ffn_kernel_cs<16>(kd) : cs == 8 ? ffn_kernel_cs<8>(kd) : nullptr; }
+
+/* The fused FFN's launch shape for these weights on this device; false when it does not take them. */
+struct FfnPlan {
+    int cs, parts, kd;
+    FfnParams p; /* the shape fields (sa, sb, sd, parts, ia, rb, lb_log2, rd, ld_log2) */
+};
+
+int ffn_log2_ceil(long long n) {
+    int l = 0;
+    while ((1LL << l) < n) l++;
+    return l;
+}
+
+/* The most clusters of cs blocks of `kernel` resident at once (cached per context and cluster size). */
+int ffn_max_clusters(fm_cuda *ctx, ffn_fn kernel, int cs) {
+    int &cached = ctx->ffn_clusters[cs == 16 ? 1 : 0];
+    if (cached >= 0) return cached;
+    cached = 0;
+    if (cs > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)cs);
+    cfg.blockDim = dim3(FFN_THREADS);
+    cudaLaunchAttribute attr[1];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)cs, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &cfg) != cudaSuccess) {
+        (void)cudaGetLastError();
+        n = 0;
+    }
+    return cached = n;
+}
+
+bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, const fm_cuda_mv *extra, FfnPlan &P) {
+    const char *env = getenv("FLASHMOE_CUDA_FFN"); /* 0: off; 8 or 16: that cluster size only */
+    const int forced = env ? atoi(env) : -1;
+    if (forced == 0 || ctx->cc_major < 9 || k < 1 || !gu || !dn) return false;
+    Params pp;
+    int ka = K_NONE, kb = K_NONE;
+    memset(&P, 0, sizeof P);
+    FfnParams &p = P.p;
+    if (check_shape(gu, &pp, &ka) != FM_OK || check_shape(dn, &pp, &kb) != FM_OK) return false;
+    if (ka != K_Q4 || kb != K_Q4 || !mv_shape(gu, ka, &p.sa) || !mv_shape(dn, kb, &p.sb)) return false;
+    const long long I = gu->rows, H = gu->cols;
+    if (dn->rows != H || dn->cols != I || p.sa.chunks > FFN_A_IT * 32) return false;
+    P.kd = K_NONE;
+    if (extra) {
+        if (!extra->w || !extra->w->data || !extra->x || !extra->out || extra->w_up || extra->norm_w ||
+            extra->norm_out || extra->residual || extra->conv_w || check_shape(extra->w, &pp, &P.kd) != FM_OK ||
+            (P.kd != K_Q8 && P.kd != K_Q4 && P.kd != K_BF16) || !fm_cuda_matvec_takes(extra->w, extra->x) ||
+            !mv_shape(extra->w, P.kd, &p.sd) || p.sd.chunks > FFN_D_IT * 32)
+            return false;
+    }
+    for (int cs = 16; cs >= 8; cs /= 2) {
+        if (forced > 0 && forced != cs) continue;
+        for (int parts = 1; parts <= 2; parts++) {
+            const long long ipart = I / parts, blocks = (long long)k * parts * cs;
+            if (I % (parts * cs) || ipart % 32 || ipart > FFN_H_MAX || H % cs || blocks > 65535) continue;
+            p.parts = parts;
+            p.ia = (int)(I / (parts * cs));
+            p.lb_log2 = ffn_log2_ceil(ipart / 32);
+            p.rb = (int)(H / cs);
+            if (p.ia > 2 * FFN_WARPS || p.rb > FFN_WARPS * (32 >> p.lb_log2) * FFN_B_NR) continue;
+            if (extra) {
+                p.ld_log2 = ffn_log2_ceil((p.sd.chunks + FFN_D_IT - 1) / FFN_D_IT);
+                p.rd = (int)((p.sd.rows + blocks - 1) / blocks);
+                if (p.ld_log2 > 5 || p.rd > FFN_WARPS * (32 >> p.ld_log2)) continue;
+            }
+            if (ffn_max_clusters(ctx, ffn_kernel(P.kd, cs), cs) < k * parts) continue;
+            P.cs = cs;
+            P.parts = parts;
+            return true;
+        }
+    }
+    return false;
+}
+
+} // namespace
+
+extern "C" int fm_cuda_expert_ffn_parts(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down, int k,
+                                        const fm_cuda_mv *extra) {
+    FfnPlan P;
+    if (!ctx || cudaSetDevice(ctx->device) != cudaSuccess) {
+        (void)cudaGetLastError();
+        return 0;
+    }
+    return ffn_plan(ctx, gate_up, down, k, extra, P) ? P.parts : 0;
+}
+
+extern "C" fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down,
+                                        const fm_cuda_expert_ffn_args *f, const fm_cuda_mv *extra) {
+    FM_CUDA_CTX(ctx);
+    if (!f || !f->table || !f->ids || !f->x || !f->out || (extra && (!extra->w || !extra->x || !extra->out)))
+        return fm_error_set(FM_ERR_ARG, "CUDA expert FFN: NULL pointer");
+    if (f->k < 1 || f->n_experts < 1 || f->gate_off < 0 || f->up_off < 0 || f->down_off < 0 || f->gate_off % 16 ||
+        f->up_off % 16 || f->down_off % 16 || (uintptr_t)f->x % 16)
+        return fm_error_set(FM_ERR_ARG,
+                            "CUDA expert FFN: bad arguments (top-%d of %d experts; part offsets must be multiples of 16 "
+                            "bytes and x 16-byte aligned)",
+                            f->k, f->n_experts);
+    FfnPlan P;
+    if (!ffn_plan(ctx, gate_up, down, f->k, extra, P))
+        return fm_error_set(FM_ERR_UNSUPPORTED,
+                            "CUDA expert FFN: the fused launch does not take these weights, this top-%d or this device "
+                            "(fm_cuda_expert_ffn_parts is 0; use fm_cuda_expert_matvec)",
+                            f->k);
+    FfnParams &p = P.p;
+    p.table = (const unsigned char *const *)f->table;
+    p.ids = f->ids;
+    p.gate_off = f->gate_off, p.up_off = f->up_off, p.down_off = f->down_off;
+    p.x = f->x;
+    p.out = f->out;
+    p.out_stride = gate_up->cols;
+    p.n_experts = f->n_experts;
+    if (extra) {
+        p.dw = (const unsigned char *)extra->w->data;
+        p.dx = extra->x;
+        p.dout = extra->out;
+    }
+    const ffn_fn kernel = ffn_kernel(P.kd, P.cs);
+    if (P.cs > 8) FM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+    const char *pdl = getenv("FLASHMOE_CUDA_PDL");
+    cudaLaunchConfig_t cfg = {};
+    cfg.gridDim = dim3((unsigned)(f->k * P.parts * P.cs));
+    cfg.blockDim = dim3(FFN_THREADS);
+    cfg.stream = ctx->stream;
+    cudaLaunchAttribute attr[2];
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = (unsigned)P.cs, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
+    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attr[1].val.programmaticStreamSerializationAllowed = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pdl && pdl[0] == '0' && !pdl[1] ? 1 : 2;
+    FM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+    FM_CUDA_CHECK_LAUNCH("the CUDA expert FFN kernel");
+    return FM_OK;
 }

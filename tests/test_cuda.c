@@ -973,8 +973,9 @@ FM_TEST(cuda_matvec_experts_with_dense) {
  *   dh = 1e-5 (1.1 |u| mag_g + max(|g|, 0.28) mag_u)    (|silu'| <= 1.1, |silu(g)| <= max(g, 0.28))
  *   |y_r - sum_c D_rc h_c| <= 1e-5 sum_c (|D_rc| + 2 |b_rc|) |h_c| + sum_c |D_rc| dh_c.
  * The parts of a slot's output are added as fm_cuda_moe_combine_parts adds them; that combine is
- * checked too (|gpu - cpu| <= 1e-5 of the sum of the magnitudes of its terms), and the dense product
- * as every matmul (compare_out). Outputs poisoned with NaN and guarded by sentinels. cluster: the
+ * checked too (|gpu - cpu| <= 1e-5 of the sum of the magnitudes of its terms), then the launch with
+ * the combine inside must give the same outputs and x bit for bit; the dense product is checked as
+ * every matmul (compare_out). Outputs poisoned with NaN and guarded by sentinels. cluster: the
  * FLASHMOE_CUDA_FFN value (NULL: the automatic choice). Returns false when the fused launch does not
  * take the case (nothing checked). */
 static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, int64_t I, int k, fm_dtype dt2,
@@ -988,9 +989,10 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
     float *x = malloc(sizeof(float) * (size_t)H), *x2 = malloc(sizeof(float) * (size_t)I);
     float *Y = NULL, *o = poisoned(H), *xr = malloc(sizeof(float) * (size_t)H), *sh = malloc(sizeof(float) * (size_t)H);
     float *xr_gpu = malloc(sizeof(float) * (size_t)H), *yv = malloc(sizeof(float) * (size_t)(k * H));
+    float *xr_fused = malloc(sizeof(float) * (size_t)H), *Y2 = NULL;
     double *g = malloc(sizeof(double) * (size_t)I), *u = malloc(sizeof(double) * (size_t)I);
     double *h = malloc(sizeof(double) * (size_t)I), *dh = malloc(sizeof(double) * (size_t)I);
-    bool ok = x && x2 && o && xr && sh && xr_gpu && yv && g && u && h && dh, taken = false;
+    bool ok = x && x2 && o && xr && sh && xr_gpu && xr_fused && yv && g && u && h && dh, taken = false;
     size_t off[NE], part_off[3], tot = 0;
     char what[160];
     snprintf(what, sizeof what, "expert FFN H %lld I %lld top-%d, dense %s, cluster %s", (long long)H, (long long)I, k,
@@ -1045,11 +1047,16 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
     }
     if (cluster) setenv("FLASHMOE_CUDA_FFN", cluster, 1);
     fm_cuda_mv extra = {.w = &wd, .x = dx2, .out = (float *)dO + GUARD};
-    const int parts = fm_cuda_expert_ffn_parts(c, &gshape, &dshape, k, dense ? &extra : NULL);
+    const int parts = fm_cuda_expert_ffn_parts(c, &gshape, &dshape, k, dense ? &extra : NULL, false);
     if (parts == 0) goto done;
+    if (fm_cuda_expert_ffn_parts(c, &gshape, &dshape, k, dense ? &extra : NULL, true) != parts) {
+        t->failures++;
+        fprintf(stderr, "  %s: the combine changes the parts\n", what);
+        goto done;
+    }
     taken = true;
     const int64_t ny = (int64_t)k * parts * H;
-    if (!(Y = poisoned(ny)) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(ny + 2 * GUARD), &dY) ||
+    if (!(Y = poisoned(ny)) || !(Y2 = malloc(sizeof(float) * (size_t)(ny + 2 * GUARD))) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(ny + 2 * GUARD), &dY) ||
         fm_cuda_buf_upload(c, dY, Y, sizeof(float) * (size_t)(ny + 2 * GUARD))) {
         t->failures++;
         goto done;
@@ -1064,6 +1071,21 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
         fm_cuda_buf_download(c, xr_gpu, dxr, sizeof(float) * (size_t)H)) {
         t->failures++;
         fprintf(stderr, "  %s: %s\n", what, fm_last_error());
+        goto done;
+    }
+    /* again with the combine in the launch: the same outputs and x bit for bit */
+    f.combine_x = dxr, f.shared_logit = dlg, f.weights = dwt;
+    if (fm_cuda_buf_upload(c, dxr, xr, sizeof(float) * (size_t)H) ||
+        fm_cuda_expert_ffn(c, &gshape, &dshape, &f, dense ? &extra : NULL) ||
+        fm_cuda_buf_download(c, Y2, dY, sizeof(float) * (size_t)(ny + 2 * GUARD)) ||
+        fm_cuda_buf_download(c, xr_fused, dxr, sizeof(float) * (size_t)H)) {
+        t->failures++;
+        fprintf(stderr, "  %s, combine in the launch: %s\n", what, fm_last_error());
+        goto done;
+    }
+    if (memcmp(Y, Y2, sizeof(float) * (size_t)(ny + 2 * GUARD)) || memcmp(xr_gpu, xr_fused, sizeof(float) * (size_t)H)) {
+        t->failures++;
+        fprintf(stderr, "  %s: the combine in the launch differs from fm_cuda_moe_combine_parts\n", what);
         goto done;
     }
     for (int64_t j = 0; j < GUARD; j++)
@@ -1138,6 +1160,7 @@ done:
     fm_cuda_buf_free(c, dw), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids), fm_cuda_buf_free(c, dx);
     fm_cuda_buf_free(c, dd), fm_cuda_buf_free(c, dx2), fm_cuda_buf_free(c, dY), fm_cuda_buf_free(c, dO);
     fm_cuda_buf_free(c, dsh), fm_cuda_buf_free(c, dlg), fm_cuda_buf_free(c, dwt), fm_cuda_buf_free(c, dxr);
+    free(xr_fused), free(Y2);
     free(x), free(x2), free(Y), free(o), free(xr), free(sh), free(xr_gpu), free(yv), free(g), free(u), free(h), free(dh);
     return taken;
 }
@@ -1165,16 +1188,18 @@ FM_TEST(cuda_expert_ffn_fused) {
     fm_weight gu = {.dtype = FM_DTYPE_Q4, .rows = 1024, .cols = 4096, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     fm_weight dn = gu;
     dn.rows = 4096, dn.cols = 1024;
-    CHECK(fm_cuda_expert_ffn_parts(c, &gu, &dn, 10, NULL) == 0); /* the 397B shapes: H > 2048 */
+    CHECK(fm_cuda_expert_ffn_parts(c, &gu, &dn, 10, NULL, false) == 0); /* the 397B shapes: H > 2048 */
     fm_weight gq8 = gu, dq8 = dn;
     gq8.dtype = dq8.dtype = FM_DTYPE_Q8, gq8.cols = dq8.rows = 1024, gq8.rows = dq8.cols = 256;
-    CHECK(fm_cuda_expert_ffn_parts(c, &gq8, &dq8, 4, NULL) == 0); /* Q8 experts */
+    CHECK(fm_cuda_expert_ffn_parts(c, &gq8, &dq8, 4, NULL, false) == 0); /* Q8 experts */
     fm_cuda_expert_ffn_args f = {.table = (const void *const *)16, .ids = (const int32_t *)16, .k = 10, .n_experts = 16,
                                  .x = (const float *)16, .out = (float *)16};
     CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_UNSUPPORTED);
     f.x = NULL;
     CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_ARG);
     f.x = (const float *)16, f.up_off = 8;
+    CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_ARG);
+    f.up_off = 0, f.combine_x = (float *)16; /* a combine without the routing weights */
     CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_ARG);
     CHECK(fm_cuda_moe_combine_parts(c, (float *)16, NULL, NULL, (const float *)16, (const int32_t *)16,
                                     (const float *)16, 17, 1, 64) == FM_ERR_ARG);

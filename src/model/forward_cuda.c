@@ -1353,13 +1353,21 @@ static fm_status moe_dev(fm_cuda_session *s, int l, bool norm_after, const float
     /* gate+up and down of the k experts (and the shared down) in one launch of clusters where the
      * device and the shapes allow (fm_cuda_expert_ffn; its parts need parts * H floats a slot of Y) */
     if (!norm_after) {
-        const int parts = fm_cuda_expert_ffn_parts(ctx, &sg, &sd, (int)k, ysh ? &shd : NULL);
+        /* the combine too, by the last block of each slice of rows; FLASHMOE_CUDA_FFN_COMBINE=0: its
+         * own launch (measurements) */
+        static int comb = -1;
+        if (comb < 0) {
+            const char *e = getenv("FLASHMOE_CUDA_FFN_COMBINE");
+            comb = !(e && !strcmp(e, "0"));
+        }
+        const int parts = fm_cuda_expert_ffn_parts(ctx, &sg, &sd, (int)k, ysh ? &shd : NULL, comb);
         if (parts > 0 && k <= 16 && parts * H <= s->cap * max64(H, I)) {
             fm_cuda_expert_ffn_args f = {.table = table, .ids = ids, .k = (int)k, .n_experts = (int)E,
-                                    .gate_off = (int64_t)pg->offset, .up_off = (int64_t)pu->offset,
-                                    .down_off = (int64_t)pd->offset, .x = s->xn, .out = s->Y};
+                                         .gate_off = (int64_t)pg->offset, .up_off = (int64_t)pu->offset,
+                                         .down_off = (int64_t)pd->offset, .x = s->xn, .out = s->Y,
+                                         .combine_x = comb ? s->x : NULL, .shared_logit = s->shl, .weights = tw};
             TRY(fm_cuda_expert_ffn(ctx, &sg, &sd, &f, ysh ? &shd : NULL));
-            return fm_cuda_moe_combine_parts(ctx, s->x, ysh, s->shl, s->Y, ids, tw, (int)k, parts, H);
+            return comb ? FM_OK : fm_cuda_moe_combine_parts(ctx, s->x, ysh, s->shl, s->Y, ids, tw, (int)k, parts, H);
         }
     }
     /* gate and up of the k experts with the SwiGLU in their output (G = silu(gate) * up), then down;

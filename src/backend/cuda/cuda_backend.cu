@@ -64,6 +64,8 @@ extern "C" fm_status fm_cuda_init(int device, fm_cuda **out) {
     if (e == cudaSuccess) e = cudaEventCreate(&c->t1);
     if (e == cudaSuccess) e = cudaMalloc((void **)&c->tk_count, sizeof(unsigned));
     if (e == cudaSuccess) e = cudaMemsetAsync(c->tk_count, 0, sizeof(unsigned), c->stream);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->ffn_ctr, 16 * sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaMemsetAsync(c->ffn_ctr, 0, 16 * sizeof(unsigned), c->stream);
     if (e != cudaSuccess) {
         fm_cuda_fail(e, "cudaStreamCreateWithFlags / cudaEventCreate", __FILE__, __LINE__);
         fm_status st = e == cudaErrorMemoryAllocation ? FM_ERR_NOMEM : FM_ERR_IO;
@@ -84,6 +86,7 @@ extern "C" void fm_cuda_free(fm_cuda *ctx) {
     if (ctx->t0) cudaEventDestroy(ctx->t0);
     if (ctx->t1) cudaEventDestroy(ctx->t1);
     if (ctx->tk_count) cudaFree(ctx->tk_count);
+    if (ctx->ffn_ctr) cudaFree(ctx->ffn_ctr);
     if (ctx->copy) {
         cudaStreamSynchronize(ctx->copy);
         cudaStreamDestroy(ctx->copy);

@@ -456,19 +456,28 @@ typedef struct fm_cuda_expert_ffn_args {
     int64_t gate_off, up_off, down_off; /* bytes from an expert's base to its parts (multiples of 16) */
     const float *x;           /* device: [H], 16-byte aligned */
     float *out;               /* device: [k * parts][H] */
+    /* Optional: the MoE combine in the same launch (combine_x NULL: none, the caller runs
+     * fm_cuda_moe_combine_parts). combine_x[i] += sigmoid(*shared_logit) * extra->out[i] (with
+     * extra) + the sum over slots of weights[j] * expert j's output, in ascending id: the same x bit
+     * for bit as fm_cuda_moe_combine_parts. Needs k <= 16 and extra->w->rows == H (else the launch
+     * is refused as unsupported). */
+    float *combine_x;
+    const float *shared_logit, *weights;
 } fm_cuda_expert_ffn_args;
 
 /* The `parts` fm_cuda_expert_ffn splits each expert into on this device (1 or 2), or 0 when the
  * fused launch does not take these shapes (then fm_cuda_expert_matvec and _with): Q4 experts with
  * H <= 2048 and I / parts a multiple of 32 and <= 512, a GPU of compute capability 9 or later on
  * which k * parts clusters of 16 (or 8) blocks are resident at once, extra (if any) Q8, Q4 or BF16
- * with rows of at most 64 16-byte chunks. FLASHMOE_CUDA_FFN=0 turns it off; 8 or 16 allows only
+ * with rows of at most 64 16-byte chunks; with `combine` (the combine in the launch, combine_x
+ * below) also k <= 16 and extra's rows H. FLASHMOE_CUDA_FFN=0 turns it off; 8 or 16 allows only
  * that cluster size (measurements, tests). */
 int fm_cuda_expert_ffn_parts(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down, int k,
-                             const fm_cuda_mv *extra);
+                             const fm_cuda_mv *extra, bool combine);
 
-/* Enqueues the fused FFN. FM_ERR_ARG for NULL pointers, k < 1, misaligned offsets or x;
- * FM_ERR_UNSUPPORTED where fm_cuda_expert_ffn_parts is 0. Nothing is enqueued on an error. */
+/* Enqueues the fused FFN. FM_ERR_ARG for NULL pointers, k < 1, misaligned offsets or x, a combine
+ * without weights (or, with extra, without shared_logit); FM_ERR_UNSUPPORTED where
+ * fm_cuda_expert_ffn_parts is 0 or the combine's conditions fail. Nothing is enqueued on an error. */
 fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down,
                              const fm_cuda_expert_ffn_args *f, const fm_cuda_mv *extra);
 

@@ -36,6 +36,7 @@ struct fm_cuda {
     int ffn_clusters[2];  /* matmul.cu: the most resident clusters of the expert FFN kernel (8, 16 blocks); -1 unknown */
     int64_t l2_bytes;
     unsigned *tk_count;   /* device: fm_cuda_matvec_topk's count of finished blocks (0 between launches) */
+    unsigned *ffn_ctr;    /* device: [16] fm_cuda_expert_ffn's counts of finished blocks a rank (0 between launches) */
     char desc[256];
 };
 
@@ -163,6 +164,44 @@ __device__ __forceinline__ void fm_topk_warp(int32_t *ids, float *weights, const
         ids[lane] = my_id;
         weights[lane] = norm ? my_w / tsum : my_w;
     }
+}
+
+__device__ __forceinline__ float fm_sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+/* Token t's k (<= KM) expert ids and routing weights, each thread its own copy in registers:
+ * rank[j] = how many of the ids are below ids[j] (a token's ids are distinct), so that adding slot
+ * j's value at step rank[j] adds the experts in ascending id without a sort or a barrier. */
+template <int KM>
+__device__ __forceinline__ void fm_combine_ranks(const int32_t *ids, const float *w, int k, int rank[KM], float wv[KM]) {
+    int32_t id[KM];
+#pragma unroll
+    for (int j = 0; j < KM; j++) {
+        id[j] = j < k ? ids[j] : INT32_MAX;
+        wv[j] = j < k ? w[j] : 0.f;
+    }
+#pragma unroll
+    for (int j = 0; j < KM; j++) {
+        rank[j] = 0;
+#pragma unroll
+        for (int i = 0; i < KM; i++) rank[j] += i < k && id[i] < id[j];
+    }
+}
+
+/* acc + the sum over slots of wv[j] * yv[j], added in ascending id (fm_combine_ranks), as
+ * moe_combine_topk_kernel adds them. */
+template <int KM>
+__device__ __forceinline__ float fm_combine_experts(float acc, const float yv[KM], const int rank[KM], const float wv[KM],
+                                                 int k) {
+#pragma unroll
+    for (int r = 0; r < KM; r++)
+        if (r < k) {
+            float yy = 0.f, ww = 0.f;
+#pragma unroll
+            for (int j = 0; j < KM; j++)
+                if (rank[j] == r) yy = yv[j], ww = wv[j];
+            acc += ww * yy;
+        }
+    return acc;
 }
 
 /* Launches k on the context's stream with programmatic stream serialization (it may start while the

@@ -52,7 +52,6 @@ __device__ float block_max(float v, float *red) {
 }
 
 __device__ __forceinline__ float silu(float x) { return x / (1.0f + expf(-x)); }
-__device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 __device__ __forceinline__ float softplus(float x) { return x > 20.0f ? x : log1pf(expf(x)); }
 
 /* ---- residual + RMSNorm: x += add (optional); xn = x / sqrt(mean(x^2) + eps) * w ----
@@ -227,7 +226,7 @@ __global__ void delta_rule_kernel(float *o, const float *qkv, const float *bb, c
         __syncthreads();
         const float b = bb[t * nv + h], a = aa[t * nv + h];
         const float decay = expf(A * softplus(a + dt_bias[h]));
-        const float beta = sigmoid(b);
+        const float beta = fm_sigmoid(b);
         if (j < dv) {
             float kv = 0.f;
             for (int i = 0; i < dk; i++) {
@@ -292,7 +291,7 @@ __global__ void __launch_bounds__(128) delta_rule_reg_kernel(float *o, const flo
         __syncthreads();
         const float b = bb[t * nv + h], a = aa[t * nv + h];
         const float decay = expf(A * softplus(a + dt_bias[h]));
-        const float beta = sigmoid(b);
+        const float beta = fm_sigmoid(b);
         if (col) {
             float kv = 0.f;
 #pragma unroll
@@ -384,7 +383,7 @@ __global__ void __launch_bounds__(512) delta_cols_kernel(float *o, const float *
             kn[r] = kn[r] * ik;
         }
         const float decay = expf(A * softplus(a + dtb));
-        const float beta = sigmoid(b);
+        const float beta = fm_sigmoid(b);
         float4 kv = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
         for (int r = 0; r < DCOL_RPT; r++) {
@@ -517,7 +516,7 @@ __global__ void __launch_bounds__(ATT_WARPS * 32) attention_kernel(float *out, c
     for (int c = threadIdx.x; c < d; c += ATT_WARPS * 32) {
         float acc = 0.f;
         for (int w = 0; w < ATT_WARPS; w++) acc += sm_o[w][c] * f[w];
-        out[r * d + c] = acc / tot * sigmoid(g[c]);
+        out[r * d + c] = acc / tot * fm_sigmoid(g[c]);
     }
 }
 
@@ -710,7 +709,7 @@ __global__ void __launch_bounds__(ATD_THREADS, 1) attention_decode_kernel(
 #pragma unroll
         for (int cc = 0; cc < ATD_COLS; cc++) {
             const int c = threadIdx.x + ATD_THREADS * cc;
-            if (c < d) out[(long long)h * d + c] = o[cc] / L * sigmoid(g[c]);
+            if (c < d) out[(long long)h * d + c] = o[cc] / L * fm_sigmoid(g[c]);
         }
         return;
     }
@@ -747,7 +746,7 @@ __global__ void __launch_bounds__(ATD_THREADS, 1) attention_decode_kernel(
         if (c < d) {
             float acc = 0.f;
             for (int t = 0; t < active; t++) acc = fmaf(__ldcg(po + ((long long)h * S + t) * d + c), fsplit[t], acc);
-            out[(long long)h * d + c] = acc / tot * sigmoid(g[c]);
+            out[(long long)h * d + c] = acc / tot * fm_sigmoid(g[c]);
         }
     }
 }
@@ -846,7 +845,7 @@ __global__ void gather_rows_kernel(float *out, const float *src, const int32_t *
 __global__ void moe_combine_kernel(float *x, const float *shared, const float *sl, const float *Y,
                                    const int32_t *rows, const float *w, int k, long long H) {
     const long long t = blockIdx.y;
-    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    const float sg = shared ? fm_sigmoid(sl[t]) : 0.f;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < H; i += (long long)gridDim.x * blockDim.x) {
         float acc = shared ? sg * shared[t * H + i] : 0.f;
         for (int j = 0; j < k; j++) {
@@ -882,7 +881,7 @@ __global__ void moe_combine_topk_kernel(float *x, const float *shared, const flo
     const long long t = blockIdx.y;
     if (threadIdx.x == 0) topk_order_by_id(ord, ids + t * k, k);
     __syncthreads();
-    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    const float sg = shared ? fm_sigmoid(sl[t]) : 0.f;
     for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < H; i += (long long)gridDim.x * blockDim.x) {
         float acc = shared ? sg * shared[t * H + i] : 0.f;
         for (int j = 0; j < k; j++) {
@@ -910,7 +909,7 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_kernel(float *__restric
     const long long t = blockIdx.x;
     if (threadIdx.x == 0) topk_order_by_id(ord, ids + t * k, k);
     __syncthreads();
-    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    const float sg = shared ? fm_sigmoid(sl[t]) : 0.f;
     float *xr = x + t * H, *orow = xn + t * H;
     float ss = 0.f;
     for (long long i = threadIdx.x; i < H; i += blockDim.x) {
@@ -939,44 +938,8 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_kernel(float *__restric
     for (long long i = threadIdx.x; i < H; i += blockDim.x) orow[i] = xr[i] * scale * (nw ? nw[i] : 1.0f);
 }
 
-/* Token t's k (<= KM) expert ids and routing weights, each thread its own copy in registers:
- * rank[j] = how many of the ids are below ids[j] (a token's ids are distinct), so that adding slot
- * j's value at step rank[j] adds the experts in ascending id without a sort or a barrier. */
-template <int KM>
-__device__ __forceinline__ void combine_ranks(const int32_t *ids, const float *w, int k, int rank[KM], float wv[KM]) {
-    int32_t id[KM];
-#pragma unroll
-    for (int j = 0; j < KM; j++) {
-        id[j] = j < k ? ids[j] : INT32_MAX;
-        wv[j] = j < k ? w[j] : 0.f;
-    }
-#pragma unroll
-    for (int j = 0; j < KM; j++) {
-        rank[j] = 0;
-#pragma unroll
-        for (int i = 0; i < KM; i++) rank[j] += i < k && id[i] < id[j];
-    }
-}
-
-/* acc + the sum over slots of wv[j] * yv[j], added in ascending id (combine_ranks), as
- * moe_combine_topk_kernel adds them. */
-template <int KM>
-__device__ __forceinline__ float combine_experts(float acc, const float yv[KM], const int rank[KM], const float wv[KM],
-                                                 int k) {
-#pragma unroll
-    for (int r = 0; r < KM; r++)
-        if (r < k) {
-            float yy = 0.f, ww = 0.f;
-#pragma unroll
-            for (int j = 0; j < KM; j++)
-                if (rank[j] == r) yy = yv[j], ww = wv[j];
-            acc += ww * yy;
-        }
-    return acc;
-}
-
 /* moe_combine_topk_kernel for k <= KM in one round of loads after the PDL wait (every thread ranks
- * the ids itself, combine_ranks, and loads its expert values by slot before the first addition):
+ * the ids itself, fm_combine_ranks, and loads its expert values by slot before the first addition):
  * the same arithmetic, so the same x bit for bit. One value a thread. */
 template <int KM>
 __global__ void __launch_bounds__(BLOCK)
@@ -989,22 +952,22 @@ __global__ void __launch_bounds__(BLOCK)
     if (i >= H) return;
     int rank[KM];
     float wv[KM], yv[KM];
-    combine_ranks<KM>(ids + t * k, w + t * k, k, rank, wv);
+    fm_combine_ranks<KM>(ids + t * k, w + t * k, k, rank, wv);
 #pragma unroll
     for (int j = 0; j < KM; j++) yv[j] = j < k ? Y[(t * k + j) * parts * H + i] : 0.f;
     for (int p = 1; p < parts; p++) /* expert j's output in parts (fm_cuda_expert_ffn) */
 #pragma unroll
         for (int j = 0; j < KM; j++)
             if (j < k) yv[j] += Y[((t * k + j) * parts + p) * H + i];
-    const float xv = x[t * H + i], sg = shared ? sigmoid(sl[t]) : 0.f;
+    const float xv = x[t * H + i], sg = shared ? fm_sigmoid(sl[t]) : 0.f;
     const float acc = shared ? sg * shared[t * H + i] : 0.f;
-    x[t * H + i] = xv + combine_experts<KM>(acc, yv, rank, wv, k);
+    x[t * H + i] = xv + fm_combine_experts<KM>(acc, yv, rank, wv, k);
 }
 
 /* moe_combine_norm_kernel for k <= CN_K and H <= NPT * blockDim.x (NPT <= CN_NPT), with fewer dependent memory
  * round trips and the same arithmetic (bit-identical: each element's additions and each thread's
  * sum of squares in the same order): the norm weights loaded before the PDL wait; every thread
- * ranks the ids itself (combine_ranks: no sort by one thread and no barrier before the combine);
+ * ranks the ids itself (fm_combine_ranks: no sort by one thread and no barrier before the combine);
  * all of a thread's expert values loaded before the first addition; x kept in registers for the
  * norm's second pass. */
 constexpr int CN_K = 8, CN_NPT = 4;
@@ -1029,8 +992,8 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_regs_kernel(float *__re
     fm_pdl_wait(); /* the predecessors' writes are visible from here */
     int rank[CN_K];
     float wv[CN_K];
-    combine_ranks<CN_K>(ids + t * k, w + t * k, k, rank, wv);
-    const float sg = shared ? sigmoid(sl[t]) : 0.f;
+    fm_combine_ranks<CN_K>(ids + t * k, w + t * k, k, rank, wv);
+    const float sg = shared ? fm_sigmoid(sl[t]) : 0.f;
     float *xr = x + t * H, *orow = xn + t * H;
     float xv[NPT], yv[NPT][CN_K], shv[NPT];
 #pragma unroll
@@ -1047,7 +1010,7 @@ __global__ void __launch_bounds__(1024) moe_combine_norm_regs_kernel(float *__re
     for (int u = 0; u < NPT; u++) {
         const long long i = threadIdx.x + (long long)u * bd;
         if (i < H) {
-            const float acc = combine_experts<CN_K>(shared ? sg * shv[u] : 0.f, yv[u], rank, wv, k);
+            const float acc = fm_combine_experts<CN_K>(shared ? sg * shv[u] : 0.f, yv[u], rank, wv, k);
             const float v = xv[u] + acc;
             xr[i] = v;
             xv[u] = v;

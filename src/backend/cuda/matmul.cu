@@ -1662,6 +1662,7 @@ constexpr int FFN_A_IT = 2; /* phase A: chunks of a gate/up row a lane (a row is
 constexpr int FFN_B_NR = 4; /* phase B: down rows a row group */
 constexpr int FFN_D_IT = 2; /* the dense product: chunks of its row a lane */
 constexpr int FFN_H_MAX = 512; /* the intermediate values a cluster exchanges (I / parts) */
+constexpr int FFN_K_MAX = 16;  /* top-k with the combine in the launch */
 
 struct FfnParams {
     const unsigned char *const *table;
@@ -1679,6 +1680,11 @@ struct FfnParams {
     const float *dx;
     float *dout;
     int rd, ld_log2;        /* its rows a block; log2 of the lanes of one of its rows */
+    /* the MoE combine (cx NULL: none): by the last block of each rank, over the rank's rows */
+    float *cx;
+    const float *sl, *cw;   /* the shared expert's gate logit (with dw); the routing weights [k] */
+    unsigned *ctr;          /* [CS] blocks of each rank done (the last one resets it to 0) */
+    int k;
 };
 
 /* NR rows' chunks c0 + it * step (it < IT, those below cend) in registers, the rows' weights at
@@ -1764,12 +1770,16 @@ __global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_con
     const int slot = unit / p.parts, part = unit - slot * p.parts;
     const int warp = (int)threadIdx.x >> 5, lane = (int)threadIdx.x & 31;
 
-    /* the dense product's row for this lane's group: its weights are constant, loaded before the PDL wait */
+    /* the dense product's row for this lane's group: its weights are constant, loaded before the PDL
+     * wait. With the combine, a rank's blocks take the rows of that rank's down rows (the last of them
+     * adds them up), else the launch's blocks take consecutive slices. */
     constexpr int KDL = KD == K_NONE ? K_Q8 : KD; /* (a kind to instantiate with when there is none) */
     FfnRows<KDL, 1, FFN_D_IT> dr;
     const int spwd = 32 >> p.ld_log2, gd = lane >> p.ld_log2, ltd = lane & ((1 << p.ld_log2) - 1);
-    const int dloc = warp * spwd + gd, drow = (int)blockIdx.x * p.rd + dloc;
-    const bool dvalid = KD != K_NONE && p.dw && dloc < p.rd && drow < p.sd.rows;
+    const int dloc = warp * spwd + gd;
+    const int drow = p.cx ? rank * p.rb + unit * p.rd + dloc : (int)blockIdx.x * p.rd + dloc;
+    const bool dvalid = KD != K_NONE && p.dw && dloc < p.rd && drow < p.sd.rows &&
+                        (!p.cx || unit * p.rd + dloc < p.rb);
     if constexpr (KD != K_NONE) {
         const unsigned char *const dws[1] = {p.dw};
         const int drows[1] = {dvalid ? drow : 0};
@@ -1836,6 +1846,35 @@ __global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_con
         b[r] = ffn_group_sum(b[r], p.lb_log2);
         if (ltb == r && bloc + r < p.rb) p.out[(long long)unit * p.out_stride + brow0 + r] = b[r];
     }
+    if (!p.cx) return;
+
+    /* the combine of this rank's rows by the last of the k * parts blocks that wrote them (the usual
+     * last-block pattern: stores fenced before the count, the outputs read back through L2): the
+     * arithmetic of moe_combine_regs_kernel, so x is the same bit for bit */
+    __shared__ unsigned last;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        last = atomicAdd(p.ctr + rank, 1u) + 1 == gridDim.x / CS;
+        if (last) atomicExch(p.ctr + rank, 0u);
+        __threadfence();
+    }
+    __syncthreads();
+    if (!last) return;
+    int rk[FFN_K_MAX];
+    float wv[FFN_K_MAX], yv[FFN_K_MAX];
+    fm_combine_ranks<FFN_K_MAX>(p.ids, p.cw, p.k, rk, wv);
+    const float sg = p.dw ? fm_sigmoid(*p.sl) : 0.f;
+    for (int i = rank * p.rb + (int)threadIdx.x; i < (rank + 1) * p.rb; i += FFN_THREADS) {
+#pragma unroll
+        for (int j = 0; j < FFN_K_MAX; j++) yv[j] = j < p.k ? __ldcg(p.out + (long long)j * p.parts * p.out_stride + i) : 0.f;
+        for (int q = 1; q < p.parts; q++)
+#pragma unroll
+            for (int j = 0; j < FFN_K_MAX; j++)
+                if (j < p.k) yv[j] += __ldcg(p.out + ((long long)j * p.parts + q) * p.out_stride + i);
+        const float acc = p.dw ? sg * __ldcg(p.dout + i) : 0.f;
+        p.cx[i] = p.cx[i] + fm_combine_experts<FFN_K_MAX>(acc, yv, rk, wv, p.k);
+    }
 #endif
 }
 
@@ -1883,7 +1922,8 @@ int ffn_max_clusters(fm_cuda *ctx, ffn_fn kernel, int cs) {
     return cached = n;
 }
 
-bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, const fm_cuda_mv *extra, FfnPlan &P) {
+bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, const fm_cuda_mv *extra, bool combine,
+              FfnPlan &P) {
     const char *env = getenv("FLASHMOE_CUDA_FFN"); /* 0: off; 8 or 16: that cluster size only */
     const int forced = env ? atoi(env) : -1;
     if (forced == 0 || ctx->cc_major < 9 || k < 1 || !gu || !dn) return false;
@@ -1894,13 +1934,13 @@ bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, con
     if (check_shape(gu, &pp, &ka) != FM_OK || check_shape(dn, &pp, &kb) != FM_OK) return false;
     if (ka != K_Q4 || kb != K_Q4 || !mv_shape(gu, ka, &p.sa) || !mv_shape(dn, kb, &p.sb)) return false;
     const long long I = gu->rows, H = gu->cols;
-    if (dn->rows != H || dn->cols != I || p.sa.chunks > FFN_A_IT * 32) return false;
+    if (dn->rows != H || dn->cols != I || p.sa.chunks > FFN_A_IT * 32 || (combine && k > FFN_K_MAX)) return false;
     P.kd = K_NONE;
     if (extra) {
         if (!extra->w || !extra->w->data || !extra->x || !extra->out || extra->w_up || extra->norm_w ||
             extra->norm_out || extra->residual || extra->conv_w || check_shape(extra->w, &pp, &P.kd) != FM_OK ||
             (P.kd != K_Q8 && P.kd != K_Q4 && P.kd != K_BF16) || !fm_cuda_matvec_takes(extra->w, extra->x) ||
-            !mv_shape(extra->w, P.kd, &p.sd) || p.sd.chunks > FFN_D_IT * 32)
+            !mv_shape(extra->w, P.kd, &p.sd) || p.sd.chunks > FFN_D_IT * 32 || (combine && p.sd.rows != H))
             return false;
     }
     for (int cs = 16; cs >= 8; cs /= 2) {
@@ -1915,7 +1955,7 @@ bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, con
             if (p.ia > 2 * FFN_WARPS || p.rb > FFN_WARPS * (32 >> p.lb_log2) * FFN_B_NR) continue;
             if (extra) {
                 p.ld_log2 = ffn_log2_ceil((p.sd.chunks + FFN_D_IT - 1) / FFN_D_IT);
-                p.rd = (int)((p.sd.rows + blocks - 1) / blocks);
+                p.rd = combine ? (p.rb + k * parts - 1) / (k * parts) : (int)((p.sd.rows + blocks - 1) / blocks);
                 if (p.ld_log2 > 5 || p.rd > FFN_WARPS * (32 >> p.ld_log2)) continue;
             }
             if (ffn_max_clusters(ctx, ffn_kernel(P.kd, cs), cs) < k * parts) continue;
@@ -1930,13 +1970,13 @@ bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, con
 } // namespace
 
 extern "C" int fm_cuda_expert_ffn_parts(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down, int k,
-                                        const fm_cuda_mv *extra) {
+                                        const fm_cuda_mv *extra, bool combine) {
     FfnPlan P;
     if (!ctx || cudaSetDevice(ctx->device) != cudaSuccess) {
         (void)cudaGetLastError();
         return 0;
     }
-    return ffn_plan(ctx, gate_up, down, k, extra, P) ? P.parts : 0;
+    return ffn_plan(ctx, gate_up, down, k, extra, combine, P) ? P.parts : 0;
 }
 
 extern "C" fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down,
@@ -1944,6 +1984,9 @@ extern "C" fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, 
     FM_CUDA_CTX(ctx);
     if (!f || !f->table || !f->ids || !f->x || !f->out || (extra && (!extra->w || !extra->x || !extra->out)))
         return fm_error_set(FM_ERR_ARG, "CUDA expert FFN: NULL pointer");
+    if (f->combine_x && (!f->weights || (extra && !f->shared_logit)))
+        return fm_error_set(FM_ERR_ARG, "CUDA expert FFN: a combine needs the routing weights (and, with a dense "
+                                        "product, the shared expert's gate logit)");
     if (f->k < 1 || f->n_experts < 1 || f->gate_off < 0 || f->up_off < 0 || f->down_off < 0 || f->gate_off % 16 ||
         f->up_off % 16 || f->down_off % 16 || (uintptr_t)f->x % 16)
         return fm_error_set(FM_ERR_ARG,
@@ -1951,7 +1994,7 @@ extern "C" fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, 
                             "bytes and x 16-byte aligned)",
                             f->k, f->n_experts);
     FfnPlan P;
-    if (!ffn_plan(ctx, gate_up, down, f->k, extra, P))
+    if (!ffn_plan(ctx, gate_up, down, f->k, extra, f->combine_x != nullptr, P))
         return fm_error_set(FM_ERR_UNSUPPORTED,
                             "CUDA expert FFN: the fused launch does not take these weights, this top-%d or this device "
                             "(fm_cuda_expert_ffn_parts is 0; use fm_cuda_expert_matvec)",
@@ -1964,6 +2007,11 @@ extern "C" fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, 
     p.out = f->out;
     p.out_stride = gate_up->cols;
     p.n_experts = f->n_experts;
+    p.cx = f->combine_x;
+    p.sl = f->shared_logit;
+    p.cw = f->weights;
+    p.ctr = ctx->ffn_ctr;
+    p.k = f->k;
     if (extra) {
         p.dw = (const unsigned char *)extra->w->data;
         p.dx = extra->x;

@@ -985,14 +985,14 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
     memset(hw, 0, sizeof hw), memset(&hd, 0, sizeof hd);
     const bool dense = dt2 != FM_DTYPE_UNKNOWN;
     void *dw = NULL, *tab = NULL, *ids = NULL, *dx = NULL, *dd = NULL, *dx2 = NULL, *dY = NULL, *dO = NULL;
-    void *dsh = NULL, *dlg = NULL, *dwt = NULL, *dxr = NULL;
+    void *dlg = NULL, *dwt = NULL, *dxr = NULL;
     float *x = malloc(sizeof(float) * (size_t)H), *x2 = malloc(sizeof(float) * (size_t)I);
-    float *Y = NULL, *o = poisoned(H), *xr = malloc(sizeof(float) * (size_t)H), *sh = malloc(sizeof(float) * (size_t)H);
+    float *Y = NULL, *o = poisoned(H), *xr = malloc(sizeof(float) * (size_t)H);
     float *xr_gpu = malloc(sizeof(float) * (size_t)H), *yv = malloc(sizeof(float) * (size_t)(k * H));
     float *xr_fused = malloc(sizeof(float) * (size_t)H), *Y2 = NULL;
     double *g = malloc(sizeof(double) * (size_t)I), *u = malloc(sizeof(double) * (size_t)I);
     double *h = malloc(sizeof(double) * (size_t)I), *dh = malloc(sizeof(double) * (size_t)I);
-    bool ok = x && x2 && o && xr && sh && xr_gpu && xr_fused && yv && g && u && h && dh, taken = false;
+    bool ok = x && x2 && o && xr && xr_gpu && xr_fused && yv && g && u && h && dh, taken = false;
     size_t off[NE], part_off[3], tot = 0;
     char what[160];
     snprintf(what, sizeof what, "expert FFN H %lld I %lld top-%d, dense %s, cluster %s", (long long)H, (long long)I, k,
@@ -1013,14 +1013,14 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
         t->failures++;
         goto done;
     }
-    for (int64_t j = 0; j < H; j++) x[j] = (float)rnd(), xr[j] = (float)rnd(), sh[j] = (float)rnd();
+    for (int64_t j = 0; j < H; j++) x[j] = (float)rnd(), xr[j] = (float)rnd();
     for (int64_t j = 0; j < I; j++) x2[j] = (float)rnd();
     fm_weight gshape = hw[0][0].w, dshape = hw[0][2].w, wd = hd.w;
     gshape.data = dshape.data = NULL;
     if (fm_cuda_buf_alloc(c, tot, &dw) || fm_cuda_buf_alloc(c, sizeof(void *) * NE, &tab) ||
         fm_cuda_buf_alloc(c, sizeof(int32_t) * (size_t)k, &ids) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dx) ||
         fm_cuda_buf_alloc(c, sizeof(float) * (size_t)I, &dx2) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)(H + 2 * GUARD), &dO) ||
-        fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dsh) || fm_cuda_buf_alloc(c, sizeof(float), &dlg) ||
+        fm_cuda_buf_alloc(c, sizeof(float), &dlg) ||
         fm_cuda_buf_alloc(c, sizeof(float) * (size_t)k, &dwt) || fm_cuda_buf_alloc(c, sizeof(float) * (size_t)H, &dxr) ||
         (dense && fm_cuda_buf_alloc(c, hd.bytes, &dd))) {
         t->failures++;
@@ -1039,7 +1039,7 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
     if (!ok || fm_cuda_buf_upload(c, tab, htab, sizeof htab) || fm_cuda_buf_upload(c, ids, hids, sizeof(int32_t) * (size_t)k) ||
         fm_cuda_buf_upload(c, dx, x, sizeof(float) * (size_t)H) || fm_cuda_buf_upload(c, dx2, x2, sizeof(float) * (size_t)I) ||
         fm_cuda_buf_upload(c, dO, o, sizeof(float) * (size_t)(H + 2 * GUARD)) ||
-        fm_cuda_buf_upload(c, dsh, sh, sizeof(float) * (size_t)H) || fm_cuda_buf_upload(c, dlg, &logit, sizeof logit) ||
+        fm_cuda_buf_upload(c, dlg, &logit, sizeof logit) ||
         fm_cuda_buf_upload(c, dwt, hwt, sizeof(float) * (size_t)k) || fm_cuda_buf_upload(c, dxr, xr, sizeof(float) * (size_t)H) ||
         (dense && fm_cuda_buf_upload(c, dd, hd.data, hd.bytes))) {
         t->failures++;
@@ -1065,7 +1065,8 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
                                  .up_off = (int64_t)part_off[1], .down_off = (int64_t)part_off[2], .x = dx,
                                  .out = (float *)dY + GUARD};
     if (fm_cuda_expert_ffn(c, &gshape, &dshape, &f, dense ? &extra : NULL) ||
-        fm_cuda_moe_combine_parts(c, dxr, dsh, dlg, (float *)dY + GUARD, ids, dwt, k, parts, H) ||
+        fm_cuda_moe_combine_parts(c, dxr, dense ? (float *)dO + GUARD : NULL, dlg, (float *)dY + GUARD, ids, dwt, k,
+                                  parts, H) ||
         fm_cuda_buf_download(c, Y, dY, sizeof(float) * (size_t)(ny + 2 * GUARD)) ||
         fm_cuda_buf_download(c, o, dO, sizeof(float) * (size_t)(H + 2 * GUARD)) ||
         fm_cuda_buf_download(c, xr_gpu, dxr, sizeof(float) * (size_t)H)) {
@@ -1128,7 +1129,8 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
             if (err / (tol + 1e-30) * 1e-5 > st->worst_f64) st->worst_f64 = err / (tol + 1e-30) * 1e-5;
         }
     }
-    /* the combine of the parts: x + sigmoid(logit) shared + the experts in ascending id */
+    /* the combine of the parts: x + sigmoid(logit) shared (the dense product's output) + the experts in
+     * ascending id */
     int order[16];
     for (int j = 0; j < k; j++) order[j] = j;
     for (int a = 1; a < k; a++)
@@ -1136,9 +1138,10 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
             const int tmp = order[b];
             order[b] = order[b - 1], order[b - 1] = tmp;
         }
-    const double sgm = 1.0 / (1.0 + exp(-(double)logit));
+    const double sgm = dense ? 1.0 / (1.0 + exp(-(double)logit)) : 0.0;
     for (int64_t r = 0; r < H; r++) {
-        double want = xr[r] + sgm * sh[r], mag = fabs(xr[r]) + fabs(sgm * sh[r]);
+        const double shr = dense ? sgm * o[GUARD + r] : 0.0;
+        double want = xr[r] + shr, mag = fabs(xr[r]) + fabs(shr);
         for (int j = 0; j < k; j++) {
             const int s = order[j];
             want += (double)hwt[s] * yv[s * H + r], mag += fabs((double)hwt[s] * yv[s * H + r]);
@@ -1159,9 +1162,9 @@ done:
     hweight_free(&hd);
     fm_cuda_buf_free(c, dw), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids), fm_cuda_buf_free(c, dx);
     fm_cuda_buf_free(c, dd), fm_cuda_buf_free(c, dx2), fm_cuda_buf_free(c, dY), fm_cuda_buf_free(c, dO);
-    fm_cuda_buf_free(c, dsh), fm_cuda_buf_free(c, dlg), fm_cuda_buf_free(c, dwt), fm_cuda_buf_free(c, dxr);
+    fm_cuda_buf_free(c, dlg), fm_cuda_buf_free(c, dwt), fm_cuda_buf_free(c, dxr);
     free(xr_fused), free(Y2);
-    free(x), free(x2), free(Y), free(o), free(xr), free(sh), free(xr_gpu), free(yv), free(g), free(u), free(h), free(dh);
+    free(x), free(x2), free(Y), free(o), free(xr), free(xr_gpu), free(yv), free(g), free(u), free(h), free(dh);
     return taken;
 }
 
@@ -1170,20 +1173,23 @@ FM_TEST(cuda_expert_ffn_fused) {
     const char *desc = fm_cuda_device_desc(c);
     const bool sm90 = strstr(desc, "sm_9") || strstr(desc, "sm_1");
     stats st = {0};
-    /* the 35B-A3B shapes (Q8 shared down), both cluster sizes; then other shapes and dense kinds */
-    static const char *const cl[] = {NULL, "16", "8"};
-    for (int i = 0; i < 3; i++) {
-        const bool taken = check_expert_ffn(t, c, &st, 2048, 512, 8, FM_DTYPE_Q8, cl[i]);
-        if (!taken && sm90) {
-            t->failures++;
-            fprintf(stderr, "  the 35B shapes (cluster %s) were not taken on %s: %s\n", cl[i] ? cl[i] : "auto", desc,
-                    fm_last_error());
-        }
+    /* the 35B-A3B shapes (Q8 shared down): the automatic choice must take them on sm_90; each cluster
+     * size where k * parts of its clusters are resident on this device */
+    if (!check_expert_ffn(t, c, &st, 2048, 512, 8, FM_DTYPE_Q8, NULL) && sm90) {
+        t->failures++;
+        fprintf(stderr, "  the 35B shapes were not taken on %s: %s\n", desc, fm_last_error());
     }
     if (!sm90) SKIP("the fused expert FFN needs compute capability 9 or later (%s)", desc);
+    static const char *const cl[] = {"16", "8", "4", "2"};
+    int sizes = 0;
+    for (int i = 0; i < 4; i++) sizes += check_expert_ffn(t, c, &st, 2048, 512, 8, FM_DTYPE_Q8, cl[i]);
+    for (int i = 0; i < 4; i++) sizes += check_expert_ffn(t, c, &st, 2048, 512, 4, FM_DTYPE_UNKNOWN, cl[i]);
+    fprintf(stderr, "  expert FFN: %d of 8 forced cluster sizes resident here\n", sizes);
+    /* other shapes and dense kinds; I / parts under 128 (fewer than 4 lanes a down row) */
     CHECK(check_expert_ffn(t, c, &st, 1024, 256, 4, FM_DTYPE_BF16, NULL));
-    CHECK(check_expert_ffn(t, c, &st, 2048, 512, 6, FM_DTYPE_UNKNOWN, "8"));
     CHECK(check_expert_ffn(t, c, &st, 512, 512, 3, FM_DTYPE_Q4, NULL));
+    CHECK(check_expert_ffn(t, c, &st, 256, 64, 4, FM_DTYPE_BF16, NULL));
+    CHECK(check_expert_ffn(t, c, &st, 128, 32, 10, FM_DTYPE_Q8, NULL));
     /* shapes it does not take: parts 0, and fm_cuda_expert_ffn refuses with nothing enqueued */
     fm_weight gu = {.dtype = FM_DTYPE_Q4, .rows = 1024, .cols = 4096, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     fm_weight dn = gu;

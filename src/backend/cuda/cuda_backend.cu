@@ -55,7 +55,7 @@ extern "C" fm_status fm_cuda_init(int device, fm_cuda **out) {
     c->device = device;
     c->sm_count = prop.multiProcessorCount;
     c->cc_major = prop.major;
-    c->ffn_clusters[0] = c->ffn_clusters[1] = -1;
+    for (int i = 0; i < 4; i++) c->ffn_clusters[i] = -1;
     c->l2_bytes = prop.l2CacheSize;
     snprintf(c->desc, sizeof c->desc, "%s, sm_%d%d, %d SMs, %.1f GiB", prop.name, prop.major, prop.minor,
              prop.multiProcessorCount, (double)prop.totalGlobalMem / (1024.0 * 1024.0 * 1024.0));
@@ -64,8 +64,8 @@ extern "C" fm_status fm_cuda_init(int device, fm_cuda **out) {
     if (e == cudaSuccess) e = cudaEventCreate(&c->t1);
     if (e == cudaSuccess) e = cudaMalloc((void **)&c->tk_count, sizeof(unsigned));
     if (e == cudaSuccess) e = cudaMemsetAsync(c->tk_count, 0, sizeof(unsigned), c->stream);
-    if (e == cudaSuccess) e = cudaMalloc((void **)&c->ffn_ctr, 16 * sizeof(unsigned));
-    if (e == cudaSuccess) e = cudaMemsetAsync(c->ffn_ctr, 0, 16 * sizeof(unsigned), c->stream);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->ffn_ctr, 64 * sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaMemsetAsync(c->ffn_ctr, 0, 64 * sizeof(unsigned), c->stream);
     if (e != cudaSuccess) {
         fm_cuda_fail(e, "cudaStreamCreateWithFlags / cudaEventCreate", __FILE__, __LINE__);
         fm_status st = e == cudaErrorMemoryAllocation ? FM_ERR_NOMEM : FM_ERR_IO;

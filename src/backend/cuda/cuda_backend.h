@@ -465,13 +465,13 @@ typedef struct fm_cuda_expert_ffn_args {
     const float *shared_logit, *weights;
 } fm_cuda_expert_ffn_args;
 
-/* The `parts` fm_cuda_expert_ffn splits each expert into on this device (1 or 2), or 0 when the
- * fused launch does not take these shapes (then fm_cuda_expert_matvec and _with): Q4 experts with
- * H <= 2048 and I / parts a multiple of 32 and <= 512, a GPU of compute capability 9 or later on
- * which k * parts clusters of 16 (or 8) blocks are resident at once, extra (if any) Q8, Q4 or BF16
- * with rows of at most 64 16-byte chunks; with `combine` (the combine in the launch, combine_x
- * below) also k <= 16 and extra's rows H. FLASHMOE_CUDA_FFN=0 turns it off; 8 or 16 allows only
- * that cluster size (measurements, tests). */
+/* The `parts` fm_cuda_expert_ffn splits each expert into on this device (1, 2, 4 or 8), or 0 when
+ * the fused launch does not take these shapes (then fm_cuda_expert_matvec and _with): Q4 experts
+ * with H <= 2048 and I / parts a multiple of 32 and <= 512, a GPU of compute capability 9 or later
+ * on which k * parts clusters of 16 / parts blocks (or fewer) are resident at once, extra (if any)
+ * Q8, Q4 or BF16 with rows of at most 64 16-byte chunks; with `combine` (the combine in the
+ * launch, combine_x below) also k <= 16 and extra's rows H. FLASHMOE_CUDA_FFN=0 turns it off; 2,
+ * 4, 8 or 16 allows only that cluster size (measurements, tests). */
 int fm_cuda_expert_ffn_parts(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down, int k,
                              const fm_cuda_mv *extra, bool combine);
 
@@ -482,7 +482,7 @@ fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, const fm_we
                              const fm_cuda_expert_ffn_args *f, const fm_cuda_mv *extra);
 
 /* fm_cuda_moe_combine_topk for one token whose expert j's output is the sum of rows j * parts + p
- * (p = 0, 1, ... added in that order) of Y: fm_cuda_expert_ffn's output. k <= 16, 1 <= parts <= 4;
+ * (p = 0, 1, ... added in that order) of Y: fm_cuda_expert_ffn's output. k <= 16, 1 <= parts <= 8;
  * with parts = 1 the same x bit for bit as fm_cuda_moe_combine_topk. */
 fm_status fm_cuda_moe_combine_parts(fm_cuda *ctx, float *x, const float *shared, const float *shared_logit,
                                     const float *Y, const int32_t *ids, const float *w, int k, int parts, int64_t H);

@@ -33,10 +33,10 @@ struct fm_cuda {
     double copy_ms;       /* summed over finished timed copies */
     uint64_t copy_bytes, copy_count;
     int sm_count, cc_major;
-    int ffn_clusters[2];  /* matmul.cu: the most resident clusters of the expert FFN kernel (8, 16 blocks); -1 unknown */
+    int ffn_clusters[4];  /* matmul.cu: the most resident clusters of the expert FFN kernel (2, 4, 8, 16 blocks); -1 unknown */
     int64_t l2_bytes;
     unsigned *tk_count;   /* device: fm_cuda_matvec_topk's count of finished blocks (0 between launches) */
-    unsigned *ffn_ctr;    /* device: [16] fm_cuda_expert_ffn's counts of finished blocks a rank (0 between launches) */
+    unsigned *ffn_ctr;    /* device: [64] fm_cuda_expert_ffn's counts of finished blocks a slice (0 between launches) */
     char desc[256];
 };
 

@@ -1648,8 +1648,8 @@ extern "C" fm_status fm_cuda_moe_combine_parts(fm_cuda *ctx, float *x, const flo
                                                const float *Y, const int32_t *ids, const float *w, int k, int parts,
                                                int64_t H) {
     FM_CUDA_CTX(ctx);
-    LAYER_ARG_CHECK(k >= 1 && k <= 16 && parts >= 1 && parts <= 4 && H > 0 && H <= (int64_t)BLOCK * 65535,
-                    "CUDA moe_combine_parts: bad shape (top-%d, %d parts, %lld; at most top-16 and 4 parts)", k, parts,
+    LAYER_ARG_CHECK(k >= 1 && k <= 16 && parts >= 1 && parts <= 8 && H > 0 && H <= (int64_t)BLOCK * 65535,
+                    "CUDA moe_combine_parts: bad shape (top-%d, %d parts, %lld; at most top-16 and 8 parts)", k, parts,
                     (long long)H);
     LAYER_ARG_CHECK(x && (!shared || shared_logit) && Y && ids && w, "CUDA moe_combine_parts: NULL pointer");
     FM_CUDA_CHECK(fm_launch_pdl(ctx, k <= 8 ? moe_combine_regs_kernel<8> : moe_combine_regs_kernel<16>,

@@ -1663,6 +1663,8 @@ constexpr int FFN_B_NR = 4; /* phase B: down rows a row group */
 constexpr int FFN_D_IT = 2; /* the dense product: chunks of its row a lane */
 constexpr int FFN_H_MAX = 512; /* the intermediate values a cluster exchanges (I / parts) */
 constexpr int FFN_K_MAX = 16;  /* top-k with the combine in the launch */
+constexpr int FFN_SLICE = 64;  /* rows of a slice of the combine */
+constexpr int FFN_CTR = 64;    /* the context's counters (fm_cuda::ffn_ctr): ranks x slices */
 
 struct FfnParams {
     const unsigned char *const *table;
@@ -1683,7 +1685,7 @@ struct FfnParams {
     /* the MoE combine (cx NULL: none): by the last block of each rank, over the rank's rows */
     float *cx;
     const float *sl, *cw;   /* the shared expert's gate logit (with dw); the routing weights [k] */
-    unsigned *ctr;          /* [CS] blocks of each rank done (the last one resets it to 0) */
+    unsigned *ctr;          /* [CS x slices] blocks done with each slice (the last one resets it to 0) */
     int k;
 };
 
@@ -1844,28 +1846,38 @@ __global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_con
 #pragma unroll
     for (int r = 0; r < FFN_B_NR; r++) {
         b[r] = ffn_group_sum(b[r], p.lb_log2);
-        if (ltb == r && bloc + r < p.rb) p.out[(long long)unit * p.out_stride + brow0 + r] = b[r];
+        if ((r & (lb - 1)) == ltb && bloc + r < p.rb) p.out[(long long)unit * p.out_stride + brow0 + r] = b[r];
     }
     if (!p.cx) return;
 
-    /* the combine of this rank's rows by the last of the k * parts blocks that wrote them (the usual
-     * last-block pattern: stores fenced before the count, the outputs read back through L2): the
-     * arithmetic of moe_combine_regs_kernel, so x is the same bit for bit */
-    __shared__ unsigned last;
+    /* the combine: a rank's rows are cut into slices of FFN_SLICE; each slice is combined by the last
+     * of the k * parts blocks that wrote it (the usual last-block pattern: stores fenced before the
+     * count, the outputs read back through L2), so the work spreads over several blocks. The
+     * arithmetic of moe_combine_regs_kernel: x is the same bit for bit. */
+    __shared__ unsigned last; /* bit s: this block is the last for slice s of its rank */
+    const int nsl = (p.rb + FFN_SLICE - 1) / FFN_SLICE;
+    if (threadIdx.x == 0) last = 0;
     __threadfence();
     __syncthreads();
-    if (threadIdx.x == 0) {
-        last = atomicAdd(p.ctr + rank, 1u) + 1 == gridDim.x / CS;
-        if (last) atomicExch(p.ctr + rank, 0u);
+    if ((int)threadIdx.x < nsl) {
+        unsigned *c = p.ctr + rank * nsl + (int)threadIdx.x;
+        if (atomicAdd(c, 1u) + 1 == gridDim.x / CS) {
+            atomicExch(c, 0u);
+            atomicOr(&last, 1u << threadIdx.x);
+        }
         __threadfence();
     }
     __syncthreads();
-    if (!last) return;
+    const unsigned mine = last;
+    if (!mine) return;
     int rk[FFN_K_MAX];
     float wv[FFN_K_MAX], yv[FFN_K_MAX];
     fm_combine_ranks<FFN_K_MAX>(p.ids, p.cw, p.k, rk, wv);
     const float sg = p.dw ? fm_sigmoid(*p.sl) : 0.f;
-    for (int i = rank * p.rb + (int)threadIdx.x; i < (rank + 1) * p.rb; i += FFN_THREADS) {
+    for (int sl = 0; sl < nsl; sl++) {
+        if (!(mine >> sl & 1u)) continue;
+        const int i = rank * p.rb + sl * FFN_SLICE + (int)threadIdx.x;
+        if ((int)threadIdx.x >= FFN_SLICE || i >= (rank + 1) * p.rb) continue;
 #pragma unroll
         for (int j = 0; j < FFN_K_MAX; j++) yv[j] = j < p.k ? __ldcg(p.out + (long long)j * p.parts * p.out_stride + i) : 0.f;
         for (int q = 1; q < p.parts; q++)
@@ -1883,7 +1895,10 @@ template <int CS> ffn_fn ffn_kernel_cs(int kd) {
     return kd == K_Q8 ? mv_expert_ffn<K_Q8, CS> : kd == K_Q4 ? mv_expert_ffn<K_Q4, CS>
          : kd == K_BF16 ? mv_expert_ffn<K_BF16, CS> : kd == K_NONE ? mv_expert_ffn<K_NONE, CS> : nullptr;
 }
-ffn_fn ffn_kernel(int kd, int cs) { return cs == 16 ? ffn_kernel_cs<16>(kd) : cs == 8 ? ffn_kernel_cs<8>(kd) : nullptr; }
+ffn_fn ffn_kernel(int kd, int cs) {
+    return cs == 16 ? ffn_kernel_cs<16>(kd) : cs == 8 ? ffn_kernel_cs<8>(kd) : cs == 4 ? ffn_kernel_cs<4>(kd)
+         : cs == 2 ? ffn_kernel_cs<2>(kd) : nullptr;
+}
 
 /* The fused FFN's launch shape for these weights on this device; false when it does not take them. */
 struct FfnPlan {
@@ -1899,7 +1914,7 @@ int ffn_log2_ceil(long long n) {
 
 /* The most clusters of cs blocks of `kernel` resident at once (cached per context and cluster size). */
 int ffn_max_clusters(fm_cuda *ctx, ffn_fn kernel, int cs) {
-    int &cached = ctx->ffn_clusters[cs == 16 ? 1 : 0];
+    int &cached = ctx->ffn_clusters[cs == 16 ? 3 : cs == 8 ? 2 : cs == 4 ? 1 : 0];
     if (cached >= 0) return cached;
     cached = 0;
     if (cs > 8 && cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1) != cudaSuccess) {
@@ -1924,7 +1939,7 @@ int ffn_max_clusters(fm_cuda *ctx, ffn_fn kernel, int cs) {
 
 bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, const fm_cuda_mv *extra, bool combine,
               FfnPlan &P) {
-    const char *env = getenv("FLASHMOE_CUDA_FFN"); /* 0: off; 8 or 16: that cluster size only */
+    const char *env = getenv("FLASHMOE_CUDA_FFN"); /* 0: off; 2, 4, 8 or 16: that cluster size only */
     const int forced = env ? atoi(env) : -1;
     if (forced == 0 || ctx->cc_major < 9 || k < 1 || !gu || !dn) return false;
     Params pp;
@@ -1943,9 +1958,9 @@ bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, con
             !mv_shape(extra->w, P.kd, &p.sd) || p.sd.chunks > FFN_D_IT * 32 || (combine && p.sd.rows != H))
             return false;
     }
-    for (int cs = 16; cs >= 8; cs /= 2) {
+    for (int cs = 16; cs >= 2; cs /= 2) {
         if (forced > 0 && forced != cs) continue;
-        for (int parts = 1; parts <= 2; parts++) {
+        for (int parts = 1; parts <= 8; parts *= 2) {
             const long long ipart = I / parts, blocks = (long long)k * parts * cs;
             if (I % (parts * cs) || ipart % 32 || ipart > FFN_H_MAX || H % cs || blocks > 65535) continue;
             p.parts = parts;
@@ -1953,6 +1968,8 @@ bool ffn_plan(fm_cuda *ctx, const fm_weight *gu, const fm_weight *dn, int k, con
             p.lb_log2 = ffn_log2_ceil(ipart / 32);
             p.rb = (int)(H / cs);
             if (p.ia > 2 * FFN_WARPS || p.rb > FFN_WARPS * (32 >> p.lb_log2) * FFN_B_NR) continue;
+            const int nsl = (p.rb + FFN_SLICE - 1) / FFN_SLICE;
+            if (combine && (nsl > 32 || cs * nsl > FFN_CTR)) continue;
             if (extra) {
                 p.ld_log2 = ffn_log2_ceil((p.sd.chunks + FFN_D_IT - 1) / FFN_D_IT);
                 p.rd = combine ? (p.rb + k * parts - 1) / (k * parts) : (int)((p.sd.rows + blocks - 1) / blocks);

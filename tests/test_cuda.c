@@ -1189,7 +1189,7 @@ FM_TEST(cuda_expert_ffn_fused) {
     CHECK(check_expert_ffn(t, c, &st, 1024, 256, 4, FM_DTYPE_BF16, NULL));
     CHECK(check_expert_ffn(t, c, &st, 512, 512, 3, FM_DTYPE_Q4, NULL));
     CHECK(check_expert_ffn(t, c, &st, 256, 64, 4, FM_DTYPE_BF16, NULL));
-    CHECK(check_expert_ffn(t, c, &st, 128, 32, 10, FM_DTYPE_Q8, NULL));
+    CHECK(check_expert_ffn(t, c, &st, 128, 64, 10, FM_DTYPE_Q8, NULL));
     /* shapes it does not take: parts 0, and fm_cuda_expert_ffn refuses with nothing enqueued */
     fm_weight gu = {.dtype = FM_DTYPE_Q4, .rows = 1024, .cols = 4096, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     fm_weight dn = gu;

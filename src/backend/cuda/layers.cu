@@ -955,10 +955,12 @@ __global__ void __launch_bounds__(BLOCK)
     fm_combine_ranks<KM>(ids + t * k, w + t * k, k, rank, wv);
 #pragma unroll
     for (int j = 0; j < KM; j++) yv[j] = j < k ? Y[(t * k + j) * parts * H + i] : 0.f;
-    for (int p = 1; p < parts; p++) /* expert j's output in parts (fm_cuda_expert_ffn) */
 #pragma unroll
-        for (int j = 0; j < KM; j++)
-            if (j < k) yv[j] += Y[((t * k + j) * parts + p) * H + i];
+    for (int p = 1; p < 8; p++) /* expert j's output in parts (fm_cuda_expert_ffn; unrolled: all loads in flight) */
+        if (p < parts)
+#pragma unroll
+            for (int j = 0; j < KM; j++)
+                if (j < k) yv[j] += Y[((t * k + j) * parts + p) * H + i];
     const float xv = x[t * H + i], sg = shared ? fm_sigmoid(sl[t]) : 0.f;
     const float acc = shared ? sg * shared[t * H + i] : 0.f;
     x[t * H + i] = xv + fm_combine_experts<KM>(acc, yv, rank, wv, k);

@@ -1664,6 +1664,7 @@ constexpr int FFN_D_IT = 2; /* the dense product: chunks of its row a lane */
 constexpr int FFN_H_MAX = 512; /* the intermediate values a cluster exchanges (I / parts) */
 constexpr int FFN_K_MAX = 16;  /* top-k with the combine in the launch */
 constexpr int FFN_SLICE = 64;  /* rows of a slice of the combine */
+constexpr int FFN_P_MAX = 8;   /* parts of an expert */
 constexpr int FFN_CTR = 64;    /* the context's counters (fm_cuda::ffn_ctr): ranks x slices */
 
 struct FfnParams {
@@ -1725,6 +1726,54 @@ template <int KIND, int NR, int IT> struct FfnRows {
 #pragma unroll
             for (int r = 0; r < NR; r++) acc[r] = mv_chunk_acc<KIND>(acc[r], q[it][r], xv, sr[it][r], br[it][r], sk, xsum);
         }
+    }
+};
+
+/* One chunk (c, below cend) of NR rows whose words land in shared memory by cp.async, so that no
+ * registers are held while they travel (phase B's loads are issued with phase A's and used after
+ * the cluster barrier); the scales in registers. slot: this thread's first slot, NR slots
+ * FFN_THREADS apart (consecutive lanes read consecutive 16 bytes). */
+template <int KIND, int NR> struct FfnRowsAsync {
+    uint32_t sr[NR], br[NR];
+
+    __device__ __forceinline__ void load(uint4 *slot, const unsigned char *w, const MvShape &s, const int (&row)[NR],
+                                         int cbase, int c, int cend) {
+#pragma unroll
+        for (int r = 0; r < NR; r++) {
+            sr[r] = br[r] = 0;
+            if (c >= cend) continue;
+            const uint32_t dst = (uint32_t)__cvta_generic_to_shared(slot + r * FFN_THREADS);
+            asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
+                         "l"((const uint4 *)w + (long long)row[r] * s.chunks + cbase + c)
+                         : "memory");
+            if constexpr (KT<KIND>::Q) { /* the scales alone (mv_load_chunk's indexing) */
+                constexpr int VPC = 4 * KT<KIND>::VPW;
+                const long long gi = row[r] * ((long long)s.cols >> s.gs_log2) + (((long long)(cbase + c) * VPC) >> s.gs_log2);
+                if (s.scale_kind == 2) {
+                    sr[r] = __ldg((const unsigned int *)(w + s.scale_off) + gi);
+                    br[r] = __ldg((const unsigned int *)(w + s.bias_off) + gi);
+                } else {
+                    sr[r] = __ldg((const unsigned short *)(w + s.scale_off) + gi);
+                    br[r] = __ldg((const unsigned short *)(w + s.bias_off) + gi);
+                }
+            }
+        }
+        asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+
+    /* acc[r] += row r's chunk c times x + c * VPC (shared memory), after this thread's copies land */
+    __device__ __forceinline__ void accumulate(float (&acc)[NR], const uint4 *slot, const float *x, int sk, int c,
+                                               int cend) const {
+        asm volatile("cp.async.wait_group 0;" ::: "memory");
+        if (c >= cend) return;
+        constexpr int NQ = KT<KIND>::VPW;
+        float4 xv[NQ];
+        const float4 *x4 = (const float4 *)x + (long long)c * NQ;
+#pragma unroll
+        for (int j = 0; j < NQ; j++) xv[j] = x4[j];
+        const float xsum = mv_x_prep<KIND>(xv);
+#pragma unroll
+        for (int r = 0; r < NR; r++) acc[r] = mv_chunk_acc<KIND>(acc[r], slot[r * FFN_THREADS], xv, sr[r], br[r], sk, xsum);
     }
 };
 
@@ -1808,14 +1857,13 @@ __global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_con
     const int lb = 1 << p.lb_log2, spwb = 32 >> p.lb_log2, gb = lane >> p.lb_log2, ltb = lane & (lb - 1);
     const int cb = ipart / VPC; /* chunks of the part in a down row */
     const int bloc = (warp * spwb + gb) * FFN_B_NR, brow0 = rank * p.rb + bloc;
-    FfnRows<K_Q4, FFN_B_NR, 1> br;
+    __shared__ uint4 bslots[FFN_B_NR * FFN_THREADS]; /* phase B's weight chunks (FfnRowsAsync) */
+    FfnRowsAsync<K_Q4, FFN_B_NR> br;
     {
-        const unsigned char *d = base + p.down_off;
-        const unsigned char *const ws[FFN_B_NR] = {d, d, d, d};
         int rows[FFN_B_NR];
 #pragma unroll
         for (int r = 0; r < FFN_B_NR; r++) rows[r] = bloc + r < p.rb ? brow0 + r : brow0; /* clamped: read, not stored */
-        br.load(ws, p.sb, rows, part * cb, ltb, lb, bloc < p.rb ? cb : 0);
+        br.load(bslots + threadIdx.x, base + p.down_off, p.sb, rows, part * cb, ltb, bloc < p.rb ? cb : 0);
     }
 
     /* phase A: gate and up of two intermediate values, their SwiGLU into every block of the cluster */
@@ -1842,7 +1890,7 @@ __global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_con
     cluster_wait_acquire(); /* every block's SwiGLU outputs are in hs */
     /* phase B: the part's share of down for this block's rows */
     float b[FFN_B_NR] = {};
-    br.accumulate<false>(b, hs, p.sb.scale_kind, ltb, lb, bloc < p.rb ? cb : 0);
+    br.accumulate(b, bslots + threadIdx.x, hs, p.sb.scale_kind, ltb, bloc < p.rb ? cb : 0);
 #pragma unroll
     for (int r = 0; r < FFN_B_NR; r++) {
         b[r] = ffn_group_sum(b[r], p.lb_log2);
@@ -1874,16 +1922,17 @@ __global__ void __launch_bounds__(FFN_THREADS, 1) mv_expert_ffn(const __grid_con
     float wv[FFN_K_MAX], yv[FFN_K_MAX];
     fm_combine_ranks<FFN_K_MAX>(p.ids, p.cw, p.k, rk, wv);
     const float sg = p.dw ? fm_sigmoid(*p.sl) : 0.f;
-    for (int sl = 0; sl < nsl; sl++) {
-        if (!(mine >> sl & 1u)) continue;
-        const int i = rank * p.rb + sl * FFN_SLICE + (int)threadIdx.x;
-        if ((int)threadIdx.x >= FFN_SLICE || i >= (rank + 1) * p.rb) continue;
+    for (int t = (int)threadIdx.x; t < p.rb; t += FFN_THREADS) { /* every thread, over the slices it won */
+        if (!(mine >> (t / FFN_SLICE) & 1u)) continue;
+        const int i = rank * p.rb + t;
 #pragma unroll
         for (int j = 0; j < FFN_K_MAX; j++) yv[j] = j < p.k ? __ldcg(p.out + (long long)j * p.parts * p.out_stride + i) : 0.f;
-        for (int q = 1; q < p.parts; q++)
 #pragma unroll
-            for (int j = 0; j < FFN_K_MAX; j++)
-                if (j < p.k) yv[j] += __ldcg(p.out + ((long long)j * p.parts + q) * p.out_stride + i);
+        for (int q = 1; q < FFN_P_MAX; q++) /* (unrolled: the loads of every part in flight together) */
+            if (q < p.parts)
+#pragma unroll
+                for (int j = 0; j < FFN_K_MAX; j++)
+                    if (j < p.k) yv[j] += __ldcg(p.out + ((long long)j * p.parts + q) * p.out_stride + i);
         const float acc = p.dw ? sg * __ldcg(p.dout + i) : 0.f;
         p.cx[i] = p.cx[i] + fm_combine_experts<FFN_K_MAX>(acc, yv, rk, wv, p.k);
     }

@@ -64,8 +64,8 @@ extern "C" fm_status fm_cuda_init(int device, fm_cuda **out) {
     if (e == cudaSuccess) e = cudaEventCreate(&c->t1);
     if (e == cudaSuccess) e = cudaMalloc((void **)&c->tk_count, sizeof(unsigned));
     if (e == cudaSuccess) e = cudaMemsetAsync(c->tk_count, 0, sizeof(unsigned), c->stream);
-    if (e == cudaSuccess) e = cudaMalloc((void **)&c->ffn_ctr, 64 * sizeof(unsigned));
-    if (e == cudaSuccess) e = cudaMemsetAsync(c->ffn_ctr, 0, 64 * sizeof(unsigned), c->stream);
+    if (e == cudaSuccess) e = cudaMalloc((void **)&c->ffn_ctr, FM_CUDA_FFN_COUNTERS * sizeof(unsigned));
+    if (e == cudaSuccess) e = cudaMemsetAsync(c->ffn_ctr, 0, FM_CUDA_FFN_COUNTERS * sizeof(unsigned), c->stream);
     if (e != cudaSuccess) {
         fm_cuda_fail(e, "cudaStreamCreateWithFlags / cudaEventCreate", __FILE__, __LINE__);
         fm_status st = e == cudaErrorMemoryAllocation ? FM_ERR_NOMEM : FM_ERR_IO;

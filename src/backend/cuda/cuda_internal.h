@@ -20,6 +20,8 @@ extern "C" {
 /* Timed copies on the copy stream whose events may be pending at once (a ring). */
 #define FM_CUDA_COPY_TIMED 64
 
+#define FM_CUDA_FFN_COUNTERS 64 /* fm_cuda::ffn_ctr */
+
 struct fm_cuda {
     int device;
     cudaStream_t stream;
@@ -36,7 +38,7 @@ struct fm_cuda {
     int ffn_clusters[4];  /* matmul.cu: the most resident clusters of the expert FFN kernel (2, 4, 8, 16 blocks); -1 unknown */
     int64_t l2_bytes;
     unsigned *tk_count;   /* device: fm_cuda_matvec_topk's count of finished blocks (0 between launches) */
-    unsigned *ffn_ctr;    /* device: [64] fm_cuda_expert_ffn's counts of finished blocks a slice (0 between launches) */
+    unsigned *ffn_ctr;    /* device: [FM_CUDA_FFN_COUNTERS] fm_cuda_expert_ffn's counts of finished blocks a slice (0 between launches) */
     char desc[256];
 };
 

@@ -1665,7 +1665,7 @@ constexpr int FFN_H_MAX = 512; /* the intermediate values a cluster exchanges (I
 constexpr int FFN_K_MAX = 16;  /* top-k with the combine in the launch */
 constexpr int FFN_SLICE = 64;  /* rows of a slice of the combine */
 constexpr int FFN_P_MAX = 8;   /* parts of an expert */
-constexpr int FFN_CTR = 64;    /* the context's counters (fm_cuda::ffn_ctr): ranks x slices */
+constexpr int FFN_CTR = FM_CUDA_FFN_COUNTERS; /* the context's counters (fm_cuda::ffn_ctr): ranks x slices */
 
 struct FfnParams {
     const unsigned char *const *table;

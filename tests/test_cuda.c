@@ -976,7 +976,7 @@ FM_TEST(cuda_matvec_experts_with_dense) {
  * checked too (|gpu - cpu| <= 1e-5 of the sum of the magnitudes of its terms), then the launch with
  * the combine inside must give the same outputs and x bit for bit; the dense product is checked as
  * every matmul (compare_out). Outputs poisoned with NaN and guarded by sentinels. cluster: the
- * FLASHMOE_CUDA_FFN value (NULL: the automatic choice). Returns false when the fused launch does not
+ * FLASHMOE_CUDA_FFN value (NULL: 1, the automatic choice). Returns false when the fused launch does not
  * take the case (nothing checked). */
 static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, int64_t I, int k, fm_dtype dt2,
                              const char *cluster) {
@@ -1045,7 +1045,7 @@ static bool check_expert_ffn(fm_test_ctx *t, fm_cuda *c, stats *st, int64_t H, i
         t->failures++;
         goto done;
     }
-    if (cluster) setenv("FLASHMOE_CUDA_FFN", cluster, 1);
+    setenv("FLASHMOE_CUDA_FFN", cluster ? cluster : "1", 1); /* (off by default) */
     fm_cuda_mv extra = {.w = &wd, .x = dx2, .out = (float *)dO + GUARD};
     const int parts = fm_cuda_expert_ffn_parts(c, &gshape, &dshape, k, dense ? &extra : NULL, false);
     if (parts == 0) goto done;
@@ -1190,6 +1190,13 @@ FM_TEST(cuda_expert_ffn_fused) {
     CHECK(check_expert_ffn(t, c, &st, 512, 512, 3, FM_DTYPE_Q4, NULL));
     CHECK(check_expert_ffn(t, c, &st, 256, 64, 4, FM_DTYPE_BF16, NULL));
     CHECK(check_expert_ffn(t, c, &st, 128, 64, 10, FM_DTYPE_Q8, NULL));
+    /* off by default: parts 0 even for the shapes it takes */
+    fm_weight g35 = {.dtype = FM_DTYPE_Q4, .rows = 512, .cols = 2048, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight d35 = g35;
+    d35.rows = 2048, d35.cols = 512;
+    CHECK(fm_cuda_expert_ffn_parts(c, &g35, &d35, 4, NULL, false) == 0);
+    setenv("FLASHMOE_CUDA_FFN", "1", 1);
+    CHECK(fm_cuda_expert_ffn_parts(c, &g35, &d35, 4, NULL, false) > 0);
     /* shapes it does not take: parts 0, and fm_cuda_expert_ffn refuses with nothing enqueued */
     fm_weight gu = {.dtype = FM_DTYPE_Q4, .rows = 1024, .cols = 4096, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
     fm_weight dn = gu;
@@ -1209,6 +1216,7 @@ FM_TEST(cuda_expert_ffn_fused) {
     CHECK(fm_cuda_expert_ffn(c, &gu, &dn, &f, NULL) == FM_ERR_ARG);
     CHECK(fm_cuda_moe_combine_parts(c, (float *)16, NULL, NULL, (const float *)16, (const int32_t *)16,
                                     (const float *)16, 17, 1, 64) == FM_ERR_ARG);
+    unsetenv("FLASHMOE_CUDA_FFN");
     CHECK_OK(fm_cuda_sync(c));
     fprintf(stderr, "  expert FFN: %d cases, worst error / bound = %.2e\n", st.cases, st.worst_f64 / 1e-5);
     if (st.worst_cpu > 0) stats_print("expert FFN's dense product", &st);

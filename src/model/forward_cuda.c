@@ -1351,7 +1351,8 @@ static fm_status moe_dev(fm_cuda_session *s, int l, bool norm_after, const float
     fm_weight sg = fm_packed_weight(pg, g->slots_mem), sd = fm_packed_weight(pd, g->slots_mem); /* shapes */
     const void *const *table = (const void *const *)(g->table + (size_t)l * (size_t)E);
     /* gate+up and down of the k experts (and the shared down) in one launch of clusters where the
-     * device and the shapes allow (fm_cuda_expert_ffn; its parts need parts * H floats a slot of Y) */
+     * device and the shapes allow and FLASHMOE_CUDA_FFN asks for it (fm_cuda_expert_ffn, opt-in:
+     * slower than the two launches where measured; its parts need parts * H floats a slot of Y) */
     if (!norm_after) {
         /* the combine too, by the last block of each slice of rows; FLASHMOE_CUDA_FFN_COMBINE=0: its
          * own launch (measurements) */

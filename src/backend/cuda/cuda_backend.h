@@ -470,8 +470,9 @@ typedef struct fm_cuda_expert_ffn_args {
  * with H <= 2048 and I / parts a multiple of 32 and <= 512, a GPU of compute capability 9 or later
  * on which k * parts clusters of 16 / parts blocks (or fewer) are resident at once, extra (if any)
  * Q8, Q4 or BF16 with rows of at most 64 16-byte chunks; with `combine` (the combine in the
- * launch, combine_x below) also k <= 16 and extra's rows H. FLASHMOE_CUDA_FFN=0 turns it off; 2,
- * 4, 8 or 16 allows only that cluster size (measurements, tests). */
+ * launch, combine_x below) also k <= 16 and extra's rows H. Off (0) unless FLASHMOE_CUDA_FFN is 1
+ * (any cluster size) or 2, 4, 8 or 16 (that size only): where measured it was slower than the two
+ * launches (docs/CUDA.md). */
 int fm_cuda_expert_ffn_parts(fm_cuda *ctx, const fm_weight *gate_up, const fm_weight *down, int k,
                              const fm_cuda_mv *extra, bool combine);
 

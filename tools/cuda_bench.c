@@ -39,7 +39,10 @@
  * --reps passes over all copies divided by the copies; GB/s counts the weight bytes once. The
  * experts' rows add what the shared expert's down (Q8 [2048, 512]) costs after the experts' down
  * as its own launch and inside that launch (fm_cuda_expert_matvec_with), and "mean layer, dense,
- * fused" is the mean layer with the sh_down row's time replaced by the latter. */
+ * fused" is the mean layer with the sh_down row's time replaced by the latter. Last, the experts
+ * with the shared down and the combine as the step launches them against fm_cuda_expert_ffn (one
+ * launch of clusters, opt-in) for each cluster size the device holds, with the combine as its own
+ * launch and inside. */
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -407,6 +410,58 @@ static int experts397(fm_cuda *c, double copy_gbs, int reps, int check) {
     return 0;
 }
 
+/* The 35B experts of decode_shapes (top-8, one set of ids a token, NSETS sets streaming from HBM),
+ * each set with the shared expert's down and the MoE combine: mode 0 the resident step's launches
+ * (gate+up, down with the shared down, fm_cuda_moe_combine_topk), 1 fm_cuda_expert_ffn then
+ * fm_cuda_moe_combine_parts, 2 fm_cuda_expert_ffn with the combine inside. *us: median per set. */
+typedef struct ffn_bench {
+    void *tab, *ids, *x, *G, *Y, *shw, *Ysh, *xr, *tw, *shl;
+    size_t gpart, shb;
+    int E, K, nsets, parts;
+} ffn_bench;
+
+static int ffn_time(fm_cuda *c, const ffn_bench *b, int mode, int reps, double *us) {
+    fm_weight sg = {.dtype = FM_DTYPE_Q4, .rows = 512, .cols = 2048, .group_size = 64, .scale_dtype = FM_DTYPE_BF16};
+    fm_weight sd = sg, shd_w = {.dtype = FM_DTYPE_Q8, .rows = 2048, .cols = 512, .group_size = 64,
+                                .scale_dtype = FM_DTYPE_BF16};
+    sd.rows = 2048, sd.cols = 512;
+    double t[64];
+    const int r = reps > 64 ? 64 : reps;
+    for (int it = 0; it < 2 + r; it++) {
+        if (fm_cuda_timer_start(c)) return die("timer");
+        for (int s = 0; s < b->nsets; s++) {
+            const int32_t *ids = (const int32_t *)b->ids + s * b->K;
+            shd_w.data = (unsigned char *)b->shw + (size_t)s * b->shb;
+            fm_cuda_mv shmv = {.w = &shd_w, .x = b->G, .out = b->Ysh};
+            if (mode == 0) {
+                fm_cuda_expert_mv gu = {.table = b->tab, .ids = ids, .k = b->K, .n_parts = 2, .n_experts = b->E,
+                                        .part_off = {0, (int64_t)b->gpart}, .x = b->x, .out = {b->G, b->G},
+                                        .out_stride = 512, .swiglu_out = 1};
+                fm_cuda_expert_mv dn = {.table = b->tab, .ids = ids, .k = b->K, .n_parts = 1, .n_experts = b->E,
+                                        .part_off = {(int64_t)(2 * b->gpart), 0}, .x = b->G, .x_stride = 512,
+                                        .out = {b->Y, NULL}, .out_stride = 2048};
+                if (fm_cuda_expert_matvec(c, &sg, &gu) || fm_cuda_expert_matvec_with(c, &sd, &dn, &shmv) ||
+                    fm_cuda_moe_combine_topk(c, b->xr, b->Ysh, b->shl, b->Y, ids, b->tw, 1, b->K, 2048))
+                    return die("experts' launches");
+                continue;
+            }
+            fm_cuda_expert_ffn_args f = {.table = b->tab, .ids = ids, .k = b->K, .n_experts = b->E, .gate_off = 0,
+                                         .up_off = (int64_t)b->gpart, .down_off = (int64_t)(2 * b->gpart), .x = b->x,
+                                         .out = b->Y, .combine_x = mode == 2 ? b->xr : NULL, .shared_logit = b->shl,
+                                         .weights = b->tw};
+            if (fm_cuda_expert_ffn(c, &sg, &sd, &f, &shmv) ||
+                (mode == 1 && fm_cuda_moe_combine_parts(c, b->xr, b->Ysh, b->shl, b->Y, ids, b->tw, b->K, b->parts, 2048)))
+                return die("expert FFN");
+        }
+        double v;
+        if (fm_cuda_timer_stop(c, &v)) return die("timer");
+        if (it >= 2) t[it - 2] = v;
+    }
+    qsort(t, (size_t)r, sizeof t[0], cmp_double);
+    *us = t[r / 2] * 1e3 / b->nsets;
+    return 0;
+}
+
 static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
     static const dgroup groups[] = {
         {"in_proj qkv+z+b+a", 4, {8192, 4096, 32, 32}, 2048},
@@ -564,6 +619,41 @@ static int decode_shapes(fm_cuda *c, double copy_gbs, int reps) {
                (double)K * db / 1e3 / (us - usg), emb * 1e3 / us, 100.0 * emb * 1e3 / us / copy_gbs);
     }
     unsetenv("FLASHMOE_CUDA_EMV_OLD");
+    /* the fused FFN (fm_cuda_expert_ffn, opt-in) per cluster size against the launches it replaces,
+     * both with the shared down and the combine */
+    void *xr, *tw, *shl, *Yp;
+    if (fm_cuda_buf_alloc(c, sizeof(float) * 2048, &xr) || fm_cuda_buf_alloc(c, sizeof(float) * K, &tw) ||
+        fm_cuda_buf_alloc(c, sizeof(float), &shl) || fm_cuda_buf_alloc(c, sizeof(float) * K * 8 * 2048, &Yp))
+        return die("alloc");
+    {
+        float hw[8], z = 0.f;
+        for (int j = 0; j < K; j++) hw[j] = 1.0f / (float)K;
+        if (fm_cuda_buf_upload(c, tw, hw, sizeof(float) * K) || fm_cuda_buf_upload(c, shl, &z, sizeof z) ||
+            fm_cuda_buf_fill(c, xr, 0, sizeof(float) * 2048))
+            return die("upload");
+    }
+    ffn_bench fb = {.tab = tab, .ids = ids, .x = x, .G = G, .Y = Yp, .shw = shw, .Ysh = Ysh, .xr = xr, .tw = tw,
+                    .shl = shl, .gpart = gpart, .shb = shb, .E = E, .K = K, .nsets = NSETS, .parts = 1};
+    double us_base;
+    if (ffn_time(c, &fb, 0, reps, &us_base)) return 1;
+    printf("experts top-8 + sh_down + combine, the step's launches: %.2f us a token\n", us_base);
+    static const char *const cls[] = {"16", "8", "4", "2"};
+    for (int ci = 0; ci < 4; ci++) {
+        setenv("FLASHMOE_CUDA_FFN", cls[ci], 1);
+        shd_w.data = shw;
+        fm_cuda_mv probe = {.w = &shd_w, .x = G, .out = Ysh};
+        fb.parts = fm_cuda_expert_ffn_parts(c, &sg, &sd, K, &probe, true);
+        if (!fb.parts) {
+            printf("expert FFN, clusters of %2s: not taken here (too few of its clusters resident)\n", cls[ci]);
+            continue;
+        }
+        double us1, us2;
+        if (ffn_time(c, &fb, 1, reps, &us1) || ffn_time(c, &fb, 2, reps, &us2)) return 1;
+        printf("expert FFN, clusters of %2s, %d parts: + combine launch %.2f us (%.2fx), combine inside %.2f us (%.2fx)\n",
+               cls[ci], fb.parts, us1, us_base / us1, us2, us_base / us2);
+    }
+    unsetenv("FLASHMOE_CUDA_FFN");
+    fm_cuda_buf_free(c, xr), fm_cuda_buf_free(c, tw), fm_cuda_buf_free(c, shl), fm_cuda_buf_free(c, Yp);
     fm_cuda_buf_free(c, ew), fm_cuda_buf_free(c, tab), fm_cuda_buf_free(c, ids);
     fm_cuda_buf_free(c, G), fm_cuda_buf_free(c, U), fm_cuda_buf_free(c, Y);
     fm_cuda_buf_free(c, shw), fm_cuda_buf_free(c, Ysh);

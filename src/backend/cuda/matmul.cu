@@ -1651,7 +1651,10 @@ namespace {
  * threads an SM) owns one expert slot, or one of its `parts` (1/parts of the intermediate rows
  * with the matching columns of down, whose partial sums the combine adds): as soon as the ids are
  * known, every block issues the loads of its gate/up rows (phase A) and of its down rows (phase B)
- * together, so the whole FFN's weights are in flight in one memory round trip. A block's SwiGLU
+ * together (phase A's into registers, phase B's into shared memory by cp.async, so that no
+ * registers are held for them), so the whole FFN's weights are in flight in one memory round trip.
+ * With combine_x the MoE combine follows in the same launch (the last block of each slice of
+ * rows adds it). Off unless FLASHMOE_CUDA_FFN asks for it (docs/CUDA.md). A block's SwiGLU
  * outputs go into every peer's shared memory (distributed shared memory) and one hardware cluster
  * barrier separates the phases: no global-memory counters, no polling. The dense product (the
  * shared expert's down) rides along, its rows split over all blocks and its loads issued before

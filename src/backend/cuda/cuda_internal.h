@@ -208,21 +208,34 @@ __device__ __forceinline__ float fm_combine_experts(float acc, const float yv[KM
 
 /* Launches k on the context's stream with programmatic stream serialization (it may start while the
  * previous kernel runs, and must call fm_pdl_wait() before reading what that kernel wrote), or as
- * an ordinary launch with FLASHMOE_CUDA_PDL=0 (for measurements). */
+ * an ordinary launch with FLASHMOE_CUDA_PDL=0 (for measurements); the _cluster form with
+ * thread-block clusters of `cluster` blocks along x (0: none). */
 template <typename... KArgs, typename... Args>
-cudaError_t fm_launch_pdl(fm_cuda *ctx, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args &&...args) {
+cudaError_t fm_launch_pdl_cluster(fm_cuda *ctx, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, unsigned cluster,
+                                  Args &&...args) {
     const char *e = getenv("FLASHMOE_CUDA_PDL");
     cudaLaunchConfig_t cfg = {};
     cfg.gridDim = grid;
     cfg.blockDim = block;
     cfg.dynamicSmemBytes = smem;
     cfg.stream = ctx->stream;
-    cudaLaunchAttribute attr[1];
-    attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[0].val.programmaticStreamSerializationAllowed = 1;
+    cudaLaunchAttribute attr[2];
+    int n = 0;
+    if (!(e && e[0] == '0' && !e[1])) {
+        attr[n].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+        attr[n++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (cluster) { /* thread-block clusters of `cluster` blocks along x (sm_90) */
+        attr[n].id = cudaLaunchAttributeClusterDimension;
+        attr[n].val.clusterDim.x = cluster, attr[n].val.clusterDim.y = 1, attr[n++].val.clusterDim.z = 1;
+    }
     cfg.attrs = attr;
-    cfg.numAttrs = e && e[0] == '0' && !e[1] ? 0 : 1;
+    cfg.numAttrs = (unsigned)n;
     return cudaLaunchKernelEx(&cfg, k, std::forward<Args>(args)...);
+}
+template <typename... KArgs, typename... Args>
+cudaError_t fm_launch_pdl(fm_cuda *ctx, void (*k)(KArgs...), dim3 grid, dim3 block, size_t smem, Args &&...args) {
+    return fm_launch_pdl_cluster(ctx, k, grid, block, smem, 0u, std::forward<Args>(args)...);
 }
 
 /* matmul.cu's one-token kernel for fm_cuda_expert_matvec (arguments already checked): enqueues the

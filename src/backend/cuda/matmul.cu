@@ -985,13 +985,12 @@ __device__ __forceinline__ void mv_store_prefetch(const MvFold &f, int row, int 
         asm volatile("prefetch.global.L1 [%0];" ::"l"(f.conv_state + (long long)j * rows + row));
 }
 
-/* One 16-byte chunk c of row `row` of a one-token product's weight w: its words, and for the
- * quantized kinds the raw scale and bias of its group (16 or 32 bits, scale_value decodes them). */
+/* The raw scale and bias (16 or 32 bits, fm_scale_bits decodes them) of the group of 16-byte chunk
+ * c of row `row` of a one-token product's weight w; 0 for the float kinds. */
 template <int KIND>
-__device__ __forceinline__ void mv_load_chunk(const MvShape &s, const unsigned char *w, long long row, int c, uint4 &q,
-                                              uint32_t &sr, uint32_t &br) {
+__device__ __forceinline__ void mv_load_scales(const MvShape &s, const unsigned char *w, long long row, int c,
+                                               uint32_t &sr, uint32_t &br) {
     using T = KT<KIND>;
-    q = ld_stream((const uint4 *)w + row * s.chunks + c);
     if constexpr (T::Q) {
         constexpr int VPC = 4 * T::VPW;
         const long long gi = row * ((long long)s.cols >> s.gs_log2) + (((long long)c * VPC) >> s.gs_log2);
@@ -1005,6 +1004,14 @@ __device__ __forceinline__ void mv_load_chunk(const MvShape &s, const unsigned c
     } else {
         sr = br = 0;
     }
+}
+
+/* Chunk c of row `row` of w: its words and, for the quantized kinds, its group's raw scale and bias. */
+template <int KIND>
+__device__ __forceinline__ void mv_load_chunk(const MvShape &s, const unsigned char *w, long long row, int c, uint4 &q,
+                                              uint32_t &sr, uint32_t &br) {
+    q = ld_stream((const uint4 *)w + row * s.chunks + c);
+    mv_load_scales<KIND>(s, w, row, c, sr, br);
 }
 
 /* A chunk's x (NQ float4, as loaded) made ready for mv_chunk_acc: for the quantized kinds returns
@@ -1749,17 +1756,7 @@ template <int KIND, int NR> struct FfnRowsAsync {
             asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst),
                          "l"((const uint4 *)w + (long long)row[r] * s.chunks + cbase + c)
                          : "memory");
-            if constexpr (KT<KIND>::Q) { /* the scales alone (mv_load_chunk's indexing) */
-                constexpr int VPC = 4 * KT<KIND>::VPW;
-                const long long gi = row[r] * ((long long)s.cols >> s.gs_log2) + (((long long)(cbase + c) * VPC) >> s.gs_log2);
-                if (s.scale_kind == 2) {
-                    sr[r] = __ldg((const unsigned int *)(w + s.scale_off) + gi);
-                    br[r] = __ldg((const unsigned int *)(w + s.bias_off) + gi);
-                } else {
-                    sr[r] = __ldg((const unsigned short *)(w + s.scale_off) + gi);
-                    br[r] = __ldg((const unsigned short *)(w + s.bias_off) + gi);
-                }
-            }
+            mv_load_scales<KIND>(s, w, row[r], cbase + c, sr[r], br[r]);
         }
         asm volatile("cp.async.commit_group;" ::: "memory");
     }
@@ -2090,19 +2087,8 @@ extern "C" fm_status fm_cuda_expert_ffn(fm_cuda *ctx, const fm_weight *gate_up, 
     }
     const ffn_fn kernel = ffn_kernel(P.kd, P.cs);
     if (P.cs > 8) FM_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
-    const char *pdl = getenv("FLASHMOE_CUDA_PDL");
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3((unsigned)(f->k * P.parts * P.cs));
-    cfg.blockDim = dim3(FFN_THREADS);
-    cfg.stream = ctx->stream;
-    cudaLaunchAttribute attr[2];
-    attr[0].id = cudaLaunchAttributeClusterDimension;
-    attr[0].val.clusterDim.x = (unsigned)P.cs, attr[0].val.clusterDim.y = 1, attr[0].val.clusterDim.z = 1;
-    attr[1].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attr[1].val.programmaticStreamSerializationAllowed = 1;
-    cfg.attrs = attr;
-    cfg.numAttrs = pdl && pdl[0] == '0' && !pdl[1] ? 1 : 2;
-    FM_CUDA_CHECK(cudaLaunchKernelEx(&cfg, kernel, p));
+    FM_CUDA_CHECK(fm_launch_pdl_cluster(ctx, kernel, dim3((unsigned)(f->k * P.parts * P.cs)), dim3(FFN_THREADS), 0,
+                                        (unsigned)P.cs, p));
     FM_CUDA_CHECK_LAUNCH("the CUDA expert FFN kernel");
     return FM_OK;
 }
